@@ -1,0 +1,79 @@
+"""What the host offers plugins outside of a handler."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from host.server import Host
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """A session as plugins see it."""
+
+    id: str
+    name: str
+    role: str
+    resumed: bool = False
+
+
+@dataclass(frozen=True)
+class AppliedAction:
+    """An action that succeeded: what ran, for whom, and what it answered."""
+
+    name: str
+    params: dict[str, Any]
+    session_id: str | None
+    reply: dict[str, Any]
+    at: float
+    replayed: bool = False
+
+
+class HostAPI:
+    """The host, as lifecycle hooks and background tasks use it.
+
+    Background tasks change the world only through ``submit``; reads through
+    ``read`` see the committed world (treat it as read-only).
+    """
+
+    restart_delay_s = 1.0
+
+    def __init__(self, host: Host) -> None:
+        self._host = host
+        self.log = logging.getLogger("worldhost.plugins")
+
+    async def submit(self, action: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Apply an action through the dispatcher (journaled like any other) and
+        return its reply data once durable; raises ActionError if refused."""
+        return await self._host.dispatcher.submit(action, params or {})
+
+    def read(self, slice_name: str) -> Any:
+        """The committed value of a slice (a dict of records for keyed slices)."""
+        return self._host.world[slice_name].data()
+
+    def now(self) -> float:
+        """The host clock, in seconds since the epoch (virtual under a mock clock)."""
+        return self._host.clock()
+
+    def settings(self, plugin: str) -> Any:
+        return self._host.registry.settings.get(plugin)
+
+    @property
+    def config(self) -> Any:
+        return self._host.config
+
+    @property
+    def world_id(self) -> str:
+        return self._host.world_id
+
+    @property
+    def generation(self) -> int:
+        """The store generation of the last checkpoint."""
+        return self._host.generation
+
+    @property
+    def replaying(self) -> bool:
+        return self._host.dispatcher.replaying

@@ -1,0 +1,297 @@
+"""A trio client for worldhost.
+
+``async with connect(url) as c:`` opens a session; ``await c.call(action, **params)``
+returns the reply's ``data`` or raises CallError with the error ``code``;
+``c.signals()`` iterates everything that is not a reply. After a drop the client
+reconnects, resumes its session and resends unanswered requests with their ids,
+so each is applied once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+
+from state.codec import decode_cbor, decode_json, encode_cbor, encode_json
+
+log = logging.getLogger("worldhost.client")
+
+Opener = Callable[[trio.Nursery], Awaitable[WebSocketConnection]]
+
+
+class CallError(Exception):
+    """The host answered a request with an ``error`` signal."""
+
+    def __init__(self, code: str, message: str, details: Any = None, action: str = "") -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.details = details
+        self.action = action
+
+
+class Disconnected(Exception):
+    """The connection is gone and could not be resumed."""
+
+
+class _Pending:
+    def __init__(self, frame: dict[str, Any]) -> None:
+        self.frame = frame
+        self.done = trio.Event()
+        self.reply: dict[str, Any] | None = None
+
+
+class Client:
+    def __init__(self, opener: Opener, nursery: trio.Nursery, *, name: str = "client",
+                 token: str | None = None, encoding: str = "json", reconnect: bool = True,
+                 max_frame_bytes: int = 64 * 1024 * 1024) -> None:
+        self._opener = opener
+        self._nursery = nursery
+        self.name = name
+        self.token = token
+        self.encoding = encoding
+        self.reconnect = reconnect
+        self.max_frame_bytes = max_frame_bytes
+        self._ids = itertools.count(1)
+        self._prefix = f"c{id(self) % 100000}-"
+        self._pending: dict[Any, _Pending] = {}
+        self._ws: WebSocketConnection | None = None
+        self._connected = trio.Event()
+        self._send_signal, self._signals = trio.open_memory_channel[dict[str, Any]](100_000)
+        self.server_info: dict[str, Any] = {}
+        self.session_id: str | None = None
+        self.resume_token: str | None = None
+        self.role: str | None = None
+        self.last_seq = 0
+        self.resumes = 0
+        self.last_resume: dict[str, Any] | None = None
+        self.closed = False
+        self._failure: BaseException | None = None
+
+    # public -----------------------------------------------------------------
+    async def call(self, action: str, params: dict[str, Any] | None = None,
+                   **kwargs: Any) -> dict[str, Any]:
+        """Send one action and return its reply data; raises CallError on ``error``."""
+        reply = await self.request(action, {**(params or {}), **kwargs})
+        if reply["signal"] == "error":
+            data = reply.get("data", {})
+            raise CallError(data.get("code", "?"), data.get("message", ""), data.get("details"),
+                            data.get("action", action))
+        return reply.get("data", {})
+
+    async def request(self, action: str, params: dict[str, Any] | None = None,
+                      request_id: Any = None) -> dict[str, Any]:
+        """Send one action and return the whole reply envelope."""
+        rid = request_id if request_id is not None else f"{self._prefix}{next(self._ids)}"
+        pending = _Pending({"id": rid, "action": action, "params": params or {}})
+        self._pending[rid] = pending
+        try:
+            await self._send(pending.frame)
+            await pending.done.wait()
+        finally:
+            self._pending.pop(rid, None)
+        if pending.reply is None:
+            raise Disconnected(f"connection lost before {action} was answered") from self._failure
+        return pending.reply
+
+    async def signals(self) -> AsyncIterator[dict[str, Any]]:
+        """Every signal that is not a reply to this client's requests, in order."""
+        async for sig in self._signals:
+            yield sig
+
+    async def next_signal(self, name: str | None = None, timeout: float = 10) -> dict[str, Any]:
+        """The next signal (named ``name``, skipping others), or TimeoutError."""
+        with trio.fail_after(timeout):
+            async for sig in self._signals:
+                if name is None or sig["signal"] == name:
+                    return sig
+        raise Disconnected("signal stream ended")
+
+    async def send_raw(self, frame: str | bytes) -> None:
+        """Send a frame as is (for testing how the host takes bad input)."""
+        await self._connected.wait()
+        assert self._ws is not None
+        await self._ws.send_message(frame)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        if self._ws is not None:
+            with trio.move_on_after(2):
+                await self._ws.aclose()
+
+    async def drop(self) -> None:
+        """Drop the connection without closing the session (it will resume)."""
+        if self._ws is not None:
+            await self._ws.aclose()
+
+    # internals ----------------------------------------------------------------
+    def _encode(self, frame: dict[str, Any]) -> str | bytes:
+        if self.encoding == "cbor":
+            return encode_cbor(frame)
+        return encode_json(frame).decode()
+
+    async def _send(self, frame: dict[str, Any]) -> None:
+        while True:
+            await self._connected.wait()
+            if self.closed:
+                raise Disconnected("client closed")
+            ws = self._ws
+            assert ws is not None
+            try:
+                await ws.send_message(self._encode(frame))
+                return
+            except ConnectionClosed:
+                if not self.reconnect:
+                    raise Disconnected("connection closed") from None
+                await trio.sleep(0.01)  # the reader reconnects; resend after it
+
+    async def _open(self, open_session: bool) -> None:
+        ws = await self._opener(self._nursery)
+        info = self._decode(await ws.get_message())
+        self.server_info = info.get("data", {})
+        self._ws = ws
+        if not open_session:
+            self._connected.set()
+            return
+        if self.session_id is None:
+            params: dict[str, Any] = {"name": self.name}
+            if self.token:
+                params["token"] = self.token
+            reply = await self._handshake(ws, "session.open", params)
+            data = reply["data"]
+            self.session_id, self.resume_token, self.role = (
+                data["session_id"], data["resume_token"], data["role"])
+        else:
+            reply = await self._handshake(ws, "session.resume", {
+                "session_id": self.session_id, "resume_token": self.resume_token,
+                "last_seq": self.last_seq})
+            data = reply["data"]
+            self.resume_token = data.get("resume_token", self.resume_token)
+            self.resumes += 1
+            self.last_resume = data
+        self._connected.set()
+
+    async def _handshake(self, ws: WebSocketConnection, action: str,
+                         params: dict[str, Any]) -> dict[str, Any]:
+        rid = f"{self._prefix}{next(self._ids)}"
+        await ws.send_message(self._encode({"id": rid, "action": action, "params": params}))
+        while True:
+            msg = self._decode(await ws.get_message())
+            if msg.get("re") == rid:
+                self._note_seq(msg)
+                if msg["signal"] == "error":
+                    data = msg["data"]
+                    raise CallError(data["code"], data["message"], data.get("details"), action)
+                return msg
+            self._dispatch(msg)
+
+    def _decode(self, message: str | bytes) -> dict[str, Any]:
+        if isinstance(message, str):
+            return decode_json(message)
+        return decode_cbor(message, max_depth=10_000)
+
+    def _note_seq(self, msg: dict[str, Any]) -> bool:
+        """Track seq; False for a signal already seen (a replayed duplicate)."""
+        seq = msg.get("seq")
+        if seq is None:
+            return True
+        if seq <= self.last_seq and msg.get("re") is None:
+            return False
+        self.last_seq = max(self.last_seq, seq)
+        return True
+
+    def _dispatch(self, msg: dict[str, Any]) -> None:
+        if not self._note_seq(msg):
+            return
+        rid = msg.get("re")
+        if rid is not None and rid in self._pending:
+            pending = self._pending[rid]
+            if not pending.done.is_set():
+                pending.reply = msg
+                pending.done.set()
+            return
+        try:
+            self._send_signal.send_nowait(msg)
+        except trio.WouldBlock:
+            log.warning("signal buffer full; dropping %s", msg.get("signal"))
+
+    async def _reader(self) -> None:
+        delay = 0.05
+        while not self.closed:
+            ws = self._ws
+            assert ws is not None
+            try:
+                while True:
+                    self._dispatch(self._decode(await ws.get_message()))
+            except ConnectionClosed as exc:
+                self._failure = exc
+            if self.closed or not self.reconnect:
+                break
+            self._connected = trio.Event()
+            while not self.closed:
+                try:
+                    await self._open(open_session=self.session_id is not None)
+                    delay = 0.05
+                    break
+                except CallError as exc:
+                    self._failure = exc
+                    self.closed = True
+                    break
+                except (OSError, ConnectionClosed, HandshakeError, trio.TooSlowError) as exc:
+                    self._failure = exc
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+            if not self.closed:
+                for pending in list(self._pending.values()):
+                    if not pending.done.is_set():
+                        self._nursery.start_soon(self._resend, pending)
+        for pending in self._pending.values():
+            pending.done.set()
+        self._send_signal.close()
+        self._connected.set()
+
+    async def _resend(self, pending: _Pending) -> None:
+        try:
+            await self._send(pending.frame)
+        except Disconnected:
+            pending.done.set()
+
+
+def url_opener(url: str, max_frame_bytes: int = 64 * 1024 * 1024,
+               headers: list[tuple[bytes, bytes]] | None = None) -> Opener:
+    async def opener(nursery: trio.Nursery) -> WebSocketConnection:
+        return await trio_websocket.connect_websocket_url(
+            nursery, url, message_queue_size=64, max_message_size=max_frame_bytes,
+            extra_headers=headers)
+    return opener
+
+
+@asynccontextmanager
+async def open_client(opener: Opener, *, name: str = "client", token: str | None = None,
+                      encoding: str = "json", reconnect: bool = True,
+                      open_session: bool = True) -> AsyncIterator[Client]:
+    async with trio.open_nursery() as nursery:
+        client = Client(opener, nursery, name=name, token=token, encoding=encoding,
+                        reconnect=reconnect)
+        await client._open(open_session)
+        nursery.start_soon(client._reader)
+        try:
+            yield client
+        finally:
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def connect(url: str, *, name: str = "client", token: str | None = None,
+            encoding: str = "json", reconnect: bool = True,
+            open_session: bool = True) -> Any:
+    """``async with connect("ws://127.0.0.1:8765/") as c:`` — a client with a session."""
+    return open_client(url_opener(url), name=name, token=token, encoding=encoding,
+                       reconnect=reconnect, open_session=open_session)

@@ -1,0 +1,146 @@
+"""The host's configuration: ``plugins.toml`` read strictly, then CLI overrides.
+
+Every table is a msgspec Struct, so an unknown key or a wrong type is refused
+with one line naming the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+
+class ConfigError(Exception):
+    """The configuration is wrong; the message is one line for the operator."""
+
+
+class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    max_frame_bytes: int = 16 * 1024 * 1024
+    outbox_size: int = 256
+    rate_per_s: float = 100.0
+    rate_burst: int = 200
+    flood_factor: float = 10.0
+    max_connections_per_address: int = 64
+    dispatch_queue: int = 1024
+
+
+class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    host: str = "127.0.0.1"
+    port: int = 8765
+    db: str = "data/world.db"
+    auth: Literal["open", "token"] = "open"
+    admin_token: str = ""
+    tokens: dict[str, Literal["viewer", "player", "admin"]] = {}
+    allowed_origins: list[str] = []
+    ping_interval_s: float = 15.0
+    ping_timeout_s: float = 25.0
+    limits: Limits = Limits()
+
+
+class SessionsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    resume_ttl_s: float = 300.0
+    auth_timeout_s: float = 10.0
+    replay_buffer: int = 1000
+    remembered_replies: int = 1000
+    max_failed_opens: int = 3
+
+
+class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    durability: Literal["journal", "snapshot"] = "journal"
+    debounce_s: float = 1.0
+    max_delay_s: float = 5.0
+    synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
+    busy_timeout_ms: int = 5000
+
+
+class PluginEntry(msgspec.Struct, frozen=True):
+    module: str | None = None
+    enabled: bool = True
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    host: HostSection = HostSection()
+    sessions: SessionsSection = SessionsSection()
+    store: StoreSection = StoreSection()
+    plugins: dict[str, dict[str, Any]] = {}
+    source: str = "<defaults>"
+
+    @property
+    def admin_token(self) -> str:
+        return os.environ.get("WORLDHOST_ADMIN_TOKEN") or self.host.admin_token
+
+    def plugin_entries(self) -> dict[str, tuple[PluginEntry, dict[str, Any]]]:
+        """Per plugin table: its module/enabled entry and the rest, its settings."""
+        out = {}
+        for name, table in self.plugins.items():
+            entry = PluginEntry(module=table.get("module"), enabled=table.get("enabled", True))
+            settings = {k: v for k, v in table.items() if k not in ("module", "enabled")}
+            out[name] = (entry, settings)
+        return out
+
+
+def _explain(exc: msgspec.ValidationError, source: str) -> ConfigError:
+    # msgspec says e.g. "Expected `int`, got `str` - at `$.host.port`"
+    text = str(exc)
+    message, _, where = text.partition(" - at `$")
+    key = where.rstrip("`").lstrip(".") or "(top level)"
+    if message.startswith("Object contains unknown field"):
+        field = message.split("`")[1]
+        key = f"{key}.{field}" if key != "(top level)" else field
+        return ConfigError(f"{source}: unknown key {key!r}")
+    return ConfigError(f"{source}: key {key!r}: {message}")
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Read a config file; None gives the defaults."""
+    if path is None:
+        return Config()
+    source = str(path)
+    try:
+        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    return from_dict(raw, source)
+
+
+def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        config = msgspec.convert({**raw, "source": source}, Config)
+    except msgspec.ValidationError as exc:
+        raise _explain(exc, source) from None
+    for name, table in config.plugins.items():
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: key 'plugins.{name}': Expected a table")
+        module = table.get("module")
+        if module is not None and not isinstance(module, str):
+            raise ConfigError(f"{source}: key 'plugins.{name}.module': Expected `str`")
+        enabled = table.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{source}: key 'plugins.{name}.enabled': Expected `bool`")
+    return config
+
+
+def override(config: Config, **changes: Any) -> Config:
+    """Apply CLI flags (None means not given) to the [host] table."""
+    given = {k: v for k, v in changes.items() if v is not None}
+    if not given:
+        return config
+    return msgspec.structs.replace(config, host=msgspec.structs.replace(config.host, **given))
+
+
+def with_sections(config: Config, **sections: dict[str, Any]) -> Config:
+    """A copy with some keys of some tables replaced, checked like a file would be."""
+    raw = msgspec.to_builtins(config)
+    for name, values in sections.items():
+        if name == "plugins":
+            for plugin, table in values.items():
+                raw["plugins"].setdefault(plugin, {}).update(table)
+        else:
+            raw[name].update(values)
+    return from_dict({k: v for k, v in raw.items() if k != "source"}, config.source)

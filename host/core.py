@@ -1,0 +1,144 @@
+"""The core plugin: actions every host has, and the host's own slices.
+
+``host.ping``, ``world.snapshot`` and the ``session.*`` actions clients call;
+the internal ``sessions.*`` actions through which the gateway changes the
+persisted session records, so that sessions are journaled and replayed like
+everything else.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import msgspec
+
+from host.actions import Action, Context, Invalid, NotFound, Role
+from host.plugins import hookimpl
+from state.slices import SliceSpec
+
+
+class SnapshotParams(msgspec.Struct, forbid_unknown_fields=True):
+    slices: list[str] | None = None
+
+
+class OpenParams(msgspec.Struct, forbid_unknown_fields=True):
+    name: str
+    token: str | None = None
+
+
+class ResumeParams(msgspec.Struct, forbid_unknown_fields=True):
+    session_id: str
+    resume_token: str
+    last_seq: int = 0
+
+
+class CreateParams(msgspec.Struct, forbid_unknown_fields=True):
+    session_id: str
+    name: str
+    role: str
+    token_hash: str
+
+
+class AttachParams(msgspec.Struct, forbid_unknown_fields=True):
+    session_id: str
+    token_hash: str
+
+
+class SessionIdParams(msgspec.Struct, forbid_unknown_fields=True):
+    session_id: str
+    reason: str = "closed"
+
+
+def ping(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
+    return params
+
+
+def snapshot(ctx: Context, params: SnapshotParams) -> dict[str, Any]:
+    names = params.slices
+    if names is not None:
+        unknown = [n for n in names if n not in ctx.world.slices]
+        if unknown:
+            raise NotFound(f"no slice named {unknown[0]!r}",
+                           details={"path": "params.slices", "unknown": unknown})
+    return {"generation": ctx.host.generation, "slices": ctx.world.snapshot(names)}
+
+
+def _sessions(ctx: Context):  # type: ignore[no-untyped-def]
+    return ctx.keyed("sessions")
+
+
+def create(ctx: Context, p: CreateParams) -> dict[str, Any]:
+    if p.session_id in _sessions(ctx):
+        raise Invalid(f"session {p.session_id!r} already exists")
+    _sessions(ctx).put(p.session_id, {
+        "id": p.session_id, "name": p.name, "role": p.role, "token_hash": p.token_hash,
+        "state": "open", "created_at": ctx.now, "disconnected_at": None,
+    })
+    return {"session_id": p.session_id}
+
+
+def attach(ctx: Context, p: AttachParams) -> dict[str, Any]:
+    record = _sessions(ctx).edit(p.session_id)
+    record.update(state="open", token_hash=p.token_hash, disconnected_at=None)
+    return {"session_id": p.session_id}
+
+
+def detach(ctx: Context, p: SessionIdParams) -> dict[str, Any]:
+    if p.session_id not in _sessions(ctx):
+        raise NotFound(f"no session {p.session_id!r}")
+    record = _sessions(ctx).edit(p.session_id)
+    record.update(state="disconnected", disconnected_at=ctx.now)
+    return {"session_id": p.session_id}
+
+
+def end(ctx: Context, p: SessionIdParams) -> dict[str, Any]:
+    if p.session_id not in _sessions(ctx):
+        raise NotFound(f"no session {p.session_id!r}")
+    _sessions(ctx).delete(p.session_id)
+    return {"session_id": p.session_id, "reason": p.reason}
+
+
+def open_session(gateway: Any, req: Any, params: OpenParams) -> Any:
+    return gateway.open(req, params)
+
+
+def resume_session(gateway: Any, req: Any, params: ResumeParams) -> Any:
+    return gateway.resume(req, params)
+
+
+def close_session(gateway: Any, req: Any, params: None) -> Any:
+    return gateway.close(req)
+
+
+def _world_meta() -> dict[str, Any]:
+    return {"world_id": secrets.token_hex(8), "seed": secrets.token_hex(16)}
+
+
+@hookimpl
+def register_actions() -> list[Action]:
+    return [
+        Action("host.ping", ping, dict[str, Any], Role.viewer, changes_world=False, reply="host.pong",
+               description="Echo params as data."),
+        Action("world.snapshot", snapshot, SnapshotParams, Role.viewer, changes_world=False,
+               description="The merged world, or the named slices."),
+        Action("session.open", open_session, OpenParams, Role.viewer, reply="session.opened",
+               gateway=True, description="Open a session; see the protocol."),
+        Action("session.resume", resume_session, ResumeParams, Role.viewer,
+               reply="session.resumed", gateway=True),
+        Action("session.close", close_session, None, Role.viewer, reply="session.closed",
+               gateway=True),
+        Action("sessions.create", create, CreateParams, Role.admin, internal=True),
+        Action("sessions.attach", attach, AttachParams, Role.admin, internal=True),
+        Action("sessions.detach", detach, SessionIdParams, Role.admin, internal=True),
+        Action("sessions.end", end, SessionIdParams, Role.admin, internal=True),
+    ]
+
+
+@hookimpl
+def register_slices() -> list[SliceSpec]:
+    return [
+        SliceSpec("sessions", dict, version=1, keyed=True,
+                  defaults={"disconnected_at": None, "created_at": 0.0}),
+        SliceSpec("host", _world_meta, version=1),
+    ]

@@ -1,0 +1,278 @@
+"""The dispatcher: the one task that applies actions, and so the only writer of the world.
+
+Requests from connections and internal actions from background tasks share one
+queue and are applied one at a time: session gate, params checked against the
+action's schema, handler run in a transaction, then either commit (journal the
+action, queue its reply and signals behind the commit) or roll back (the world
+is exactly as it was).
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import trio
+
+from host.actions import (
+    Action,
+    ActionError,
+    Context,
+    Emit,
+    Forbidden,
+    Invalid,
+    Role,
+    Unauthenticated,
+    UnknownAction,
+)
+from host.api import AppliedAction
+from host.sessions import Session, SessionTable, Signal
+from state.codec import canonical, load_stored
+from state.store import JournalEntry
+
+if TYPE_CHECKING:
+    from host.server import Host
+
+log = logging.getLogger("worldhost.dispatcher")
+
+OPEN_ACTIONS = frozenset({"session.open", "session.resume", "host.ping"})
+
+
+@dataclass
+class Request:
+    """One action to apply, from a connection or from inside the host."""
+
+    action: str
+    params: Any
+    id: Any = None
+    has_id: bool = False
+    conn: Any = None  # the transport connection (None for internal actions)
+    encoding: str | None = None
+    error: ActionError | None = None  # refused before it got here (bad frame, envelope)
+    internal: bool = False
+    done: trio.Event | None = None
+    result: Any = None
+    failure: ActionError | None = None
+
+
+@dataclass
+class Disconnect:
+    conn: Any
+
+
+@dataclass
+class Outcome:
+    """What applying one action produced, before it is released."""
+
+    outputs: list[tuple[Any, Signal]] = field(default_factory=list)  # (Session|conn|None, signal)
+    entry: JournalEntry | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def validation_details(exc: msgspec.ValidationError) -> dict[str, str]:
+    text = str(exc)
+    message, _, where = text.partition(" - at `")
+    path = where.rstrip("`") or "$"
+    return {"path": path.replace("$", "params", 1), "message": message}
+
+
+class Dispatcher:
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.registry = host.registry
+        self.sessions: SessionTable = host.sessions
+        size = host.config.host.limits.dispatch_queue
+        self.send_channel, self.receive_channel = trio.open_memory_channel[Any](size)
+        self.next_id = 1
+        self.replaying = False
+        self.accepting = True
+        self.applied = 0
+
+    # submission -----------------------------------------------------------
+    async def put(self, item: Request | Disconnect) -> None:
+        await self.send_channel.send(item)
+
+    async def submit(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Internal action from a background task; returns once durable."""
+        request = Request(action, params, internal=True, done=trio.Event())
+        await self.send_channel.send(request)
+        await request.done.wait()  # type: ignore[union-attr]
+        if request.failure is not None:
+            raise request.failure
+        return request.result
+
+    async def run(self) -> None:
+        async with self.receive_channel:
+            async for item in self.receive_channel:
+                if isinstance(item, Disconnect):
+                    self.host.gateway.disconnected(item.conn)
+                else:
+                    self.handle(item)
+
+    # applying ----------------------------------------------------------------
+    def handle(self, req: Request) -> None:
+        session = None if req.internal else self._session_of(req.conn)
+        try:
+            if req.error is not None:
+                raise req.error
+            if not self.accepting:
+                raise ActionError("the host is shutting down", code="conflict")
+            action = self.registry.actions.get(req.action)
+            if action is None or (action.internal and not req.internal):
+                raise UnknownAction(f"no plugin handles the action {req.action!r}")
+            if not req.internal:
+                self.host.gateway.check(req, action, session)
+                if session is not None and req.has_id and req.id is not None:
+                    remembered = session.recall(req.id)
+                    if remembered is not None:
+                        sig = Signal(remembered[0], remembered[1], req.id, True, encoding=req.encoding)
+                        self._finish(req, Outcome([(session, sig)]))
+                        return
+            params = self._check_params(action, req.params)
+            if action.gateway:
+                outcome = action.handler(self.host.gateway, req, params)
+            else:
+                outcome = self.apply(action, params, session, req)
+        except ActionError as exc:
+            outcome = self._error(req, session, exc)
+        self._finish(req, outcome)
+
+    def _session_of(self, conn: Any) -> Session | None:
+        return None if conn is None else conn.session
+
+    def _check_params(self, action: Action, params: Any) -> Any:
+        if action.params is None:
+            if params:
+                raise Invalid(f"{action.name} takes no params",
+                              details={"path": "params", "message": "expected no params"})
+            return None
+        try:
+            return msgspec.convert(params, action.params)
+        except msgspec.ValidationError as exc:
+            details = validation_details(exc)
+            raise Invalid(f"invalid params for {action.name}: {details['message']} "
+                          f"at {details['path']}", details=details) from None
+
+    def apply(self, action: Action, params: Any, session: Session | None, req: Request | None,
+              *, at: float | None = None, entry_id: int | None = None) -> Outcome:
+        """Run one handler in a transaction. Raises ActionError with the world unchanged."""
+        world = self.host.world
+        if action.changes_world:
+            seed_id = entry_id if entry_id is not None else self.next_id
+        else:
+            seed_id = 0
+        now = self.host.clock() if at is None else at
+        ctx = Context(world=world, now=now, session=session,
+                      settings=self.registry.settings.get(self.registry.action_owner[action.name]),
+                      seed=f"{self.host.world_seed}:{seed_id}", host=self.host.api)
+        world.begin(writable=action.changes_world)
+        try:
+            result = action.handler(ctx, params)
+        except ActionError:
+            world.rollback()
+            raise
+        except Exception as exc:
+            world.rollback()
+            log.error("action %s failed in its handler; the world is unchanged\n%s",
+                      action.name, traceback.format_exc())
+            raise ActionError(f"{action.name} failed inside its handler ({type(exc).__name__}); "
+                              f"the world is unchanged", code="internal_error") from None
+        changed = world.commit()
+        data = result if result is not None else {}
+        outcome = Outcome(data=data)
+        if req is not None and not req.internal:
+            reply = Signal(action.reply_signal, data, req.id, True, encoding=req.encoding)
+            outcome.outputs.append((session if session is not None else req.conn, reply))
+            if session is not None:
+                session.remember(req.id if req.has_id else None, action.reply_signal, data)
+                session.actions_applied += 1
+                session.last_active = now
+        self._route(ctx.emitted, outcome)
+        if action.changes_world and changed:
+            plain = msgspec.to_builtins(params) if params is not None else {}
+            entry_id = entry_id if entry_id is not None else self._take_id()
+            outcome.entry = JournalEntry(
+                entry_id, action.name, canonical(plain), now,
+                session.id if session is not None else None,
+                canonical(req.id) if req is not None and req.has_id else None)
+            self.host.saver.changed()
+        elif action.changes_world and entry_id is None:
+            self._take_id()
+        if req is not None and req.internal:
+            req.result = data
+        self.applied += 1
+        applied = AppliedAction(action.name, msgspec.to_builtins(params) if params is not None else {},
+                                session.id if session is not None else None, data, now,
+                                replayed=self.replaying)
+        self.registry.pm.hook.action_applied(host=self.host.api, applied=applied)
+        return outcome
+
+    def _take_id(self) -> int:
+        taken = self.next_id
+        self.next_id += 1
+        return taken
+
+    def _route(self, emitted: list[Emit], outcome: Outcome) -> None:
+        for emit in emitted:
+            if emit.broadcast:
+                for s in self.sessions:
+                    outcome.outputs.append((s, Signal(emit.signal, emit.data)))
+            elif emit.to is not None:
+                target = self.sessions.get(emit.to)
+                if target is not None:
+                    outcome.outputs.append((target, Signal(emit.signal, emit.data)))
+
+    def _error(self, req: Request, session: Session | None, exc: ActionError) -> Outcome:
+        if req.internal:
+            req.failure = exc
+            return Outcome()
+        data: dict[str, Any] = {"code": exc.code, "message": exc.message, "action": req.action}
+        if exc.details is not None:
+            data["details"] = exc.details
+        sig = Signal("error", data, req.id, True, encoding=req.encoding)
+        target = session if session is not None else req.conn
+        if session is not None and req.has_id and exc.code not in ("rate_limited", "internal_error"):
+            session.remember(req.id, "error", data)
+        return Outcome([(target, sig)])
+
+    def _finish(self, req: Request | None, outcome: Outcome) -> None:
+        counts: Counter[str] = Counter()
+        for target, _ in outcome.outputs:
+            if isinstance(target, Session):
+                counts[target.id] += 1
+        done = req.done if req is not None else None
+
+        def release() -> None:
+            for target, sig in outcome.outputs:
+                if target is not None:
+                    target.deliver(sig)
+            if done is not None:
+                done.set()
+
+        self.host.saver.record(outcome.entry, release, counts)
+
+    # replay ----------------------------------------------------------------
+    def replay(self, entry: JournalEntry) -> None:
+        """Re-apply a journaled action after a restart; its outputs are not sent."""
+        action = self.registry.actions.get(entry.action)
+        if action is None:
+            raise RuntimeError(f"journal entry {entry.id} names action {entry.action!r}, "
+                               f"which no loaded plugin serves")
+        session = self.sessions.get(entry.session)
+        request_id = load_stored(entry.request_id) if entry.request_id is not None else None
+        params = self._check_params(action, load_stored(entry.params))
+        outcome = self.apply(action, params, session, None, at=entry.at, entry_id=entry.id)
+        if session is not None and entry.request_id is not None:
+            session.remember(request_id, action.reply_signal, outcome.data)
+        if entry.action.startswith("sessions."):
+            self.sessions.sync(self.host.world["sessions"].data())
+        self.next_id = max(self.next_id, entry.id + 1)
+
+
+def role_allows(session_role: str, needed: Role) -> bool:
+    return Role.parse(session_role) >= needed

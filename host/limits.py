@@ -1,0 +1,39 @@
+"""Rate limiting: a token bucket per session, and flood detection on top of it."""
+
+from __future__ import annotations
+
+
+class TokenBucket:
+    """``rate`` tokens per second up to ``burst``; each action takes one.
+
+    ``flooding`` turns true when, over the last second, the client asked for
+    ``flood_factor`` times its rate: such a client is disconnected.
+    """
+
+    def __init__(self, rate: float, burst: int, flood_factor: float = 10.0) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp: float | None = None
+        self.flood_limit = rate * flood_factor
+        self.window_start = 0.0
+        self.window_count = 0
+        self.flooding = False
+
+    def take(self, now: float) -> bool:
+        if self.stamp is None:
+            self.stamp = now
+            self.window_start = now
+        elapsed = now - self.stamp
+        self.stamp = now
+        self.tokens = min(self.burst, self.tokens + elapsed * self.rate)
+        if now - self.window_start >= 1.0:
+            self.window_start = now
+            self.window_count = 0
+        self.window_count += 1
+        if self.window_count > self.flood_limit + self.burst:
+            self.flooding = True
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False

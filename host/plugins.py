@@ -1,0 +1,143 @@
+"""Loading plugins and merging what they register.
+
+Built-ins and third-party plugins load the same way: by module name from the
+config (``module = "..."``), or through the ``worldhost`` entry-point group.
+``enabled = false`` blocks one. Duplicate action or slice names stop startup
+naming both plugins; so do bad settings.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
+
+import msgspec
+import pluggy
+
+from host import hookspecs
+from host.actions import Action
+from host.config import Config, ConfigError
+from state.slices import SliceSpec
+
+hookimpl = pluggy.HookimplMarker("worldhost")
+CORE = "host.core"
+
+
+class PluginError(Exception):
+    """A plugin cannot be loaded; the message names it."""
+
+
+@dataclass
+class Registry:
+    """Everything the loaded plugins registered, with who registered it."""
+
+    pm: pluggy.PluginManager
+    actions: dict[str, Action] = field(default_factory=dict)
+    action_owner: dict[str, str] = field(default_factory=dict)
+    slices: dict[str, SliceSpec] = field(default_factory=dict)
+    slice_owner: dict[str, str] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    plugin_names: list[str] = field(default_factory=list)
+
+    def collect(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call one hook on every plugin; pairs of (plugin name, result)."""
+        out = []
+        for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            result = impl.function(**{k: kwargs[k] for k in impl.argnames})
+            if result is not None:
+                out.append((impl.plugin_name, result))
+        return out
+
+
+def _import(module: str, owner: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:
+        raise PluginError(f"plugin {owner!r}: cannot import module {module!r}: {exc}") from exc
+
+
+def _settings(plugin: str, module: ModuleType, table: dict[str, Any], source: str) -> Any:
+    schema = getattr(module, "Settings", None)
+    if schema is None:
+        if table:
+            key = next(iter(table))
+            raise ConfigError(f"{source}: unknown key 'plugins.{plugin}.{key}' "
+                              f"(plugin {plugin!r} takes no settings)")
+        return None
+    try:
+        return msgspec.convert(table, schema)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        message, _, where = text.partition(" - at `$")
+        key = where.rstrip("`").lstrip(".")
+        if message.startswith("Object contains unknown field"):
+            key = message.split("`")[1]
+            return _raise(f"{source}: unknown key 'plugins.{plugin}.{key}'")
+        return _raise(f"{source}: key 'plugins.{plugin}.{key}': {message}")
+
+
+def _raise(message: str) -> Any:
+    raise ConfigError(message)
+
+
+def load(config: Config, extra: list[Any] | None = None, entry_points: bool = True) -> Registry:
+    """Load the core, the configured plugins, entry-point plugins and ``extra`` objects."""
+    pm = pluggy.PluginManager("worldhost")
+    pm.add_hookspecs(hookspecs)
+    registry = Registry(pm)
+    entries = config.plugin_entries()
+    wanted: dict[str, str] = {"core": CORE}
+    for name, (entry, _) in entries.items():
+        if entry.module and entry.enabled:
+            wanted[name] = entry.module
+        elif entry.enabled and not entry.module and name not in _entry_point_names():
+            raise PluginError(f"plugin {name!r}: no module given and no entry point "
+                              f"of that name in group 'worldhost'")
+    if entry_points:
+        for ep in importlib.metadata.entry_points(group="worldhost"):
+            entry, _ = entries.get(ep.name, (None, None))
+            if ep.name in wanted or (entry is not None and not entry.enabled):
+                continue
+            wanted[ep.name] = ep.value
+    for name, module_name in wanted.items():
+        module = _import(module_name, name)
+        table = entries.get(name, (None, {}))[1]
+        registry.settings[name] = _settings(name, module, table, config.source)
+        pm.register(module, name=name)
+        registry.plugin_names.append(name)
+    for obj in extra or []:
+        name = getattr(obj, "__name__", None) or type(obj).__name__
+        pm.register(obj, name=name)
+        registry.plugin_names.append(name)
+        module = obj if isinstance(obj, ModuleType) else None
+        if module is not None and getattr(module, "Settings", None) is not None:
+            registry.settings[name] = _settings(name, module, {}, config.source)
+    _merge(registry)
+    return registry
+
+
+def _entry_point_names() -> set[str]:
+    return {ep.name for ep in importlib.metadata.entry_points(group="worldhost")}
+
+
+def _merge(registry: Registry) -> None:
+    for plugin, actions in registry.collect("register_actions"):
+        for action in actions:
+            if not isinstance(action, Action):
+                raise PluginError(f"plugin {plugin!r}: register_actions returned {action!r}, "
+                                  f"not an Action")
+            if action.name in registry.actions:
+                raise PluginError(f"action {action.name!r} is registered by both plugin "
+                                  f"{registry.action_owner[action.name]!r} and plugin {plugin!r}")
+            registry.actions[action.name] = action
+            registry.action_owner[action.name] = plugin
+    for plugin, specs in registry.collect("register_slices"):
+        for spec in specs:
+            if spec.name in registry.slices:
+                raise PluginError(f"slice {spec.name!r} is registered by both plugin "
+                                  f"{registry.slice_owner[spec.name]!r} and plugin {plugin!r}")
+            registry.slices[spec.name] = spec
+            registry.slice_owner[spec.name] = plugin

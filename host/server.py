@@ -1,0 +1,345 @@
+"""The host: loads the world, runs the dispatcher, the saver, the plugins' tasks and
+the transport, and shuts them down in order."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from typing import Any
+
+import trio
+import trio_websocket
+
+from host import __version__, plugins
+from host.actions import ActionError
+from host.api import HostAPI, SessionInfo
+from host.config import Config
+from host.dispatcher import Dispatcher
+from host.gateway import Gateway
+from host.sessions import Session, SessionTable, State
+from host.transport import Transport
+from state.codec import canonical, load_stored
+from state.saver import Saver
+from state.slices import World
+from state.store import Loaded, Store, StoreUnreadable, quarantine
+
+log = logging.getLogger("worldhost")
+PROTOCOL = 1
+
+
+class StartupError(Exception):
+    """The host cannot start; the message says why, in one line."""
+
+
+class Host:
+    """One world, served. ``run`` is the whole life of the host."""
+
+    def __init__(self, config: Config, extra_plugins: list[Any] | None = None,
+                 entry_points: bool = True, db: str | None = None) -> None:
+        self.config = config
+        self.db_path = db if db is not None else config.host.db
+        try:
+            self.registry = plugins.load(config, extra_plugins, entry_points)
+        except plugins.PluginError as exc:
+            raise StartupError(str(exc)) from exc
+        sc = config.sessions
+        self.sessions = SessionTable(sc.replay_buffer, sc.remembered_replies)
+        self.api = HostAPI(self)
+        self.gateway = Gateway(self)
+        self.transport = Transport(self)
+        self.dispatcher = Dispatcher(self)
+        self.world = World.fresh(list(self.registry.slices.values()))
+        self.store: Store | None = None
+        self.saver: Saver = None  # type: ignore[assignment]  # set by open()
+        self.recovered: dict[str, Any] | None = None
+        self.port: int | None = None
+        self.listen_host = config.host.host
+        self._wall0 = time.time()
+        self._trio0 = 0.0
+        self._nursery: trio.Nursery | None = None
+        self._stopping = trio.Event()
+        self.stopped = trio.Event()
+        self.crashed = False
+        self.replayed = 0
+
+    # time ------------------------------------------------------------------
+    def clock(self) -> float:
+        """Seconds since the epoch; follows trio's clock, so a mock clock moves it."""
+        return self._wall0 + (trio.current_time() - self._trio0)
+
+    # the world ---------------------------------------------------------------
+    @property
+    def world_id(self) -> str:
+        return self.world["host"].data()["world_id"]
+
+    @property
+    def world_seed(self) -> str:
+        return self.world["host"].data()["seed"]
+
+    @property
+    def generation(self) -> int:
+        return self.saver.generation if self.saver is not None else 0
+
+    def open(self) -> None:
+        """Open the store (quarantining an unreadable one), load, migrate, replay."""
+        self._trio0 = trio.current_time()
+        sc = self.config.store
+        try:
+            self.store = Store.open(self.db_path, sc.synchronous, sc.busy_timeout_ms)
+            loaded = self.store.load()
+            self._load(loaded)
+        except StoreUnreadable as exc:
+            if self.store is not None:
+                self.store.abandon()
+                self.store = None
+            moved = quarantine(self.db_path)
+            log.error("store %s is unreadable (%s); moved it to %s and started a fresh world",
+                      self.db_path, exc, moved)
+            self.recovered = {"fresh": True, "quarantined": str(moved)}
+            self.world = World.fresh(list(self.registry.slices.values()))
+            self.sessions = SessionTable(self.config.sessions.replay_buffer,
+                                         self.config.sessions.remembered_replies)
+            self.store = Store.open(self.db_path, sc.synchronous, sc.busy_timeout_ms)
+            loaded = self.store.load()
+            self._load(loaded)
+
+    def _load(self, loaded: Loaded) -> None:
+        assert self.store is not None
+        specs = self.registry.slices
+        world = World()
+        try:
+            for name, spec in specs.items():
+                if name not in loaded.slices:
+                    world.add(spec, spec.initial())
+                    continue
+                version, keyed, raw = loaded.slices[name]
+                value = {k: load_stored(v) for k, v in raw.items()} if keyed else load_stored(raw)
+                if version > spec.version:
+                    raise StartupError(
+                        f"slice {name!r} in {self.db_path} is version {version}, newer than "
+                        f"version {spec.version} of plugin {self.registry.slice_owner[name]!r}")
+                if version < spec.version:
+                    if spec.migrate is None:
+                        raise StartupError(f"slice {name!r} is version {version} and plugin "
+                                           f"{self.registry.slice_owner[name]!r} has no migrate "
+                                           f"function to reach version {spec.version}")
+                    value = spec.migrate(version, value)
+                world.add(spec, spec.fill_defaults(value))
+                if version < spec.version:
+                    s = world[name]
+                    if spec.keyed:
+                        s.replaced = True  # type: ignore[union-attr]
+                    else:
+                        s.dirty = True  # type: ignore[union-attr]
+        except StartupError:
+            raise
+        except Exception as exc:
+            raise StoreUnreadable(f"cannot decode a stored slice: {exc}") from None
+        unknown = set(loaded.slices) - set(specs)
+        if unknown:
+            log.warning("store holds slices no loaded plugin owns, kept untouched: %s",
+                        sorted(unknown))
+        self.world = world
+        self.world["host"]  # the core slice must exist
+        self.sessions.sync(world["sessions"].data())
+        for sid, (seq, blob) in loaded.runtime.items():
+            session = self.sessions.get(sid)
+            if session is not None:
+                session.restore_runtime(load_stored(blob) if blob else {})
+                session.next_seq = max(session.next_seq, seq)
+        self.dispatcher.next_id = max(loaded.checkpoint_id,
+                                      loaded.journal[-1].id if loaded.journal else 0) + 1
+        self.saver = Saver(self.store, self.world, durability=self.config.store.durability,
+                           debounce_s=self.config.store.debounce_s,
+                           max_delay_s=self.config.store.max_delay_s,
+                           runtime_source=self._runtime_rows, world_id=None,
+                           last_id=self.dispatcher.next_id - 1)
+        self.saver.generation = loaded.generation
+        self.dispatcher.replaying = True
+        try:
+            for entry in loaded.journal:
+                self.dispatcher.replay(entry)
+                self.replayed += 1
+        except ActionError as exc:
+            raise StartupError(f"replaying the journal failed: {exc.message}") from exc
+        finally:
+            self.dispatcher.replaying = False
+        self.saver.current.releases.clear()
+        self.saver.current.entries.clear()
+        self.saver.world_id = self.world_id
+
+    def _runtime_rows(self, counts: Counter[str], everything: bool) -> tuple[dict[str, Any], list[str]]:
+        rows: dict[str, Any] = {}
+        for s in self.sessions:
+            pending = counts.get(s.id, 0)
+            if everything:
+                if s.dirty or pending:
+                    runtime = s.runtime()
+                    runtime["next_seq"] += pending
+                    rows[s.id] = (runtime["next_seq"], canonical(runtime))
+                    s.dirty = False
+            elif pending:
+                rows[s.id] = s.next_seq + pending
+        return rows, (self.sessions.take_ended() if everything else [])
+
+    async def _resume_world(self) -> None:
+        """After loading: sessions that were connected are now disconnected."""
+        for s in list(self.sessions):
+            if s.state == State.OPEN:
+                outcome = self.gateway._internal("sessions.detach", {"session_id": s.id})
+                self.dispatcher._finish(None, outcome)
+        self.sessions.sync(self.world["sessions"].data())
+        await self.saver.checkpoint()
+
+    # what clients are told -----------------------------------------------------
+    def _contributions(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {"phase": "onboarding"}
+        for _, extra in self.registry.collect("server_info", host=self.api):
+            merged.update(extra)
+        return merged
+
+    def server_info(self) -> dict[str, Any]:
+        info = {
+            "protocol": PROTOCOL,
+            "version": __version__,
+            "world_id": self.world_id,
+            "plugins": list(self.registry.plugin_names),
+            "actions": sorted(n for n, a in self.registry.actions.items() if not a.internal),
+            "auth": self.config.host.auth,
+            "limits": {"max_frame_bytes": self.config.host.limits.max_frame_bytes},
+        }
+        info.update(self._contributions())
+        if self.recovered is not None:
+            info["recovered"] = self.recovered
+        return info
+
+    def recent_sessions(self, limit: int = 15, with_ids: bool = False) -> list[dict[str, Any]]:
+        ordered = sorted(self.sessions, key=lambda s: s.last_active, reverse=True)[:limit]
+        out = []
+        for s in ordered:
+            item = {"name": s.name, "role": s.role, "last_active": s.last_active,
+                    "connected": s.connected}
+            if with_ids:
+                item["id"] = s.id
+            out.append(item)
+        return out
+
+    def sync_state(self, session: Session) -> dict[str, Any]:
+        slices = []
+        for name, s in self.world.slices.items():
+            data = s.data()
+            slices.append({"name": name, "version": s.spec.version, "keyed": s.spec.keyed,
+                           "size": len(data) if s.spec.keyed else 1})
+        state = {
+            "session": {"id": session.id, "name": session.name, "role": session.role},
+            "world_id": self.world_id,
+            "generation": self.generation,
+            "plugins": list(self.registry.plugin_names),
+            "slices": slices,
+            "sessions": self.recent_sessions(with_ids=session.role == "admin"),
+        }
+        state.update(self._contributions())
+        return state
+
+    def session_info(self, s: Session, resumed: bool = False) -> SessionInfo:
+        return SessionInfo(s.id, s.name, s.role, resumed)
+
+    def check_session_limit(self) -> ActionError | None:
+        for _, error in self.registry.collect("session_limit", host=self.api):
+            if error is not None:
+                return error
+        return None
+
+    # life ----------------------------------------------------------------------
+    async def run(self, *, listen: bool = True,
+                  task_status: trio.TaskStatus[Host] = trio.TASK_STATUS_IGNORED) -> None:
+        """Open, serve until stopped, then shut down cleanly (or vanish, if crashed)."""
+        self.open()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self.saver.run)
+                nursery.start_soon(self.dispatcher.run)
+                await self._resume_world()
+                await _await_all(self.registry.pm.hook.startup(host=self.api))
+                for plugin, tasks in self.registry.collect("background_tasks", host=self.api):
+                    for task in tasks:
+                        nursery.start_soon(self._supervise, plugin, task)
+                if listen:
+                    await self._listen(nursery)
+                task_status.started(self)
+                await self._stopping.wait()
+                if not self.crashed:
+                    await self._shutdown()
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.store is not None:
+                if self.crashed:
+                    self.store.abandon()
+                else:
+                    self.store.close(truncate=True)
+                self.store = None
+            self.stopped.set()
+
+    async def _listen(self, nursery: trio.Nursery) -> None:
+        limits = self.config.host.limits
+        server = await nursery.start(lambda task_status: trio_websocket.serve_websocket(
+            self.transport.handle, self.config.host.host, self.config.host.port, None,
+            message_queue_size=8, max_message_size=limits.max_frame_bytes,
+            connect_timeout=10, disconnect_timeout=5, task_status=task_status))
+        self.port = server.port
+        self.listen_host = self.config.host.host
+
+    async def _supervise(self, plugin: str, task: Any) -> None:
+        while True:
+            try:
+                await task()
+                return
+            except Exception:
+                log.exception("background task %s of plugin %r failed; restarting in %gs",
+                              getattr(task, "__name__", task), plugin, self.api.restart_delay_s)
+                await trio.sleep(self.api.restart_delay_s)
+
+    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection over any trio stream (in-memory in tests)."""
+        assert self._nursery is not None
+        limits = self.config.host.limits
+        request = await trio_websocket.wrap_server_stream(
+            self._nursery, stream, message_queue_size=8, max_message_size=limits.max_frame_bytes)
+        await self.transport.handle(request)
+
+    def stop(self) -> None:
+        """Begin a clean shutdown (as SIGTERM does)."""
+        self._stopping.set()
+
+    def crash(self) -> None:
+        """Vanish as under kill -9: nothing more is written, nothing more is sent."""
+        self.crashed = True
+        self.dispatcher.accepting = False
+        for conn in list(self.transport.connections):
+            conn.abort(1006, "")
+        self._stopping.set()
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
+
+    async def _shutdown(self) -> None:
+        """Stop taking actions, finish the queued ones, checkpoint, close with 1001."""
+        with trio.move_on_after(4.5) as scope:
+            self.dispatcher.accepting = False
+            while self.dispatcher.receive_channel.statistics().current_buffer_used:
+                await trio.sleep(0.01)
+            await _await_all(self.registry.pm.hook.shutdown(host=self.api))
+            await self.saver.flush()
+            self.transport.close_all()
+            with trio.move_on_after(0.5):
+                while self.transport.connections:
+                    await trio.sleep(0.01)
+        if scope.cancelled_caught:
+            log.error("shutdown took too long; stopping anyway")
+
+
+async def _await_all(results: list[Any]) -> None:
+    for result in results:
+        if result is not None and hasattr(result, "__await__"):
+            await result

@@ -1,0 +1,268 @@
+"""The WebSocket transport: one trio task group per connection.
+
+A connection reads frames, decodes them (JSON text or CBOR binary, hardened),
+checks the envelope and hands requests to the dispatcher. It sends through a
+bounded outbox: a client that falls that far behind is disconnected and its
+session stays resumable. A failure in one connection closes only that
+connection, with 1011.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import trio
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+
+from host.actions import ActionError, BadRequest, RateLimited
+from host.dispatcher import Disconnect, Request
+from host.limits import TokenBucket
+from host.sessions import Session, Signal
+from state.codec import DecodeError, decode_cbor, decode_json, encode_cbor, encode_json
+
+if TYPE_CHECKING:
+    from host.server import Host
+
+log = logging.getLogger("worldhost.transport")
+
+POLICY = 1008
+GOING_AWAY = 1001
+INTERNAL = 1011
+_ENVELOPE_KEYS = frozenset({"id", "action", "params"})
+
+
+def encode_frame(sig: Signal, encoding: str) -> str | bytes:
+    envelope = sig.envelope()
+    if encoding == "cbor":
+        return encode_cbor(envelope)
+    return encode_json(envelope).decode("utf-8")
+
+
+def parse_envelope(message: Any) -> tuple[Any, bool]:
+    """The request id (and whether one was given) if it can be told, for the reply."""
+    if isinstance(message, dict) and "id" in message:
+        rid = message["id"]
+        if (isinstance(rid, (str, int)) and not isinstance(rid, bool)):
+            return rid, True
+        return None, True
+    return None, False
+
+
+def check_envelope(message: Any) -> tuple[str, dict[str, Any]]:
+    if not isinstance(message, dict):
+        raise ActionError(f"a frame must hold one object, not {type(message).__name__}",
+                          code="bad_frame")
+    extra = set(message) - _ENVELOPE_KEYS
+    if extra:
+        raise BadRequest(f"unknown envelope fields: {sorted(extra)}; "
+                         f"a request has only id, action and params")
+    if "id" in message:
+        rid = message["id"]
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+            raise BadRequest("id must be a string or an integer")
+    action = message.get("action")
+    if not isinstance(action, str) or not action:
+        raise BadRequest("action is required and must be a non-empty string")
+    params = message.get("params", {})
+    if not isinstance(params, dict):
+        raise BadRequest(f"params must be an object, not {type(params).__name__}")
+    return action, params
+
+
+class Connection:
+    """One client connection: its outbox, encoding, session and limits."""
+
+    def __init__(self, host: Host, ws: WebSocketConnection, remote: str) -> None:
+        self.host = host
+        self.ws = ws
+        self.remote = remote
+        limits = host.config.host.limits
+        self.session: Session | None = None
+        self.encoding = "json"
+        self.failed_opens = 0
+        self.ever_had_session = False
+        self.bucket = TokenBucket(limits.rate_per_s, limits.rate_burst, limits.flood_factor)
+        self._send, self._receive = trio.open_memory_channel[Any](limits.outbox_size)
+        self.cancel_scope = trio.CancelScope()
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    # called by the dispatcher, synchronously -----------------------------------
+    def deliver(self, sig: Signal) -> bool:
+        if self.close_code is not None:
+            return False
+        try:
+            self._send.send_nowait(sig)
+            return True
+        except trio.WouldBlock:
+            log.warning("disconnecting %s: outbox full (%d signals behind)",
+                        self.remote, self.host.config.host.limits.outbox_size)
+            self.abort(POLICY, "too slow: outbox full")
+            return False
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+
+    def displace(self) -> None:
+        """The session was resumed on another connection."""
+        self.session = None
+        self.close_soon(1000, "session resumed on another connection")
+
+    def close_soon(self, code: int, reason: str) -> None:
+        """Close after what is already queued has been sent."""
+        if self.close_code is None:
+            self.close_code, self.close_reason = code, reason
+            try:
+                self._send.send_nowait(None)
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                self.cancel_scope.cancel()
+
+    def abort(self, code: int, reason: str) -> None:
+        self.close_code, self.close_reason = code, reason
+        self.cancel_scope.cancel()
+
+    # the connection's tasks --------------------------------------------------------
+    async def run(self) -> None:
+        self.deliver(Signal("server.info", self.host.server_info()))
+        try:
+            with self.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._sender)
+                    nursery.start_soon(self._pinger)
+                    nursery.start_soon(self._auth_timer)
+                    await self._reader()
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.host.dispatcher.put(Disconnect(self))
+                if self.close_code is not None and not self.ws.closed:
+                    with trio.move_on_after(1):
+                        await self.ws.aclose(self.close_code, self.close_reason)
+
+    async def _reader(self) -> None:
+        max_failed = self.host.config.sessions.max_failed_opens
+        while True:
+            try:
+                message = await self.ws.get_message()
+            except ConnectionClosed:
+                return
+            if self.failed_opens >= max_failed:
+                self.close_soon(POLICY, "too many failed session attempts")
+                return
+            req = self._request(message)
+            bucket = self.bucket
+            if req.error is None and not bucket.take(trio.current_time()):
+                if bucket.flooding:
+                    log.warning("disconnecting %s: flooding past its rate limit", self.remote)
+                    self.abort(POLICY, "flooding past the rate limit")
+                    return
+                req.error = RateLimited(
+                    f"more than {bucket.rate:g} actions/s (burst {bucket.burst}); slow down")
+            await self.host.dispatcher.put(req)
+
+    def _request(self, message: str | bytes) -> Request:
+        try:
+            if isinstance(message, str):
+                self.encoding = "json"
+                decoded = decode_json(message)
+            else:
+                self.encoding = "cbor"
+                decoded = decode_cbor(message)
+        except DecodeError as exc:
+            return Request("", None, None, True, self, self.encoding,
+                           error=ActionError(str(exc), code="bad_frame"))
+        rid, has_id = parse_envelope(decoded)
+        try:
+            action, params = check_envelope(decoded)
+        except ActionError as exc:
+            action = decoded.get("action") if isinstance(decoded, dict) else None
+            return Request(action if isinstance(action, str) else "", None, rid, True, self,
+                           self.encoding, error=exc)
+        return Request(action, params, rid, has_id, self, self.encoding)
+
+    async def _sender(self) -> None:
+        async for sig in self._receive:
+            if sig is None:
+                await self.ws.aclose(self.close_code or 1000, self.close_reason)
+                self.cancel_scope.cancel()
+                return
+            await self.ws.send_message(encode_frame(sig, sig.encoding or self.encoding))
+
+    async def _pinger(self) -> None:
+        cfg = self.host.config.host
+        while True:
+            await trio.sleep(cfg.ping_interval_s)
+            with trio.move_on_after(cfg.ping_timeout_s) as scope:
+                try:
+                    await self.ws.ping()
+                except ConnectionClosed:
+                    return
+            if scope.cancelled_caught:
+                log.info("dropping %s: no pong within %gs", self.remote, cfg.ping_timeout_s)
+                self.abort(GOING_AWAY, "ping timeout")
+                return
+
+    async def _auth_timer(self) -> None:
+        await trio.sleep(self.host.config.sessions.auth_timeout_s)
+        if self.session is None and not self.ever_had_session:
+            self.close_soon(POLICY, "no session opened in time")
+
+
+class Transport:
+    """Accepts handshakes, applies the origin and per-address limits, runs connections."""
+
+    def __init__(self, host: Host) -> None:
+        self.host = host
+        self.connections: set[Connection] = set()
+        self.per_address: Counter[str] = Counter()
+
+    async def handle(self, request: WebSocketRequest) -> None:
+        cfg = self.host.config.host
+        origin = _header(request, b"origin")
+        if origin is not None and origin not in cfg.allowed_origins and "*" not in cfg.allowed_origins:
+            log.info("refused handshake from origin %r", origin)
+            await request.reject(403, body=b"origin not allowed")
+            return
+        remote = _address(request)
+        if self.per_address[remote] >= cfg.limits.max_connections_per_address:
+            await request.reject(429, body=b"too many connections from this address")
+            return
+        if not self.host.dispatcher.accepting:
+            await request.reject(503, body=b"shutting down")
+            return
+        self.per_address[remote] += 1
+        try:
+            ws = await request.accept()
+            conn = Connection(self.host, ws, remote)
+            self.connections.add(conn)
+            try:
+                await conn.run()
+            except Exception:
+                log.exception("connection %s failed; closing it with 1011", remote)
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await ws.aclose(INTERNAL, "internal error")
+            finally:
+                self.connections.discard(conn)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.per_address[remote] -= 1
+            if self.per_address[remote] <= 0:
+                del self.per_address[remote]
+
+    def close_all(self, code: int = GOING_AWAY, reason: str = "server shutting down") -> None:
+        for conn in list(self.connections):
+            conn.close_soon(code, reason)
+
+
+def _header(request: WebSocketRequest, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _address(request: WebSocketRequest) -> str:
+    remote = request.remote
+    return getattr(remote, "address", None) or str(remote)

@@ -1,0 +1,216 @@
+"""The saver: group-committed journal and debounced checkpoints, on one writer.
+
+Every output of the dispatcher passes through here in order. Outputs of a
+world-changing action are released only after the transaction holding its
+journal entry commits; the writer commits everything queued as soon as the
+previous commit ends, so durability costs one commit per batch. Checkpoints
+write the slices and records changed since the last one, debounced, and drop
+the journal they cover. All SQLite work runs in a worker thread, one call at a
+time, on the store's single connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from state.codec import canonical
+from state.slices import KeyedSlice, ValueSlice, World
+from state.store import JournalEntry, SliceChange, Store
+
+log = logging.getLogger("worldhost.saver")
+
+Release = Callable[[], None]
+# (signal counts of a batch, whole runtime?) -> (rows, ended session ids). Rows are
+# next_seq for a journal commit, (next_seq, runtime blob) for a checkpoint.
+RuntimeSource = Callable[[Counter[str], bool], tuple[dict[str, Any], list[str]]]
+
+
+@dataclass
+class Batch:
+    entries: list[JournalEntry] = field(default_factory=list)
+    releases: list[Release] = field(default_factory=list)
+    signal_counts: Counter[str] = field(default_factory=Counter)
+
+    def __bool__(self) -> bool:
+        return bool(self.entries or self.releases)
+
+
+class Saver:
+    """Owns the store while the host runs. ``record`` is called by the dispatcher
+    after each action; ``run`` is the writer task."""
+
+    def __init__(self, store: Store, world: World, *, durability: str = "journal",
+                 debounce_s: float = 1.0, max_delay_s: float = 5.0,
+                 runtime_source: RuntimeSource | None = None,
+                 world_id: str | None = None, last_id: int = 0) -> None:
+        self.store = store
+        self.world = world
+        self.journaling = durability == "journal"
+        self.debounce_s = debounce_s
+        self.max_delay_s = max_delay_s
+        self.runtime_source = runtime_source or (lambda counts, everything: ({}, []))
+        self.world_id = world_id
+        self.last_id = last_id
+        self.current = Batch()
+        self.in_flight = False
+        self.first_unsaved: float | None = None
+        self.last_change: float | None = None
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self.generation = 0
+        self.commits = 0
+        self.checkpoints = 0
+        self.closed = False
+
+    # called synchronously by the dispatcher ------------------------------
+    def record(self, entry: JournalEntry | None, release: Release,
+               signal_counts: Counter[str] | None = None) -> None:
+        """Queue one action's outputs (and its journal entry, if it changed the world)."""
+        if entry is not None:
+            self.last_id = entry.id
+        journaled = entry is not None and self.journaling
+        if not journaled and not self.in_flight and not self.current:
+            release()
+            return
+        if journaled:
+            self.current.entries.append(entry)
+        self.current.releases.append(release)
+        if signal_counts:
+            self.current.signal_counts.update(signal_counts)
+        self._wake.set()
+
+    def changed(self) -> None:
+        """The world changed: (re)arm the debounce."""
+        now = trio.current_time()
+        if self.first_unsaved is None:
+            self.first_unsaved = now
+        self.last_change = now
+        self._wake.set()
+
+    # the writer task ------------------------------------------------------
+    def checkpoint_due_at(self) -> float:
+        if self.first_unsaved is None or self.last_change is None:
+            return math.inf
+        return min(self.last_change + self.debounce_s, self.first_unsaved + self.max_delay_s)
+
+    async def run(self) -> None:
+        while True:
+            with trio.move_on_at(self.checkpoint_due_at()):
+                await self._wake.wait()
+            self._wake = trio.Event()
+            if trio.current_time() >= self.checkpoint_due_at():
+                await self.checkpoint()
+            elif self.current.entries:
+                await self._commit()
+            elif self.current:
+                self._release(self.current)
+                self.current = Batch()
+
+    async def _commit(self) -> None:
+        batch, self.current = self.current, Batch()
+        runtime, _ = self.runtime_source(batch.signal_counts, False)
+        self.in_flight = True
+        self._idle = trio.Event()
+        try:
+            await trio.to_thread.run_sync(self.store.append, batch.entries, runtime)
+        finally:
+            self.in_flight = False
+            self._idle.set()
+        self.commits += 1
+        self._release(batch)
+
+    async def checkpoint(self, clean: bool = False) -> int:
+        """Write what changed since the last checkpoint; covers every applied action."""
+        batch, self.current = self.current, Batch()
+        changes, restore = self._collect()
+        runtime, ended = self.runtime_source(batch.signal_counts, True)
+        self.first_unsaved = self.last_change = None
+        self.in_flight = True
+        self._idle = trio.Event()
+        try:
+            self.generation = await trio.to_thread.run_sync(
+                self.store.checkpoint, changes, self.last_id, runtime, ended, self.world_id, clean)
+        except BaseException:
+            restore()
+            raise
+        finally:
+            self.in_flight = False
+            self._idle.set()
+        self.checkpoints += 1
+        self._release(batch)
+        return self.generation
+
+    async def flush(self) -> None:
+        """Shutdown: wait for the commit under way, then a final clean checkpoint."""
+        await self._idle.wait()
+        await self.checkpoint(clean=True)
+
+    def _release(self, batch: Batch) -> None:
+        for release in batch.releases:
+            release()
+
+    def _collect(self) -> tuple[dict[str, SliceChange], Callable[[], None]]:
+        """Encode what changed; keep what is encoded proportional to the change."""
+        changes: dict[str, SliceChange] = {}
+        taken: list[tuple[KeyedSlice | ValueSlice, object, bool]] = []
+        for name, s in self.world.slices.items():
+            spec = s.spec
+            if isinstance(s, ValueSlice):
+                if s.dirty:
+                    changes[name] = SliceChange(spec.version, False, value=canonical(s.data()))
+                    taken.append((s, True, False))
+                    s.dirty = False
+                continue
+            if not (s.dirty or s.replaced):
+                continue
+            records = s.data()
+            ch = SliceChange(spec.version, True, replaced=s.replaced)
+            keys = records.keys() if s.replaced else s.dirty
+            for key in keys:
+                if key in records:
+                    ch.upserts[key] = canonical(records[key])
+                else:
+                    ch.deletes.append(key)
+            changes[name] = ch
+            taken.append((s, set(s.dirty), s.replaced))
+            s.dirty, s.replaced = set(), False
+        for name, s in self.world.slices.items():
+            if name not in changes and self._never_saved(name):
+                changes[name] = self._full(s)
+
+        def restore() -> None:
+            for s, dirty, replaced in taken:
+                if isinstance(s, ValueSlice):
+                    s.dirty = True
+                else:
+                    s.dirty |= dirty  # type: ignore[operator]
+                    s.replaced = s.replaced or replaced
+            self.first_unsaved = self.first_unsaved or trio.current_time()
+            self.last_change = self.last_change or trio.current_time()
+
+        return changes, restore
+
+    _saved_names: set[str] | None = None
+
+    def _never_saved(self, name: str) -> bool:
+        if self._saved_names is None:
+            self._saved_names = {r[0] for r in self.store.conn.execute("SELECT name FROM slices")}
+        if name in self._saved_names:
+            return False
+        self._saved_names.add(name)
+        return True
+
+    @staticmethod
+    def _full(s: KeyedSlice | ValueSlice) -> SliceChange:
+        if isinstance(s, ValueSlice):
+            return SliceChange(s.spec.version, False, value=canonical(s.data()))
+        return SliceChange(s.spec.version, True, replaced=True,
+                           upserts={k: canonical(v) for k, v in s.data().items()})

@@ -1,0 +1,271 @@
+"""Slices: the named parts of the world, and the transactions that change them.
+
+A slice is either a *value* (saved whole) or a *keyed collection* (id -> record,
+saved per record). Handlers change slices only inside a transaction; a handler
+that raises rolls its transaction back, so a failed action leaves the world
+byte-identical. Every committed change is remembered as dirty so the saver
+writes only what changed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from state.codec import canonical, clone
+
+Migrate = Callable[[int, Any], Any]
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    """What a plugin declares about one slice of the world.
+
+    ``initial`` builds the empty value (a dict of records for keyed slices).
+    ``migrate(old_version, value)`` upgrades a stored value to ``version``.
+    ``defaults`` fills fields missing from a stored value (or from each record
+    of a keyed slice), so data written by an older version still loads.
+    """
+
+    name: str
+    initial: Callable[[], Any] = dict
+    version: int = 1
+    keyed: bool = False
+    migrate: Migrate | None = None
+    defaults: Mapping[str, Any] | None = None
+
+    def fill_defaults(self, value: Any) -> Any:
+        if not self.defaults:
+            return value
+        if self.keyed:
+            return {k: _fill(r, self.defaults) for k, r in value.items()}
+        return _fill(value, self.defaults)
+
+
+def _fill(value: Any, defaults: Mapping[str, Any]) -> Any:
+    if not isinstance(value, dict):
+        return value
+    missing = {k: clone(v) for k, v in defaults.items() if k not in value}
+    return {**value, **missing} if missing else value
+
+
+class ReadOnlyError(RuntimeError):
+    """A read-only action tried to change the world."""
+
+
+_DELETED = object()
+
+
+class KeyedSlice:
+    """A keyed collection seen through the current transaction.
+
+    Records returned by reads are shared with the world: treat them as
+    read-only. Use ``edit(key)`` for a private copy that is written back on
+    commit, or ``put``/``delete``.
+    """
+
+    def __init__(self, spec: SliceSpec, records: dict[str, Any]) -> None:
+        self.spec = spec
+        self._base = records
+        self._overlay: dict[str, Any] = {}
+        self._replacement: dict[str, Any] | None = None
+        self.writable = False
+        self.dirty: set[str] = set()
+        self.replaced = False
+
+    # reads -----------------------------------------------------------
+    def _current(self) -> dict[str, Any]:
+        return self._replacement if self._replacement is not None else self._base
+
+    def get(self, key: str, default: Any = None) -> Any:
+        if key in self._overlay:
+            value = self._overlay[key]
+            return default if value is _DELETED else value
+        return self._current().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        value = self.get(key, _DELETED)
+        if value is _DELETED:
+            raise KeyError(key)
+        return value
+
+    def __contains__(self, key: object) -> bool:
+        return self.get(key, _DELETED) is not _DELETED  # type: ignore[arg-type]
+
+    def keys(self) -> Iterator[str]:
+        for key in self._current():
+            if self._overlay.get(key) is not _DELETED:
+                yield key
+        for key, value in self._overlay.items():
+            if value is not _DELETED and key not in self._current():
+                yield key
+
+    __iter__ = keys
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        for key in self.keys():
+            yield key, self.get(key)
+
+    def values(self) -> Iterator[Any]:
+        for key in self.keys():
+            yield self.get(key)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.keys())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.items())
+
+    # writes ----------------------------------------------------------
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ReadOnlyError(f"slice {self.spec.name!r} is read-only here")
+
+    def put(self, key: str, record: Any) -> None:
+        self._check_writable()
+        self._overlay[key] = record
+
+    def edit(self, key: str) -> Any:
+        """A private copy of a record, saved back when the action succeeds."""
+        self._check_writable()
+        if key in self._overlay and self._overlay[key] is not _DELETED:
+            return self._overlay[key]
+        record = clone(self[key])
+        self._overlay[key] = record
+        return record
+
+    def delete(self, key: str) -> None:
+        self._check_writable()
+        if key not in self:
+            raise KeyError(key)
+        self._overlay[key] = _DELETED
+
+    def replace_all(self, records: dict[str, Any]) -> None:
+        """Swap in a whole new collection (an import); saved as a full rewrite."""
+        self._check_writable()
+        self._replacement = dict(records)
+        self._overlay = {}
+
+    # transaction -----------------------------------------------------
+    def commit(self) -> None:
+        if self._replacement is not None:
+            self._base.clear()
+            self._base.update(self._replacement)
+            self.replaced = True
+            self._replacement = None
+        for key, value in self._overlay.items():
+            if value is _DELETED:
+                self._base.pop(key, None)
+            else:
+                self._base[key] = value
+            self.dirty.add(key)
+        self._overlay = {}
+
+    def rollback(self) -> None:
+        self._overlay = {}
+        self._replacement = None
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._overlay) or self._replacement is not None
+
+    def data(self) -> dict[str, Any]:
+        """The committed records (the world as saved)."""
+        return self._base
+
+
+class ValueSlice:
+    """A small value saved whole. ``value`` reads; ``edit()`` or ``set()`` writes."""
+
+    def __init__(self, spec: SliceSpec, value: Any) -> None:
+        self.spec = spec
+        self._base = value
+        self._new: Any = _DELETED
+        self.writable = False
+        self.dirty = False
+
+    @property
+    def value(self) -> Any:
+        return self._base if self._new is _DELETED else self._new
+
+    def edit(self) -> Any:
+        self._check_writable()
+        if self._new is _DELETED:
+            self._new = clone(self._base)
+        return self._new
+
+    def set(self, value: Any) -> None:
+        self._check_writable()
+        self._new = value
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise ReadOnlyError(f"slice {self.spec.name!r} is read-only here")
+
+    def commit(self) -> None:
+        if self._new is not _DELETED:
+            self._base = self._new
+            self._new = _DELETED
+            self.dirty = True
+
+    def rollback(self) -> None:
+        self._new = _DELETED
+
+    @property
+    def pending(self) -> bool:
+        return self._new is not _DELETED
+
+    def data(self) -> Any:
+        return self._base
+
+
+Slice = KeyedSlice | ValueSlice
+
+
+@dataclass
+class World:
+    """Every slice, by name, and the transaction that spans them."""
+
+    slices: dict[str, Slice] = field(default_factory=dict)
+
+    @classmethod
+    def fresh(cls, specs: list[SliceSpec]) -> World:
+        world = cls()
+        for spec in specs:
+            world.add(spec, spec.initial())
+        return world
+
+    def add(self, spec: SliceSpec, value: Any) -> None:
+        self.slices[spec.name] = KeyedSlice(spec, value) if spec.keyed else ValueSlice(spec, value)
+
+    def __getitem__(self, name: str) -> Slice:
+        return self.slices[name]
+
+    def begin(self, writable: bool) -> None:
+        for s in self.slices.values():
+            s.writable = writable
+
+    def commit(self) -> bool:
+        """Apply the transaction; True when anything changed."""
+        changed = False
+        for s in self.slices.values():
+            if s.pending:
+                s.commit()
+                changed = True
+            s.writable = False
+        return changed
+
+    def rollback(self) -> None:
+        for s in self.slices.values():
+            s.rollback()
+            s.writable = False
+
+    def snapshot(self, names: list[str] | None = None) -> dict[str, Any]:
+        """Committed data of the named slices (all by default); shared, do not mutate."""
+        chosen = names if names is not None else list(self.slices)
+        return {n: self.slices[n].data() for n in chosen}
+
+    def encode(self) -> bytes:
+        """Canonical CBOR of the whole world: equal worlds give equal bytes."""
+        return canonical(self.snapshot())

@@ -1,0 +1,294 @@
+"""The SQLite store: one file in WAL mode, one connection, one writer.
+
+Tables: ``meta`` (format version, generation, world id, checkpoint position),
+``slices`` (one row per slice: version, and the value of small slices),
+``records`` (one row per record of keyed slices), ``journal`` (actions
+applied since the last checkpoint) and ``session_runtime`` (what the host
+keeps per session beside the world: seq and remembered replies).
+
+Python's bundled SQLite (3.40 here) has the WAL-reset bug that needs two
+connections writing or checkpointing at once, so the store never opens a
+second connection while it is open. All writes are explicit transactions.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+FORMAT_VERSION = 1
+
+
+class StoreError(Exception):
+    """The store cannot be used."""
+
+
+class StoreUnreadable(StoreError):
+    """The file is not a readable worldhost store (corrupt, truncated, garbage)."""
+
+
+class StoreTooNew(StoreError):
+    """The file was written by a newer store format; it is left untouched."""
+
+
+@dataclass
+class JournalEntry:
+    """One applied world-changing action, as journaled."""
+
+    id: int
+    action: str
+    params: bytes  # canonical CBOR
+    at: float
+    session: str | None
+    request_id: bytes | None  # CBOR of the id, None when the request had none
+
+
+@dataclass
+class SliceChange:
+    """What changed in one slice since the last checkpoint, already encoded."""
+
+    version: int
+    keyed: bool
+    value: bytes | None = None  # value slices
+    upserts: dict[str, bytes] = field(default_factory=dict)
+    deletes: list[str] = field(default_factory=list)
+    replaced: bool = False  # keyed: drop every stored record first
+
+
+@dataclass
+class Loaded:
+    """Everything read back from a store at startup."""
+
+    generation: int
+    world_id: str | None
+    checkpoint_id: int
+    slices: dict[str, tuple[int, bool, Any]]  # name -> (version, keyed, value blob | {key: blob})
+    journal: list[JournalEntry]
+    runtime: dict[str, tuple[int, bytes | None]]  # session id -> (next_seq, saved runtime)
+    clean_shutdown: bool
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS slices (name TEXT PRIMARY KEY, version INTEGER NOT NULL,
+    keyed INTEGER NOT NULL, value BLOB) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS records (slice TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (slice, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS journal (id INTEGER PRIMARY KEY, action TEXT NOT NULL,
+    params BLOB NOT NULL, at REAL NOT NULL, session TEXT, request_id BLOB);
+CREATE TABLE IF NOT EXISTS session_runtime (id TEXT PRIMARY KEY, next_seq INTEGER NOT NULL,
+    value BLOB) WITHOUT ROWID;
+"""
+
+
+def quarantine(path: str | os.PathLike[str]) -> Path:
+    """Move a store and its -wal/-shm files aside as NAME.corrupt-TIMESTAMP; never delete."""
+    base = Path(path)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    target = base.with_name(f"{base.name}.corrupt-{stamp}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = base.with_name(f"{base.name}.corrupt-{stamp}-{n}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(str(base) + suffix)
+        if src.exists():
+            src.rename(Path(str(target) + suffix))
+    return target
+
+
+class Store:
+    """The one connection to one store file. Not safe for concurrent use: the
+    saver calls it from one task at a time (through a worker thread)."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str) -> None:
+        self.conn = conn
+        self.db = sqlite_utils.Database(conn)
+        self.path = path
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], synchronous: str = "NORMAL",
+             busy_timeout_ms: int = 5000) -> Store:
+        """Open (creating if missing) and check a store.
+
+        Raises StoreUnreadable for anything that is not a healthy store of
+        ours, StoreTooNew for a newer format.
+        """
+        path = str(path)
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            if os.path.exists(path) and os.path.getsize(path) == 0:
+                raise StoreUnreadable(f"{path} is an empty (zero-byte) file")
+        try:
+            conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise StoreUnreadable(f"{path}: {exc}") from None
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if path != ":memory:" and mode.lower() != "wal":
+                raise StoreUnreadable(f"{path}: could not switch to WAL mode ({mode})")
+            conn.execute(f"PRAGMA synchronous = {synchronous}")
+            check = conn.execute("PRAGMA quick_check").fetchall()
+            if check != [("ok",)]:
+                raise StoreUnreadable(f"{path}: quick_check failed: {check[0][0]}")
+            store = cls(conn, path)
+            store._check_format()
+            return store
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StoreUnreadable(f"{path}: {exc}") from None
+        except StoreError:
+            conn.close()
+            raise
+
+    def _check_format(self) -> None:
+        tables = set(self.db.table_names())
+        if not tables:
+            self.conn.execute("BEGIN IMMEDIATE")
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    self.conn.execute(statement)
+            self.conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)",
+                                  [("format_version", FORMAT_VERSION), ("generation", 0),
+                                   ("checkpoint_id", 0), ("clean_shutdown", 1)])
+            self.conn.execute("COMMIT")
+            return
+        if "meta" not in tables:
+            raise StoreUnreadable(f"{self.path}: not a worldhost store (no meta table)")
+        row = self.conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()
+        if row is None or not isinstance(row[0], int):
+            raise StoreUnreadable(f"{self.path}: not a worldhost store (no format version)")
+        if row[0] > FORMAT_VERSION:
+            raise StoreTooNew(
+                f"{self.path} was written by store format {row[0]}; this worldhost reads "
+                f"format {FORMAT_VERSION} and older: upgrade worldhost to open it")
+        missing = {"meta", "slices", "records", "journal", "session_runtime"} - tables
+        if missing:
+            raise StoreUnreadable(f"{self.path}: missing tables {sorted(missing)}")
+
+    # reading -------------------------------------------------------------
+    def meta(self, key: str, default: Any = None) -> Any:
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def load(self) -> Loaded:
+        """Read the last checkpoint, the journal after it, and session runtime."""
+        try:
+            slices: dict[str, tuple[int, bool, Any]] = {}
+            for name, version, keyed, value in self.conn.execute(
+                    "SELECT name, version, keyed, value FROM slices"):
+                slices[name] = (version, bool(keyed), {} if keyed else value)
+            for name, key, value in self.conn.execute("SELECT slice, key, value FROM records"):
+                if name in slices and slices[name][1]:
+                    slices[name][2][key] = value
+            checkpoint_id = int(self.meta("checkpoint_id", 0))
+            journal = [JournalEntry(*row) for row in self.conn.execute(
+                "SELECT id, action, params, at, session, request_id FROM journal "
+                "WHERE id > ? ORDER BY id", (checkpoint_id,))]
+            runtime = {sid: (seq, value) for sid, seq, value in self.conn.execute(
+                "SELECT id, next_seq, value FROM session_runtime")}
+            return Loaded(
+                generation=int(self.meta("generation", 0)),
+                world_id=self.meta("world_id"),
+                checkpoint_id=checkpoint_id,
+                slices=slices,
+                journal=journal,
+                runtime=runtime,
+                clean_shutdown=bool(self.meta("clean_shutdown", 1)),
+            )
+        except (sqlite3.Error, ValueError, TypeError) as exc:
+            raise StoreUnreadable(f"{self.path}: {exc}") from None
+
+    def journal_length(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM journal").fetchone()[0]
+
+    # writing -------------------------------------------------------------
+    def append(self, entries: list[JournalEntry], seqs: dict[str, int]) -> None:
+        """Commit journal entries, and the next seq of the sessions they signal, at once."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            c.executemany(
+                "INSERT INTO journal (id, action, params, at, session, request_id) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(e.id, e.action, e.params, e.at, e.session, e.request_id) for e in entries])
+            if seqs:
+                c.executemany(
+                    "INSERT INTO session_runtime (id, next_seq) VALUES (?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET next_seq = excluded.next_seq",
+                    list(seqs.items()))
+            c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
+            c.execute("COMMIT")
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def checkpoint(self, changes: dict[str, SliceChange], last_id: int,
+                   runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
+                   world_id: str | None = None, clean: bool = False) -> int:
+        """Write what changed, move the generation on, drop the covered journal."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for name, ch in changes.items():
+                c.execute(
+                    "INSERT INTO slices (name, version, keyed, value) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET version = excluded.version, "
+                    "keyed = excluded.keyed, value = excluded.value",
+                    (name, ch.version, int(ch.keyed), ch.value))
+                if ch.replaced or not ch.keyed:
+                    c.execute("DELETE FROM records WHERE slice = ?", (name,))
+                if ch.deletes:
+                    c.executemany("DELETE FROM records WHERE slice = ? AND key = ?",
+                                  [(name, k) for k in ch.deletes])
+                if ch.upserts:
+                    c.executemany(
+                        "INSERT INTO records (slice, key, value) VALUES (?, ?, ?) "
+                        "ON CONFLICT (slice, key) DO UPDATE SET value = excluded.value",
+                        [(name, k, v) for k, v in ch.upserts.items()])
+            if runtime:
+                c.executemany(
+                    "INSERT INTO session_runtime (id, next_seq, value) VALUES (?, ?, ?) "
+                    "ON CONFLICT (id) DO UPDATE SET next_seq = excluded.next_seq, "
+                    "value = excluded.value",
+                    [(sid, seq, value) for sid, (seq, value) in runtime.items()])
+            if ended_sessions:
+                c.executemany("DELETE FROM session_runtime WHERE id = ?",
+                              [(s,) for s in ended_sessions])
+            c.execute("DELETE FROM journal WHERE id <= ?", (last_id,))
+            generation = int(self.meta("generation", 0)) + 1
+            updates = [("generation", generation), ("checkpoint_id", last_id),
+                       ("clean_shutdown", int(clean))]
+            if world_id is not None:
+                updates.append(("world_id", world_id))
+            c.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", updates)
+            c.execute("COMMIT")
+            return generation
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+
+    def close(self, truncate: bool = True) -> None:
+        """Close the connection; a clean close folds the WAL back into the file."""
+        try:
+            if truncate:
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            self.conn.close()
+
+    def abandon(self) -> None:
+        """Drop the connection as a crash would: nothing uncommitted survives."""
+        try:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+        finally:
+            self.conn.close()
