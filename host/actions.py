@@ -8,8 +8,6 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
-import msgspec
-
 from state.slices import KeyedSlice, ValueSlice
 
 if TYPE_CHECKING:
@@ -111,6 +109,7 @@ class Emit:
     data: dict[str, Any]
     to: str | None = None  # session id; None with broadcast=False means the reply
     broadcast: bool = False
+    exclude: str | None = None  # a session a broadcast skips (the requester, say)
 
 
 @dataclass
@@ -147,8 +146,10 @@ class Context:
             self._random = random.Random(self.seed)
         return self._random
 
-    def broadcast(self, signal: str, data: dict[str, Any]) -> None:
-        self.emitted.append(Emit(signal, data, broadcast=True))
+    def broadcast(self, signal: str, data: dict[str, Any], *, others: bool = False) -> None:
+        """Send to every session (``others=True``: all but the requester, who gets the reply)."""
+        exclude = self.session.id if others and self.session is not None else None
+        self.emitted.append(Emit(signal, data, broadcast=True, exclude=exclude))
 
     def send(self, session_id: str, signal: str, data: dict[str, Any]) -> None:
         self.emitted.append(Emit(signal, data, to=session_id))

@@ -70,6 +70,19 @@ class HostAPI:
         return self._host.world_id
 
     @property
+    def hook(self) -> Any:
+        """pluggy's hook caller: ``host.hook.agent_removed(ctx=ctx, agent_id=...)``."""
+        return self._host.registry.pm.hook
+
+    def collect(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call a hook on every plugin; (plugin name, result) pairs, None results left out."""
+        return self._host.registry.collect(hook, **kwargs)
+
+    def runtime(self, plugin: str) -> dict[str, Any]:
+        """A plugin's scratch space for this host run (caches, events); never saved."""
+        return self._host.plugin_runtime.setdefault(plugin, {})
+
+    @property
     def generation(self) -> int:
         """The store generation of the last checkpoint."""
         return self._host.generation

@@ -221,7 +221,8 @@ class Dispatcher:
         for emit in emitted:
             if emit.broadcast:
                 for s in self.sessions:
-                    outcome.outputs.append((s, Signal(emit.signal, emit.data)))
+                    if s.id != emit.exclude:
+                        outcome.outputs.append((s, Signal(emit.signal, emit.data)))
             elif emit.to is not None:
                 target = self.sessions.get(emit.to)
                 if target is not None:

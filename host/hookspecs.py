@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from host.actions import Action, ActionError
+    from host.actions import Action, ActionError, Context
     from host.api import AppliedAction, HostAPI, SessionInfo
     from state.slices import SliceSpec
 
@@ -93,4 +93,38 @@ def session_limit(host: HostAPI) -> ActionError | None:
     """Return an error to refuse a new ``session.open`` (say, the server is full).
 
     Resuming an existing session is never refused by this hook.
+    """
+
+
+@hookspec
+def register_agent_kinds() -> list[Any]:
+    """Return simulation agent kinds (``plugins.simulation.AgentKind``).
+
+    A kind validates an agent's plain data, and ``step(ctx, agent, dt)`` moves it.
+    Names are unique across plugins.
+    """
+
+
+@hookspec
+def register_process_templates() -> list[dict[str, Any]]:
+    """Return process templates: ``{"id", "name", "stages": [...]}``.
+
+    Templates are validated at startup; a bad one stops startup naming the plugin.
+    """
+
+
+@hookspec
+def agent_removed(ctx: Context, agent_id: str) -> None:
+    """An agent left the world (a simulation agent removed, a process agent gone).
+
+    Runs inside the removing action's transaction, so a plugin forgets what it
+    kept about the agent atomically with the removal (and again on replay).
+    """
+
+
+@hookspec
+def process_resumed(host: HostAPI, process: dict[str, Any]) -> None:
+    """A running or paused process was found at startup, after a restart or crash.
+
+    Re-create whatever the plugin had attached to it (timers, spawned runners).
     """

@@ -36,7 +36,8 @@ class Host:
     """One world, served. ``run`` is the whole life of the host."""
 
     def __init__(self, config: Config, extra_plugins: list[Any] | None = None,
-                 entry_points: bool = True, db: str | None = None) -> None:
+                 entry_points: bool = True, db: str | None = None,
+                 store_in_thread: bool = True) -> None:
         self.config = config
         self.db_path = db if db is not None else config.host.db
         try:
@@ -62,6 +63,8 @@ class Host:
         self.stopped = trio.Event()
         self.crashed = False
         self.replayed = 0
+        self.store_in_thread = store_in_thread
+        self.plugin_runtime: dict[str, dict[str, Any]] = {}
 
     # time ------------------------------------------------------------------
     def clock(self) -> float:
@@ -154,7 +157,7 @@ class Host:
                            debounce_s=self.config.store.debounce_s,
                            max_delay_s=self.config.store.max_delay_s,
                            runtime_source=self._runtime_rows, world_id=None,
-                           last_id=self.dispatcher.next_id - 1)
+                           last_id=self.dispatcher.next_id - 1, threaded=self.store_in_thread)
         self.saver.generation = loaded.generation
         self.dispatcher.replaying = True
         try:
@@ -301,13 +304,21 @@ class Host:
                               getattr(task, "__name__", task), plugin, self.api.restart_delay_s)
                 await trio.sleep(self.api.restart_delay_s)
 
-    async def serve_stream(self, stream: trio.abc.Stream) -> None:
+    def accept_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection over any trio stream (in-memory in tests)."""
+        assert self._nursery is not None, "the host is not running"
+        self._nursery.start_soon(self._serve_stream, stream)
+
+    async def _serve_stream(self, stream: trio.abc.Stream) -> None:
         assert self._nursery is not None
         limits = self.config.host.limits
-        request = await trio_websocket.wrap_server_stream(
-            self._nursery, stream, message_queue_size=8, max_message_size=limits.max_frame_bytes)
-        await self.transport.handle(request)
+        try:
+            request = await trio_websocket.wrap_server_stream(
+                self._nursery, stream, message_queue_size=8,
+                max_message_size=limits.max_frame_bytes)
+            await self.transport.handle(request)
+        finally:
+            await trio.aclose_forcefully(stream)
 
     def stop(self) -> None:
         """Begin a clean shutdown (as SIGTERM does)."""

@@ -49,7 +49,7 @@ class Saver:
     def __init__(self, store: Store, world: World, *, durability: str = "journal",
                  debounce_s: float = 1.0, max_delay_s: float = 5.0,
                  runtime_source: RuntimeSource | None = None,
-                 world_id: str | None = None, last_id: int = 0) -> None:
+                 world_id: str | None = None, last_id: int = 0, threaded: bool = True) -> None:
         self.store = store
         self.world = world
         self.journaling = durability == "journal"
@@ -69,6 +69,13 @@ class Saver:
         self.commits = 0
         self.checkpoints = 0
         self.closed = False
+        self.threaded = threaded
+
+    async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run store work off the event loop (or in it, for tests on a mock clock)."""
+        if self.threaded:
+            return await trio.to_thread.run_sync(fn, *args)
+        return fn(*args)
 
     # called synchronously by the dispatcher ------------------------------
     def record(self, entry: JournalEntry | None, release: Release,
@@ -120,7 +127,7 @@ class Saver:
         self.in_flight = True
         self._idle = trio.Event()
         try:
-            await trio.to_thread.run_sync(self.store.append, batch.entries, runtime)
+            await self._io(self.store.append, batch.entries, runtime)
         finally:
             self.in_flight = False
             self._idle.set()
@@ -136,7 +143,7 @@ class Saver:
         self.in_flight = True
         self._idle = trio.Event()
         try:
-            self.generation = await trio.to_thread.run_sync(
+            self.generation = await self._io(
                 self.store.checkpoint, changes, self.last_id, runtime, ended, self.world_id, clean)
         except BaseException:
             restore()

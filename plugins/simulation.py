@@ -1,0 +1,593 @@
+"""A logistics simulation: trucks carry packages over the map (slice ``simulation``).
+
+The slice is a keyed collection: ``meta`` (tick, clock, prices, running), one
+record per agent (``agent:ID``) and per package (``package:ID``). Ticks are
+internal ``simulation.tick`` actions submitted by a background task, so they
+are journaled and replayed like everything else, and a tick is a pure function
+of the world: the same world and actions give the same world.
+
+Agent kinds are pluggable through the ``register_agent_kinds`` hook; the
+built-in kind is ``truck`` (see ``plugins.trucks``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import trio
+
+from host.actions import Action, ActionError, Conflict, Context, Invalid, NotFound, Role
+from host.api import AppliedAction, HostAPI
+from host.plugins import hookimpl
+from plugins import map as map_plugin
+from plugins.routing import Router
+from state.slices import KeyedSlice, SliceSpec
+
+log = logging.getLogger("worldhost.simulation")
+
+AGENT = "agent:"
+PACKAGE = "package:"
+STATUSES = ("waiting", "in_transit", "delivered")
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True):
+    plans_per_tick: int = 50  # idle agents that may plan a route in one tick
+    max_step_ticks: int = 100_000
+
+
+def default_meta() -> dict[str, Any]:
+    return {"tick": 0, "dt_s": 1.0, "global_fuel_price": 1.5, "current_day": 0,
+            "ticks_per_day": 1440, "running": False, "tick_hz": 20.0, "rng_state": 1,
+            "dropped_ticks": 0}
+
+
+class Metadata(msgspec.Struct, forbid_unknown_fields=True):
+    tick: int = 0
+    dt_s: float = 1.0
+    global_fuel_price: float = 1.5
+    current_day: int = 0
+    ticks_per_day: int = 1440
+    running: bool = False
+    tick_hz: float = 20.0
+    rng_state: int = 1
+    dropped_ticks: int = 0
+
+
+@dataclass(frozen=True)
+class AgentKind:
+    """A kind of simulation agent.
+
+    ``from_plain(data, path, tick)`` validates plain data and returns the full
+    record (defaults filled), raising Invalid naming the bad field;
+    ``step(sim, agent, dt)`` returns the agent's new record, or None when it did
+    not change; ``to_plain(record)`` gives the exported form.
+    """
+
+    name: str
+    from_plain: Callable[[Any, dict[str, Any], str], dict[str, Any]]
+    step: Callable[[Any, dict[str, Any], float], dict[str, Any] | None]
+    to_plain: Callable[[dict[str, Any]], dict[str, Any]] = lambda record: record
+
+
+def bad(path: str, message: str) -> Invalid:
+    return Invalid(f"{message} at {path}", details={"path": path, "message": message})
+
+
+def _number(data: dict[str, Any], field: str, path: str, default: float,
+            minimum: float | None = 0.0, positive: bool = False) -> float:
+    value = data.get(field, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad(f"{path}.{field}", f"{field} must be a finite number")
+    if positive and value <= 0:
+        raise bad(f"{path}.{field}", f"{field} must be positive")
+    if minimum is not None and value < minimum:
+        raise bad(f"{path}.{field}", f"{field} must be at least {minimum:g}")
+    return float(value)
+
+
+class Sim:
+    """One action's view of the simulation: records, graph, routing and events."""
+
+    def __init__(self, ctx: Context, kinds: dict[str, AgentKind], router: Router) -> None:
+        self.ctx = ctx
+        self.slice: KeyedSlice = ctx.keyed("simulation")
+        self.map: KeyedSlice = ctx.keyed("map")
+        self.kinds = kinds
+        self.router = router
+        self.settings: Settings = ctx.settings
+        meta = self.slice.get("meta")
+        self.meta = dict(meta) if meta is not None else default_meta()
+        self.moved: dict[str, dict[str, Any]] = {}
+        self.package_events: dict[str, dict[str, Any]] = {}
+        self.plans_left = self.settings.plans_per_tick
+        self._waiting: list[dict[str, Any]] | None = None
+        self._targeted: set[str] | None = None
+
+    # graph ---------------------------------------------------------------
+    def node(self, node_id: str) -> dict[str, Any] | None:
+        return self.map.get(map_plugin.NODE + node_id)
+
+    def edge(self, edge_id: str) -> dict[str, Any] | None:
+        return self.map.get(map_plugin.EDGE + edge_id)
+
+    def route(self, start: str, goal: str) -> list[str] | None:
+        return self.router.route(self.map, start, goal)
+
+    # packages --------------------------------------------------------------
+    def package(self, package_id: str) -> dict[str, Any] | None:
+        return self.slice.get(PACKAGE + package_id)
+
+    def put_package(self, record: dict[str, Any]) -> None:
+        self.slice.put(PACKAGE + record["id"], record)
+        self.package_events[record["id"]] = {
+            "id": record["id"], "status": record["status"], "carried_by": record["carried_by"]}
+        self._waiting = None
+
+    def waiting(self) -> list[dict[str, Any]]:
+        """Waiting packages, oldest first (created tick, then id)."""
+        if self._waiting is None:
+            packages = [p for k, p in self.slice.items()
+                        if k.startswith(PACKAGE) and p["status"] == "waiting"]
+            packages.sort(key=lambda p: (p["created_tick"], p["id"]))
+            self._waiting = packages
+        return self._waiting
+
+    def targeted(self) -> set[str]:
+        if self._targeted is None:
+            self._targeted = {a["target"] for k, a in self.slice.items()
+                              if k.startswith(AGENT) and a.get("target")}
+        return self._targeted
+
+    # ticking ---------------------------------------------------------------
+    def tick(self) -> None:
+        meta = self.meta
+        meta["tick"] += 1
+        meta["current_day"] = meta["tick"] // max(1, meta["ticks_per_day"])
+        meta["rng_state"] = (meta["rng_state"] * 0x5DEECE66D + 11) % 2**48  # stays JSON-exact
+        self.plans_left = self.settings.plans_per_tick
+        self._targeted = None
+        dt = meta["dt_s"]
+        for key in sorted(k for k in self.slice.keys() if k.startswith(AGENT)):
+            agent = self.slice[key]
+            kind = self.kinds.get(agent["kind"])
+            if kind is None:
+                continue
+            new = kind.step(self, agent, dt)
+            if new is not None and new != agent:
+                self.slice.put(key, new)
+                self.moved[new["id"]] = {"id": new["id"], "node": new.get("node"),
+                                         "edge": new.get("edge"),
+                                         "progress": new.get("progress", 0.0)}
+                if new.get("target") != agent.get("target"):
+                    self._targeted = None
+
+    def save_meta(self) -> None:
+        self.slice.put("meta", self.meta)
+
+    def changes(self) -> dict[str, Any]:
+        return {"tick": self.meta["tick"], "current_day": self.meta["current_day"],
+                "moved": list(self.moved.values()),
+                "packages": list(self.package_events.values())}
+
+
+# --- per-host runtime: agent kinds, router, the tick loop's wake-up -----------------
+
+def _runtime(host: HostAPI) -> dict[str, Any]:
+    rt = host.runtime("simulation")
+    if "kinds" not in rt:
+        kinds: dict[str, AgentKind] = {}
+        owners: dict[str, str] = {}
+        for plugin, registered in host.collect("register_agent_kinds"):
+            for kind in registered:
+                if kind.name in kinds:
+                    raise RuntimeError(f"agent kind {kind.name!r} is registered by both plugin "
+                                       f"{owners[kind.name]!r} and plugin {plugin!r}")
+                kinds[kind.name] = kind
+                owners[kind.name] = plugin
+        rt["kinds"] = kinds
+        rt["router"] = Router()
+        rt["wake"] = trio.Event()
+    return rt
+
+
+def _sim(ctx: Context) -> Sim:
+    rt = _runtime(ctx.host)
+    return Sim(ctx, rt["kinds"], rt["router"])
+
+
+# --- actions ---------------------------------------------------------------------
+
+class StartParams(msgspec.Struct, forbid_unknown_fields=True):
+    tick_hz: float = 20.0
+
+
+class StepParams(msgspec.Struct, forbid_unknown_fields=True):
+    ticks: int = 1
+
+
+class TickParams(msgspec.Struct, forbid_unknown_fields=True):
+    dropped: int = 0
+
+
+class SetParams(msgspec.Struct, forbid_unknown_fields=True):
+    dt_s: float | None = None
+    global_fuel_price: float | None = None
+    ticks_per_day: int | None = None
+
+
+class IdParams(msgspec.Struct, forbid_unknown_fields=True):
+    id: str
+
+
+class StateParams(msgspec.Struct, forbid_unknown_fields=True):
+    state_data: dict[str, Any]
+
+
+def start(ctx: Context, p: StartParams) -> dict[str, Any]:
+    if not (math.isfinite(p.tick_hz) and 0 < p.tick_hz <= 1000):
+        raise bad("params.tick_hz", "tick_hz must be above 0 and at most 1000")
+    sim = _sim(ctx)
+    if sim.meta["running"]:
+        raise Conflict("the simulation is already running")
+    sim.meta.update(running=True, tick_hz=float(p.tick_hz))
+    sim.save_meta()
+    data = {"tick": sim.meta["tick"], "tick_hz": sim.meta["tick_hz"]}
+    ctx.broadcast("simulation.started", data, others=True)
+    return data
+
+
+def stop(ctx: Context, p: None) -> dict[str, Any]:
+    sim = _sim(ctx)
+    if not sim.meta["running"]:
+        raise Conflict("the simulation is not running")
+    sim.meta["running"] = False
+    sim.save_meta()
+    data = {"tick": sim.meta["tick"]}
+    ctx.broadcast("simulation.stopped", data, others=True)
+    return data
+
+
+def tick(ctx: Context, p: TickParams) -> dict[str, Any]:
+    sim = _sim(ctx)
+    if not sim.meta["running"]:
+        raise Conflict("the simulation is not running")
+    sim.meta["dropped_ticks"] += p.dropped
+    sim.tick()
+    sim.save_meta()
+    ctx.broadcast("simulation.ticked", {**sim.changes(), "dropped": p.dropped})
+    return {"tick": sim.meta["tick"]}
+
+
+def step(ctx: Context, p: StepParams) -> dict[str, Any]:
+    sim = _sim(ctx)
+    if not 1 <= p.ticks <= sim.settings.max_step_ticks:
+        raise bad("params.ticks", f"ticks must be from 1 to {sim.settings.max_step_ticks}")
+    if sim.meta["running"]:
+        raise Conflict("simulation.step works only while the simulation is stopped")
+    for _ in range(p.ticks):
+        sim.tick()
+    sim.save_meta()
+    ctx.broadcast("simulation.ticked", {**sim.changes(), "ticks": p.ticks, "dropped": 0})
+    return {"tick": sim.meta["tick"]}
+
+
+def set_(ctx: Context, p: SetParams) -> dict[str, Any]:
+    sim = _sim(ctx)
+    if p.dt_s is not None:
+        sim.meta["dt_s"] = _number({"dt_s": p.dt_s}, "dt_s", "params", 1.0, positive=True)
+    if p.global_fuel_price is not None:
+        sim.meta["global_fuel_price"] = _number({"global_fuel_price": p.global_fuel_price},
+                                                "global_fuel_price", "params", 0.0)
+    if p.ticks_per_day is not None:
+        if p.ticks_per_day < 1:
+            raise bad("params.ticks_per_day", "ticks_per_day must be at least 1")
+        sim.meta["ticks_per_day"] = p.ticks_per_day
+        sim.meta["current_day"] = sim.meta["tick"] // p.ticks_per_day
+    sim.save_meta()
+    data = {"metadata": sim.meta}
+    ctx.broadcast("simulation.updated", data, others=True)
+    return data
+
+
+def _agent_record(sim: Sim, data: Any, path: str, has_node: Callable[[str], bool]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise bad(path, "an agent must be an object")
+    for field in ("id", "kind", "node"):
+        if not isinstance(data.get(field), str) or not data[field]:
+            raise bad(f"{path}.{field}", f"agent {field} must be a non-empty string")
+    kind = sim.kinds.get(data["kind"])
+    if kind is None:
+        raise bad(f"{path}.kind", f"no plugin registered agent kind {data['kind']!r}")
+    if not has_node(data["node"]):
+        raise bad(f"{path}.node", f"agent {data['id']!r} names missing node {data['node']!r}")
+    return kind.from_plain(sim, data, path)
+
+
+def add_agent(ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
+    sim = _sim(ctx)
+    record = _agent_record(sim, data, "params", lambda n: sim.node(n) is not None)
+    if record.get("cargo"):
+        raise bad("params.cargo", "a new agent starts empty; add packages separately")
+    if AGENT + record["id"] in sim.slice:
+        raise bad("params.id", f"duplicate agent id {record['id']!r}")
+    sim.slice.put(AGENT + record["id"], record)
+    out = {"agent": sim.kinds[record["kind"]].to_plain(record)}
+    ctx.broadcast("simulation.agent_added", out, others=True)
+    return out
+
+
+def remove_agent(ctx: Context, p: IdParams) -> dict[str, Any]:
+    sim = _sim(ctx)
+    agent = sim.slice.get(AGENT + p.id)
+    if agent is None:
+        raise NotFound(f"no agent {p.id!r}")
+    if agent.get("cargo"):
+        raise Conflict(f"agent {p.id!r} carries packages {agent['cargo']}; "
+                       f"it can be removed once they are delivered")
+    sim.slice.delete(AGENT + p.id)
+    ctx.host.hook.agent_removed(ctx=ctx, agent_id=p.id)
+    ctx.broadcast("simulation.agent_removed", {"id": p.id}, others=True)
+    return {"id": p.id}
+
+
+def package_record(data: Any, path: str, tick_now: int, has_node: Callable[[str], bool],
+                   full: bool = False) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise bad(path, "a package must be an object")
+    allowed = {"id", "origin", "destination", "weight", "status", "created_tick",
+               "deadline_tick", "carried_by", "delivered_tick"}
+    extra = sorted(set(data) - allowed)
+    if extra:
+        raise bad(f"{path}.{extra[0]}", f"unknown package field {extra[0]!r}")
+    for field in ("id", "origin", "destination"):
+        if not isinstance(data.get(field), str) or not data[field]:
+            raise bad(f"{path}.{field}", f"package {field} must be a non-empty string")
+        if field != "id" and not has_node(data[field]):
+            raise bad(f"{path}.{field}", f"package {data['id']!r} names missing node "
+                                         f"{data[field]!r}")
+    status = data.get("status", "waiting") if full else "waiting"
+    if status not in STATUSES:
+        raise bad(f"{path}.status", f"status must be one of {', '.join(STATUSES)}")
+    record = {
+        "id": data["id"], "origin": data["origin"], "destination": data["destination"],
+        "weight": _number(data, "weight", path, 1.0, positive=True),
+        "status": status,
+        "created_tick": _int(data, "created_tick", path, tick_now) if full else tick_now,
+        "deadline_tick": _int(data, "deadline_tick", path, None),
+        "carried_by": data.get("carried_by") if full else None,
+        "delivered_tick": _int(data, "delivered_tick", path, None) if full else None,
+    }
+    carried = record["carried_by"]
+    if carried is not None and not isinstance(carried, str):
+        raise bad(f"{path}.carried_by", "carried_by must be an agent id or null")
+    if (status == "in_transit") != (carried is not None):
+        raise bad(f"{path}.carried_by", "a package is carried exactly when it is in_transit")
+    if status == "delivered" and record["delivered_tick"] is None:
+        record["delivered_tick"] = record["created_tick"]
+    return record
+
+
+def _int(data: dict[str, Any], field: str, path: str, default: int | None) -> int | None:
+    value = data.get(field, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise bad(f"{path}.{field}", f"{field} must be a whole number, 0 or more")
+    return value
+
+
+def add_package(ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
+    sim = _sim(ctx)
+    if "status" in data or "carried_by" in data:
+        raise bad("params.status", "a new package is always waiting at its origin")
+    record = package_record(data, "params", sim.meta["tick"], lambda n: sim.node(n) is not None)
+    if PACKAGE + record["id"] in sim.slice:
+        raise bad("params.id", f"duplicate package id {record['id']!r}")
+    sim.slice.put(PACKAGE + record["id"], record)
+    ctx.broadcast("simulation.package_added", {"package": record}, others=True)
+    return {"package": record}
+
+
+def cancel_package(ctx: Context, p: IdParams) -> dict[str, Any]:
+    sim = _sim(ctx)
+    package = sim.package(p.id)
+    if package is None:
+        raise NotFound(f"no package {p.id!r}")
+    if package["status"] != "waiting":
+        raise Conflict(f"package {p.id!r} is {package['status']}; only a waiting package "
+                       f"can be cancelled")
+    sim.slice.delete(PACKAGE + p.id)
+    ctx.broadcast("simulation.package_cancelled", {"id": p.id}, others=True)
+    return {"id": p.id}
+
+
+def export_state(ctx: Context, p: None) -> dict[str, Any]:
+    sim = _sim(ctx)
+    agents, packages = [], []
+    for key in sorted(sim.slice.keys()):
+        record = sim.slice[key]
+        if key.startswith(AGENT):
+            kind = sim.kinds.get(record["kind"])
+            agents.append(kind.to_plain(record) if kind else record)
+        elif key.startswith(PACKAGE):
+            packages.append(record)
+    return {"state_data": {"graph": map_plugin.export_graph(sim.map.data()),
+                           "agents": agents, "packages": packages, "metadata": sim.meta}}
+
+
+def import_state(ctx: Context, p: StateParams) -> dict[str, Any]:
+    sim = _sim(ctx)
+    if sim.meta["running"]:
+        raise Conflict("the simulation is running; stop it before importing a state")
+    records, graph, skipped = build_state(sim, p.state_data, ctx.host.settings("map"))
+    sim.map.replace_all(graph)
+    sim.slice.replace_all(records)
+    agents = sum(1 for k in records if k.startswith(AGENT))
+    packages = sum(1 for k in records if k.startswith(PACKAGE))
+    if skipped:
+        log.warning("import skipped agents of kinds no plugin registered: %s", skipped)
+    data = {"agents": agents, "packages": packages, "skipped_agents": skipped}
+    ctx.broadcast("simulation.state_imported", data, others=True)
+    return data
+
+
+def build_state(sim: Sim, state: Any, map_settings: Any,
+                path: str = "params.state_data") -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """Validate a whole state_data; the new simulation and map records, and skipped agents."""
+    for part in ("graph", "agents", "packages", "metadata"):
+        if part not in state:
+            raise bad(f"{path}.{part}", f"state_data is missing its {part!r} part")
+    extra = sorted(set(state) - {"graph", "agents", "packages", "metadata"})
+    if extra:
+        raise bad(f"{path}.{extra[0]}", f"unknown state_data part {extra[0]!r}")
+    graph = map_plugin.build_graph(state["graph"], map_settings or map_plugin.Settings(),
+                                   f"{path}.graph")
+    has_node = lambda n: map_plugin.NODE + n in graph  # noqa: E731
+    if not isinstance(state["metadata"], dict):
+        raise bad(f"{path}.metadata", "metadata must be an object")
+    try:
+        meta = msgspec.to_builtins(msgspec.convert(state["metadata"], Metadata))
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        raise bad(f"{path}.metadata{where.rstrip('`')}", message) from None
+    meta["running"] = False
+    records: dict[str, Any] = {"meta": meta}
+    skipped: list[str] = []
+    for name in ("agents", "packages"):
+        if not isinstance(state[name], list):
+            raise bad(f"{path}.{name}", f"{name} must be a list")
+    for i, data in enumerate(state["agents"]):
+        where = f"{path}.agents[{i}]"
+        if isinstance(data, dict) and isinstance(data.get("kind"), str) \
+                and data["kind"] not in sim.kinds:
+            skipped.append(str(data.get("id")))
+            continue
+        record = _agent_record(sim, data, where, has_node)
+        if AGENT + record["id"] in records:
+            raise bad(f"{where}.id", f"duplicate agent id {record['id']!r}")
+        records[AGENT + record["id"]] = record
+    for i, data in enumerate(state["packages"]):
+        where = f"{path}.packages[{i}]"
+        record = package_record(data, where, meta["tick"], has_node, full=True)
+        if PACKAGE + record["id"] in records:
+            raise bad(f"{where}.id", f"duplicate package id {record['id']!r}")
+        carrier = record["carried_by"]
+        if carrier is not None:
+            agent = records.get(AGENT + carrier)
+            if agent is None:
+                why = "was skipped (unknown kind)" if carrier in skipped else "does not exist"
+                raise bad(f"{where}.carried_by", f"package {record['id']!r} is carried by agent "
+                                                 f"{carrier!r}, which {why}")
+            if record["id"] not in agent.get("cargo", []):
+                raise bad(f"{where}.carried_by", f"agent {carrier!r} does not list package "
+                                                 f"{record['id']!r} in its cargo")
+        records[PACKAGE + record["id"]] = record
+    for key, agent in records.items():
+        if key.startswith(AGENT):
+            for package_id in agent.get("cargo", []):
+                package = records.get(PACKAGE + package_id)
+                if package is None or package["carried_by"] != agent["id"]:
+                    raise bad(f"{path}.agents", f"agent {agent['id']!r} lists package "
+                                                f"{package_id!r} in its cargo, but that package "
+                                                f"is not in transit with it")
+            for edge_id in ([agent["edge"]] if agent.get("edge") else []) + agent.get("route", []):
+                if map_plugin.EDGE + edge_id not in graph:
+                    raise bad(f"{path}.agents", f"agent {agent['id']!r} routes over missing "
+                                                f"edge {edge_id!r}")
+    return records, graph, skipped
+
+
+# --- the tick loop -------------------------------------------------------------------
+
+async def tick_loop(host: HostAPI) -> None:
+    """Submit one ``simulation.tick`` per period while the world says it runs.
+
+    If the host falls behind it does not queue ticks up: it skips to the present
+    and reports the ticks it dropped in the next tick.
+    """
+    rt = _runtime(host)
+    next_at: float | None = None
+    while True:
+        meta = host.read("simulation").get("meta") or default_meta()
+        if not meta["running"]:
+            next_at = None
+            await rt["wake"].wait()
+            rt["wake"] = trio.Event()
+            continue
+        period = 1.0 / meta["tick_hz"]
+        now = trio.current_time()
+        if next_at is None:
+            next_at = now + period
+        if now < next_at:
+            with trio.move_on_at(next_at):
+                await rt["wake"].wait()
+                rt["wake"] = trio.Event()
+            continue
+        dropped = int((now - next_at) // period)
+        next_at += (dropped + 1) * period
+        try:
+            await host.submit("simulation.tick", {"dropped": dropped})
+        except ActionError:
+            pass  # stopped in between: the loop sees it on the next turn
+
+
+# --- hooks -----------------------------------------------------------------------------
+
+@hookimpl
+def register_actions() -> list[Action]:
+    return [
+        Action("simulation.start", start, StartParams, Role.player, reply="simulation.started"),
+        Action("simulation.stop", stop, None, Role.player, reply="simulation.stopped"),
+        Action("simulation.step", step, StepParams, Role.player, reply="simulation.stepped"),
+        Action("simulation.tick", tick, TickParams, Role.admin, internal=True,
+               reply="simulation.ticked"),
+        Action("simulation.set", set_, SetParams, Role.player, reply="simulation.updated"),
+        Action("simulation.add_agent", add_agent, dict[str, Any], Role.player,
+               reply="simulation.agent_added"),
+        Action("simulation.remove_agent", remove_agent, IdParams, Role.player,
+               reply="simulation.agent_removed"),
+        Action("simulation.add_package", add_package, dict[str, Any], Role.player,
+               reply="simulation.package_added"),
+        Action("simulation.cancel_package", cancel_package, IdParams, Role.player,
+               reply="simulation.package_cancelled"),
+        Action("simulation.export_state", export_state, None, Role.viewer, changes_world=False,
+               reply="simulation.state_exported"),
+        Action("simulation.import_state", import_state, StateParams, Role.admin,
+               reply="simulation.state_imported"),
+    ]
+
+
+@hookimpl
+def register_slices() -> list[SliceSpec]:
+    return [SliceSpec("simulation", lambda: {"meta": default_meta()}, version=1, keyed=True)]
+
+
+@hookimpl
+def register_agent_kinds() -> list[AgentKind]:
+    from plugins.trucks import TRUCK
+    return [TRUCK]
+
+
+@hookimpl
+def startup(host: HostAPI) -> None:
+    _runtime(host)
+
+
+@hookimpl
+def background_tasks(host: HostAPI) -> list[Callable[[], Any]]:
+    return [lambda: tick_loop(host)]
+
+
+@hookimpl
+def action_applied(host: HostAPI, applied: AppliedAction) -> None:
+    rt = _runtime(host)
+    if applied.name.startswith("map.") or applied.name == "simulation.import_state":
+        rt["router"].invalidate()
+    if applied.name in ("simulation.start", "simulation.stop", "simulation.set",
+                        "simulation.import_state"):
+        rt["wake"].set()
