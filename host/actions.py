@@ -124,6 +124,7 @@ class Context:
     seed: str
     host: Any
     emitted: list[Emit] = field(default_factory=list)
+    ended: list[tuple[str, str]] = field(default_factory=list)  # sessions ended: (id, reason)
     _random: random.Random | None = None
 
     def slice(self, name: str) -> KeyedSlice | ValueSlice:

@@ -69,6 +69,10 @@ class HostAPI:
     def world_id(self) -> str:
         return self._host.world_id
 
+    def sessions(self) -> list[dict[str, Any]]:
+        """Every session with live figures: connected, last activity, actions, signals."""
+        return self._host.sessions_overview()
+
     @property
     def hook(self) -> Any:
         """pluggy's hook caller: ``host.hook.agent_removed(ctx=ctx, agent_id=...)``."""

@@ -62,11 +62,19 @@ class PluginEntry(msgspec.Struct, frozen=True):
     enabled: bool = True
 
 
+BUILTIN_PLUGINS: dict[str, dict[str, Any]] = {
+    name: {"module": f"plugins.{name}"}
+    for name in ("map", "simulation", "process_controller", "navigation", "session_cleanup",
+                 "chat")
+}
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: HostSection = HostSection()
     sessions: SessionsSection = SessionsSection()
     store: StoreSection = StoreSection()
-    plugins: dict[str, dict[str, Any]] = {}
+    plugins: dict[str, dict[str, Any]] = msgspec.field(
+        default_factory=lambda: {k: dict(v) for k, v in BUILTIN_PLUGINS.items()})
     source: str = "<defaults>"
 
     @property

@@ -92,10 +92,20 @@ def detach(ctx: Context, p: SessionIdParams) -> dict[str, Any]:
     return {"session_id": p.session_id}
 
 
+def end_session(ctx: Context, session_id: str, reason: str) -> None:
+    """End a session for good from inside a handler (kick, expiry, close).
+
+    The host drops it once the action commits: its connection is told
+    (``session.ended``) and closed, unless the client closed it itself.
+    """
+    if session_id not in _sessions(ctx):
+        raise NotFound(f"no session {session_id!r}")
+    _sessions(ctx).delete(session_id)
+    ctx.ended.append((session_id, reason))
+
+
 def end(ctx: Context, p: SessionIdParams) -> dict[str, Any]:
-    if p.session_id not in _sessions(ctx):
-        raise NotFound(f"no session {p.session_id!r}")
-    _sessions(ctx).delete(p.session_id)
+    end_session(ctx, p.session_id, p.reason)
     return {"session_id": p.session_id, "reason": p.reason}
 
 

@@ -72,6 +72,7 @@ class Outcome:
     outputs: list[tuple[Any, Signal]] = field(default_factory=list)  # (Session|conn|None, signal)
     entry: JournalEntry | None = None
     data: dict[str, Any] = field(default_factory=dict)
+    after: list[Callable[[], None]] = field(default_factory=list)  # run once released
 
 
 def validation_details(exc: msgspec.ValidationError) -> dict[str, str]:
@@ -193,6 +194,8 @@ class Dispatcher:
                 session.actions_applied += 1
                 session.last_active = now
         self._route(ctx.emitted, outcome)
+        for session_id, reason in ctx.ended:
+            self.host.session_ended(session_id, reason, outcome)
         if action.changes_world and changed:
             plain = msgspec.to_builtins(params) if params is not None else {}
             entry_id = entry_id if entry_id is not None else self._take_id()
@@ -252,6 +255,8 @@ class Dispatcher:
             for target, sig in outcome.outputs:
                 if target is not None:
                     target.deliver(sig)
+            for after in outcome.after:
+                after()
             if done is not None:
                 done.set()
 

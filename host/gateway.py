@@ -151,17 +151,8 @@ class Gateway:
         return outcome
 
     def end(self, session_id: str, reason: str) -> Outcome:
-        """End a session for good (closed, expired, kicked)."""
-        session = self.host.sessions.get(session_id)
-        outcome = self._internal("sessions.end", {"session_id": session_id, "reason": reason})
-        if session is not None:
-            conn = session.outbox
-            self.host.sessions.drop(session_id)
-            if conn is not None:
-                conn.session = None
-            self.host.registry.pm.hook.session_closed(
-                host=self.host.api, session=self.host.session_info(session), reason=reason)
-        return outcome
+        """End a session for good; the dispatcher drops it once applied."""
+        return self._internal("sessions.end", {"session_id": session_id, "reason": reason})
 
     # connections ------------------------------------------------------------------
     def _attach(self, session: Session, conn: Any) -> None:

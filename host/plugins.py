@@ -109,6 +109,8 @@ def load(config: Config, extra: list[Any] | None = None, entry_points: bool = Tr
         pm.register(module, name=name)
         registry.plugin_names.append(name)
     for obj in extra or []:
+        if pm.is_registered(obj):
+            continue
         name = getattr(obj, "__name__", None) or type(obj).__name__
         pm.register(obj, name=name)
         registry.plugin_names.append(name)

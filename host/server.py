@@ -17,7 +17,7 @@ from host.api import HostAPI, SessionInfo
 from host.config import Config
 from host.dispatcher import Dispatcher
 from host.gateway import Gateway
-from host.sessions import Session, SessionTable, State
+from host.sessions import Session, SessionTable, Signal, State
 from host.transport import Transport
 from state.codec import canonical, load_stored
 from state.saver import Saver
@@ -247,6 +247,35 @@ class Host:
 
     def session_info(self, s: Session, resumed: bool = False) -> SessionInfo:
         return SessionInfo(s.id, s.name, s.role, resumed)
+
+    def session_ended(self, session_id: str, reason: str, outcome: Any) -> None:
+        """A handler ended a session: drop it now, tell and close its connection on release."""
+        session = self.sessions.drop(session_id)
+        if session is None:
+            return
+        conn = session.outbox
+        session.outbox = None
+        if conn is not None:
+            conn.session = None
+            if reason != "closed":
+                outcome.outputs.append((conn, Signal("session.ended", {
+                    "session_id": session_id, "reason": reason})))
+                outcome.after.append(lambda: conn.close_soon(1000, f"session {reason}"))
+        self.registry.pm.hook.session_closed(host=self.api, session=self.session_info(session),
+                                             reason=reason)
+
+    def sessions_overview(self) -> list[dict[str, Any]]:
+        """Every session with its live figures (runtime data, not part of the world)."""
+        records = self.world["sessions"].data()
+        out = []
+        for s in self.sessions:
+            record = records.get(s.id, {})
+            out.append({"id": s.id, "name": s.name, "role": s.role, "connected": s.connected,
+                        "state": s.state.value, "created_at": record.get("created_at"),
+                        "disconnected_at": record.get("disconnected_at"),
+                        "last_active": s.last_active, "actions_applied": s.actions_applied,
+                        "signals_sent": s.signals_sent})
+        return out
 
     def check_session_limit(self) -> ActionError | None:
         for _, error in self.registry.collect("session_limit", host=self.api):

@@ -123,11 +123,15 @@ class Harness:
         self.hosts: list[HostHarness] = []
 
     async def start(self, *plugins: Any, config: dict[str, Any] | None = None,
-                    listen: bool = False, entry_points: bool = False,
+                    builtins: bool = True, listen: bool = False, entry_points: bool = False,
                     db: Path | None = None) -> HostHarness:
         """Start a host with ``plugins`` (modules or objects) besides those the config
-        names. ``config`` is a dict of tables as in plugins.toml."""
-        cfg = config_mod.from_dict({"host": {"port": 0}, **(config or {})}, "<test config>")
+        names. ``config`` is a dict of tables as in plugins.toml; ``builtins=False``
+        leaves the built-in plugins out (only the core and yours)."""
+        raw = {"host": {"port": 0}, **(config or {})}
+        if not builtins:
+            raw.setdefault("plugins", {})
+        cfg = config_mod.from_dict(raw, "<test config>")
         path = db or self._tmp / f"world-{next(self._count)}.db"
         harness = HostHarness(self._nursery, path, cfg, list(plugins), entry_points, listen)
         self.hosts.append(harness)

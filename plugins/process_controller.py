@@ -1,0 +1,509 @@
+"""Processes: groups of agents taken through the stages of a template (slice ``process``).
+
+Each process counts turns, collects artifacts and advances by its stages'
+rules. Stage time limits are kept as active time (``stage_elapsed_s``): a
+background task submits ``process.clock`` every second while a timed stage
+runs, so elapsed time is journaled, time spent paused does not count, and after
+a restart or crash a stage has the time it had left, not a fresh limit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import trio
+
+from host.actions import Action, ActionError, Conflict, Context, Invalid, NotFound, Role
+from host.api import AppliedAction, HostAPI
+from host.plugins import PluginError, hookimpl
+from state.codec import encode_json
+from state.slices import SliceSpec
+
+ADVANCE = ("manual", "when_all_agents_done", "after_turns")
+ACTIVE = ("running", "paused")
+CLOCK_PERIOD_S = 1.0
+
+
+class Settings(msgspec.Struct, forbid_unknown_fields=True):
+    max_artifact_bytes: int = 64 * 1024
+    max_agents: int = 100
+
+
+STANDARD_BRAINSTORM = {
+    "id": "STANDARD_BRAINSTORM",
+    "name": "Standard brainstorm",
+    "stages": [
+        {"id": "diverge", "name": "Diverge: every agent proposes ideas",
+         "max_turns_per_agent": 3, "max_duration_s": 600, "advance": "when_all_agents_done"},
+        {"id": "cluster", "name": "Cluster: group the ideas", "agent_count": 1,
+         "max_turns": 1, "max_duration_s": 300, "advance": "after_turns"},
+        {"id": "converge", "name": "Converge: every agent picks a favourite",
+         "max_turns_per_agent": 1, "max_duration_s": 300, "advance": "when_all_agents_done"},
+        {"id": "summarize", "name": "Summarize", "roles": ["summarizer"],
+         "max_turns": 1, "advance": "after_turns"},
+    ],
+}
+
+QUICK_POLL = {
+    "id": "QUICK_POLL",
+    "name": "Quick poll",
+    "stages": [
+        {"id": "vote", "name": "Every agent votes once", "max_turns_per_agent": 1,
+         "max_duration_s": 60, "advance": "when_all_agents_done"},
+    ],
+}
+
+
+def validate_template(template: Any, plugin: str) -> dict[str, Any]:
+    """Check a template from a plugin; raises PluginError naming the plugin."""
+    def fail(why: str) -> PluginError:
+        tid = template.get("id") if isinstance(template, dict) else None
+        return PluginError(f"plugin {plugin!r}: process template {tid!r}: {why}")
+
+    if not isinstance(template, dict) or not isinstance(template.get("id"), str) \
+            or not template["id"]:
+        raise fail("needs a string id")
+    if not isinstance(template.get("name"), str):
+        raise fail("needs a string name")
+    stages = template.get("stages")
+    if not isinstance(stages, list) or not stages:
+        raise fail("needs at least one stage")
+    seen: set[str] = set()
+    for i, stage in enumerate(stages):
+        if not isinstance(stage, dict) or not isinstance(stage.get("id"), str):
+            raise fail(f"stage {i} needs a string id")
+        if stage["id"] in seen:
+            raise fail(f"stage id {stage['id']!r} is used twice")
+        seen.add(stage["id"])
+        advance = stage.get("advance", "manual")
+        if advance not in ADVANCE:
+            raise fail(f"stage {stage['id']!r}: advance must be one of {', '.join(ADVANCE)}")
+        for limit in ("max_turns_per_agent", "max_turns", "agent_count"):
+            value = stage.get(limit)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value <= 0):
+                raise fail(f"stage {stage['id']!r}: {limit} must be a positive whole number")
+        duration = stage.get("max_duration_s")
+        if duration is not None and (isinstance(duration, bool)
+                                     or not isinstance(duration, (int, float))
+                                     or not math.isfinite(duration) or duration <= 0):
+            raise fail(f"stage {stage['id']!r}: max_duration_s must be a positive number")
+        roles = stage.get("roles")
+        if roles is not None and (not isinstance(roles, list) or not roles
+                                  or not all(isinstance(r, str) for r in roles)):
+            raise fail(f"stage {stage['id']!r}: roles must be a non-empty list of names")
+        if advance == "after_turns" and stage.get("max_turns") is None:
+            raise fail(f"stage {stage['id']!r}: advance after_turns needs max_turns")
+        if advance == "when_all_agents_done" and stage.get("max_turns_per_agent") is None:
+            raise fail(f"stage {stage['id']!r}: advance when_all_agents_done needs "
+                       f"max_turns_per_agent")
+    return template
+
+
+def _templates(host: HostAPI) -> dict[str, dict[str, Any]]:
+    rt = host.runtime("process_controller")
+    if "templates" not in rt:
+        templates: dict[str, dict[str, Any]] = {}
+        owners: dict[str, str] = {}
+        for plugin, registered in host.collect("register_process_templates"):
+            for template in registered:
+                validate_template(template, plugin)
+                if template["id"] in templates:
+                    raise PluginError(f"process template {template['id']!r} is registered by "
+                                      f"both plugin {owners[template['id']]!r} and {plugin!r}")
+                templates[template["id"]] = template
+                owners[template["id"]] = plugin
+        rt["templates"] = templates
+        rt["wake"] = trio.Event()
+    return rt["templates"]
+
+
+def iso(at: float) -> str:
+    return dt.datetime.fromtimestamp(at, dt.timezone.utc).isoformat()
+
+
+# --- process records ------------------------------------------------------------------
+
+def stage_agents(process: dict[str, Any], stage: dict[str, Any]) -> list[dict[str, Any]]:
+    """The agents a stage expects, with their role when the stage names roles."""
+    agents = process["agents"]
+    if stage.get("roles"):
+        return [{"agent_id": a, "role": r} for a, r in zip(agents, stage["roles"])]
+    if stage.get("agent_count"):
+        return [{"agent_id": a} for a in agents[:stage["agent_count"]]]
+    return [{"agent_id": a} for a in agents]
+
+
+def _stage(ctx: Context, process: dict[str, Any]) -> dict[str, Any]:
+    template = _templates(ctx.host)[process["template_id"]]
+    return template["stages"][process["current_stage_index"]]
+
+
+def _get(ctx: Context, process_id: str) -> dict[str, Any]:
+    process = ctx.keyed("process").get(process_id)
+    if process is None:
+        raise NotFound(f"no process {process_id!r}")
+    return process
+
+
+def _history(process: dict[str, Any], at: float, event: str, **extra: Any) -> None:
+    process["history"] = [*process["history"], {"at": iso(at), "event": event,
+                                                 "status": process["status"],
+                                                 "stage_index": process["current_stage_index"],
+                                                 **extra}]
+
+
+def _tick_clock(process: dict[str, Any], now: float) -> None:
+    if process["status"] == "running" and process["stage_clock_at"] is not None:
+        process["stage_elapsed_s"] += max(0.0, now - process["stage_clock_at"])
+        process["stage_clock_at"] = now
+
+
+def status_of(process: dict[str, Any]) -> dict[str, Any]:
+    fields = ("process_id", "template_id", "status", "current_stage_index", "stage_turn_counts",
+              "agent_turn_counts", "collected_artifacts", "problem_statement", "stage_started_at",
+              "agents", "stage_elapsed_s", "history")
+    return {f: process[f] for f in fields}
+
+
+def summary_of(process: dict[str, Any], template: dict[str, Any] | None) -> dict[str, Any]:
+    stages = template["stages"] if template else []
+    index = process["current_stage_index"]
+    return {"process_id": process["process_id"], "template_id": process["template_id"],
+            "status": process["status"], "current_stage_index": index,
+            "stage_id": stages[index]["id"] if index < len(stages) else None,
+            "agents": process["agents"]}
+
+
+def _advance(ctx: Context, process: dict[str, Any], reason: str) -> dict[str, Any]:
+    """Move to the next stage, or complete; emits the signals. Returns the event data."""
+    template = _templates(ctx.host)[process["template_id"]]
+    stages = template["stages"]
+    old = stages[process["current_stage_index"]]
+    _tick_clock(process, ctx.now)
+    if process["current_stage_index"] + 1 >= len(stages):
+        process["status"] = "completed"
+        process["stage_clock_at"] = None
+        _history(process, ctx.now, "completed", reason=reason)
+        data = {"process_id": process["process_id"], "from": old["id"], "reason": reason,
+                "collected_artifacts": process["collected_artifacts"]}
+        ctx.broadcast("process.completed", data)
+        _agents_gone(ctx, process)
+        return data
+    process["current_stage_index"] += 1
+    new = stages[process["current_stage_index"]]
+    process["stage_started_at"] = iso(ctx.now)
+    process["stage_elapsed_s"] = 0.0
+    process["stage_clock_at"] = ctx.now if process["status"] == "running" else None
+    _history(process, ctx.now, "stage_advanced", reason=reason, stage=new["id"])
+    data = {"process_id": process["process_id"], "from": old["id"], "to": new["id"],
+            "stage_index": process["current_stage_index"], "reason": reason,
+            "agents": stage_agents(process, new)}
+    ctx.broadcast("process.stage_advanced", data)
+    return data
+
+
+def _agents_gone(ctx: Context, process: dict[str, Any]) -> None:
+    """Agents of an ended process that are in no other active process leave the world."""
+    still = set()
+    for pid, other in ctx.keyed("process").items():
+        if pid != process["process_id"] and other["status"] in ACTIVE:
+            still.update(other["agents"])
+    for agent_id in process["agents"]:
+        if agent_id not in still:
+            ctx.host.hook.agent_removed(ctx=ctx, agent_id=agent_id)
+
+
+def _done(process: dict[str, Any], stage: dict[str, Any]) -> bool:
+    sid = stage["id"]
+    if stage.get("advance") == "after_turns":
+        return process["stage_turn_counts"].get(sid, 0) >= stage["max_turns"]
+    if stage.get("advance") == "when_all_agents_done":
+        per = stage["max_turns_per_agent"]
+        return all(process["agent_turn_counts"].get(f"{sid}:{a['agent_id']}", 0) >= per
+                   for a in stage_agents(process, stage))
+    return False
+
+
+# --- actions ------------------------------------------------------------------------------
+
+class StartParams(msgspec.Struct, forbid_unknown_fields=True):
+    template_id: str
+    problem_statement: str
+    agents: list[str]
+    process_id: str | None = None
+
+
+class TurnParams(msgspec.Struct, forbid_unknown_fields=True):
+    process_id: str
+    agent_id: str
+    artifact: Any = None
+
+
+class ProcessParams(msgspec.Struct, forbid_unknown_fields=True):
+    process_id: str
+
+
+class TimeoutParams(msgspec.Struct, forbid_unknown_fields=True):
+    process_id: str
+    stage_index: int
+
+
+def templates(ctx: Context, p: None) -> dict[str, Any]:
+    return {"templates": list(_templates(ctx.host).values())}
+
+
+def start(ctx: Context, p: StartParams) -> dict[str, Any]:
+    template = _templates(ctx.host).get(p.template_id)
+    if template is None:
+        raise NotFound(f"no process template {p.template_id!r}")
+    if not p.agents or len(set(p.agents)) != len(p.agents) or not all(p.agents):
+        raise Invalid("agents must be a non-empty list of distinct ids",
+                      details={"path": "params.agents", "message": "empty or repeated ids"})
+    if len(p.agents) > ctx.settings.max_agents:
+        raise Invalid(f"at most {ctx.settings.max_agents} agents",
+                      details={"path": "params.agents", "message": "too many agents"})
+    process_id = p.process_id or f"p-{ctx.random.getrandbits(48):012x}"
+    if process_id in ctx.keyed("process"):
+        raise Invalid(f"duplicate process id {process_id!r}",
+                      details={"path": "params.process_id", "message": "duplicate"})
+    process = {
+        "process_id": process_id, "template_id": template["id"],
+        "problem_statement": p.problem_statement, "agents": list(p.agents),
+        "status": "running", "current_stage_index": 0, "stage_turn_counts": {},
+        "agent_turn_counts": {}, "collected_artifacts": {}, "stage_started_at": iso(ctx.now),
+        "stage_elapsed_s": 0.0, "stage_clock_at": ctx.now, "history": [],
+        "created_at": iso(ctx.now),
+    }
+    _history(process, ctx.now, "started")
+    ctx.keyed("process").put(process_id, process)
+    first = template["stages"][0]
+    data = {**status_of(process), "stage_id": first["id"],
+            "expected_agents": stage_agents(process, first)}
+    ctx.broadcast("process.started", data, others=True)
+    return data
+
+
+def turn(ctx: Context, p: TurnParams) -> dict[str, Any]:
+    process = _get(ctx, p.process_id)
+    if process["status"] != "running":
+        raise Conflict(f"process {p.process_id!r} is {process['status']}, not running")
+    stage = _stage(ctx, process)
+    expected = {a["agent_id"] for a in stage_agents(process, stage)}
+    if p.agent_id not in process["agents"]:
+        raise Conflict(f"agent {p.agent_id!r} is not in process {p.process_id!r}")
+    if p.agent_id not in expected:
+        raise Conflict(f"agent {p.agent_id!r} takes no turns in stage {stage['id']!r}")
+    sid = stage["id"]
+    agent_key = f"{sid}:{p.agent_id}"
+    stage_turns = process["stage_turn_counts"].get(sid, 0)
+    agent_turns = process["agent_turn_counts"].get(agent_key, 0)
+    if stage.get("max_turns") is not None and stage_turns >= stage["max_turns"]:
+        raise Conflict(f"stage {sid!r} has had its {stage['max_turns']} turns")
+    per = stage.get("max_turns_per_agent")
+    if per is not None and agent_turns >= per:
+        raise Conflict(f"agent {p.agent_id!r} has used its {per} turns in stage {sid!r}")
+    size = len(encode_json(p.artifact))
+    if size > ctx.settings.max_artifact_bytes:
+        raise Invalid(f"artifact is {size} bytes; the limit is {ctx.settings.max_artifact_bytes}",
+                      details={"path": "params.artifact", "message": "too large"})
+    process = ctx.keyed("process").edit(p.process_id)
+    _tick_clock(process, ctx.now)
+    process["stage_turn_counts"][sid] = stage_turns + 1
+    process["agent_turn_counts"][agent_key] = agent_turns + 1
+    process["collected_artifacts"].setdefault(sid, []).append(
+        {"agent_id": p.agent_id, "artifact": p.artifact, "at": iso(ctx.now)})
+    data = {"process_id": p.process_id, "agent_id": p.agent_id, "stage_id": sid,
+            "turn": agent_turns + 1, "stage_turns": stage_turns + 1}
+    ctx.broadcast("process.turn_taken", data, others=True)
+    if _done(process, stage):
+        data["advanced"] = _advance(ctx, process, "turns")
+    return data
+
+
+def advance(ctx: Context, p: ProcessParams) -> dict[str, Any]:
+    process = _get(ctx, p.process_id)
+    if process["status"] != "running":
+        raise Conflict(f"process {p.process_id!r} is {process['status']}; only a running "
+                       f"process advances")
+    return _advance(ctx, ctx.keyed("process").edit(p.process_id), "manual")
+
+
+def _transition(ctx: Context, p: ProcessParams, allowed: tuple[str, ...], to: str,
+                signal: str) -> dict[str, Any]:
+    process = _get(ctx, p.process_id)
+    if process["status"] not in allowed:
+        raise Conflict(f"process {p.process_id!r} is {process['status']}; cannot go to {to}")
+    process = ctx.keyed("process").edit(p.process_id)
+    _tick_clock(process, ctx.now)
+    process["status"] = to
+    process["stage_clock_at"] = ctx.now if to == "running" else None
+    _history(process, ctx.now, to)
+    data = {"process_id": p.process_id, "status": to,
+            "current_stage_index": process["current_stage_index"]}
+    ctx.broadcast(signal, data, others=True)
+    if to == "cancelled":
+        _agents_gone(ctx, process)
+    return data
+
+
+def pause(ctx: Context, p: ProcessParams) -> dict[str, Any]:
+    return _transition(ctx, p, ("running",), "paused", "process.paused")
+
+
+def resume(ctx: Context, p: ProcessParams) -> dict[str, Any]:
+    return _transition(ctx, p, ("paused",), "running", "process.resumed")
+
+
+def cancel(ctx: Context, p: ProcessParams) -> dict[str, Any]:
+    return _transition(ctx, p, ("idle", "running", "paused"), "cancelled", "process.cancelled")
+
+
+def status(ctx: Context, p: ProcessParams) -> dict[str, Any]:
+    return status_of(_get(ctx, p.process_id))
+
+
+def list_(ctx: Context, p: None) -> dict[str, Any]:
+    known = _templates(ctx.host)
+    return {"processes": [summary_of(proc, known.get(proc["template_id"]))
+                          for _, proc in sorted(ctx.keyed("process").items())]}
+
+
+def clock(ctx: Context, p: None) -> dict[str, Any]:
+    """Internal: record active stage time; advance stages whose time ran out."""
+    timed_out = []
+    for pid, process in list(ctx.keyed("process").items()):
+        if process["status"] != "running" or process["stage_clock_at"] is None:
+            continue
+        process = ctx.keyed("process").edit(pid)
+        _tick_clock(process, ctx.now)
+        limit = _stage(ctx, process).get("max_duration_s")
+        if limit is not None and process["stage_elapsed_s"] >= limit - 1e-9:
+            _advance(ctx, process, "timeout")
+            timed_out.append(pid)
+    return {"timed_out": timed_out}
+
+
+def rebase(ctx: Context, p: None) -> dict[str, Any]:
+    """Internal, at startup: running stages go on from the time they had left."""
+    rebased = []
+    for pid, process in list(ctx.keyed("process").items()):
+        if process["status"] == "running":
+            ctx.keyed("process").edit(pid)["stage_clock_at"] = ctx.now
+            rebased.append(pid)
+    return {"rebased": rebased}
+
+
+def next_deadline(host: HostAPI) -> float | None:
+    """Seconds until the next timed stage runs out (None when nothing is timed)."""
+    known = _templates(host)
+    best = None
+    for process in host.read("process").values():
+        if process["status"] != "running" or process["stage_clock_at"] is None:
+            continue
+        template = known.get(process["template_id"])
+        if template is None:
+            continue
+        limit = template["stages"][process["current_stage_index"]].get("max_duration_s")
+        if limit is None:
+            continue
+        left = limit - process["stage_elapsed_s"] - (host.now() - process["stage_clock_at"])
+        best = left if best is None else min(best, left)
+    return best
+
+
+async def stage_timer(host: HostAPI) -> None:
+    """While a timed stage runs, submit ``process.clock`` every second and at deadlines."""
+    rt = host.runtime("process_controller")
+    while True:
+        left = next_deadline(host)
+        if left is None:
+            await rt["wake"].wait()
+            rt["wake"] = trio.Event()
+            continue
+        with trio.move_on_after(max(0.0, min(CLOCK_PERIOD_S, left))):
+            await rt["wake"].wait()
+            rt["wake"] = trio.Event()
+            continue
+        try:
+            await host.submit("process.clock")
+        except ActionError:
+            pass
+
+
+@hookimpl
+def register_actions() -> list[Action]:
+    return [
+        Action("process.templates", templates, None, Role.viewer, changes_world=False,
+               reply="process.templates"),
+        Action("process.start", start, StartParams, Role.player, reply="process.started"),
+        Action("process.turn", turn, TurnParams, Role.player, reply="process.turn_taken"),
+        Action("process.advance", advance, ProcessParams, Role.player,
+               reply="process.stage_advanced"),
+        Action("process.pause", pause, ProcessParams, Role.player, reply="process.paused"),
+        Action("process.resume", resume, ProcessParams, Role.player, reply="process.resumed"),
+        Action("process.cancel", cancel, ProcessParams, Role.player, reply="process.cancelled"),
+        Action("process.status", status, ProcessParams, Role.viewer, changes_world=False,
+               reply="process.status"),
+        Action("process.list", list_, None, Role.viewer, changes_world=False,
+               reply="process.list"),
+        Action("process.clock", clock, None, Role.admin, internal=True, reply="process.clock"),
+        Action("process.rebase", rebase, None, Role.admin, internal=True, reply="process.rebase"),
+    ]
+
+
+def _migrate(version: int, records: dict[str, Any]) -> dict[str, Any]:
+    return records  # version 1 is the first; later shapes add a step here
+
+
+@hookimpl
+def register_slices() -> list[SliceSpec]:
+    return [SliceSpec("process", dict, version=1, keyed=True, migrate=_migrate, defaults={
+        "problem_statement": "", "agents": [], "status": "idle", "current_stage_index": 0,
+        "stage_turn_counts": {}, "agent_turn_counts": {}, "collected_artifacts": {},
+        "stage_started_at": None, "stage_elapsed_s": 0.0, "stage_clock_at": None,
+        "history": [], "created_at": None})]
+
+
+@hookimpl
+def register_process_templates() -> list[dict[str, Any]]:
+    return [STANDARD_BRAINSTORM, QUICK_POLL]
+
+
+@hookimpl
+async def startup(host: HostAPI) -> None:
+    _templates(host)
+    for process in host.read("process").values():
+        if process["template_id"] not in _templates(host) and process["status"] in ACTIVE:
+            raise PluginError(f"process {process['process_id']!r} uses template "
+                              f"{process['template_id']!r}, which no plugin registers")
+    await host.submit("process.rebase")
+    for process in host.read("process").values():
+        if process["status"] in ACTIVE:
+            host.hook.process_resumed(host=host, process=process)
+
+
+@hookimpl
+def background_tasks(host: HostAPI) -> list[Callable[[], Any]]:
+    return [lambda: stage_timer(host)]
+
+
+@hookimpl
+def action_applied(host: HostAPI, applied: AppliedAction) -> None:
+    if applied.name.startswith("process."):
+        rt = host.runtime("process_controller")
+        if "wake" in rt:
+            rt["wake"].set()
+
+
+@hookimpl
+def server_info(host: HostAPI) -> dict[str, Any]:
+    known = _templates(host)
+    processes = host.read("process").values()
+    active = any(p["status"] in ACTIVE for p in processes)
+    return {"phase": "playing" if active else "onboarding",
+            "processes": [summary_of(p, known.get(p["template_id"])) for p in processes]}
