@@ -75,8 +75,13 @@ def _call(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> Any:
-        async with connect(args.url, name=args.name, token=args.token) as client:
-            return await client.call(args.action, **params)
+        async with connect(args.url, name=args.name, token=args.token,
+                           reconnect=False) as client:
+            try:
+                return await client.call(args.action, **params)
+            finally:
+                with trio.move_on_after(2):
+                    await client.close_session()
 
     try:
         data = trio.run(main)

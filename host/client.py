@@ -19,6 +19,7 @@ import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
+from host import chunks
 from state.codec import decode_cbor, decode_json, encode_cbor, encode_json
 
 log = logging.getLogger("worldhost.client")
@@ -74,6 +75,9 @@ class Client:
         self.last_resume: dict[str, Any] | None = None
         self.closed = False
         self._failure: BaseException | None = None
+        self._reassembler = chunks.Reassembler(1 << 40)
+        self._transfers = itertools.count(1)
+        self._send_lock = trio.Lock()
 
     # public -----------------------------------------------------------------
     async def call(self, action: str, params: dict[str, Any] | None = None,
@@ -120,6 +124,13 @@ class Client:
         assert self._ws is not None
         await self._ws.send_message(frame)
 
+    async def close_session(self) -> None:
+        """End the session for good (``session.close``) and stop reconnecting."""
+        if self.session_id is not None:
+            await self.call("session.close")
+            self.session_id = None
+        self.reconnect = False
+
     async def aclose(self) -> None:
         self.closed = True
         if self._ws is not None:
@@ -145,17 +156,32 @@ class Client:
             ws = self._ws
             assert ws is not None
             try:
-                await ws.send_message(self._encode(frame))
+                await self._send_frame(ws, self._encode(frame))
                 return
             except ConnectionClosed:
                 if not self.reconnect:
                     raise Disconnected("connection closed") from None
                 await trio.sleep(0.01)  # the reader reconnects; resend after it
 
+    def _frame_limit(self) -> int:
+        return int(self.server_info.get("limits", {}).get("max_frame_bytes", 16 * 1024 * 1024))
+
+    async def _send_frame(self, ws: WebSocketConnection, encoded: str | bytes) -> None:
+        """Send one frame, in chunks when it is over the host's frame limit."""
+        if len(encoded) <= self._frame_limit():
+            await ws.send_message(encoded)
+            return
+        pieces = chunks.split(encoded, f"c{next(self._transfers)}",
+                              piece=min(chunks.PIECE, self._frame_limit() // 4),
+                              as_request=True)
+        async with self._send_lock:
+            for piece in pieces:
+                await ws.send_message(piece)
+
     async def _open(self, open_session: bool) -> None:
         ws = await self._opener(self._nursery)
         info = self._decode(await ws.get_message())
-        self.server_info = info.get("data", {})
+        self.server_info = info.get("data", {}) if info else {}
         self._ws = ws
         if not open_session:
             self._connected.set()
@@ -184,6 +210,8 @@ class Client:
         await ws.send_message(self._encode({"id": rid, "action": action, "params": params}))
         while True:
             msg = self._decode(await ws.get_message())
+            if msg is None:
+                continue
             if msg.get("re") == rid:
                 self._note_seq(msg)
                 if msg["signal"] == "error":
@@ -192,10 +220,16 @@ class Client:
                 return msg
             self._dispatch(msg)
 
-    def _decode(self, message: str | bytes) -> dict[str, Any]:
+    def _decode(self, message: str | bytes) -> dict[str, Any] | None:
+        """A decoded signal; None for a piece of a chunked one still incomplete."""
         if isinstance(message, str):
-            return decode_json(message)
-        return decode_cbor(message, max_depth=10_000)
+            msg = decode_json(message)
+        else:
+            msg = decode_cbor(message, max_depth=10_000, plain=False)
+        if msg.get("signal") == "chunk" and "re" not in msg:
+            joined = self._reassembler.add(msg["data"], isinstance(message, str))
+            return None if joined is None else self._decode(joined)
+        return msg
 
     def _note_seq(self, msg: dict[str, Any]) -> bool:
         """Track seq; False for a signal already seen (a replayed duplicate)."""
@@ -229,7 +263,9 @@ class Client:
             assert ws is not None
             try:
                 while True:
-                    self._dispatch(self._decode(await ws.get_message()))
+                    msg = self._decode(await ws.get_message())
+                    if msg is not None:
+                        self._dispatch(msg)
             except ConnectionClosed as exc:
                 self._failure = exc
             if self.closed or not self.reconnect:

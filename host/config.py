@@ -20,6 +20,7 @@ class ConfigError(Exception):
 
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_frame_bytes: int = 16 * 1024 * 1024
+    max_transfer_bytes: int = 256 * 1024 * 1024  # a chunked request, joined
     outbox_size: int = 256
     rate_per_s: float = 100.0
     rate_burst: int = 200

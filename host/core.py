@@ -121,6 +121,44 @@ def close_session(gateway: Any, req: Any, params: None) -> Any:
     return gateway.close(req)
 
 
+class ReplaceSlicesParams(msgspec.Struct, forbid_unknown_fields=True):
+    slices: dict[str, dict[str, Any]]
+
+
+PROTECTED = ("host", "sessions")
+
+
+def replace_slices(ctx: Context, p: ReplaceSlicesParams) -> dict[str, Any]:
+    """Internal (offline import): replace whole slices from an export, checked first."""
+    ready = {}
+    for name, entry in p.slices.items():
+        where = f"params.slices.{name}"
+        if name in PROTECTED or name not in ctx.world.slices:
+            raise Invalid(f"slice {name!r} cannot be imported here",
+                          details={"path": where, "message": "unknown or protected slice"})
+        spec = ctx.world[name].spec
+        version, keyed, data = entry.get("version"), entry.get("keyed"), entry.get("data")
+        if not isinstance(version, int) or version > spec.version:
+            raise Invalid(f"slice {name!r} is version {version}; this host has {spec.version}",
+                          details={"path": f"{where}.version", "message": "unsupported version"})
+        if keyed is not spec.keyed or (keyed and not isinstance(data, dict)):
+            raise Invalid(f"slice {name!r} has the wrong shape",
+                          details={"path": f"{where}.data", "message": "wrong shape"})
+        if version < spec.version:
+            if spec.migrate is None:
+                raise Invalid(f"slice {name!r} version {version} cannot be migrated",
+                              details={"path": f"{where}.version", "message": "no migration"})
+            data = spec.migrate(version, data)
+        ready[name] = spec.fill_defaults(data)
+    for name, data in ready.items():
+        s = ctx.world[name]
+        if s.spec.keyed:
+            s.replace_all(data)
+        else:
+            s.set(data)
+    return {"replaced": sorted(ready)}
+
+
 def _world_meta() -> dict[str, Any]:
     return {"world_id": secrets.token_hex(8), "seed": secrets.token_hex(16)}
 
@@ -142,6 +180,8 @@ def register_actions() -> list[Action]:
         Action("sessions.attach", attach, AttachParams, Role.admin, internal=True),
         Action("sessions.detach", detach, SessionIdParams, Role.admin, internal=True),
         Action("sessions.end", end, SessionIdParams, Role.admin, internal=True),
+        Action("world.replace_slices", replace_slices, ReplaceSlicesParams, Role.admin,
+               internal=True, reply="world.slices_replaced"),
     ]
 
 

@@ -3,8 +3,10 @@ the transport, and shuts them down in order."""
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import time
+from pathlib import Path
 from collections import Counter
 from typing import Any
 
@@ -65,6 +67,7 @@ class Host:
         self.replayed = 0
         self.store_in_thread = store_in_thread
         self.plugin_runtime: dict[str, dict[str, Any]] = {}
+        self._lock_handle: Any = None
 
     # time ------------------------------------------------------------------
     def clock(self) -> float:
@@ -84,9 +87,34 @@ class Host:
     def generation(self) -> int:
         return self.saver.generation if self.saver is not None else 0
 
-    def open(self) -> None:
+    def _lock(self) -> None:
+        """Hold ``DB.lock`` while open: one host (or offline tool) per store file."""
+        if self.db_path == ":memory:":
+            return
+        path = Path(self.db_path + ".lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")  # noqa: SIM115 - held for the host's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StartupError(f"{self.db_path} is in use by another worldhost "
+                               f"(it holds {path})") from None
+        self._lock_handle = handle
+
+    def release(self) -> None:
+        """Close the store without writing, and let go of the file lock."""
+        if self.store is not None:
+            self.store.abandon()
+            self.store = None
+        if self._lock_handle is not None:
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def open(self, quarantine_unreadable: bool = True) -> None:
         """Open the store (quarantining an unreadable one), load, migrate, replay."""
         self._trio0 = trio.current_time()
+        self._lock()
         sc = self.config.store
         try:
             self.store = Store.open(self.db_path, sc.synchronous, sc.busy_timeout_ms)
@@ -96,6 +124,9 @@ class Host:
             if self.store is not None:
                 self.store.abandon()
                 self.store = None
+            if not quarantine_unreadable:
+                self.release()
+                raise
             moved = quarantine(self.db_path)
             log.error("store %s is unreadable (%s); moved it to %s and started a fresh world",
                       self.db_path, exc, moved)
@@ -284,9 +315,12 @@ class Host:
         return None
 
     # life ----------------------------------------------------------------------
-    async def run(self, *, listen: bool = True,
+    async def run(self, *, listen: bool = True, run_plugins: bool = True,
                   task_status: trio.TaskStatus[Host] = trio.TASK_STATUS_IGNORED) -> None:
-        """Open, serve until stopped, then shut down cleanly (or vanish, if crashed)."""
+        """Open, serve until stopped, then shut down cleanly (or vanish, if crashed).
+
+        ``run_plugins=False`` (offline tools) skips startup hooks and background tasks.
+        """
         self.open()
         try:
             async with trio.open_nursery() as nursery:
@@ -294,10 +328,11 @@ class Host:
                 nursery.start_soon(self.saver.run)
                 nursery.start_soon(self.dispatcher.run)
                 await self._resume_world()
-                await _await_all(self.registry.pm.hook.startup(host=self.api))
-                for plugin, tasks in self.registry.collect("background_tasks", host=self.api):
-                    for task in tasks:
-                        nursery.start_soon(self._supervise, plugin, task)
+                if run_plugins:
+                    await _await_all(self.registry.pm.hook.startup(host=self.api))
+                    for plugin, tasks in self.registry.collect("background_tasks", host=self.api):
+                        for task in tasks:
+                            nursery.start_soon(self._supervise, plugin, task)
                 if listen:
                     await self._listen(nursery)
                 task_status.started(self)
@@ -306,12 +341,10 @@ class Host:
                     await self._shutdown()
                 nursery.cancel_scope.cancel()
         finally:
-            if self.store is not None:
-                if self.crashed:
-                    self.store.abandon()
-                else:
-                    self.store.close(truncate=True)
+            if self.store is not None and not self.crashed:
+                self.store.close(truncate=True)
                 self.store = None
+            self.release()
             self.stopped.set()
 
     async def _listen(self, nursery: trio.Nursery) -> None:

@@ -10,17 +10,25 @@ connection, with 1011.
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
 
+from host import chunks
 from host.actions import ActionError, BadRequest, RateLimited
 from host.dispatcher import Disconnect, Request
 from host.limits import TokenBucket
 from host.sessions import Session, Signal
-from state.codec import DecodeError, decode_cbor, decode_json, encode_cbor, encode_json
+from state.codec import (
+    DecodeError,
+    decode_cbor,
+    decode_json,
+    encode_cbor,
+    encode_json,
+)
 
 if TYPE_CHECKING:
     from host.server import Host
@@ -31,6 +39,9 @@ POLICY = 1008
 GOING_AWAY = 1001
 INTERNAL = 1011
 _ENVELOPE_KEYS = frozenset({"id", "action", "params"})
+_PIECE_TAKEN = object()
+_JSON_CHUNK = re.compile(r'\s*\{\s*"chunk"\s*:')
+_CBOR_CHUNK = b"\xa1\x65chunk"  # a map of one entry whose key is "chunk"
 
 
 def encode_frame(sig: Signal, encoding: str) -> str | bytes:
@@ -86,6 +97,8 @@ class Connection:
         self.bucket = TokenBucket(limits.rate_per_s, limits.rate_burst, limits.flood_factor)
         self._send, self._receive = trio.open_memory_channel[Any](limits.outbox_size)
         self.cancel_scope = trio.CancelScope()
+        self.reassembler = chunks.Reassembler(limits.max_transfer_bytes)
+        self.transfers = 0
         self.close_code: int | None = None
         self.close_reason = ""
 
@@ -150,7 +163,15 @@ class Connection:
             if self.failed_opens >= max_failed:
                 self.close_soon(POLICY, "too many failed session attempts")
                 return
-            req = self._request(message)
+            try:
+                joined = self._chunk(message)
+            except ActionError as exc:
+                await self.host.dispatcher.put(Request("", None, None, True, self,
+                                                       self.encoding, error=exc))
+                continue
+            if joined is _PIECE_TAKEN:
+                continue
+            req = self._request(joined)
             bucket = self.bucket
             if req.error is None and not bucket.take(trio.current_time()):
                 if bucket.flooding:
@@ -160,6 +181,24 @@ class Connection:
                 req.error = RateLimited(
                     f"more than {bucket.rate:g} actions/s (burst {bucket.burst}); slow down")
             await self.host.dispatcher.put(req)
+
+    def _chunk(self, message: str | bytes) -> Any:
+        """A piece of a chunked request is taken aside; a whole frame passes through."""
+        if isinstance(message, str):
+            if not _JSON_CHUNK.match(message[:64]):
+                return message
+        elif not message.startswith(_CBOR_CHUNK):
+            return message
+        try:
+            decoded = decode_json(message) if isinstance(message, str) else \
+                decode_cbor(message, plain=False)
+        except DecodeError:
+            return message  # the normal path names the problem
+        if not (isinstance(decoded, dict) and set(decoded) == {"chunk"}):
+            return message
+        self.encoding = "json" if isinstance(message, str) else "cbor"
+        joined = self.reassembler.add(decoded["chunk"], isinstance(message, str))
+        return _PIECE_TAKEN if joined is None else joined
 
     def _request(self, message: str | bytes) -> Request:
         try:
@@ -182,12 +221,21 @@ class Connection:
         return Request(action, params, rid, has_id, self, self.encoding)
 
     async def _sender(self) -> None:
-        async for sig in self._receive:
-            if sig is None:
-                await self.ws.aclose(self.close_code or 1000, self.close_reason)
-                self.cancel_scope.cancel()
-                return
-            await self.ws.send_message(encode_frame(sig, sig.encoding or self.encoding))
+        try:
+            async for sig in self._receive:
+                if sig is None:
+                    await self.ws.aclose(self.close_code or 1000, self.close_reason)
+                    break
+                frame = encode_frame(sig, sig.encoding or self.encoding)
+                if len(frame) <= self.host.config.host.limits.max_frame_bytes:
+                    await self.ws.send_message(frame)
+                    continue
+                self.transfers += 1
+                for piece in chunks.split(frame, f"h{self.transfers}"):
+                    await self.ws.send_message(piece)
+        except ConnectionClosed:
+            pass
+        self.cancel_scope.cancel()
 
     async def _pinger(self) -> None:
         cfg = self.host.config.host

@@ -73,8 +73,11 @@ def check_plain(value: Any, max_depth: int = MAX_DEPTH) -> None:
             raise DecodeError(f"{kind.__name__} values are not allowed")
 
 
-def decode_cbor(data: bytes, max_depth: int = MAX_DEPTH) -> Any:
-    """Decode one untrusted CBOR item: no tags, no indefinite lengths, no duplicate keys."""
+def decode_cbor(data: bytes, max_depth: int = MAX_DEPTH, plain: bool = True) -> Any:
+    """Decode one untrusted CBOR item: no tags, no indefinite lengths, no duplicate keys.
+
+    ``plain=False`` skips the plain-data walk (the caller checks what it allows).
+    """
     try:
         value = cbor2.loads(
             data,
@@ -87,7 +90,8 @@ def decode_cbor(data: bytes, max_depth: int = MAX_DEPTH) -> Any:
         )
     except (cbor2.CBORError, ValueError, OverflowError, MemoryError, RecursionError, TypeError) as exc:
         raise DecodeError(f"invalid CBOR: {exc}") from None
-    check_plain(value, max_depth)
+    if plain:
+        check_plain(value, max_depth)
     return value
 
 

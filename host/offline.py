@@ -1,0 +1,186 @@
+"""Offline tools on a store file: ``inspect``, ``export`` and ``import``.
+
+They open the store the way the host does (same load, migration and journal
+replay), refuse a file a running host holds, and never quarantine: a store
+they cannot read is reported, not moved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from host import config as config_mod
+from host.actions import ActionError
+from host.server import Host, StartupError
+from state.codec import decode_cbor, decode_json, encode_cbor, encode_json
+from state.store import FORMAT_VERSION, Store, StoreError
+
+FORMAT = "worldhost-world"
+ACTION_IMPORTED = ("map", "simulation")  # replaced through their import actions
+HOST_OWNED = ("host", "sessions")
+
+
+class OfflineError(Exception):
+    """The tool cannot do what was asked; the message says why."""
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command != "import" and not Path(args.db).exists():
+        raise OfflineError(f"{args.db}: no such file")
+    return {"inspect": inspect, "export": export, "import": import_}[args.command](args)
+
+
+def _host(db: str, config_path: str | None = None) -> Host:
+    cfg = config_mod.load(config_path) if config_path else config_mod.Config()
+    return Host(cfg, db=db)
+
+
+async def _opened(host: Host) -> None:
+    try:
+        host.open(quarantine_unreadable=False)
+    except (StoreError, StartupError) as exc:
+        raise OfflineError(str(exc)) from None
+
+
+def inspect(args: argparse.Namespace) -> int:
+    async def main() -> dict[str, Any]:
+        host = _host(args.db)
+        await _opened(host)
+        try:
+            store = host.store
+            assert store is not None
+            rows = store.conn.execute(
+                "SELECT s.name, s.version, s.keyed, length(s.value), count(r.key), "
+                "coalesce(sum(length(r.value)), 0) FROM slices s "
+                "LEFT JOIN records r ON r.slice = s.name GROUP BY s.name ORDER BY s.name")
+            slices = [{"name": name, "version": version, "keyed": bool(keyed),
+                       "records": count if keyed else None,
+                       "bytes": (record_bytes if keyed else value_bytes) or 0}
+                      for name, version, keyed, value_bytes, count, record_bytes in rows]
+            return {
+                "file": args.db,
+                "format_version": store.meta("format_version"),
+                "reads_format": FORMAT_VERSION,
+                "generation": store.meta("generation"),
+                "world_id": host.world_id,
+                "journal_length": store.journal_length(),
+                "replayed": host.replayed,
+                "slices": slices,
+                "sessions": [{"id": s["id"], "name": s["name"], "role": s["role"],
+                              "state": s["state"]}
+                             for s in host.world["sessions"].data().values()],
+            }
+        finally:
+            host.release()
+
+    print(json.dumps(trio.run(main), indent=2))
+    return 0
+
+
+def export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix not in (".json", ".cbor"):
+        raise OfflineError("--out must end in .json or .cbor")
+
+    async def main() -> dict[str, Any]:
+        host = _host(args.db)
+        await _opened(host)
+        try:
+            return world_document(host)
+        finally:
+            host.release()
+
+    document = trio.run(main)
+    out.write_bytes(encode_json(document) if out.suffix == ".json" else encode_cbor(document))
+    print(f"wrote {out} ({out.stat().st_size} bytes, generation {document['generation']})")
+    return 0
+
+
+def world_document(host: Host) -> dict[str, Any]:
+    """The whole world, as ``worldhost export`` writes it."""
+    slices = {name: {"version": s.spec.version, "keyed": s.spec.keyed, "data": s.data()}
+              for name, s in host.world.slices.items() if name not in HOST_OWNED}
+    return {"format": FORMAT, "version": 1, "world_id": host.world_id,
+            "generation": host.generation, "slices": slices}
+
+
+def _read(path: Path) -> Any:
+    data = path.read_bytes()
+    try:
+        return decode_cbor(data, max_depth=10_000) if path.suffix == ".cbor" else decode_json(data)
+    except ValueError as exc:
+        raise OfflineError(f"{path}: {exc}") from None
+
+
+def import_(args: argparse.Namespace) -> int:
+    document = _read(Path(args.file))
+
+    async def main() -> dict[str, Any]:
+        host = _host(args.db, args.config)
+        async with trio.open_nursery() as nursery:
+            try:
+                await nursery.start(_serve_offline, host)
+            except (StoreError, StartupError) as exc:
+                raise OfflineError(str(exc)) from None
+            try:
+                return await apply_document(host, document)
+            except ActionError as exc:
+                raise OfflineError(f"{exc.code}: {exc.message}"
+                                   + (f" ({exc.details})" if exc.details else "")) from None
+            finally:
+                host.stop()
+
+    result = trio.run(main)
+    print(json.dumps(result))
+    return 0
+
+
+async def _serve_offline(host: Host, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    await host.run(listen=False, run_plugins=False, task_status=task_status)
+
+
+async def apply_document(host: Host, document: Any) -> dict[str, Any]:
+    """Apply an export through the live import actions (all or nothing each)."""
+    submit = host.dispatcher.submit
+    if isinstance(document, dict) and document.get("format") == FORMAT:
+        slices = document.get("slices")
+        if not isinstance(slices, dict):
+            raise OfflineError("the export has no slices")
+        result: dict[str, Any] = {}
+        state = _state_data(slices)
+        if state is not None:
+            result["simulation"] = await submit("simulation.import_state", {"state_data": state})
+        elif "map" in slices:
+            result["map"] = await submit("map.import", {"map_data": _map_data(slices["map"])})
+        rest = {n: v for n, v in slices.items() if n not in ACTION_IMPORTED}
+        if rest:
+            result["slices"] = await submit("world.replace_slices", {"slices": rest})
+        return result
+    if isinstance(document, dict) and "state_data" in document:
+        return await submit("simulation.import_state", {"state_data": document["state_data"]})
+    if isinstance(document, dict) and {"graph", "agents", "packages", "metadata"} <= set(document):
+        return await submit("simulation.import_state", {"state_data": document})
+    if isinstance(document, dict) and "map_data" in document:
+        return await submit("map.import", {"map_data": document["map_data"]})
+    raise OfflineError("the file is neither a worldhost export, a state_data nor a map_data")
+
+
+def _map_data(entry: Any) -> Any:
+    from plugins.map import export_graph
+    return export_graph(entry["data"])
+
+
+def _state_data(slices: dict[str, Any]) -> dict[str, Any] | None:
+    if "simulation" not in slices or "map" not in slices:
+        return None
+    records = slices["simulation"]["data"]
+    agents = [r for k, r in sorted(records.items()) if k.startswith("agent:")]
+    packages = [r for k, r in sorted(records.items()) if k.startswith("package:")]
+    return {"graph": _map_data(slices["map"]), "agents": agents, "packages": packages,
+            "metadata": records.get("meta", {})}
+
