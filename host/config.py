@@ -119,6 +119,13 @@ def load(path: str | os.PathLike[str] | None) -> Config:
 
 
 def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
+    """Check a config given as tables; plugin tables are laid over the built-in ones."""
+    plugins = raw.get("plugins", {})
+    if isinstance(plugins, dict):
+        merged = {k: dict(v) for k, v in BUILTIN_PLUGINS.items()}
+        for name, table in plugins.items():
+            merged[name] = {**merged.get(name, {}), **table} if isinstance(table, dict) else table
+        raw = {**raw, "plugins": merged}
     try:
         config = msgspec.convert({**raw, "source": source}, Config)
     except msgspec.ValidationError as exc:

@@ -281,11 +281,11 @@ class Host:
 
     def session_ended(self, session_id: str, reason: str, outcome: Any) -> None:
         """A handler ended a session: drop it now, tell and close its connection on release."""
-        session = self.sessions.drop(session_id)
+        session = self.sessions.get(session_id)
         if session is None:
             return
         conn = session.outbox
-        session.outbox = None
+        self.sessions.drop(session_id)
         if conn is not None:
             conn.session = None
             if reason != "closed":

@@ -130,7 +130,8 @@ class Harness:
         leaves the built-in plugins out (only the core and yours)."""
         raw = {"host": {"port": 0}, **(config or {})}
         if not builtins:
-            raw.setdefault("plugins", {})
+            off = {name: {"enabled": False} for name in config_mod.BUILTIN_PLUGINS}
+            raw["plugins"] = {**off, **raw.get("plugins", {})}
         cfg = config_mod.from_dict(raw, "<test config>")
         path = db or self._tmp / f"world-{next(self._count)}.db"
         harness = HostHarness(self._nursery, path, cfg, list(plugins), entry_points, listen)

@@ -98,6 +98,12 @@ class Connection:
         self._send, self._receive = trio.open_memory_channel[Any](limits.outbox_size)
         self.cancel_scope = trio.CancelScope()
         self.reassembler = chunks.Reassembler(limits.max_transfer_bytes)
+        # Requests read but not yet answered, plus signals not yet sent, stay under
+        # half the outbox: a client that sends faster than it reads is slowed down
+        # (TCP backpressure), not disconnected. Only broadcasts can overflow it.
+        self.in_flight = 0
+        self.budget = max(1, limits.outbox_size // 2)
+        self._room = trio.Event()
         self.transfers = 0
         self.close_code: int | None = None
         self.close_reason = ""
@@ -106,6 +112,8 @@ class Connection:
     def deliver(self, sig: Signal) -> bool:
         if self.close_code is not None:
             return False
+        if sig.has_re and self.in_flight:
+            self.in_flight -= 1
         try:
             self._send.send_nowait(sig)
             return True
@@ -156,6 +164,9 @@ class Connection:
     async def _reader(self) -> None:
         max_failed = self.host.config.sessions.max_failed_opens
         while True:
+            while self.in_flight + self._send.statistics().current_buffer_used >= self.budget:
+                self._room = trio.Event()
+                await self._room.wait()
             try:
                 message = await self.ws.get_message()
             except ConnectionClosed:
@@ -166,12 +177,14 @@ class Connection:
             try:
                 joined = self._chunk(message)
             except ActionError as exc:
+                self.in_flight += 1
                 await self.host.dispatcher.put(Request("", None, None, True, self,
                                                        self.encoding, error=exc))
                 continue
             if joined is _PIECE_TAKEN:
                 continue
             req = self._request(joined)
+            self.in_flight += 1
             bucket = self.bucket
             if req.error is None and not bucket.take(trio.current_time()):
                 if bucket.flooding:
@@ -226,6 +239,7 @@ class Connection:
                 if sig is None:
                     await self.ws.aclose(self.close_code or 1000, self.close_reason)
                     break
+                self._room.set()
                 frame = encode_frame(sig, sig.encoding or self.encoding)
                 if len(frame) <= self.host.config.host.limits.max_frame_bytes:
                     await self.ws.send_message(frame)

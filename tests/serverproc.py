@@ -1,0 +1,63 @@
+"""Running ``worldhost serve`` as a real process, for black-box and crash tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class ServerProcess:
+    """``worldhost serve --port 0`` on a store file; start, kill -9, stop, restart."""
+
+    def __init__(self, db: Path, config: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
+        self.db = db
+        self.config = config
+        self.env = {**os.environ, "WORLDHOST_LOG": "WARNING", **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.stderr_path = db.with_suffix(".stderr")
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/"
+
+    def start(self, timeout: float = 20) -> ServerProcess:
+        cmd = [sys.executable, "-m", "host", "serve", "--db", str(self.db), "--port", "0"]
+        if self.config is not None:
+            cmd += ["--config", str(self.config)]
+        self.stderr = open(self.stderr_path, "a")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr,
+                                     text=True, env=self.env)
+        deadline = time.monotonic() + timeout
+        assert self.proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("listening on ws://"):
+                self.port = int(line.strip().rsplit(":", 1)[1].rstrip("/"))
+                return self
+        self.proc.kill()
+        raise RuntimeError(f"worldhost did not start: {self.stderr_path.read_text()[-2000:]}")
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self.stderr.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.stderr.close()
+        return code
+
+    def log(self) -> str:
+        return self.stderr_path.read_text()
