@@ -313,16 +313,21 @@ def url_opener(url: str, max_frame_bytes: int = 64 * 1024 * 1024,
 async def open_client(opener: Opener, *, name: str = "client", token: str | None = None,
                       encoding: str = "json", reconnect: bool = True,
                       open_session: bool = True) -> AsyncIterator[Client]:
-    async with trio.open_nursery() as nursery:
-        client = Client(opener, nursery, name=name, token=token, encoding=encoding,
-                        reconnect=reconnect)
-        await client._open(open_session)
-        nursery.start_soon(client._reader)
-        try:
-            yield client
-        finally:
-            await client.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            client = Client(opener, nursery, name=name, token=token, encoding=encoding,
+                            reconnect=reconnect)
+            await client._open(open_session)
+            nursery.start_soon(client._reader)
+            try:
+                yield client
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:  # show the one error, not trio's wrapper
+            raise group.exceptions[0] from None
+        raise
 
 
 def connect(url: str, *, name: str = "client", token: str | None = None,

@@ -1,0 +1,213 @@
+"""Plugins: every hook is documented, and each one is exercised by a real plugin."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from host import hookspecs
+from host.actions import Action, Conflict, Context, Role
+from host.client import CallError
+from host.plugins import hookimpl
+from host.server import Host, StartupError
+from host import config as config_mod
+from state.slices import SliceSpec
+
+DOCS = Path(__file__).parents[1] / "docs" / "plugins.md"
+HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+         if hasattr(fn, "worldhost_spec")]
+
+
+def test_there_are_hooks() -> None:
+    assert {"register_actions", "register_slices", "startup", "shutdown", "background_tasks",
+            "session_opened", "session_closed", "action_applied"} <= set(HOOKS)
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_every_hook_is_documented_with_signature_and_example(hook: str) -> None:
+    text = DOCS.read_text()
+    heading = re.search(rf"^### `{hook}\((.*?)\)", text, re.M)
+    assert heading, f"docs/plugins.md has no heading for {hook}"
+    params = list(inspect.signature(getattr(hookspecs, hook)).parameters)
+    for name in params:
+        assert name in heading.group(1), f"{hook}: parameter {name} missing from the docs"
+    section = text[heading.end():].split("\n### ", 1)[0]
+    assert "```python" in section and f"def {hook}(" in section, f"{hook}: no example"
+    assert getattr(hookspecs, hook).__doc__, f"{hook} has no docstring"
+
+
+class Recorder:
+    """A plugin that implements every hook and records what the host did."""
+
+    __name__ = "recorder"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.ticks = 0
+        self.full = False
+
+    @hookimpl
+    def register_actions(self) -> list[Action]:
+        def touch(ctx: Context, p: Any) -> dict[str, Any]:
+            ctx.value("recorder").set({"touched": ctx.value("recorder").value["touched"] + 1})
+            return {"ok": True}
+        return [Action("recorder.touch", touch, None, Role.player)]
+
+    @hookimpl
+    def register_slices(self) -> list[SliceSpec]:
+        return [SliceSpec("recorder", lambda: {"touched": 0})]
+
+    @hookimpl
+    async def startup(self, host: Any) -> None:
+        await trio.sleep(0)
+        self.calls.append(("startup", host.world_id))
+
+    @hookimpl
+    async def shutdown(self, host: Any) -> None:
+        self.calls.append(("shutdown", host.read("recorder")["touched"]))
+
+    @hookimpl
+    def background_tasks(self, host: Any) -> list[Any]:
+        async def task() -> None:
+            self.ticks += 1
+            if self.ticks == 1:
+                raise RuntimeError("first run fails; the host restarts it")
+            await host.submit("recorder.touch")
+            await trio.sleep_forever()
+        return [task]
+
+    @hookimpl
+    def session_opened(self, host: Any, session: Any) -> None:
+        self.calls.append(("opened", session.name, session.resumed))
+
+    @hookimpl
+    def session_closed(self, host: Any, session: Any, reason: str) -> None:
+        self.calls.append(("closed", session.name, reason))
+
+    @hookimpl
+    def action_applied(self, host: Any, applied: Any) -> None:
+        self.calls.append(("applied", applied.name))
+
+    @hookimpl
+    def server_info(self, host: Any) -> dict[str, Any]:
+        return {"recorder": "here"}
+
+    @hookimpl
+    def session_limit(self, host: Any) -> Any:
+        return Conflict("server full") if self.full else None
+
+    @hookimpl
+    def register_agent_kinds(self) -> list[Any]:
+        from plugins.simulation import AgentKind
+        def from_plain(sim: Any, data: dict[str, Any], path: str) -> dict[str, Any]:
+            return {"id": data["id"], "kind": "rock", "node": data["node"]}
+        return [AgentKind("rock", from_plain, lambda sim, agent, dt: None)]
+
+    @hookimpl
+    def register_process_templates(self) -> list[dict[str, Any]]:
+        return [{"id": "ONE", "name": "One turn", "stages": [
+            {"id": "only", "name": "Only", "max_turns": 1, "advance": "after_turns"}]}]
+
+    @hookimpl
+    def agent_removed(self, ctx: Context, agent_id: str) -> None:
+        self.calls.append(("agent_removed", agent_id))
+
+    @hookimpl
+    def process_resumed(self, host: Any, process: dict[str, Any]) -> None:
+        self.calls.append(("process_resumed", process["process_id"]))
+
+
+async def test_each_hook_is_called(worldhost: Any, autojump_clock: Any) -> None:
+    rec = Recorder()
+    h = await worldhost.start(rec)
+    assert rec.calls[0][0] == "startup"
+    await trio.sleep(2)  # the background task failed once, was restarted, and ran
+    assert rec.ticks == 2 and ("applied", "recorder.touch") in rec.calls
+    async with h.client("ada") as ada:
+        assert ("opened", "ada", False) in rec.calls
+        assert ada.server_info["recorder"] == "here"
+        await ada.call("map.add_node", id="n", x=0, y=0)
+        await ada.call("simulation.add_agent", id="r1", kind="rock", node="n")
+        await ada.call("simulation.remove_agent", id="r1")
+        assert ("agent_removed", "r1") in rec.calls
+        started = await ada.call("process.start", template_id="ONE", problem_statement="?",
+                                 agents=["x"], process_id="p1")
+        assert started["status"] == "running"
+    await h.stop()
+    assert ("shutdown", 1) in rec.calls
+    await h.start()
+    assert ("process_resumed", "p1") in rec.calls
+
+
+async def test_session_limit_hook_refuses_new_sessions(worldhost: Any) -> None:
+    rec = Recorder()
+    rec.full = True
+    h = await worldhost.start(rec)
+    with pytest.raises(CallError) as err:
+        async with h.client("bob"):
+            pass
+    assert err.value.code == "conflict" and "full" in err.value.message
+
+
+async def test_session_closed_hook_gets_the_reason(worldhost: Any) -> None:
+    rec = Recorder()
+    h = await worldhost.start(rec)
+    async with h.client("cleo") as cleo:
+        await cleo.close_session()
+    assert ("closed", "cleo", "closed") in rec.calls
+
+
+class Twin:
+    __name__ = "twin"
+
+    @hookimpl
+    def register_actions(self) -> list[Action]:
+        return [Action("map.export", lambda ctx, p: {}, None, Role.viewer)]
+
+
+class SliceTwin:
+    __name__ = "slice_twin"
+
+    @hookimpl
+    def register_slices(self) -> list[SliceSpec]:
+        return [SliceSpec("chat")]
+
+
+@pytest.mark.parametrize("plugin, words", [(Twin(), ["map.export", "map", "twin"]),
+                                           (SliceTwin(), ["chat", "slice_twin"])])
+def test_duplicate_names_stop_startup_naming_both(plugin: Any, words: list[str]) -> None:
+    with pytest.raises(StartupError) as err:
+        Host(config_mod.Config(), [plugin], entry_points=False, db=":memory:")
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_a_bad_process_template_stops_startup_naming_the_plugin(tmp_path: Path) -> None:
+    class BadTemplates:
+        __name__ = "bad_templates"
+
+        @hookimpl
+        def register_process_templates(self) -> list[dict[str, Any]]:
+            return [{"id": "EMPTY", "name": "No stages", "stages": []}]
+
+    host = Host(config_mod.Config(), [BadTemplates()], entry_points=False,
+                db=str(tmp_path / "w.db"))
+
+    async def main() -> None:
+        await host.run(listen=False)
+
+    with pytest.raises(BaseException) as err:
+        trio.run(main)
+    assert "bad_templates" in repr(err.value) and "EMPTY" in repr(err.value)
+
+
+def test_disabled_builtin_is_not_loaded() -> None:
+    cfg = config_mod.from_dict({"plugins": {"chat": {"enabled": False}}})
+    host = Host(cfg, entry_points=False, db=":memory:")
+    assert "chat" not in host.registry.plugin_names
+    assert "chat.say" not in host.registry.actions

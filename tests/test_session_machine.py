@@ -1,0 +1,94 @@
+"""The session state machine, on its own."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from host.sessions import (
+    Session,
+    Signal,
+    State,
+    StateMachine,
+    TransitionError,
+    hash_matches,
+    new_token,
+    token_hash,
+)
+
+ALLOWED = {
+    (State.NONE, State.OPEN),
+    (State.OPEN, State.DISCONNECTED),
+    (State.OPEN, State.CLOSED),
+    (State.DISCONNECTED, State.OPEN),
+    (State.DISCONNECTED, State.CLOSED),
+}
+
+
+@pytest.mark.parametrize("start, target", list(itertools.product(State, State)))
+def test_every_transition_is_allowed_or_refused(start: State, target: State) -> None:
+    machine = StateMachine(start)
+    if (start, target) in ALLOWED:
+        machine.move(target)
+        assert machine.state is target
+    else:
+        with pytest.raises(TransitionError):
+            machine.move(target)
+        assert machine.state is start
+
+
+def test_closed_is_final() -> None:
+    machine = StateMachine(State.OPEN)
+    machine.move(State.CLOSED)
+    assert not any(machine.can(s) for s in State)
+
+
+class Sink:
+    def __init__(self, room: int) -> None:
+        self.room = room
+        self.got: list[Signal] = []
+
+    def deliver(self, sig: Signal) -> bool:
+        if len(self.got) >= self.room:
+            return False
+        self.got.append(sig)
+        return True
+
+
+def test_seq_counts_every_signal_and_replay_is_bounded() -> None:
+    s = Session("s1", "ada", "player", buffer_size=3)
+    s.outbox = Sink(100)
+    for i in range(5):
+        s.deliver(Signal("x", {"i": i}))
+    assert [sig.seq for sig in s.outbox.got] == [1, 2, 3, 4, 5]
+    held, complete = s.missed(3)
+    assert [sig.seq for sig in held] == [4, 5] and complete
+    held, complete = s.missed(0)
+    assert [sig.seq for sig in held] == [3, 4, 5] and not complete
+    held, complete = s.missed(5)
+    assert held == [] and complete
+
+
+def test_a_full_outbox_detaches_the_session_but_keeps_its_signals() -> None:
+    s = Session("s1", "ada", "player")
+    s.outbox = Sink(1)
+    s.deliver(Signal("a", {}))
+    s.deliver(Signal("b", {}))
+    assert s.outbox is None and s.next_seq == 3 and len(s.buffer) == 2
+
+
+def test_remembered_replies_are_bounded_and_typed() -> None:
+    s = Session("s1", "ada", "player", replies_size=2)
+    s.remember(1, "a", {})
+    s.remember("1", "b", {})
+    assert s.recall(1) == ("a", {}) and s.recall("1") == ("b", {})
+    s.remember(2, "c", {})
+    assert s.recall(1) is None
+
+
+def test_tokens_are_hashed_and_compared_safely() -> None:
+    token = new_token()
+    assert len(token) >= 43 and token != new_token()
+    assert hash_matches(token, token_hash(token))
+    assert not hash_matches(token + "x", token_hash(token))
