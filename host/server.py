@@ -341,6 +341,7 @@ class Host:
                     await self._shutdown()
                 nursery.cancel_scope.cancel()
         finally:
+            self._nursery = None
             if self.store is not None and not self.crashed:
                 self.store.close(truncate=True)
                 self.store = None
@@ -368,7 +369,8 @@ class Host:
 
     def accept_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection over any trio stream (in-memory in tests)."""
-        assert self._nursery is not None, "the host is not running"
+        if self._nursery is None or self._stopping.is_set():
+            raise ConnectionRefusedError("the host is not running")
         self._nursery.start_soon(self._serve_stream, stream)
 
     async def _serve_stream(self, stream: trio.abc.Stream) -> None:

@@ -156,7 +156,10 @@ class Connection:
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                await self.host.dispatcher.put(Disconnect(self))
+                try:
+                    await self.host.dispatcher.put(Disconnect(self))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass  # the host is gone (crashed or stopped)
                 if self.close_code is not None and not self.ws.closed:
                     with trio.move_on_after(1):
                         await self.ws.aclose(self.close_code, self.close_reason)
