@@ -177,11 +177,13 @@ class Host:
         self.world = world
         self.world["host"]  # the core slice must exist
         self.sessions.sync(world["sessions"].data())
+        restored = set()
         for sid, (seq, blob) in loaded.runtime.items():
             session = self.sessions.get(sid)
             if session is not None:
                 session.restore_runtime(load_stored(blob) if blob else {})
                 session.next_seq = max(session.next_seq, seq)
+                restored.add(sid)
         self.dispatcher.next_id = max(loaded.checkpoint_id,
                                       loaded.journal[-1].id if loaded.journal else 0) + 1
         self.saver = Saver(self.store, self.world, durability=self.config.store.durability,
@@ -199,6 +201,10 @@ class Host:
             raise StartupError(f"replaying the journal failed: {exc.message}") from exc
         finally:
             self.dispatcher.replaying = False
+        for sid, (seq, _) in loaded.runtime.items():  # sessions the journal created
+            session = self.sessions.get(sid)
+            if session is not None and sid not in restored:
+                session.next_seq = max(session.next_seq, seq)
         self.saver.current.releases.clear()
         self.saver.current.entries.clear()
         self.saver.world_id = self.world_id
