@@ -20,7 +20,7 @@ import trio_websocket
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
 
 from host import chunks
-from state.codec import decode_cbor, decode_json, encode_cbor, encode_json
+from state.codec import check_plain, decode_cbor, decode_json, encode_cbor, encode_json
 
 log = logging.getLogger("worldhost.client")
 
@@ -94,6 +94,7 @@ class Client:
                       request_id: Any = None) -> dict[str, Any]:
         """Send one action and return the whole reply envelope."""
         rid = request_id if request_id is not None else f"{self._prefix}{next(self._ids)}"
+        check_plain(params or {}, max_depth=10_000)  # the host would refuse the frame unanswered
         pending = _Pending({"id": rid, "action": action, "params": params or {}})
         self._pending[rid] = pending
         try:

@@ -190,7 +190,8 @@ class Dispatcher:
             reply = Signal(action.reply_signal, data, req.id, True, encoding=req.encoding)
             outcome.outputs.append((session if session is not None else req.conn, reply))
             if session is not None:
-                session.remember(req.id if req.has_id else None, action.reply_signal, data)
+                session.remember(req.id if req.has_id else None, action.reply_signal, data,
+                                 durable=action.changes_world)
                 session.actions_applied += 1
                 session.last_active = now
         self._route(ctx.emitted, outcome)
@@ -274,7 +275,7 @@ class Dispatcher:
         params = self._check_params(action, load_stored(entry.params))
         outcome = self.apply(action, params, session, None, at=entry.at, entry_id=entry.id)
         if session is not None and entry.request_id is not None:
-            session.remember(request_id, action.reply_signal, outcome.data)
+            session.remember(request_id, action.reply_signal, outcome.data, durable=True)
         if entry.action.startswith("sessions."):
             self.sessions.sync(self.host.world["sessions"].data())
         self.next_id = max(self.next_id, entry.id + 1)

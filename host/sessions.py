@@ -103,7 +103,8 @@ class Session:
     next_seq: int = 1
     buffer: deque[Signal] = field(default_factory=deque)
     buffer_size: int = 1000
-    replies: OrderedDict[Any, tuple[str, dict[str, Any]]] = field(default_factory=OrderedDict)
+    replies: OrderedDict[Any, tuple[str, dict[str, Any], bool]] = field(
+        default_factory=OrderedDict)
     replies_size: int = 1000
     outbox: Outbox | None = None
     created_at: float = 0.0
@@ -139,10 +140,13 @@ class Session:
         complete = first_needed >= self.next_seq or (bool(held) and held[0].seq == first_needed)
         return held, complete
 
-    def remember(self, request_id: Any, signal: str, data: dict[str, Any]) -> None:
+    def remember(self, request_id: Any, signal: str, data: dict[str, Any],
+                 durable: bool = False) -> None:
+        """Keep a reply for a repeated id; ``durable`` ones (of world-changing actions)
+        are also saved, so a request resent after a crash is not applied twice."""
         if request_id is None:
             return
-        self.replies[_id_key(request_id)] = (signal, data)
+        self.replies[_id_key(request_id)] = (signal, data, durable)
         self.replies.move_to_end(_id_key(request_id))
         while len(self.replies) > self.replies_size:
             self.replies.popitem(last=False)
@@ -151,7 +155,8 @@ class Session:
     def recall(self, request_id: Any) -> tuple[str, dict[str, Any]] | None:
         if request_id is None:
             return None
-        return self.replies.get(_id_key(request_id))
+        found = self.replies.get(_id_key(request_id))
+        return None if found is None else (found[0], found[1])
 
     def runtime(self) -> dict[str, Any]:
         """What the saver keeps of this session beside the world."""
@@ -160,7 +165,8 @@ class Session:
             "last_active": self.last_active,
             "actions_applied": self.actions_applied,
             "signals_sent": self.signals_sent,
-            "replies": [[k[0], k[1], s, d] for k, (s, d) in self.replies.items()],
+            "replies": [[k[0], k[1], s, d] for k, (s, d, durable) in self.replies.items()
+                        if durable],
         }
 
     def restore_runtime(self, saved: dict[str, Any]) -> None:
@@ -169,7 +175,7 @@ class Session:
         self.actions_applied = int(saved.get("actions_applied", 0))
         self.signals_sent = int(saved.get("signals_sent", 0))
         for kind, key, sig, data in saved.get("replies", []):
-            self.replies[(kind, key)] = (sig, data)
+            self.replies[(kind, key)] = (sig, data, True)
 
 
 def _id_key(request_id: Any) -> tuple[str, Any]:

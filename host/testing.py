@@ -143,6 +143,19 @@ class Harness:
             await h.stop()
 
 
+@asynccontextmanager
+async def open_harness(tmp_path: Path) -> AsyncIterator[Harness]:
+    """The ``worldhost`` fixture as a context manager, for hypothesis tests (whose
+    examples each run on their own) and for scripts."""
+    async with trio.open_nursery() as nursery:
+        harness = Harness(nursery, tmp_path)
+        try:
+            yield harness
+        finally:
+            await harness.aclose()
+            nursery.cancel_scope.cancel()
+
+
 @pytest.fixture
 async def worldhost(nursery: trio.Nursery, tmp_path: Path) -> AsyncIterator[Harness]:
     """Start worldhost hosts in-process; each is stopped cleanly at the end of the test."""
@@ -163,4 +176,4 @@ async def raw_connection(h: HostHarness) -> AsyncIterator[trio_websocket.WebSock
             nursery.cancel_scope.cancel()
 
 
-__all__ = ["Client", "Harness", "HostHarness", "raw_connection", "worldhost"]
+__all__ = ["Client", "Harness", "HostHarness", "open_harness", "raw_connection", "worldhost"]

@@ -64,12 +64,13 @@ class Saver:
         self.last_change: float | None = None
         self._wake = trio.Event()
         self._idle = trio.Event()
-        self._idle.set()
+        self._idle.set()  # set while no store call is under way
         self.generation = 0
         self.commits = 0
         self.checkpoints = 0
         self.closed = False
         self.threaded = threaded
+        self._store_lock = trio.Lock()  # one store call at a time, on its one connection
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run store work off the event loop (or in it, for tests on a mock clock)."""
@@ -122,20 +123,25 @@ class Saver:
                 self.current = Batch()
 
     async def _commit(self) -> None:
-        batch, self.current = self.current, Batch()
-        runtime, _ = self.runtime_source(batch.signal_counts, False)
-        self.in_flight = True
-        self._idle = trio.Event()
-        try:
-            await self._io(self.store.append, batch.entries, runtime)
-        finally:
-            self.in_flight = False
-            self._idle.set()
+        async with self._store_lock:
+            batch, self.current = self.current, Batch()
+            runtime, _ = self.runtime_source(batch.signal_counts, False)
+            self.in_flight = True
+            self._idle = trio.Event()
+            try:
+                await self._io(self.store.append, batch.entries, runtime)
+            finally:
+                self.in_flight = False
+                self._idle.set()
         self.commits += 1
         self._release(batch)
 
     async def checkpoint(self, clean: bool = False) -> int:
         """Write what changed since the last checkpoint; covers every applied action."""
+        async with self._store_lock:
+            return await self._checkpoint(clean)
+
+    async def _checkpoint(self, clean: bool) -> int:
         batch, self.current = self.current, Batch()
         changes, restore = self._collect()
         runtime, ended = self.runtime_source(batch.signal_counts, True)
@@ -156,8 +162,7 @@ class Saver:
         return self.generation
 
     async def flush(self) -> None:
-        """Shutdown: wait for the commit under way, then a final clean checkpoint."""
-        await self._idle.wait()
+        """Shutdown: after the commit under way, a final clean checkpoint."""
         await self.checkpoint(clean=True)
 
     def _release(self, batch: Batch) -> None:
