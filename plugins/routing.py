@@ -46,14 +46,15 @@ class Router:
         key = (start, goal)
         if key in self._cache:
             self._cache.move_to_end(key)
-            return self._cache[key]
+            cached = self._cache[key]
+            return None if cached is None else list(cached)
         path = self._dijkstra(self._adjacent(records), start, goal)
         if NODE + goal not in records:
             path = None
         self._cache[key] = path
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        return path
+        return None if path is None else list(path)  # callers may consume their copy
 
     def _dijkstra(self, adjacency: dict[str, list[tuple[str, str, float]]],
                   start: str, goal: str) -> list[str] | None:

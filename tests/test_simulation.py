@@ -1,0 +1,335 @@
+"""The simulation plugin: trucks, packages, ticks, import/export, determinism."""
+
+from __future__ import annotations
+
+import copy
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from host.client import CallError
+from host.plugins import hookimpl
+from host.testing import open_harness
+from plugins.simulation import AgentKind
+from state.codec import canonical
+from worlds import grid_map, logistics_state
+
+ADMIN = {"host": {"admin_token": "adm"}}
+LINE = {"nodes": [{"id": n, "x": i, "y": 0, "building": None} for i, n in enumerate("abcd")],
+        "edges": [{"id": f"{x}{y}", "from": x, "to": y, "length": 2, "speed": 1}
+                  for x, y in ("ab", "bc", "cd", "dc", "cb", "ba")]}
+
+
+def sim_state(h: Any) -> dict[str, Any]:
+    return copy.deepcopy(h.world()["simulation"])
+
+
+def check_invariants(world: dict[str, Any]) -> None:
+    sim, graph = world["simulation"], world["map"]
+    agents = {k[6:]: a for k, a in sim.items() if k.startswith("agent:")}
+    for key, package in sim.items():
+        if not key.startswith("package:"):
+            continue
+        carriers = [a["id"] for a in agents.values() if package["id"] in a["cargo"]]
+        if package["status"] == "in_transit":
+            assert carriers == [package["carried_by"]], package
+        else:
+            assert carriers == [] and package["carried_by"] is None, package
+        assert "node:" + package["origin"] in graph and "node:" + package["destination"] in graph
+    for agent in agents.values():
+        assert agent["fuel"] >= 0 and "node:" + agent["node"] in graph
+
+
+async def test_a_truck_picks_up_and_delivers(worldhost: Any) -> None:
+    h = await worldhost.start(config=ADMIN)
+    async with h.client("root", token="adm") as root, h.client("watcher") as watcher:
+        await root.call("map.import", map_data=LINE)
+        await root.call("simulation.set", global_fuel_price=2.0)
+        await root.call("simulation.add_agent", id="t1", kind="truck", node="a", fuel=0.3,
+                        fuel_capacity=10)
+        await root.call("simulation.add_package", id="old", origin="b", destination="d")
+        await root.call("simulation.step", ticks=1)
+        await root.call("simulation.add_package", id="new", origin="a", destination="b")
+        assert (await root.call("simulation.step", ticks=40)) == {"tick": 41}
+        ticked = await watcher.next_signal("simulation.ticked")
+        assert ticked["data"]["tick"] == 1
+        state = (await root.call("simulation.export_state"))["state_data"]
+        packages = {p["id"]: p for p in state["packages"]}
+        assert packages["old"]["status"] == "delivered"  # the oldest first
+        assert packages["new"]["status"] == "delivered"
+        assert packages["old"]["delivered_tick"] < packages["new"]["delivered_tick"]
+        truck = state["agents"][0]
+        assert truck["delivered"] == 2 and truck["fuel_cost"] > 0  # it refuelled and paid
+        check_invariants(h.world())
+
+
+async def test_ticked_carries_only_what_changed(worldhost: Any) -> None:
+    h = await worldhost.start(config=ADMIN)
+    async with h.client("root", token="adm") as root:
+        await root.call("map.import", map_data=LINE)
+        await root.call("simulation.add_agent", id="idle", kind="truck", node="a")
+        await root.call("simulation.add_agent", id="busy", kind="truck", node="d")
+        await root.call("simulation.add_package", id="p", origin="c", destination="a")
+        await root.call("simulation.step", ticks=1)
+        ticked = await root.next_signal("simulation.ticked")
+        moved = [m["id"] for m in ticked["data"]["moved"]]
+        assert moved == ["busy"]  # 'idle' had nothing to do ('busy' is nearer... by id order)
+        assert "agents" not in ticked["data"] and "graph" not in ticked["data"]
+
+
+async def test_the_tick_loop_runs_through_the_dispatcher(worldhost: Any,
+                                                          autojump_clock: Any) -> None:
+    h = await worldhost.start(config=ADMIN)
+    async with h.client("root", token="adm") as root:
+        await root.call("map.import", map_data=LINE)
+        assert await root.call("simulation.start", tick_hz=20) == {"tick": 0, "tick_hz": 20.0}
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.step", ticks=1)
+        assert err.value.code == "conflict"
+        await trio.sleep(1.0)
+        stopped = await root.call("simulation.stop")
+        assert 18 <= stopped["tick"] <= 21
+        ticks = []
+        while len(ticks) < stopped["tick"]:
+            sig = await root.next_signal("simulation.ticked")
+            ticks.append(sig["data"]["tick"])
+        assert ticks == list(range(1, stopped["tick"] + 1))
+        await trio.sleep(1.0)
+        assert h.world()["simulation"]["meta"]["tick"] == stopped["tick"]
+
+
+class SlowKind:
+    """An agent kind whose step takes real time: the host falls behind its tick rate."""
+
+    __name__ = "slow_kind"
+
+    @hookimpl
+    def register_agent_kinds(self) -> list[AgentKind]:
+        def from_plain(sim: Any, data: dict[str, Any], path: str) -> dict[str, Any]:
+            return {"id": data["id"], "kind": "snail", "node": data["node"], "steps": 0}
+
+        def step(sim: Any, agent: dict[str, Any], dt: float) -> dict[str, Any]:
+            time.sleep(0.1)
+            return {**agent, "steps": agent["steps"] + 1}
+        return [AgentKind("snail", from_plain, step)]
+
+
+async def test_falling_behind_skips_ticks_and_says_how_many(worldhost: Any) -> None:
+    h = await worldhost.start(SlowKind(), config=ADMIN)
+    async with h.client("root", token="adm") as root:
+        await root.call("map.import", map_data=LINE)
+        await root.call("simulation.add_agent", id="s", kind="snail", node="a")
+        await root.call("simulation.start", tick_hz=100)
+        dropped = []
+        for _ in range(5):
+            dropped.append((await root.next_signal("simulation.ticked"))["data"]["dropped"])
+        await root.call("simulation.stop")
+    assert sum(dropped) >= 20  # ~9 periods pass during each 0.1 s tick
+    meta = h.world()["simulation"]["meta"]
+    assert meta["dropped_ticks"] >= sum(dropped)
+    assert meta["tick"] < 20  # it did not try to catch up
+
+
+async def test_state_round_trip_into_a_fresh_host(worldhost: Any) -> None:
+    a = await worldhost.start(config=ADMIN)
+    b = await worldhost.start(config=ADMIN)
+    async with a.client("root", token="adm") as ra, b.client("root", token="adm") as rb:
+        await ra.call("simulation.import_state", state_data=logistics_state(50, 120, 5, 20))
+        await ra.call("simulation.step", ticks=15)
+        exported = (await ra.call("simulation.export_state"))["state_data"]
+        reply = await rb.call("simulation.import_state", state_data=exported)
+        assert reply == {"agents": 5, "packages": 20, "skipped_agents": []}
+        assert (await rb.call("simulation.export_state"))["state_data"] == exported
+
+
+async def test_export_is_allowed_while_running(worldhost: Any, autojump_clock: Any) -> None:
+    h = await worldhost.start(config=ADMIN)
+    async with h.client("root", token="adm") as root:
+        await root.call("simulation.import_state", state_data=logistics_state(20, 40, 3, 10))
+        await root.call("simulation.start", tick_hz=50)
+        await trio.sleep(0.5)
+        state = (await root.call("simulation.export_state"))["state_data"]
+        assert state["metadata"]["running"] is True and state["metadata"]["tick"] > 0
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.import_state", state_data=state)
+        assert err.value.code == "conflict"
+
+
+@pytest.mark.parametrize("part", ["graph", "agents", "packages", "metadata"])
+async def test_a_state_missing_a_part_names_it(worldhost: Any, part: str) -> None:
+    h = await worldhost.start(config=ADMIN)
+    state = logistics_state(5, 5, 1, 1)
+    del state[part]
+    async with h.client("root", token="adm") as root:
+        before = h.encoded_world()
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.import_state", state_data=state)
+        assert err.value.code == "validation_error"
+        assert err.value.details["path"] == f"params.state_data.{part}"
+        assert h.encoded_world() == before
+
+
+async def test_an_empty_state_gives_an_empty_world(worldhost: Any) -> None:
+    h = await worldhost.start(config=ADMIN)
+    async with h.client("root", token="adm") as root:
+        await root.call("simulation.import_state", state_data=logistics_state(5, 5, 1, 1))
+        empty = {"graph": {"nodes": [], "edges": []}, "agents": [], "packages": [],
+                 "metadata": {}}
+        assert await root.call("simulation.import_state", state_data=empty) == {
+            "agents": 0, "packages": 0, "skipped_agents": []}
+        state = (await root.call("simulation.export_state"))["state_data"]
+        assert state["graph"] == {"nodes": [], "edges": []}
+        assert state["agents"] == [] and state["packages"] == []
+
+
+async def test_unknown_agent_kinds_are_skipped_and_listed(worldhost: Any,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    h = await worldhost.start(config=ADMIN)
+    state = logistics_state(5, 5, 2, 1)
+    state["agents"].append({"id": "ufo1", "kind": "ufo", "node": "n0", "warp": 9})
+    async with h.client("root", token="adm") as root:
+        reply = await root.call("simulation.import_state", state_data=state)
+    assert reply == {"agents": 2, "packages": 1, "skipped_agents": ["ufo1"]}
+    assert "ufo1" in caplog.text
+
+
+BAD_STATES = [
+    (lambda s: s["agents"].append({"id": "t0", "kind": "truck", "node": "n1"}),
+     "params.state_data.agents[2].id", "duplicate agent id"),
+    (lambda s: s["agents"][0].update(node="nowhere"), "params.state_data.agents[0].node",
+     "missing node"),
+    (lambda s: s["agents"][0].update(fuel=-1), "params.state_data.agents[0].fuel", "at least"),
+    (lambda s: s["packages"][0].update(status="lost"), "params.state_data.packages[0].status",
+     "status"),
+    (lambda s: s["packages"][0].update(status="in_transit"),
+     "params.state_data.packages[0].carried_by", "in_transit"),
+    (lambda s: s["packages"][0].update(destination="nowhere"),
+     "params.state_data.packages[0].destination", "missing node"),
+    (lambda s: s["metadata"].update(dt_s="fast"), "params.state_data.metadata.dt_s", "float"),
+    (lambda s: s["graph"]["edges"][0].update(length=0), "params.state_data.graph.edges[0].length",
+     "positive"),
+]
+
+
+@pytest.mark.parametrize("damage, path, words", BAD_STATES)
+async def test_import_validates_everything_before_changing_anything(
+        worldhost: Any, damage: Any, path: str, words: str) -> None:
+    h = await worldhost.start(config=ADMIN)
+    state = logistics_state(5, 8, 2, 2)
+    damage(state)
+    async with h.client("root", token="adm") as root:
+        await root.call("simulation.import_state", state_data=logistics_state(4, 4, 1, 1, seed=9))
+        before = h.encoded_world()
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.import_state", state_data=state)
+        assert err.value.code == "validation_error"
+        assert err.value.details["path"] == path, err.value.details
+        assert words in err.value.message
+        assert h.encoded_world() == before
+
+
+async def test_agents_and_packages_lifecycle(worldhost: Any) -> None:
+    h = await worldhost.start(config=ADMIN)
+    async with h.client("root", token="adm") as root:
+        await root.call("map.import", map_data=LINE)
+        await root.call("simulation.add_agent", id="t", kind="truck", node="a")
+        await root.call("simulation.add_package", id="p", origin="b", destination="d")
+        await root.call("simulation.add_package", id="q", origin="b", destination="d")
+        assert await root.call("simulation.cancel_package", id="q") == {"id": "q"}
+        await root.call("simulation.step", ticks=3)  # loaded, on its way
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.remove_agent", id="t")
+        assert err.value.code == "conflict"
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.cancel_package", id="p")
+        assert err.value.code == "conflict"
+        await root.call("simulation.step", ticks=10)
+        assert await root.call("simulation.remove_agent", id="t") == {"id": "t"}
+        check_invariants(h.world())
+
+
+async def _run_ticks(tmp_path: Path, state: dict[str, Any], ticks: int) -> bytes:
+    async with open_harness(tmp_path) as harness:
+        h = await harness.start(config=ADMIN, db=tmp_path / f"{uuid.uuid4().hex}.db")
+        async with h.client("root", token="adm") as root:
+            await root.call("simulation.import_state", state_data=state)
+            await root.call("simulation.step", ticks=ticks)
+        return canonical(h.world()["simulation"])
+
+
+async def test_the_same_world_and_actions_give_the_same_world(tmp_path: Path) -> None:
+    state = logistics_state(300, 900, 30, 120, seed=5)
+    first = await _run_ticks(tmp_path, state, 1000)
+    second = await _run_ticks(tmp_path, state, 1000)
+    assert first == second
+
+
+async def test_a_crash_mid_run_replays_to_the_uninterrupted_world(worldhost: Any,
+                                                                  autojump_clock: Any) -> None:
+    state = logistics_state(60, 150, 8, 40, seed=3)
+    h = await worldhost.start(config=ADMIN)
+    async with h.client("root", token="adm", reconnect=False) as root:
+        await root.call("simulation.import_state", state_data=state)
+        await root.call("simulation.start", tick_hz=20)
+        await trio.sleep(3.37)
+        await h.crash()
+    await h.start()
+    crashed = h.world()["simulation"]
+    ticks = crashed["meta"]["tick"]
+    assert ticks > 40
+    clean = await worldhost.start(config=ADMIN)
+    async with clean.client("root", token="adm") as root:
+        await root.call("simulation.import_state", state_data=state)
+        await root.call("simulation.step", ticks=ticks)
+    uninterrupted = clean.world()["simulation"]
+    for world in (crashed, uninterrupted):
+        world["meta"].pop("running")
+    assert canonical(crashed) == canonical(uninterrupted)
+
+
+actions = st.lists(st.one_of(
+    st.tuples(st.just("agent"), st.integers(0, 4), st.integers(0, 8)),
+    st.tuples(st.just("package"), st.integers(0, 9), st.integers(0, 8), st.integers(0, 8)),
+    st.tuples(st.just("step"), st.integers(1, 6)),
+    st.tuples(st.just("remove_agent"), st.integers(0, 4)),
+    st.tuples(st.just("cancel"), st.integers(0, 9)),
+    st.tuples(st.just("remove_edge"), st.integers(0, 23)),
+), max_size=30)
+
+
+@given(actions)
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+async def test_random_simulations_keep_their_invariants(tmp_path: Path, steps: list) -> None:
+    async with open_harness(tmp_path) as harness:
+        h = await harness.start(config=ADMIN, db=tmp_path / f"{uuid.uuid4().hex}.db")
+        grid = grid_map(3, 3)
+        nodes = [n["id"] for n in grid["nodes"]]
+        edges = [e["id"] for e in grid["edges"]]
+        async with h.client("root", token="adm") as root:
+            await root.call("map.import", map_data=grid)
+            for step in steps:
+                try:
+                    if step[0] == "agent":
+                        await root.call("simulation.add_agent", id=f"t{step[1]}", kind="truck",
+                                        node=nodes[step[2]], capacity=2)
+                    elif step[0] == "package":
+                        await root.call("simulation.add_package", id=f"p{step[1]}",
+                                        origin=nodes[step[2]], destination=nodes[step[3]])
+                    elif step[0] == "step":
+                        await root.call("simulation.step", ticks=step[1])
+                    elif step[0] == "remove_agent":
+                        await root.call("simulation.remove_agent", id=f"t{step[1]}")
+                    elif step[0] == "cancel":
+                        await root.call("simulation.cancel_package", id=f"p{step[1]}")
+                    else:
+                        await root.call("map.remove_edge", id=edges[step[1]])
+                except CallError as err:
+                    assert err.code in ("validation_error", "conflict", "not_found")
+                check_invariants(h.world())
