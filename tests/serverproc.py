@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,12 +15,13 @@ class ServerProcess:
     """``worldhost serve --port 0`` on a store file; start, kill -9, stop, restart."""
 
     def __init__(self, db: Path, config: Path | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, port: int = 0) -> None:
         self.db = db
         self.config = config
         self.env = {**os.environ, "WORLDHOST_LOG": "WARNING", **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
-        self.port = 0
+        self.port = port
+        self.fixed_port = port
         self.stderr_path = db.with_suffix(".stderr")
 
     @property
@@ -27,7 +29,7 @@ class ServerProcess:
         return f"ws://127.0.0.1:{self.port}/"
 
     def start(self, timeout: float = 20) -> ServerProcess:
-        cmd = [sys.executable, "-m", "host", "serve", "--db", str(self.db), "--port", "0"]
+        cmd = [sys.executable, "-m", "host", "serve", "--db", str(self.db), "--port", str(self.fixed_port)]
         if self.config is not None:
             cmd += ["--config", str(self.config)]
         self.stderr = open(self.stderr_path, "a")  # noqa: SIM115
@@ -61,3 +63,9 @@ class ServerProcess:
 
     def log(self) -> str:
         return self.stderr_path.read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
