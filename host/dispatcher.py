@@ -197,6 +197,8 @@ class Dispatcher:
         self._route(ctx.emitted, outcome)
         for session_id, reason in ctx.ended:
             self.host.session_ended(session_id, reason, outcome)
+        if changed and not self.replaying:
+            self.host.sync_if_changed(outcome)
         if action.changes_world and changed:
             plain = msgspec.to_builtins(params) if params is not None else {}
             entry_id = entry_id if entry_id is not None else self._take_id()
@@ -224,9 +226,11 @@ class Dispatcher:
     def _route(self, emitted: list[Emit], outcome: Outcome) -> None:
         for emit in emitted:
             if emit.broadcast:
+                shared: dict[str, bytes] = {}  # each encoding of data, made once for all
                 for s in self.sessions:
                     if s.id != emit.exclude:
-                        outcome.outputs.append((s, Signal(emit.signal, emit.data)))
+                        outcome.outputs.append((s, Signal(emit.signal, emit.data,
+                                                          encoded=shared)))
             elif emit.to is not None:
                 target = self.sessions.get(emit.to)
                 if target is not None:
@@ -243,7 +247,11 @@ class Dispatcher:
         target = session if session is not None else req.conn
         if session is not None and req.has_id and exc.code not in ("rate_limited", "internal_error"):
             session.remember(req.id, "error", data)
-        return Outcome([(target, sig)])
+        outcome = Outcome([(target, sig)])
+        conn = req.conn
+        if conn is not None and conn.failed_opens >= self.host.config.sessions.max_failed_opens:
+            outcome.after.append(lambda: conn.close_soon(1008, "too many failed session attempts"))
+        return outcome
 
     def _finish(self, req: Request | None, outcome: Outcome) -> None:
         counts: Counter[str] = Counter()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import socket
 import time
 from pathlib import Path
 from collections import Counter
@@ -68,6 +69,7 @@ class Host:
         self.store_in_thread = store_in_thread
         self.plugin_runtime: dict[str, dict[str, Any]] = {}
         self._lock_handle: Any = None
+        self._last_summary: dict[str, Any] | None = None
 
     # time ------------------------------------------------------------------
     def clock(self) -> float:
@@ -282,6 +284,16 @@ class Host:
         state.update(self._contributions())
         return state
 
+    def sync_if_changed(self, outcome: Any) -> None:
+        """Send ``sync_state`` again to every session when the phase or process summary
+        changed (the parts of it that actions change)."""
+        summary = self._contributions()
+        if summary == self._last_summary:
+            return
+        self._last_summary = summary
+        for session in self.sessions:
+            outcome.outputs.append((session, Signal("sync_state", self.sync_state(session))))
+
     def session_info(self, s: Session, resumed: bool = False) -> SessionInfo:
         return SessionInfo(s.id, s.name, s.role, resumed)
 
@@ -339,6 +351,7 @@ class Host:
                     for plugin, tasks in self.registry.collect("background_tasks", host=self.api):
                         for task in tasks:
                             nursery.start_soon(self._supervise, plugin, task)
+                self._last_summary = self._contributions()
                 if listen:
                     await self._listen(nursery)
                 task_status.started(self)
@@ -355,13 +368,22 @@ class Host:
             self.stopped.set()
 
     async def _listen(self, nursery: trio.Nursery) -> None:
-        limits = self.config.host.limits
-        server = await nursery.start(lambda task_status: trio_websocket.serve_websocket(
-            self.transport.handle, self.config.host.host, self.config.host.port, None,
-            message_queue_size=8, max_message_size=limits.max_frame_bytes,
-            connect_timeout=10, disconnect_timeout=5, task_status=task_status))
+        cfg = self.config.host
+        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+        for listener in listeners:
+            # Accepted sockets inherit this: a client that stops reading fills its
+            # buffers within seconds, so its outbox lag shows and it is dropped.
+            listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                       cfg.limits.socket_send_buffer)
+        server = trio_websocket.WebSocketServer(
+            self.transport.handle, listeners, handler_nursery=nursery,
+            message_queue_size=8, max_message_size=cfg.limits.max_frame_bytes,
+            # a socket that never completes its handshake is closed like one that never
+            # opens a session
+            connect_timeout=self.config.sessions.auth_timeout_s, disconnect_timeout=5)
+        await nursery.start(server.run)
         self.port = server.port
-        self.listen_host = self.config.host.host
+        self.listen_host = cfg.host
 
     async def _supervise(self, plugin: str, task: Any) -> None:
         while True:

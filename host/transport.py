@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import deque
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
@@ -45,10 +46,28 @@ _CBOR_CHUNK = b"\xa1\x65chunk"  # a map of one entry whose key is "chunk"
 
 
 def encode_frame(sig: Signal, encoding: str) -> str | bytes:
-    envelope = sig.envelope()
+    """The frame for one signal. ``data`` is encoded once per encoding and spliced
+    into each session's envelope, so a broadcast is not re-encoded per client."""
+    cache = sig.encoded if sig.encoded is not None else {}
+    data = cache.get(encoding)
     if encoding == "cbor":
-        return encode_cbor(envelope)
-    return encode_json(envelope).decode("utf-8")
+        if data is None:
+            data = cache[encoding] = encode_cbor(sig.data)
+        parts = [b"\x66signal", encode_cbor(sig.signal)]
+        if sig.has_re:
+            parts += [b"\x62re", encode_cbor(sig.re)]
+        if sig.seq is not None:
+            parts += [b"\x63seq", encode_cbor(sig.seq)]
+        parts += [b"\x64data", data]
+        return bytes([0xA0 + len(parts) // 2]) + b"".join(parts)
+    if data is None:
+        data = cache[encoding] = encode_json(sig.data)
+    head = b'{"signal":' + encode_json(sig.signal)
+    if sig.has_re:
+        head += b',"re":' + encode_json(sig.re)
+    if sig.seq is not None:
+        head += b',"seq":%d' % sig.seq
+    return (head + b',"data":' + data + b"}").decode("utf-8")
 
 
 def parse_envelope(message: Any) -> tuple[Any, bool]:
@@ -104,6 +123,7 @@ class Connection:
         self.in_flight = 0
         self.budget = max(1, limits.outbox_size // 2)
         self._room = trio.Event()
+        self._queued_at: deque[float] = deque()  # when each outbox item was queued
         self.transfers = 0
         self.close_code: int | None = None
         self.close_reason = ""
@@ -114,8 +134,15 @@ class Connection:
             return False
         if sig.has_re and self.in_flight:
             self.in_flight -= 1
+        now = trio.current_time()
+        limits = self.host.config.host.limits
+        if self._queued_at and now - self._queued_at[0] > limits.max_lag_s:
+            log.warning("disconnecting %s: %.1f s behind", self.remote, now - self._queued_at[0])
+            self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
+            return False
         try:
             self._send.send_nowait(sig)
+            self._queued_at.append(now)
             return True
         except trio.WouldBlock:
             log.warning("disconnecting %s: outbox full (%d signals behind)",
@@ -136,6 +163,7 @@ class Connection:
             self.close_code, self.close_reason = code, reason
             try:
                 self._send.send_nowait(None)
+                self._queued_at.append(trio.current_time())
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 self.cancel_scope.cancel()
 
@@ -175,8 +203,7 @@ class Connection:
             except ConnectionClosed:
                 return
             if self.failed_opens >= max_failed:
-                self.close_soon(POLICY, "too many failed session attempts")
-                return
+                return  # closing: the dispatcher closes it after the last refusal is sent
             try:
                 joined = self._chunk(message)
             except ActionError as exc:
@@ -189,11 +216,12 @@ class Connection:
             req = self._request(joined)
             self.in_flight += 1
             bucket = self.bucket
-            if req.error is None and not bucket.take(trio.current_time()):
-                if bucket.flooding:
-                    log.warning("disconnecting %s: flooding past its rate limit", self.remote)
-                    self.abort(POLICY, "flooding past the rate limit")
-                    return
+            allowed = bucket.take(trio.current_time())  # every frame counts, even bad ones
+            if bucket.flooding:
+                log.warning("disconnecting %s: flooding past its rate limit", self.remote)
+                self.abort(POLICY, "flooding past the rate limit")
+                return
+            if not allowed and req.error is None:
                 req.error = RateLimited(
                     f"more than {bucket.rate:g} actions/s (burst {bucket.burst}); slow down")
             await self.host.dispatcher.put(req)
@@ -239,6 +267,8 @@ class Connection:
     async def _sender(self) -> None:
         try:
             async for sig in self._receive:
+                if self._queued_at:
+                    self._queued_at.popleft()
                 if sig is None:
                     await self.ws.aclose(self.close_code or 1000, self.close_reason)
                     break

@@ -126,7 +126,8 @@ class Sim:
         self.slice.put(PACKAGE + record["id"], record)
         self.package_events[record["id"]] = {
             "id": record["id"], "status": record["status"], "carried_by": record["carried_by"]}
-        self._waiting = None
+        if self._waiting is not None and record["status"] != "waiting":
+            self._waiting = [p for p in self._waiting if p["id"] != record["id"]]
 
     def waiting(self) -> list[dict[str, Any]]:
         """Waiting packages, oldest first (created tick, then id)."""
@@ -163,8 +164,11 @@ class Sim:
                 self.moved[new["id"]] = {"id": new["id"], "node": new.get("node"),
                                          "edge": new.get("edge"),
                                          "progress": new.get("progress", 0.0)}
-                if new.get("target") != agent.get("target"):
-                    self._targeted = None
+                old_target, new_target = agent.get("target"), new.get("target")
+                if old_target != new_target and self._targeted is not None:
+                    self._targeted.discard(old_target)
+                    if new_target:
+                        self._targeted.add(new_target)
 
     def save_meta(self) -> None:
         self.slice.put("meta", self.meta)
@@ -259,7 +263,7 @@ def tick(ctx: Context, p: TickParams) -> dict[str, Any]:
     sim.meta["dropped_ticks"] += p.dropped
     sim.tick()
     sim.save_meta()
-    ctx.broadcast("simulation.ticked", {**sim.changes(), "dropped": p.dropped})
+    ctx.broadcast("simulation.ticked", {**sim.changes(), "dropped": p.dropped, "at": ctx.now})
     return {"tick": sim.meta["tick"]}
 
 
@@ -272,7 +276,8 @@ def step(ctx: Context, p: StepParams) -> dict[str, Any]:
     for _ in range(p.ticks):
         sim.tick()
     sim.save_meta()
-    ctx.broadcast("simulation.ticked", {**sim.changes(), "ticks": p.ticks, "dropped": 0})
+    ctx.broadcast("simulation.ticked", {**sim.changes(), "ticks": p.ticks, "dropped": 0,
+                                        "at": ctx.now})
     return {"tick": sim.meta["tick"]}
 
 

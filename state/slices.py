@@ -94,6 +94,9 @@ class KeyedSlice:
         return self.get(key, _DELETED) is not _DELETED  # type: ignore[arg-type]
 
     def keys(self) -> Iterator[str]:
+        if not self._overlay:
+            yield from list(self._current())
+            return
         for key in self._current():
             if self._overlay.get(key) is not _DELETED:
                 yield key
@@ -104,6 +107,9 @@ class KeyedSlice:
     __iter__ = keys
 
     def items(self) -> Iterator[tuple[str, Any]]:
+        if not self._overlay:
+            yield from list(self._current().items())
+            return
         for key in self.keys():
             yield key, self.get(key)
 

@@ -1,0 +1,308 @@
+"""Access: token auth, roles, resume tokens, timeouts, origins, limits, abusive clients."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio_websocket
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+from host.actions import Role
+from host.client import CallError, connect
+from host.testing import raw_connection
+from serverproc import ServerProcess
+from worlds import logistics_state
+
+TOKENS = {"viewer": "v-token", "player": "p-token", "admin": "a-token"}
+TOKEN_CONFIG = {"host": {"auth": "token", "tokens": {
+    hashlib.sha256(t.encode()).hexdigest(): role for role, t in TOKENS.items()}}}
+
+
+async def send(ws: Any, frame: dict[str, Any]) -> dict[str, Any]:
+    await ws.send_message(json.dumps(frame))
+    while True:
+        msg = json.loads(await ws.get_message())
+        if msg.get("re") == frame.get("id") or msg["signal"] == "error":
+            return msg
+
+
+async def test_token_mode_fixes_the_role(worldhost: Any) -> None:
+    h = await worldhost.start(config=TOKEN_CONFIG)
+    for role, token in TOKENS.items():
+        async with h.client(role, token=token) as c:
+            assert c.role == role and c.server_info["auth"] == "token"
+    with pytest.raises(CallError) as err:
+        async with h.client("eve", token="guess"):
+            pass
+    assert err.value.code == "unauthenticated"
+    with pytest.raises(CallError) as err:
+        async with h.client("nobody"):
+            pass
+    assert err.value.code == "unauthenticated"
+
+
+async def test_every_action_is_forbidden_or_allowed_as_declared(worldhost: Any) -> None:
+    h = await worldhost.start(config=TOKEN_CONFIG)
+    actions = {n: a for n, a in h.host.registry.actions.items()
+               if not a.internal and not n.startswith("session.")}
+    for role, token in TOKENS.items():
+        async with h.client(role, token=token) as c:
+            for name, action in sorted(actions.items()):
+                try:
+                    await c.call(name)
+                    outcome = "ok"
+                except CallError as err:
+                    outcome = err.code
+                allowed = Role[role] >= action.role
+                assert (outcome != "forbidden") == allowed, (role, name, outcome)
+
+
+async def test_resume_tokens_rotate_and_all_failures_look_alike(worldhost: Any,
+                                                                autojump_clock: Any) -> None:
+    h = await worldhost.start(config={"sessions": {"resume_ttl_s": 300}})
+    async with h.client("ada", reconnect=False) as ada:
+        sid, first = ada.session_id, ada.resume_token
+    async with raw_connection(h) as ws:
+        await ws.get_message()
+        ok = await send(ws, {"id": 1, "action": "session.resume", "params": {
+            "session_id": sid, "resume_token": first, "last_seq": 0}})
+        second = ok["data"]["resume_token"]
+        assert second != first
+    answers = []
+    for token in (first, "garbage", second):  # replayed old, garbage, and (later) expired
+        if token == second:
+            await trio.sleep(301)
+        async with raw_connection(h) as ws:
+            await ws.get_message()
+            answers.append(await send(ws, {"id": 1, "action": "session.resume", "params": {
+                "session_id": sid, "resume_token": token, "last_seq": 0}}))
+    assert {a["data"]["code"] for a in answers} == {"unauthenticated"}
+    assert len({a["data"]["message"] for a in answers}) == 1
+    async with raw_connection(h) as ws:  # an unknown session looks the same too
+        await ws.get_message()
+        unknown = await send(ws, {"id": 1, "action": "session.resume", "params": {
+            "session_id": "s-nope", "resume_token": "x", "last_seq": 0}})
+    assert unknown["data"] == answers[0]["data"]
+
+
+async def test_a_connection_without_a_session_is_closed_in_time(worldhost: Any,
+                                                               autojump_clock: Any) -> None:
+    h = await worldhost.start(config={"sessions": {"auth_timeout_s": 10}})
+    async with raw_connection(h) as ws:
+        await ws.get_message()
+        start = trio.current_time()
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+        assert closed.value.reason.code == 1008
+        assert 9.9 <= trio.current_time() - start <= 10.5
+
+
+async def test_three_failed_opens_close_the_connection(worldhost: Any) -> None:
+    h = await worldhost.start(config=TOKEN_CONFIG)
+    async with raw_connection(h) as ws:
+        await ws.get_message()
+        for i in range(3):
+            reply = await send(ws, {"id": i, "action": "session.open",
+                                    "params": {"name": "eve", "token": f"guess{i}"}})
+            assert reply["data"]["code"] == "unauthenticated"
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == 1008
+
+
+@pytest.mark.parametrize("origin, allowed", [
+    (None, True),
+    ("https://app.example.com", True),
+    ("https://app.example.com.evil.com", False),
+    ("https://evil.com", False),
+    ("http://app.example.com", False),
+    ("https://app.example.co", False),
+])
+async def test_origin_matrix(worldhost: Any, origin: str | None, allowed: bool) -> None:
+    h = await worldhost.start(listen=True, config={"host": {
+        "allowed_origins": ["https://app.example.com"]}})
+    headers = [(b"Origin", origin.encode())] if origin else None
+    if allowed:
+        async with open_websocket_url(h.url, extra_headers=headers) as ws:
+            assert json.loads(await ws.get_message())["signal"] == "server.info"
+    else:
+        with pytest.raises(HandshakeError) as err:
+            async with open_websocket_url(h.url, extra_headers=headers):
+                pass
+        assert getattr(err.value, "status_code", None) == 403
+
+
+async def test_connections_per_address_are_capped(worldhost: Any) -> None:
+    h = await worldhost.start(listen=True, config={"host": {"limits": {
+        "max_connections_per_address": 3}}})
+    async with trio.open_nursery() as nursery:
+        held = [await trio_websocket.connect_websocket_url(nursery, h.url) for _ in range(3)]
+        with pytest.raises(HandshakeError) as err:
+            async with open_websocket_url(h.url):
+                pass
+        assert getattr(err.value, "status_code", None) == 429
+        await held[0].aclose()
+        await trio.sleep(0.1)
+        again = await trio_websocket.connect_websocket_url(nursery, h.url)
+        for ws in held[1:] + [again]:
+            await ws.aclose()
+
+
+async def test_rate_limit_then_flood_disconnect(worldhost: Any, autojump_clock: Any) -> None:
+    h = await worldhost.start(config={"host": {"limits": {"rate_per_s": 100, "rate_burst": 200}}})
+    async with raw_connection(h) as ws:
+        await ws.get_message()
+        await send(ws, {"id": "o", "action": "session.open", "params": {"name": "flood"}})
+        codes: list[str] = []
+
+        async def reader() -> None:
+            try:
+                while True:
+                    msg = json.loads(await ws.get_message())
+                    if msg["signal"] in ("host.pong", "error"):
+                        codes.append(msg["data"].get("code", "ok"))
+            except ConnectionClosed as exc:
+                codes.append(f"closed {exc.reason.code}")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            for i in range(300):
+                await ws.send_message(json.dumps({"id": i, "action": "host.ping"}))
+            await trio.sleep(0.5)
+            # the burst of 200 includes the session.open
+            assert codes.count("ok") == 199 and codes.count("rate_limited") == 101
+            with pytest.raises(ConnectionClosed):
+                for i in range(5000):
+                    await ws.send_message(json.dumps({"id": i, "action": "host.ping"}))
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        assert codes[-1] == "closed 1008"
+
+
+async def test_one_abusive_client_does_not_slow_the_others(worldhost: Any) -> None:
+    h = await worldhost.start(listen=True, config={"host": {"limits": {
+        "rate_per_s": 1000, "rate_burst": 2000}}})
+    latencies: list[float] = []
+    abuse = {"frames": 0, "disconnects": 0}
+
+    async def abuser() -> None:
+        while True:  # bad frames as fast as it can; when thrown out, it comes back
+            try:
+                async with open_websocket_url(h.url) as ws:
+                    await ws.get_message()
+                    while True:
+                        await ws.send_message("not json at all")
+                        await ws.send_message(b"\xff\xfe")
+                        abuse["frames"] += 2
+            except ConnectionClosed:
+                abuse["disconnects"] += 1
+
+    async with h.client("calm") as calm:
+        for _ in range(50):  # baseline
+            await calm.call("host.ping")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(abuser)
+            await trio.sleep(0.2)
+            for _ in range(200):
+                t = trio.current_time()
+                await calm.call("host.ping")
+                latencies.append(trio.current_time() - t)
+            nursery.cancel_scope.cancel()
+    assert abuse["frames"] > 1000
+    p99 = sorted(latencies)[int(len(latencies) * 0.99) - 1]
+    assert p99 < 0.25, f"p99 {p99 * 1000:.1f} ms with an abusive neighbour"
+    assert statistics.median(latencies) < 0.05
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_others_keep_up(
+        tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text('[host]\nadmin_token = "adm"\n')
+    server = ServerProcess(tmp_path / "w.db", config=config).start()
+    delays: list[float] = []
+    try:
+        async with connect(server.url, name="root", token="adm") as root, \
+                trio.open_nursery() as nursery:
+            await root.call("simulation.import_state", state_data=logistics_state(
+                400, 1200, 100, 2000, seed=7))
+            # a client that reads nothing once its session is open
+            stuck = await trio_websocket.connect_websocket_url(nursery, server.url,
+                                                               message_queue_size=0)
+            await stuck.send_message(json.dumps({"id": 1, "action": "session.open",
+                                                 "params": {"name": "stuck"}}))
+
+            async def listener(i: int) -> None:
+                async with connect(server.url, name=f"l{i}") as c:
+                    while True:
+                        sig = await c.next_signal("simulation.ticked", timeout=30)
+                        delays.append(time.time() - sig["data"]["at"])
+
+            for i in range(50):
+                nursery.start_soon(listener, i)
+            await trio.sleep(1)
+            started = trio.current_time()
+            await root.call("simulation.start", tick_hz=20)
+            gone_at = None
+            while trio.current_time() - started < 8:
+                await trio.sleep(0.1)
+                stats = await root.call("sessions.stats")
+                connected = {s["name"] for s in stats["sessions"] if s["connected"]}
+                if "stuck" not in connected and gone_at is None:
+                    gone_at = trio.current_time() - started
+            await root.call("simulation.stop")
+            nursery.cancel_scope.cancel()
+    finally:
+        server.stop()
+    assert gone_at is not None and gone_at <= 6, gone_at
+    assert len(delays) > 50 * 100
+    p99 = sorted(delays)[int(len(delays) * 0.99) - 1]
+    assert p99 < 0.1, f"p99 delivery {p99 * 1000:.0f} ms"
+
+
+async def test_idle_sockets_are_closed_and_a_real_client_still_gets_in(worldhost: Any) -> None:
+    h = await worldhost.start(listen=True, config={
+        "sessions": {"auth_timeout_s": 2},
+        "host": {"limits": {"max_connections_per_address": 1000}}})
+    streams = []
+    for _ in range(500):
+        streams.append(await trio.open_tcp_stream("127.0.0.1", h.host.port))
+    started = trio.current_time()
+    async with h.client("real") as real:
+        joined = trio.current_time() - started
+        await real.call("host.ping")
+    assert joined < 0.2, f"a normal client needed {joined * 1000:.0f} ms"
+    closed = 0
+    with trio.move_on_after(2 + 1 + 0.5):
+        for stream in streams:
+            try:
+                while await stream.receive_some(65536):
+                    pass
+            except trio.BrokenResourceError:
+                pass
+            closed += 1
+    assert closed == 500, f"{closed} of 500 idle sockets were closed in time"
+    assert trio.current_time() - started <= 2 + 1 + 0.5
+    for stream in streams:
+        await stream.aclose()
+
+
+def test_token_new_prints_a_token_and_its_config_line(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "host", "token", "new", "--role", "viewer"],
+                         capture_output=True, text=True, check=True).stdout
+    token = out.splitlines()[0].split(": ", 1)[1]
+    line = out.splitlines()[-1]
+    assert line == f'"{hashlib.sha256(token.encode()).hexdigest()}" = "viewer"'
+    config = tmp_path / "c.toml"
+    config.write_text('[host]\nauth = "token"\n[host.tokens]\n' + line + "\n")
+    from host import config as config_mod
+    assert list(config_mod.load(config).host.tokens.values()) == ["viewer"]
