@@ -31,14 +31,21 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
     async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            started = await nursery.start(host.run)
-            print(f"listening on ws://{started.listen_host}:{started.port}/", flush=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    logging.getLogger("worldhost").info("signal received; shutting down")
-                    host.stop()
-                    break
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                started = await nursery.start(host.run)
+                print(f"listening on ws://{started.listen_host}:{started.port}/", flush=True)
+
+                async def on_signals() -> None:
+                    async for signum in signals:
+                        # later signals while shutting down change nothing
+                        logging.getLogger("worldhost").info(
+                            "%s received; shutting down", signal.Signals(signum).name)
+                        host.stop()
+
+                nursery.start_soon(on_signals)
+                await host.stopped.wait()
+                nursery.cancel_scope.cancel()
 
     try:
         trio.run(main)

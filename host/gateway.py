@@ -167,8 +167,9 @@ class Gateway:
         if session is None or session.outbox is not conn:
             return
         session.outbox = None
-        if session.id not in self.host.world["sessions"].data():
-            return
+        if session.id not in self.host.world["sessions"].data() or \
+                not self.host.dispatcher.accepting:
+            return  # shutting down: startup marks every open session disconnected
         try:
             outcome = self._internal("sessions.detach", {"session_id": session.id})
         except ActionError:

@@ -110,7 +110,10 @@ def world_document(host: Host) -> dict[str, Any]:
 
 
 def _read(path: Path) -> Any:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OfflineError(f"cannot read {path}: {exc.strerror}") from None
     try:
         return decode_cbor(data, max_depth=10_000) if path.suffix == ".cbor" else decode_json(data)
     except ValueError as exc:
