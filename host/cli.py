@@ -116,8 +116,11 @@ def _offline(args: argparse.Namespace) -> int:
 
     try:
         return offline.run(args)
-    except offline.OfflineError as exc:
-        print(f"worldhost {args.command}: {exc}", file=sys.stderr)
+    except BaseException as exc:  # noqa: BLE001 - unwrap trio's exception groups
+        reason = _startup_failure(exc, (offline.OfflineError,))
+        if reason is None:
+            raise
+        print(f"worldhost {args.command}: {reason}", file=sys.stderr)
         return 2
 
 
