@@ -93,9 +93,20 @@ class Dispatcher:
         self.replaying = False
         self.accepting = True
         self.applied = 0
+        self.idle = True  # no item is being applied right now
 
     # submission -----------------------------------------------------------
     async def put(self, item: Request | Disconnect) -> None:
+        """Queue an item; when nothing is queued it is applied at once, which is the
+        same one-at-a-time order (handling never awaits) without a task switch."""
+        if self.idle and not self.receive_channel.statistics().current_buffer_used:
+            self.idle = False
+            try:
+                self._apply_item(item)
+            finally:
+                self.idle = True
+            await trio.lowlevel.checkpoint()
+            return
         await self.send_channel.send(item)
 
     async def submit(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -110,10 +121,22 @@ class Dispatcher:
     async def run(self) -> None:
         async with self.receive_channel:
             async for item in self.receive_channel:
-                if isinstance(item, Disconnect):
-                    self.host.gateway.disconnected(item.conn)
-                else:
-                    self.handle(item)
+                self.idle = False
+                try:
+                    self._apply_item(item)
+                    while True:  # drain what queued up meanwhile, in order
+                        try:
+                            self._apply_item(self.receive_channel.receive_nowait())
+                        except trio.WouldBlock:
+                            break
+                finally:
+                    self.idle = True
+
+    def _apply_item(self, item: Request | Disconnect) -> None:
+        if isinstance(item, Disconnect):
+            self.host.gateway.disconnected(item.conn)
+        else:
+            self.handle(item)
 
     # applying ----------------------------------------------------------------
     def handle(self, req: Request) -> None:
