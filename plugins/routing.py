@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 from collections import OrderedDict
 from typing import Any
 
@@ -19,6 +20,8 @@ class Router:
     def __init__(self, cache_size: int = 20_000) -> None:
         self.cache_size = cache_size
         self._adjacency: dict[str, list[tuple[str, str, float]]] | None = None
+        self._coords: dict[str, tuple[float, float]] = {}
+        self._ratio = 0.0
         self._cache: OrderedDict[tuple[str, str], list[str] | None] = OrderedDict()
         self.computed = 0
 
@@ -29,14 +32,23 @@ class Router:
     def _adjacent(self, records: Any) -> dict[str, list[tuple[str, str, float]]]:
         if self._adjacency is None:
             adjacency: dict[str, list[tuple[str, str, float]]] = {}
-            for key in records.keys():
+            self._coords = {}
+            ratio = float("inf")  # least travel time per unit of straight-line distance
+            for key, record in records.items():
+                if key.startswith(NODE):
+                    self._coords[record["id"]] = (record["x"], record["y"])
+            for key, e in records.items():
                 if key.startswith(EDGE):
-                    e = records[key]
-                    adjacency.setdefault(e["from"], []).append(
-                        (e["to"], e["id"], e["length"] / e["speed"]))
+                    time = e["length"] / e["speed"]
+                    adjacency.setdefault(e["from"], []).append((e["to"], e["id"], time))
+                    (x1, y1), (x2, y2) = self._coords[e["from"]], self._coords[e["to"]]
+                    straight = math.hypot(x2 - x1, y2 - y1)
+                    if straight > 0:
+                        ratio = min(ratio, time / straight)
             for edges in adjacency.values():
                 edges.sort(key=lambda item: item[1])
             self._adjacency = adjacency
+            self._ratio = 0.0 if ratio == float("inf") else ratio
         return self._adjacency
 
     def route(self, records: Any, start: str, goal: str) -> list[str] | None:
@@ -48,7 +60,7 @@ class Router:
             self._cache.move_to_end(key)
             cached = self._cache[key]
             return None if cached is None else list(cached)
-        path = self._dijkstra(self._adjacent(records), start, goal)
+        path = self._search(self._adjacent(records), start, goal)
         if NODE + goal not in records:
             path = None
         self._cache[key] = path
@@ -56,14 +68,26 @@ class Router:
             self._cache.popitem(last=False)
         return None if path is None else list(path)  # callers may consume their copy
 
-    def _dijkstra(self, adjacency: dict[str, list[tuple[str, str, float]]],
-                  start: str, goal: str) -> list[str] | None:
+    def _search(self, adjacency: dict[str, list[tuple[str, str, float]]],
+                start: str, goal: str) -> list[str] | None:
+        """A*: Dijkstra guided by straight-line distance times the least time per unit of
+        distance of any edge, which never overestimates, so routes stay shortest."""
         self.computed += 1
+        coords, ratio = self._coords, self._ratio
+        if goal not in coords or start not in coords:
+            return None
+        gx, gy = coords[goal]
+
+        def estimate(node: str) -> float:
+            x, y = coords[node]
+            return ratio * math.hypot(gx - x, gy - y)
+
         best = {start: 0.0}
         came: dict[str, tuple[str, str]] = {}
-        heap = [(0.0, start)]
+        heap = [(estimate(start), start)]
+        pop, push = heapq.heappop, heapq.heappush
         while heap:
-            cost, node = heapq.heappop(heap)
+            _, node = pop(heap)
             if node == goal:
                 path = []
                 while node != start:
@@ -71,12 +95,11 @@ class Router:
                     path.append(edge)
                 path.reverse()
                 return path
-            if cost > best[node]:
-                continue
+            cost = best[node]
             for to, edge_id, time in adjacency.get(node, ()):
                 new = cost + time
-                if new < best.get(to, float("inf")):
+                if new < best.get(to, math.inf):
                     best[to] = new
                     came[to] = (node, edge_id)
-                    heapq.heappush(heap, (new, to))
+                    push(heap, (new + estimate(to), to))
         return None

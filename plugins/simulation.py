@@ -36,7 +36,7 @@ STATUSES = ("waiting", "in_transit", "delivered")
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
-    plans_per_tick: int = 50  # idle agents that may plan a route in one tick
+    plans_per_tick: int = 1  # idle agents that may plan routes in one tick (each costs a search)
     max_step_ticks: int = 100_000
 
 
@@ -152,6 +152,8 @@ class Sim:
         meta["rng_state"] = (meta["rng_state"] * 0x5DEECE66D + 11) % 2**48  # stays JSON-exact
         self.plans_left = self.settings.plans_per_tick
         self._targeted = None
+        self._waiting = None
+        self.waiting(), self.targeted()  # once, before this tick's first change
         dt = meta["dt_s"]
         for key in sorted(k for k in self.slice.keys() if k.startswith(AGENT)):
             agent = self.slice[key]

@@ -35,15 +35,22 @@ def logistics_state(nodes: int, edges: int, trucks: int, packages: int,
     node_list = [{"id": n, "x": rng.uniform(0, 1000), "y": rng.uniform(0, 1000),
                   "building": None} for n in ids]
     edge_list = []
+    where = {n["id"]: (n["x"], n["y"]) for n in node_list}
+
+    def length(a: str, b: str) -> float:  # roads are longer than the straight line
+        (x1, y1), (x2, y2) = where[a], where[b]
+        return max(0.5, ((x2 - x1) ** 2 + (y2 - y1) ** 2) ** 0.5 * rng.uniform(1.0, 1.4))
+
     for i in range(nodes):
-        edge_list.append({"id": f"r{i}", "from": ids[i], "to": ids[(i + 1) % nodes],
-                          "length": rng.uniform(1, 5), "speed": rng.uniform(0.5, 2)})
+        a, b = ids[i], ids[(i + 1) % nodes]
+        edge_list.append({"id": f"r{i}", "from": a, "to": b, "length": length(a, b),
+                          "speed": rng.uniform(5, 20)})
     for j in range(max(0, edges - nodes)):
         a, b = rng.sample(ids, 2)
-        edge_list.append({"id": f"c{j}", "from": a, "to": b, "length": rng.uniform(1, 20),
-                          "speed": rng.uniform(0.5, 2)})
-    agents = [{"id": f"t{i}", "kind": "truck", "node": rng.choice(ids), "speed": 2.0,
-               "capacity": 5.0} for i in range(trucks)]
+        edge_list.append({"id": f"c{j}", "from": a, "to": b, "length": length(a, b),
+                          "speed": rng.uniform(5, 20)})
+    agents = [{"id": f"t{i}", "kind": "truck", "node": rng.choice(ids), "speed": 15.0,
+               "capacity": 5.0, "fuel_per_km": 0.01} for i in range(trucks)]
     pkgs = [{"id": f"p{i}", "origin": rng.choice(ids), "destination": rng.choice(ids),
              "weight": 1.0, "status": "waiting"} for i in range(packages)]
     return {"graph": {"nodes": node_list, "edges": edge_list}, "agents": agents,
