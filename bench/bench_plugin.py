@@ -30,3 +30,10 @@ def register_actions() -> list[Action]:
 @hookimpl
 def register_slices() -> list[SliceSpec]:
     return [SliceSpec("bench", dict, keyed=True)]
+
+
+@hookimpl
+def register_process_templates() -> list[dict[str, Any]]:
+    """One open-ended stage, so a benchmark can take turns for as long as it runs."""
+    return [{"id": "BENCH_ENDLESS", "name": "Endless", "stages": [
+        {"id": "talk", "name": "Talk", "advance": "manual"}]}]

@@ -33,6 +33,7 @@ def config_file(folder: Path, extra: str = "") -> Path:
     path = folder / "bench.toml"
     path.write_text(f'[host]\nadmin_token = "{ADMIN}"\n[host.limits]\nrate_per_s = 1000000.0\n'
                     f'rate_burst = 1000000\nmax_connections_per_address = 100000\n'
+                    f'outbox_size = 100000\nmax_lag_s = 60.0\n'
                     f'[plugins.session_cleanup]\nmax_sessions = 100000\n'
                     f'[plugins.bench]\nmodule = "bench_plugin"\n{extra}')
     return path
