@@ -30,6 +30,8 @@ def workdir() -> Path:
 
 
 def config_file(folder: Path, extra: str = "") -> Path:
+    """A config for benchmarks: no rate limit, room for many sessions, the bench
+    plugin; ``extra`` is appended (whole tables only)."""
     path = folder / "bench.toml"
     path.write_text(f'[host]\nadmin_token = "{ADMIN}"\n[host.limits]\nrate_per_s = 1000000.0\n'
                     f'rate_burst = 1000000\nmax_connections_per_address = 100000\n'

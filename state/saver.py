@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +72,7 @@ class Saver:
         self.closed = False
         self.threaded = threaded
         self._store_lock = trio.Lock()  # one store call at a time, on its one connection
+        self.longest_stall_s = 0.0  # the longest time a save held the event loop
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run store work off the event loop (or in it, for tests on a mock clock)."""
@@ -124,8 +126,10 @@ class Saver:
 
     async def _commit(self) -> None:
         async with self._store_lock:
+            started = time.perf_counter()
             batch, self.current = self.current, Batch()
             runtime, _ = self.runtime_source(batch.signal_counts, False)
+            self._stalled(started)
             self.in_flight = True
             self._idle = trio.Event()
             try:
@@ -142,9 +146,11 @@ class Saver:
             return await self._checkpoint(clean)
 
     async def _checkpoint(self, clean: bool) -> int:
+        started = time.perf_counter()
         batch, self.current = self.current, Batch()
         changes, restore = self._collect()
         runtime, ended = self.runtime_source(batch.signal_counts, True)
+        self._stalled(started)
         self.first_unsaved = self.last_change = None
         self.in_flight = True
         self._idle = trio.Event()
@@ -164,6 +170,9 @@ class Saver:
     async def flush(self) -> None:
         """Shutdown: after the commit under way, a final clean checkpoint."""
         await self.checkpoint(clean=True)
+
+    def _stalled(self, started: float) -> None:
+        self.longest_stall_s = max(self.longest_stall_s, time.perf_counter() - started)
 
     def _release(self, batch: Batch) -> None:
         for release in batch.releases:
