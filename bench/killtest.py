@@ -104,6 +104,13 @@ async def _drive(url: str, ledger: Ledger, seconds: float) -> None:
             nursery.start_soon(_client, url, f"client{i}", ledger, stop_at)
 
 
+async def _drive_then_kill(server: ServerProcess, ledger: Ledger, seconds: float) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_drive, server.url, ledger, seconds)
+        await trio.sleep(seconds)
+        server.kill9()
+
+
 def _world(url: str) -> dict:
     async def read() -> dict:
         async with open_websocket_url(url, max_message_size=1 << 30) as ws:
@@ -185,12 +192,7 @@ def run(cycles: int, workdir: Path, seed: int | None = None, verbose: bool = Fal
             _setup(server.url)
         seconds = rng.uniform(0.2, 1.2)
 
-        async def drive_then_kill() -> None:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_drive, server.url, ledger, seconds)
-                await trio.sleep(seconds)
-                server.kill9()
-        trio.run(drive_then_kill)
+        trio.run(_drive_then_kill, server, ledger, seconds)
         conn = sqlite3.connect(db)
         result = conn.execute("PRAGMA quick_check").fetchone()[0]
         conn.close()

@@ -19,7 +19,7 @@ import time
 import trio
 from trio_websocket import connect_websocket_url, serve_websocket
 
-from common import ADMIN, host_process, open_conns, percentile, run, workdir
+from common import host_process, open_conns, percentile, run, workdir
 from worlds import logistics_state
 
 

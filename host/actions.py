@@ -40,7 +40,7 @@ class Action:
     """
 
     name: str
-    handler: Handler
+    handler: Handler | Callable[..., Any]  # gateway actions take (gateway, request, params)
     params: Any = None  # a msgspec Struct type (or any type msgspec.convert takes)
     role: Role = Role.player
     changes_world: bool = True

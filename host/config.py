@@ -94,14 +94,20 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return out
 
 
-def _explain(exc: msgspec.ValidationError, source: str) -> ConfigError:
-    # msgspec says e.g. "Expected `int`, got `str` - at `$.host.port`"
-    text = str(exc)
-    message, _, where = text.partition(" - at `$")
-    key = where.rstrip("`").lstrip(".") or "(top level)"
+def error_path(exc: msgspec.ValidationError, root: str) -> tuple[str, str]:
+    """(path, message) of a msgspec validation error, the path written from ``root``;
+    an unknown field is named in the path too."""
+    message, _, where = str(exc).partition(" - at `$")
+    path = root + where.rstrip("`")
     if message.startswith("Object contains unknown field"):
-        field = message.split("`")[1]
-        key = f"{key}.{field}" if key != "(top level)" else field
+        path += "." + message.split("`")[1]
+    return path, message
+
+
+def _explain(exc: msgspec.ValidationError, source: str) -> ConfigError:
+    path, message = error_path(exc, "")
+    key = path.lstrip(".") or "(top level)"
+    if message.startswith("Object contains unknown field"):
         return ConfigError(f"{source}: unknown key {key!r}")
     return ConfigError(f"{source}: key {key!r}: {message}")
 

@@ -24,13 +24,12 @@ from host.actions import (
     ActionError,
     Context,
     Emit,
-    Forbidden,
     Invalid,
     Role,
-    Unauthenticated,
     UnknownAction,
 )
 from host.api import AppliedAction
+from host.config import error_path
 from host.sessions import Session, SessionTable, Signal
 from state.codec import canonical, load_stored
 from state.store import JournalEntry
@@ -76,10 +75,8 @@ class Outcome:
 
 
 def validation_details(exc: msgspec.ValidationError) -> dict[str, str]:
-    text = str(exc)
-    message, _, where = text.partition(" - at `")
-    path = where.rstrip("`") or "$"
-    return {"path": path.replace("$", "params", 1), "message": message}
+    path, message = error_path(exc, "params")
+    return {"path": path, "message": message}
 
 
 class Dispatcher:
@@ -159,7 +156,7 @@ class Dispatcher:
                         return
             params = self._check_params(action, req.params)
             if action.gateway:
-                outcome = action.handler(self.host.gateway, req, params)
+                outcome: Outcome = action.handler(self.host.gateway, req, params)  # type: ignore[call-arg, arg-type, assignment]
             else:
                 outcome = self.apply(action, params, session, req)
         except ActionError as exc:
@@ -196,7 +193,7 @@ class Dispatcher:
                       seed=f"{self.host.world_seed}:{seed_id}", host=self.host.api)
         world.begin(writable=action.changes_world)
         try:
-            result = action.handler(ctx, params)
+            result = action.handler(ctx, params)  # type: ignore[call-arg]
         except ActionError:
             world.rollback()
             raise

@@ -18,7 +18,7 @@ from host import config as config_mod
 from host.actions import ActionError
 from host.server import Host, StartupError
 from state.codec import decode_cbor, decode_json, encode_cbor, encode_json
-from state.store import FORMAT_VERSION, Store, StoreError
+from state.store import FORMAT_VERSION, StoreError
 
 FORMAT = "worldhost-world"
 ACTION_IMPORTED = ("map", "simulation")  # replaced through their import actions

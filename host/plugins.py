@@ -19,7 +19,7 @@ import pluggy
 
 from host import hookspecs
 from host.actions import Action
-from host.config import Config, ConfigError
+from host.config import Config, ConfigError, error_path
 from state.slices import SliceSpec
 
 hookimpl = pluggy.HookimplMarker("worldhost")
@@ -70,17 +70,10 @@ def _settings(plugin: str, module: ModuleType, table: dict[str, Any], source: st
     try:
         return msgspec.convert(table, schema)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        message, _, where = text.partition(" - at `$")
-        key = where.rstrip("`").lstrip(".")
+        key, message = error_path(exc, f"plugins.{plugin}")
         if message.startswith("Object contains unknown field"):
-            key = message.split("`")[1]
-            return _raise(f"{source}: unknown key 'plugins.{plugin}.{key}'")
-        return _raise(f"{source}: key 'plugins.{plugin}.{key}': {message}")
-
-
-def _raise(message: str) -> Any:
-    raise ConfigError(message)
+            raise ConfigError(f"{source}: unknown key {key!r}") from None
+        raise ConfigError(f"{source}: key {key!r}: {message}") from None
 
 
 def load(config: Config, extra: list[Any] | None = None, entry_points: bool = True) -> Registry:
@@ -98,8 +91,8 @@ def load(config: Config, extra: list[Any] | None = None, entry_points: bool = Tr
                               f"of that name in group 'worldhost'")
     if entry_points:
         for ep in importlib.metadata.entry_points(group="worldhost"):
-            entry, _ = entries.get(ep.name, (None, None))
-            if ep.name in wanted or (entry is not None and not entry.enabled):
+            found = entries.get(ep.name)
+            if ep.name in wanted or (found is not None and not found[0].enabled):
                 continue
             wanted[ep.name] = ep.value
     for name, module_name in wanted.items():
@@ -114,9 +107,8 @@ def load(config: Config, extra: list[Any] | None = None, entry_points: bool = Tr
         name = getattr(obj, "__name__", None) or type(obj).__name__
         pm.register(obj, name=name)
         registry.plugin_names.append(name)
-        module = obj if isinstance(obj, ModuleType) else None
-        if module is not None and getattr(module, "Settings", None) is not None:
-            registry.settings[name] = _settings(name, module, {}, config.source)
+        if isinstance(obj, ModuleType) and getattr(obj, "Settings", None) is not None:
+            registry.settings[name] = _settings(name, obj, {}, config.source)
     _merge(registry)
     return registry
 

@@ -68,7 +68,13 @@ def hash_matches(token: str, expected_hash: str) -> bool:
 class Outbox(Protocol):
     """Where a connected session's signals go (the transport's connection)."""
 
+    session: Session | None
+
     def deliver(self, frame: Signal) -> bool: ...
+
+    def displace(self) -> None: ...
+
+    def close_soon(self, code: int, reason: str) -> None: ...
 
 
 @dataclass

@@ -59,7 +59,7 @@ class HostHarness:
         done = self._done = trio.Event()
         host = self.host
 
-        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async def run(task_status: trio.TaskStatus[Host] = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 await host.run(listen=self.listen, task_status=task_status)
             finally:
@@ -94,7 +94,8 @@ class HostHarness:
             client_end, server_end = trio.testing.memory_stream_pair()
             self.host.accept_stream(server_end)
             return await trio_websocket.wrap_client_stream(
-                nursery, client_end, "worldhost.test", "/", message_queue_size=64,
+                nursery, client_end,  # type: ignore[arg-type]  # any trio stream works
+                "worldhost.test", "/", message_queue_size=64,
                 max_message_size=64 * 1024 * 1024)
         return opener
 

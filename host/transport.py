@@ -259,8 +259,8 @@ class Connection:
         try:
             action, params = check_envelope(decoded)
         except ActionError as exc:
-            action = decoded.get("action") if isinstance(decoded, dict) else None
-            return Request(action if isinstance(action, str) else "", None, rid, True, self,
+            named = decoded.get("action") if isinstance(decoded, dict) else None
+            return Request(named if isinstance(named, str) else "", None, rid, True, self,
                            self.encoding, error=exc)
         return Request(action, params, rid, has_id, self, self.encoding)
 

@@ -68,7 +68,7 @@ def history(ctx: Context, p: HistoryParams) -> dict[str, Any]:
     chat = ctx.keyed("chat")
     last = (chat.get("meta") or {"next": 1})["next"] - 1
     end = last if p.before is None else min(last, p.before - 1)
-    messages = []
+    messages: list[dict[str, Any]] = []
     n = end
     while n > 0 and len(messages) < p.limit:
         record = chat.get(_key(n))

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from host.actions import Action, Conflict, Context, Invalid, NotFound, Role
+from host.config import error_path
 from host.plugins import hookimpl
 from state.slices import KeyedSlice, SliceSpec
 
@@ -98,8 +99,7 @@ def build_graph(data: Any, settings: Settings, path: str = "params.map_data") ->
     try:
         parsed = data if isinstance(data, MapData) else msgspec.convert(data, MapData)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `$")
-        raise _bad(path + where.rstrip("`"), message) from None
+        raise _bad(*error_path(exc, path)) from None
     if len(parsed.nodes) > settings.max_nodes:
         raise _bad(f"{path}.nodes", f"{len(parsed.nodes)} nodes is more than the maximum "
                                     f"of {settings.max_nodes}")
@@ -122,7 +122,8 @@ def build_graph(data: Any, settings: Settings, path: str = "params.map_data") ->
 
 def export_graph(records: Any) -> dict[str, Any]:
     """map_data from the slice's records, nodes and edges in id order."""
-    nodes, edges = [], []
+    nodes: list[dict[str, Any]] = []
+    edges: list[dict[str, Any]] = []
     for key in sorted(records.keys()):
         (nodes if key.startswith(NODE) else edges).append(records[key])
     return {"nodes": nodes, "edges": edges}

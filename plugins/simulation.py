@@ -23,6 +23,7 @@ import trio
 
 from host.actions import Action, ActionError, Conflict, Context, Invalid, NotFound, Role
 from host.api import AppliedAction, HostAPI
+from host.config import error_path
 from host.plugins import hookimpl
 from plugins import map as map_plugin
 from plugins.routing import Router
@@ -460,8 +461,7 @@ def build_state(sim: Sim, state: Any, map_settings: Any,
     try:
         meta = msgspec.to_builtins(msgspec.convert(state["metadata"], Metadata))
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `$")
-        raise bad(f"{path}.metadata{where.rstrip('`')}", message) from None
+        raise bad(*error_path(exc, f"{path}.metadata")) from None
     meta["running"] = False
     records: dict[str, Any] = {"meta": meta}
     skipped: list[str] = []

@@ -37,8 +37,10 @@ def _refuse_tag(decoder: Any) -> Any:
     raise cbor2.CBORDecodeError("CBOR tags are not allowed")
 
 
-def _refuse_unknown_tag(decoder: Any, tag: cbor2.CBORTag) -> Any:
-    raise cbor2.CBORDecodeError(f"CBOR tag {tag.tag} is not allowed")
+def _refuse_unknown_tag(*args: Any) -> Any:
+    # cbor2 has passed (decoder, tag) and (tag, immutable) in different versions
+    tag = next((a for a in args if isinstance(a, cbor2.CBORTag)), None)
+    raise cbor2.CBORDecodeError(f"CBOR tag {tag.tag if tag else '?'} is not allowed")
 
 
 _NO_TAGS = _NoTags()

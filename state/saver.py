@@ -90,7 +90,7 @@ class Saver:
         if not journaled and not self.in_flight and not self.current:
             release()
             return
-        if journaled:
+        if journaled and entry is not None:
             self.current.entries.append(entry)
         self.current.releases.append(release)
         if signal_counts:
@@ -181,13 +181,13 @@ class Saver:
     def _collect(self) -> tuple[dict[str, SliceChange], Callable[[], None]]:
         """Encode what changed; keep what is encoded proportional to the change."""
         changes: dict[str, SliceChange] = {}
-        taken: list[tuple[KeyedSlice | ValueSlice, object, bool]] = []
+        taken: list[tuple[KeyedSlice | ValueSlice, set[str], bool]] = []
         for name, s in self.world.slices.items():
             spec = s.spec
             if isinstance(s, ValueSlice):
                 if s.dirty:
                     changes[name] = SliceChange(spec.version, False, value=canonical(s.data()))
-                    taken.append((s, True, False))
+                    taken.append((s, set(), False))
                     s.dirty = False
                 continue
             if not (s.dirty or s.replaced):
@@ -212,7 +212,7 @@ class Saver:
                 if isinstance(s, ValueSlice):
                     s.dirty = True
                 else:
-                    s.dirty |= dirty  # type: ignore[operator]
+                    s.dirty |= dirty
                     s.replaced = s.replaced or replaced
             self.first_unsaved = self.first_unsaved or trio.current_time()
             self.last_change = self.last_change or trio.current_time()

@@ -264,7 +264,7 @@ class Store:
                               [(s,) for s in ended_sessions])
             c.execute("DELETE FROM journal WHERE id <= ?", (last_id,))
             generation = int(self.meta("generation", 0)) + 1
-            updates = [("generation", generation), ("checkpoint_id", last_id),
+            updates: list[tuple[str, Any]] = [("generation", generation), ("checkpoint_id", last_id),
                        ("clean_shutdown", int(clean))]
             if world_id is not None:
                 updates.append(("world_id", world_id))

@@ -41,8 +41,8 @@ async def test_agents_finish_a_process_across_a_kill(tmp_path: Path) -> None:
     try:
         async with connect(server.url, name="judge") as judge:
             status = await judge.call("process.status", process_id=pid)
-    except Disconnected:
-        raise AssertionError(server.log())
+    except Disconnected as exc:
+        raise AssertionError(server.log()) from exc
     finally:
         assert server.stop() == 0
     collected = [(a["artifact"]["agent"], a["artifact"]["turn"])

@@ -1,4 +1,3 @@
-import trio
 from host.client import CallError
 import pytest
 
