@@ -25,7 +25,6 @@ from host.actions import (
     Context,
     Emit,
     Invalid,
-    Role,
     UnknownAction,
 )
 from host.api import AppliedAction
@@ -308,6 +307,3 @@ class Dispatcher:
             self.sessions.sync(self.host.world["sessions"].data())
         self.next_id = max(self.next_id, entry.id + 1)
 
-
-def role_allows(session_role: str, needed: Role) -> bool:
-    return Role.parse(session_role) >= needed

@@ -115,7 +115,7 @@ class Host:
 
     def open(self, quarantine_unreadable: bool = True) -> None:
         """Open the store (quarantining an unreadable one), load, migrate, replay."""
-        self._trio0 = trio.current_time()
+        self._wall0, self._trio0 = time.time(), trio.current_time()  # the clock's origin
         self._lock()
         sc = self.config.store
         try:

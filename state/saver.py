@@ -69,7 +69,6 @@ class Saver:
         self.generation = 0
         self.commits = 0
         self.checkpoints = 0
-        self.closed = False
         self.threaded = threaded
         self._store_lock = trio.Lock()  # one store call at a time, on its one connection
         self.longest_stall_s = 0.0  # the longest time a save held the event loop

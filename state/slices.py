@@ -120,9 +120,6 @@ class KeyedSlice:
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
 
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self.items())
-
     # writes ----------------------------------------------------------
     def _check_writable(self) -> None:
         if not self.writable:
