@@ -315,3 +315,18 @@ def test_token_new_prints_a_token_and_its_config_line(tmp_path: Path) -> None:
     config.write_text('[host]\nauth = "token"\n[host.tokens]\n' + line + "\n")
     from host import config as config_mod
     assert list(config_mod.load(config).host.tokens.values()) == ["viewer"]
+
+
+async def test_tokens_are_never_logged(worldhost: Any, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    caplog.set_level(logging.DEBUG)
+    h = await worldhost.start(config=TOKEN_CONFIG)
+    async with h.client("p", token=TOKENS["player"]) as p:
+        token = p.resume_token
+        await p.drop()
+        await p.call("host.ping")  # resumed with its token
+        with pytest.raises(CallError):
+            async with h.client("eve", token="not-a-token-" + "x" * 20):
+                pass
+    for secret in (*TOKENS.values(), token, "not-a-token-"):
+        assert secret not in caplog.text

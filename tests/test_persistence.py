@@ -265,3 +265,35 @@ def test_a_store_from_a_newer_format_is_refused_and_untouched(tmp_path: Path) ->
     assert err.group_contains(StoreTooNew) if hasattr(err, "group_contains") else True
     assert db.read_bytes() == before
     assert not list(tmp_path.glob("*.corrupt-*"))
+
+
+def test_a_truncated_wal_keeps_every_complete_commit(tmp_path: Path) -> None:
+    from serverproc import ServerProcess
+    from host.client import connect
+
+    db = tmp_path / "w.db"
+    server = ServerProcess(db).start()
+
+    async def add(ids: range) -> None:
+        async with connect(server.url, name="w", reconnect=False) as c:
+            for i in ids:
+                await c.call("map.add_node", id=f"n{i}", x=i, y=0)
+    trio.run(add, range(40))
+    server.kill9()  # the WAL stays behind, holding the journal
+    wal = Path(str(db) + "-wal")
+    size = wal.stat().st_size
+    assert size > 4096
+    with open(wal, "r+b") as f:
+        f.truncate(size - 1000)  # the last frame is cut in half
+    server.start()
+    try:
+        assert not list(tmp_path.glob("*.corrupt-*"))  # not damage: nothing moved aside
+
+        async def nodes() -> set[str]:
+            async with connect(server.url, name="r") as c:
+                return {n["id"] for n in (await c.call("map.export"))["map_data"]["nodes"]}
+        found = trio.run(nodes)
+    finally:
+        assert server.stop() == 0
+    # a prefix of the acknowledged nodes: every commit that completed, in order
+    assert found == {f"n{i}" for i in range(len(found))} and len(found) >= 30

@@ -165,3 +165,32 @@ async def test_read_only_actions_cannot_write(worldhost: Any) -> None:
             await ada.call("sneaky.write")
         assert err.value.code == "internal_error"
         assert h.encoded_world() == before
+
+
+async def test_a_connection_that_fails_closes_alone_with_1011(worldhost: Any) -> None:
+    from trio_websocket import ConnectionClosed
+
+    from host.testing import raw_connection
+
+    class Unencodable:
+        __name__ = "unencodable"
+
+        @hookimpl
+        def register_actions(self) -> list[Action]:
+            return [Action("bad.reply", lambda ctx, p: {"x": object()}, None, Role.viewer,
+                           changes_world=False)]
+
+    h = await worldhost.start(Unencodable())
+    async with h.client("bystander") as bystander, raw_connection(h) as ws:
+        import json
+        await ws.get_message()
+        await ws.send_message(json.dumps({"id": 1, "action": "session.open",
+                                          "params": {"name": "victim"}}))
+        await ws.get_message()
+        await ws.get_message()
+        await ws.send_message(json.dumps({"id": 2, "action": "bad.reply"}))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+        assert closed.value.reason.code == 1011
+        assert await bystander.call("host.ping", fine=True) == {"fine": True}
