@@ -61,7 +61,11 @@ def snapshot(ctx: Context, params: SnapshotParams) -> dict[str, Any]:
         if unknown:
             raise NotFound(f"no slice named {unknown[0]!r}",
                            details={"path": "params.slices", "unknown": unknown})
-    return {"generation": ctx.host.generation, "slices": ctx.world.snapshot(names)}
+    slices = ctx.world.snapshot(names)
+    if "sessions" in slices:  # resume-token hashes stay in the host
+        slices["sessions"] = {sid: {k: v for k, v in record.items() if k != "token_hash"}
+                              for sid, record in slices["sessions"].items()}
+    return {"generation": ctx.host.generation, "slices": slices}
 
 
 def _sessions(ctx: Context):  # type: ignore[no-untyped-def]

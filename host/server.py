@@ -284,10 +284,16 @@ class Host:
         state.update(self._contributions())
         return state
 
+    def _summary(self) -> dict[str, Any]:
+        """What a change of re-sends ``sync_state``: the phase and the process summary
+        (the simulation's tick changes every tick; clients follow it by its signals)."""
+        contributions = self._contributions()
+        return {k: contributions.get(k) for k in ("phase", "processes")}
+
     def sync_if_changed(self, outcome: Any) -> None:
         """Send ``sync_state`` again to every session when the phase or process summary
         changed (the parts of it that actions change)."""
-        summary = self._contributions()
+        summary = self._summary()
         if summary == self._last_summary:
             return
         self._last_summary = summary
@@ -351,7 +357,7 @@ class Host:
                     for plugin, tasks in self.registry.collect("background_tasks", host=self.api):
                         for task in tasks:
                             nursery.start_soon(self._supervise, plugin, task)
-                self._last_summary = self._contributions()
+                self._last_summary = self._summary()
                 if listen:
                     await self._listen(nursery)
                 task_status.started(self)

@@ -591,6 +591,16 @@ def background_tasks(host: HostAPI) -> list[Callable[[], Any]]:
 
 
 @hookimpl
+def server_info(host: HostAPI) -> dict[str, Any]:
+    records = host.read("simulation")
+    meta = records.get("meta") or default_meta()
+    agents = sum(1 for k in records if k.startswith(AGENT))
+    return {"simulation": {"running": meta["running"], "tick": meta["tick"],
+                           "tick_hz": meta["tick_hz"], "current_day": meta["current_day"],
+                           "agents": agents, "packages": len(records) - agents - 1}}
+
+
+@hookimpl
 def action_applied(host: HostAPI, applied: AppliedAction) -> None:
     rt = _runtime(host)
     if applied.name.startswith("map.") or applied.name == "simulation.import_state":

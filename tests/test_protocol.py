@@ -83,6 +83,9 @@ def test_session_open_snapshot_and_seq_without_gaps(server: ServerProcess) -> No
         seqs.append(call(ws, "host.ping", {"i": i}, rid=f"p{i}")["seq"])
     assert seqs == list(range(seqs[0], seqs[0] + 6))
     assert seqs[0] == 3  # session.opened is 1, sync_state 2
+    sessions = call(ws, "world.snapshot", {"slices": ["sessions"]}, rid="s")["data"]["slices"]
+    assert data["session_id"] in sessions["sessions"]
+    assert all("token_hash" not in record for record in sessions["sessions"].values())
     ws.close()
 
 

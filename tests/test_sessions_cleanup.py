@@ -74,6 +74,8 @@ async def test_sync_state_follows_the_phase(worldhost: Any) -> None:
         assert first["data"]["phase"] == "onboarding"
         assert first["data"]["session"]["name"] == "ada"
         assert {s["name"] for s in first["data"]["slices"]} >= {"map", "simulation", "process"}
+        assert first["data"]["simulation"] == {"running": False, "tick": 0, "tick_hz": 20.0,
+                                               "current_day": 0, "agents": 0, "packages": 0}
         await ada.call("process.start", template_id="QUICK_POLL", problem_statement="?",
                        agents=["x"])
         again = await ada.next_signal("sync_state")
