@@ -29,11 +29,11 @@ def workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="worldhost-bench-"))
 
 
-def config_file(folder: Path, extra: str = "") -> Path:
+def config_file(folder: Path, extra: str = "", rate: float = 1e6) -> Path:
     """A config for benchmarks: no rate limit, room for many sessions, the bench
     plugin; ``extra`` is appended (whole tables only)."""
     path = folder / "bench.toml"
-    path.write_text(f'[host]\nadmin_token = "{ADMIN}"\n[host.limits]\nrate_per_s = 1000000.0\n'
+    path.write_text(f'[host]\nadmin_token = "{ADMIN}"\n[host.limits]\nrate_per_s = {rate}\n'
                     f'rate_burst = 1000000\nmax_connections_per_address = 100000\n'
                     f'outbox_size = 100000\nmax_lag_s = 60.0\n'
                     f'[plugins.session_cleanup]\nmax_sessions = 100000\n'
@@ -41,9 +41,9 @@ def config_file(folder: Path, extra: str = "") -> Path:
     return path
 
 
-def host_process(folder: Path, extra_config: str = "") -> ServerProcess:
+def host_process(folder: Path, extra_config: str = "", rate: float = 1e6) -> ServerProcess:
     """``worldhost serve`` with the bench plugin importable."""
-    return ServerProcess(folder / "bench.db", config=config_file(folder, extra_config),
+    return ServerProcess(folder / "bench.db", config=config_file(folder, extra_config, rate),
                          env={"PYTHONPATH": str(Path(__file__).parent)})
 
 

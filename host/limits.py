@@ -7,7 +7,8 @@ class TokenBucket:
     """``rate`` tokens per second up to ``burst``; each action takes one.
 
     ``flooding`` turns true when, over the last second, the client asked for
-    ``flood_factor`` times its rate: such a client is disconnected.
+    ``flood_factor`` times its rate: such a client is disconnected. A rate of 0
+    turns the limit off.
     """
 
     def __init__(self, rate: float, burst: int, flood_factor: float = 10.0) -> None:
@@ -21,6 +22,8 @@ class TokenBucket:
         self.flooding = False
 
     def take(self, now: float) -> bool:
+        if self.rate <= 0:  # rate_per_s = 0: no limit
+            return True
         if self.stamp is None:
             self.stamp = now
             self.window_start = now
