@@ -1,5 +1,8 @@
 """Round trips: the host against a bare trio-websocket echo server, same client.
 
+Both servers run in processes of their own (bench/echo.py for the echo), so
+both pay the same process hops and have a core to themselves.
+
     python bench/roundtrip.py [--seconds 3]
 
 At 1, 10 and 100 connections: round trips/s, p50 and p99, for ``host.ping`` and
@@ -11,10 +14,13 @@ Targets at 10 connections: ping >= 0.8 of echo, the durable action >= 0.7.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from pathlib import Path
 
 import trio
 
-from common import drive, echo_server, host_process, open_conns, percentile, run, workdir
+from common import drive, host_process, open_conns, percentile, run, workdir
 
 
 async def measure(url: str, host: bool, count: int, seconds: float, action: str) -> tuple[float, float, float]:
@@ -40,10 +46,13 @@ def main() -> None:
     folder = workdir()
     server = host_process(folder).start()
 
+    echo = subprocess.Popen([sys.executable, str(Path(__file__).parent / "echo.py")],
+                            stdout=subprocess.PIPE, text=True)
+    assert echo.stdout is not None
+    echo_url = f"ws://127.0.0.1:{int(echo.stdout.readline())}/"
+
     async def bench() -> None:
         async with trio.open_nursery() as nursery:
-            echo = await nursery.start(echo_server)
-            echo_url = f"ws://127.0.0.1:{echo.port}/"
             print(f"{'action':<11} {'conns':>5} {'host rt/s':>10} {'echo rt/s':>10} "
                   f"{'ratio':>6} {'host p50':>9} {'host p99':>9} {'echo p50':>9} {'echo p99':>9}")
             for action in ("host.ping", "bench.touch"):
@@ -59,6 +68,7 @@ def main() -> None:
         run(bench)
     finally:
         server.stop()
+        echo.kill()
 
 
 if __name__ == "__main__":

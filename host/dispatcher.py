@@ -190,7 +190,8 @@ class Dispatcher:
         ctx = Context(world=world, now=now, session=session,
                       settings=self.registry.settings.get(self.registry.action_owner[action.name]),
                       seed=f"{self.host.world_seed}:{seed_id}", host=self.host.api)
-        world.begin(writable=action.changes_world)
+        if action.changes_world:  # slices are read-only between transactions
+            world.begin(writable=True)
         try:
             result = action.handler(ctx, params)  # type: ignore[call-arg]
         except ActionError:
@@ -202,7 +203,7 @@ class Dispatcher:
                       action.name, traceback.format_exc())
             raise ActionError(f"{action.name} failed inside its handler ({type(exc).__name__}); "
                               f"the world is unchanged", code="internal_error") from None
-        changed = world.commit()
+        changed = world.commit() if action.changes_world else False
         data = result if result is not None else {}
         outcome = Outcome(data=data)
         if req is not None and not req.internal:
@@ -231,10 +232,12 @@ class Dispatcher:
         if req is not None and req.internal:
             req.result = data
         self.applied += 1
-        applied = AppliedAction(action.name, msgspec.to_builtins(params) if params is not None else {},
-                                session.id if session is not None else None, data, now,
-                                replayed=self.replaying)
-        self.registry.pm.hook.action_applied(host=self.host.api, applied=applied)
+        if changed:
+            applied = AppliedAction(action.name,
+                                    msgspec.to_builtins(params) if params is not None else {},
+                                    session.id if session is not None else None, data, now,
+                                    replayed=self.replaying)
+            self.registry.pm.hook.action_applied(host=self.host.api, applied=applied)
         return outcome
 
     def _take_id(self) -> int:

@@ -76,7 +76,7 @@ def session_closed(host: HostAPI, session: SessionInfo, reason: str) -> None:
 
 @hookspec
 def action_applied(host: HostAPI, applied: AppliedAction) -> None:
-    """An action succeeded (after its transaction, before its reply is durable).
+    """An action changed the world (after its transaction, before its reply is durable).
 
     Runs outside the action's transaction: to change the world in response,
     ``host.submit`` another action.

@@ -111,6 +111,7 @@ class Store:
         self.conn = conn
         self.db = sqlite_utils.Database(conn)
         self.path = path
+        self.marked_clean = True  # meta says clean_shutdown = 1 (or may; set it to be sure)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], synchronous: str = "NORMAL",
@@ -224,8 +225,10 @@ class Store:
                     "INSERT INTO session_runtime (id, next_seq) VALUES (?, ?) "
                     "ON CONFLICT (id) DO UPDATE SET next_seq = excluded.next_seq",
                     list(seqs.items()))
-            c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
+            if self.marked_clean:  # the journal now holds what no checkpoint does
+                c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
             c.execute("COMMIT")
+            self.marked_clean = False
         except BaseException:
             c.execute("ROLLBACK")
             raise
@@ -272,6 +275,7 @@ class Store:
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", updates)
             c.execute("COMMIT")
+            self.marked_clean = clean
             return generation
         except BaseException:
             c.execute("ROLLBACK")
