@@ -125,7 +125,9 @@ def _offline(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="worldhost", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="worldhost", description="Serve a world over WebSocket; inspect, export and "
+                                      "import its store.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the host")
