@@ -64,8 +64,6 @@ class Saver:
         self.first_unsaved: float | None = None
         self.last_change: float | None = None
         self._wake = trio.Event()
-        self._idle = trio.Event()
-        self._idle.set()  # set while no store call is under way
         self.generation = 0
         self.commits = 0
         self.checkpoints = 0
@@ -130,12 +128,10 @@ class Saver:
             runtime, _ = self.runtime_source(batch.signal_counts, False)
             self._stalled(started)
             self.in_flight = True
-            self._idle = trio.Event()
             try:
                 await self._io(self.store.append, batch.entries, runtime)
             finally:
                 self.in_flight = False
-                self._idle.set()
         self.commits += 1
         self._release(batch)
 
@@ -152,7 +148,6 @@ class Saver:
         self._stalled(started)
         self.first_unsaved = self.last_change = None
         self.in_flight = True
-        self._idle = trio.Event()
         try:
             self.generation = await self._io(
                 self.store.checkpoint, changes, self.last_id, runtime, ended, self.world_id, clean)
@@ -161,7 +156,6 @@ class Saver:
             raise
         finally:
             self.in_flight = False
-            self._idle.set()
         self.checkpoints += 1
         self._release(batch)
         return self.generation
