@@ -330,3 +330,35 @@ async def test_tokens_are_never_logged(worldhost: Any, caplog: pytest.LogCapture
                 pass
     for secret in (*TOKENS.values(), token, "not-a-token-"):
         assert secret not in caplog.text
+
+
+async def test_a_connection_that_does_not_answer_pings_is_dropped(worldhost: Any,
+                                                                  autojump_clock: Any) -> None:
+    import trio.testing
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import CloseConnection, Ping, Request, TextMessage
+
+    h = await worldhost.start(config={"sessions": {"auth_timeout_s": 1000}})
+    client_end, server_end = trio.testing.memory_stream_pair()
+    h.host.accept_stream(server_end)
+    ws = WSConnection(ConnectionType.CLIENT)  # speaks WebSocket, but never answers a ping
+    await client_end.send_all(ws.send(Request(host="worldhost.test", target="/")))
+    opened_at = trio.current_time()
+    pings: list[float] = []
+    closed_at = None
+    while closed_at is None:
+        data = await client_end.receive_some()
+        if not data:
+            closed_at = trio.current_time()
+            break
+        ws.receive_data(data)
+        for event in ws.events():
+            if isinstance(event, Ping):
+                pings.append(trio.current_time() - opened_at)  # and no pong goes back
+            elif isinstance(event, CloseConnection):
+                closed_at = trio.current_time()
+                assert event.code == 1001
+            elif isinstance(event, TextMessage):
+                assert json.loads(event.data)["signal"] == "server.info"
+    assert pings and 14.9 <= pings[0] <= 15.5
+    assert 39.9 <= closed_at - opened_at <= 41  # 15 s to the ping, 25 s without a pong
