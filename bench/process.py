@@ -31,14 +31,18 @@ def main() -> None:
 
     async def bench() -> None:
         async with trio.open_nursery() as nursery:
-            conns = await open_conns(nursery, server.url, PROCESSES * AGENTS, True)
+            # the processes start before the agents connect, so the agents do not begin
+            # with 100 process.started broadcasts each to work through
+            (lead,) = await open_conns(nursery, server.url, 1, True)
             pids = []
             for p in range(PROCESSES):
-                reply = await conns[p * AGENTS].call("process.start", {
+                reply = await lead.call("process.start", {
                     "template_id": "BENCH_ENDLESS", "problem_statement": f"bench {p}",
                     "agents": [f"p{p}a{a}" for a in range(AGENTS)]})
                 assert reply["signal"] == "process.started", reply
                 pids.append(reply["data"]["process_id"])
+            await lead.ws.aclose()
+            conns = await open_conns(nursery, server.url, PROCESSES * AGENTS, True)
 
             def turn(index: int, i: int) -> tuple[str, dict]:
                 p, a = divmod(index, AGENTS)
@@ -48,8 +52,9 @@ def main() -> None:
             def ping(index: int, i: int) -> tuple[str, dict]:
                 return "host.ping", {"i": i}
 
-            turns = await drive(conns, args.seconds, turn)
+            # pings first: after the turns, clients still have broadcasts to work through
             pings = await drive(conns, args.seconds, ping)
+            turns = await drive(conns, args.seconds, turn)
             nursery.cancel_scope.cancel()
         t_rate, p_rate = len(turns) / args.seconds, len(pings) / args.seconds
         print(f"{PROCESSES} processes x {AGENTS} agents ({PROCESSES * AGENTS} connections)")
