@@ -117,11 +117,8 @@ class Host:
         """Open the store (quarantining an unreadable one), load, migrate, replay."""
         self._wall0, self._trio0 = time.time(), trio.current_time()  # the clock's origin
         self._lock()
-        sc = self.config.store
         try:
-            self.store = Store.open(self.db_path, sc.synchronous, sc.busy_timeout_ms)
-            loaded = self.store.load()
-            self._load(loaded)
+            self._open_and_load()
         except StoreUnreadable as exc:
             if self.store is not None:
                 self.store.abandon()
@@ -133,12 +130,14 @@ class Host:
             log.error("store %s is unreadable (%s); moved it to %s and started a fresh world",
                       self.db_path, exc, moved)
             self.recovered = {"fresh": True, "quarantined": str(moved)}
-            self.world = World.fresh(list(self.registry.slices.values()))
             self.sessions = SessionTable(self.config.sessions.replay_buffer,
                                          self.config.sessions.remembered_replies)
-            self.store = Store.open(self.db_path, sc.synchronous, sc.busy_timeout_ms)
-            loaded = self.store.load()
-            self._load(loaded)
+            self._open_and_load()
+
+    def _open_and_load(self) -> None:
+        sc = self.config.store
+        self.store = Store.open(self.db_path, sc.synchronous, sc.busy_timeout_ms)
+        self._load(self.store.load())
 
     def _load(self, loaded: Loaded) -> None:
         assert self.store is not None
@@ -146,8 +145,9 @@ class Host:
         world = World()
         try:
             for name, spec in specs.items():
-                if name not in loaded.slices:
+                if name not in loaded.slices:  # new here: the next checkpoint writes it
                     world.add(spec, spec.initial())
+                    world[name].mark_unsaved()
                     continue
                 version, keyed, raw = loaded.slices[name]
                 value = {k: load_stored(v) for k, v in raw.items()} if keyed else load_stored(raw)
@@ -162,12 +162,8 @@ class Host:
                                            f"function to reach version {spec.version}")
                     value = spec.migrate(version, value)
                 world.add(spec, spec.fill_defaults(value))
-                if version < spec.version:
-                    s = world[name]
-                    if spec.keyed:
-                        s.replaced = True  # type: ignore[union-attr]
-                    else:
-                        s.dirty = True  # type: ignore[union-attr]
+                if version < spec.version:  # migrated: saved again at the new version
+                    world[name].mark_unsaved()
         except StartupError:
             raise
         except Exception as exc:

@@ -196,9 +196,6 @@ class Saver:
             changes[name] = ch
             taken.append((s, set(s.dirty), s.replaced))
             s.dirty, s.replaced = set(), False
-        for name, s in self.world.slices.items():
-            if name not in changes and self._never_saved(name):
-                changes[name] = self._full(s)
 
         def restore() -> None:
             for s, dirty, replaced in taken:
@@ -211,20 +208,3 @@ class Saver:
             self.last_change = self.last_change or trio.current_time()
 
         return changes, restore
-
-    _saved_names: set[str] | None = None
-
-    def _never_saved(self, name: str) -> bool:
-        if self._saved_names is None:
-            self._saved_names = {r[0] for r in self.store.conn.execute("SELECT name FROM slices")}
-        if name in self._saved_names:
-            return False
-        self._saved_names.add(name)
-        return True
-
-    @staticmethod
-    def _full(s: KeyedSlice | ValueSlice) -> SliceChange:
-        if isinstance(s, ValueSlice):
-            return SliceChange(s.spec.version, False, value=canonical(s.data()))
-        return SliceChange(s.spec.version, True, replaced=True,
-                           upserts={k: canonical(v) for k, v in s.data().items()})

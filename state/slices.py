@@ -173,6 +173,10 @@ class KeyedSlice:
     def pending(self) -> bool:
         return bool(self._overlay) or self._replacement is not None
 
+    def mark_unsaved(self) -> None:
+        """The store does not hold this collection as it is: rewrite it all next save."""
+        self.replaced = True
+
     def data(self) -> dict[str, Any]:
         """The committed records (the world as saved)."""
         return self._base
@@ -218,6 +222,10 @@ class ValueSlice:
     @property
     def pending(self) -> bool:
         return self._new is not _DELETED
+
+    def mark_unsaved(self) -> None:
+        """The store does not hold this value as it is: write it next save."""
+        self.dirty = True
 
     def data(self) -> Any:
         return self._base
