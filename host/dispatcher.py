@@ -219,8 +219,8 @@ class Dispatcher:
             self.host.session_ended(session_id, reason, outcome)
         if changed and not self.replaying:
             self.host.sync_if_changed(outcome)
+        plain = msgspec.to_builtins(params) if changed and params is not None else {}
         if action.changes_world and changed:
-            plain = msgspec.to_builtins(params) if params is not None else {}
             entry_id = entry_id if entry_id is not None else self._take_id()
             outcome.entry = JournalEntry(
                 entry_id, action.name, canonical(plain), now,
@@ -233,8 +233,7 @@ class Dispatcher:
             req.result = data
         self.applied += 1
         if changed:
-            applied = AppliedAction(action.name,
-                                    msgspec.to_builtins(params) if params is not None else {},
+            applied = AppliedAction(action.name, plain,
                                     session.id if session is not None else None, data, now,
                                     replayed=self.replaying)
             self.registry.pm.hook.action_applied(host=self.host.api, applied=applied)

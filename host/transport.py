@@ -70,13 +70,15 @@ def encode_frame(sig: Signal, encoding: str) -> str | bytes:
     return (head + b',"data":' + data + b"}").decode("utf-8")
 
 
+def _is_id(value: Any) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
 def parse_envelope(message: Any) -> tuple[Any, bool]:
     """The request id (and whether one was given) if it can be told, for the reply."""
     if isinstance(message, dict) and "id" in message:
         rid = message["id"]
-        if (isinstance(rid, (str, int)) and not isinstance(rid, bool)):
-            return rid, True
-        return None, True
+        return (rid if _is_id(rid) else None), True
     return None, False
 
 
@@ -88,10 +90,8 @@ def check_envelope(message: Any) -> tuple[str, dict[str, Any]]:
     if extra:
         raise BadRequest(f"unknown envelope fields: {sorted(extra)}; "
                          f"a request has only id, action and params")
-    if "id" in message:
-        rid = message["id"]
-        if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-            raise BadRequest("id must be a string or an integer")
+    if "id" in message and not _is_id(message["id"]):
+        raise BadRequest("id must be a string or an integer")
     action = message.get("action")
     if not isinstance(action, str) or not action:
         raise BadRequest("action is required and must be a non-empty string")
