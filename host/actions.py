@@ -125,6 +125,10 @@ class Context:
     host: Any
     emitted: list[Emit] = field(default_factory=list)
     ended: list[tuple[str, str]] = field(default_factory=list)  # sessions ended: (id, reason)
+    memo: dict[str, Any] = field(default_factory=dict)
+    """Plain data journaled with the action and handed back when it is replayed, so a
+    handler can skip work whose result the world already determines (a route
+    search). The handler must change the world the same with or without it."""
     _random: random.Random | None = None
 
     def slice(self, name: str) -> KeyedSlice | ValueSlice:

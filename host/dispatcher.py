@@ -179,7 +179,8 @@ class Dispatcher:
                           f"at {details['path']}", details=details) from None
 
     def apply(self, action: Action, params: Any, session: Session | None, req: Request | None,
-              *, at: float | None = None, entry_id: int | None = None) -> Outcome:
+              *, at: float | None = None, entry_id: int | None = None,
+              memo: dict[str, Any] | None = None) -> Outcome:
         """Run one handler in a transaction. Raises ActionError with the world unchanged."""
         world = self.host.world
         if action.changes_world:
@@ -189,7 +190,8 @@ class Dispatcher:
         now = self.host.clock() if at is None else at
         ctx = Context(world=world, now=now, session=session,
                       settings=self.registry.settings.get(self.registry.action_owner[action.name]),
-                      seed=f"{self.host.world_seed}:{seed_id}", host=self.host.api)
+                      seed=f"{self.host.world_seed}:{seed_id}", host=self.host.api,
+                      memo=memo if memo is not None else {})
         if action.changes_world:  # slices are read-only between transactions
             world.begin(writable=True)
         try:
@@ -225,7 +227,8 @@ class Dispatcher:
             outcome.entry = JournalEntry(
                 entry_id, action.name, canonical(plain), now,
                 session.id if session is not None else None,
-                canonical(req.id) if req is not None and req.has_id else None)
+                canonical(req.id) if req is not None and req.has_id else None,
+                canonical(ctx.memo) if ctx.memo else None)
             self.host.saver.changed()
         elif action.changes_world and entry_id is None:
             self._take_id()
@@ -302,7 +305,9 @@ class Dispatcher:
         session = self.sessions.get(entry.session)
         request_id = load_stored(entry.request_id) if entry.request_id is not None else None
         params = self._check_params(action, load_stored(entry.params))
-        outcome = self.apply(action, params, session, None, at=entry.at, entry_id=entry.id)
+        memo = load_stored(entry.memo) if entry.memo is not None else None
+        outcome = self.apply(action, params, session, None, at=entry.at, entry_id=entry.id,
+                             memo=memo)
         if session is not None and entry.request_id is not None:
             session.remember(request_id, action.reply_signal, outcome.data, durable=True)
         if entry.action.startswith("sessions."):

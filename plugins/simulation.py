@@ -12,8 +12,10 @@ built-in kind is ``truck`` (see ``plugins.trucks``).
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,23 +93,49 @@ def _number(data: dict[str, Any], field: str, path: str, default: float,
     return float(value)
 
 
+@dataclass
+class Index:
+    """What ticks derive from the simulation slice, carried from one tick to the next.
+
+    Kept only across ticks: any other action that changes the world drops it (see
+    ``action_applied``), and a tick that rolls back never promotes its copy. Kept
+    exactly equal to what a rebuild would give, so replay does not depend on it.
+    """
+
+    tick: int
+    agent_keys: list[str]
+    waiting: list[dict[str, Any]]  # oldest first: (created_tick, id)
+    targeted: Counter[str]  # package id -> agents heading for it
+
+
+def _age(package: dict[str, Any]) -> tuple[int, str]:
+    return package["created_tick"], package["id"]
+
+
 class Sim:
     """One action's view of the simulation: records, graph, routing and events."""
 
-    def __init__(self, ctx: Context, kinds: dict[str, AgentKind], router: Router) -> None:
+    def __init__(self, ctx: Context, rt: dict[str, Any]) -> None:
         self.ctx = ctx
+        self.rt = rt
         self.slice: KeyedSlice = ctx.keyed("simulation")
         self.map: KeyedSlice = ctx.keyed("map")
-        self.kinds = kinds
-        self.router = router
+        self.kinds: dict[str, AgentKind] = rt["kinds"]
+        self.router: Router = rt["router"]
         self.settings: Settings = ctx.settings
         meta = self.slice.get("meta")
         self.meta = dict(meta) if meta is not None else default_meta()
         self.moved: dict[str, dict[str, Any]] = {}
         self.package_events: dict[str, dict[str, Any]] = {}
         self.plans_left = self.settings.plans_per_tick
+        self._agent_keys: list[str] | None = None
         self._waiting: list[dict[str, Any]] | None = None
-        self._targeted: set[str] | None = None
+        self._targeted: Counter[str] | None = None
+        index: Index | None = rt.get("index")
+        if index is not None and index.tick == self.meta["tick"]:
+            self._agent_keys, self._waiting = index.agent_keys, index.waiting
+            self._targeted = Counter(index.targeted)  # this action's own copy to change
+        self._routes = {(start, goal): path for start, goal, path in ctx.memo.get("routes", ())}
 
     # graph ---------------------------------------------------------------
     def node(self, node_id: str) -> dict[str, Any] | None:
@@ -117,7 +145,18 @@ class Sim:
         return self.map.get(map_plugin.EDGE + edge_id)
 
     def route(self, start: str, goal: str) -> list[str] | None:
-        return self.router.route(self.map, start, goal)
+        """Edge ids from start to goal by least travel time (None: unreachable).
+
+        Every route an action looks up goes into its journal memo, so replaying
+        the action finds them there instead of searching again."""
+        key = (start, goal)
+        if key in self._routes:
+            path = self._routes[key]
+        else:
+            path = self.router.route(self.map, start, goal)
+            self._routes[key] = path = None if path is None else list(path)
+            self.ctx.memo.setdefault("routes", []).append([start, goal, path])
+        return None if path is None else list(path)
 
     # packages --------------------------------------------------------------
     def package(self, package_id: str) -> dict[str, Any] | None:
@@ -127,23 +166,34 @@ class Sim:
         self.slice.put(PACKAGE + record["id"], record)
         self.package_events[record["id"]] = {
             "id": record["id"], "status": record["status"], "carried_by": record["carried_by"]}
-        if self._waiting is not None and record["status"] != "waiting":
-            self._waiting = [p for p in self._waiting if p["id"] != record["id"]]
+        if self._waiting is not None:
+            waiting = [p for p in self._waiting if p["id"] != record["id"]]
+            if record["status"] == "waiting":
+                bisect.insort(waiting, record, key=_age)
+            self._waiting = waiting
 
     def waiting(self) -> list[dict[str, Any]]:
         """Waiting packages, oldest first (created tick, then id)."""
         if self._waiting is None:
             packages = [p for k, p in self.slice.items()
                         if k.startswith(PACKAGE) and p["status"] == "waiting"]
-            packages.sort(key=lambda p: (p["created_tick"], p["id"]))
+            packages.sort(key=_age)
             self._waiting = packages
         return self._waiting
 
-    def targeted(self) -> set[str]:
+    def targeted(self) -> Counter[str]:
+        """Package ids agents are heading for (with how many agents head for each)."""
         if self._targeted is None:
-            self._targeted = {a["target"] for k, a in self.slice.items()
-                              if k.startswith(AGENT) and a.get("target")}
+            self._targeted = Counter(a["target"] for a in self.agents() if a.get("target"))
         return self._targeted
+
+    def agent_keys(self) -> list[str]:
+        if self._agent_keys is None:
+            self._agent_keys = sorted(k for k in self.slice.keys() if k.startswith(AGENT))
+        return self._agent_keys
+
+    def agents(self) -> list[dict[str, Any]]:
+        return [self.slice[key] for key in self.agent_keys()]
 
     # ticking ---------------------------------------------------------------
     def tick(self) -> None:
@@ -152,29 +202,37 @@ class Sim:
         meta["current_day"] = meta["tick"] // max(1, meta["ticks_per_day"])
         meta["rng_state"] = (meta["rng_state"] * 0x5DEECE66D + 11) % 2**48  # stays JSON-exact
         self.plans_left = self.settings.plans_per_tick
-        self._targeted = None
-        self._waiting = None
-        self.waiting(), self.targeted()  # once, before this tick's first change
+        targeted = self.targeted()  # built before this tick's first change
+        self.waiting()
         dt = meta["dt_s"]
-        for key in sorted(k for k in self.slice.keys() if k.startswith(AGENT)):
-            agent = self.slice[key]
-            kind = self.kinds.get(agent["kind"])
+        get, put, kinds = self.slice.get, self.slice.put, self.kinds
+        for key in self.agent_keys():
+            agent = get(key)
+            kind = kinds.get(agent["kind"])
             if kind is None:
                 continue
             new = kind.step(self, agent, dt)
             if new is not None and new != agent:
-                self.slice.put(key, new)
+                put(key, new)
                 self.moved[new["id"]] = {"id": new["id"], "node": new.get("node"),
                                          "edge": new.get("edge"),
                                          "progress": new.get("progress", 0.0)}
                 old_target, new_target = agent.get("target"), new.get("target")
-                if old_target != new_target and self._targeted is not None:
-                    self._targeted.discard(old_target)
+                if old_target != new_target:
+                    if old_target:
+                        targeted[old_target] -= 1
+                        if targeted[old_target] <= 0:
+                            del targeted[old_target]
                     if new_target:
-                        self._targeted.add(new_target)
+                        targeted[new_target] += 1
 
     def save_meta(self) -> None:
         self.slice.put("meta", self.meta)
+
+    def keep_index(self) -> None:
+        """Offer this tick's index to the next tick; promoted only if this one commits."""
+        self.rt["pending_index"] = Index(self.meta["tick"], self.agent_keys(), self.waiting(),
+                                         self.targeted())
 
     def changes(self) -> dict[str, Any]:
         return {"tick": self.meta["tick"], "current_day": self.meta["current_day"],
@@ -203,8 +261,7 @@ def _runtime(host: HostAPI) -> dict[str, Any]:
 
 
 def _sim(ctx: Context) -> Sim:
-    rt = _runtime(ctx.host)
-    return Sim(ctx, rt["kinds"], rt["router"])
+    return Sim(ctx, _runtime(ctx.host))
 
 
 # --- actions ---------------------------------------------------------------------
@@ -266,6 +323,7 @@ def tick(ctx: Context, p: TickParams) -> dict[str, Any]:
     sim.meta["dropped_ticks"] += p.dropped
     sim.tick()
     sim.save_meta()
+    sim.keep_index()
     ctx.broadcast("simulation.ticked", {**sim.changes(), "dropped": p.dropped, "at": ctx.now})
     return {"tick": sim.meta["tick"]}
 
@@ -279,6 +337,7 @@ def step(ctx: Context, p: StepParams) -> dict[str, Any]:
     for _ in range(p.ticks):
         sim.tick()
     sim.save_meta()
+    sim.keep_index()
     ctx.broadcast("simulation.ticked", {**sim.changes(), "ticks": p.ticks, "dropped": 0,
                                         "at": ctx.now})
     return {"tick": sim.meta["tick"]}
@@ -594,7 +653,10 @@ def background_tasks(host: HostAPI) -> list[Callable[[], Any]]:
 def server_info(host: HostAPI) -> dict[str, Any]:
     records = host.read("simulation")
     meta = records.get("meta") or default_meta()
-    agents = sum(1 for k in records if k.startswith(AGENT))
+    rt = _runtime(host)
+    if rt.get("agent_count") is None:  # kept until an action other than a tick (see below)
+        rt["agent_count"] = sum(1 for k in records if k.startswith(AGENT))
+    agents = rt["agent_count"]
     return {"simulation": {"running": meta["running"], "tick": meta["tick"],
                            "tick_hz": meta["tick_hz"], "current_day": meta["current_day"],
                            "agents": agents, "packages": len(records) - agents - 1}}
@@ -603,6 +665,11 @@ def server_info(host: HostAPI) -> dict[str, Any]:
 @hookimpl
 def action_applied(host: HostAPI, applied: AppliedAction) -> None:
     rt = _runtime(host)
+    pending = rt.pop("pending_index", None)
+    if applied.name in ("simulation.tick", "simulation.step"):  # ticks add and remove no agent
+        rt["index"] = pending
+    else:
+        rt["index"] = rt["agent_count"] = None
     if applied.name.startswith("map.") or applied.name == "simulation.import_state":
         rt["router"].invalidate()
     if applied.name in ("simulation.start", "simulation.stop", "simulation.set",

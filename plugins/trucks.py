@@ -77,7 +77,6 @@ def _plan(sim: Sim, truck: dict[str, Any]) -> None:
         to_origin = sim.route(truck["node"], package["origin"])
         if to_origin is not None and sim.route(package["origin"], package["destination"]) is not None:
             truck.update(target=package["id"], state="to_pickup", route=to_origin)
-            targeted.add(package["id"])
             return
         if tries >= 3:
             return
@@ -126,9 +125,28 @@ def _reroute(sim: Sim, truck: dict[str, Any]) -> bool:
     return True
 
 
-def step(sim: Sim, agent: dict[str, Any], dt: float) -> dict[str, Any] | None:
-    if agent["state"] == "idle" and not sim.waiting():
+def _along_edge(sim: Sim, agent: dict[str, Any], dt: float) -> dict[str, Any] | None:
+    """The common case, made cheap: a truck that stays on its edge for the whole tick
+    (None otherwise). The same arithmetic as the general loop in ``step``."""
+    edge = sim.edge(agent["edge"])
+    if edge is None:
         return None
+    velocity = min(agent["speed"], edge["speed"])
+    if (edge["length"] - agent["progress"]) / velocity <= dt:
+        return None
+    distance = velocity * dt
+    return {**agent, "fuel": max(0.0, agent["fuel"] - distance * agent["fuel_per_km"]),
+            "odometer": agent["odometer"] + distance, "progress": agent["progress"] + distance}
+
+
+def step(sim: Sim, agent: dict[str, Any], dt: float) -> dict[str, Any] | None:
+    if agent["state"] == "idle":
+        if sim.plans_left <= 0 or not sim.waiting():
+            return None
+    elif agent["edge"] is not None:
+        moved = _along_edge(sim, agent, dt)
+        if moved is not None:
+            return moved
     truck = {**agent, "cargo": list(agent["cargo"]), "route": list(agent["route"])}
     if truck["state"] == "idle":
         _plan(sim, truck)

@@ -22,7 +22,7 @@ from typing import Any
 
 import sqlite_utils
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the journal keeps each entry's replay memo
 
 
 class StoreError(Exception):
@@ -47,6 +47,7 @@ class JournalEntry:
     at: float
     session: str | None
     request_id: bytes | None  # CBOR of the id, None when the request had none
+    memo: bytes | None = None  # CBOR of what the handler kept to replay faster (Context.memo)
 
 
 @dataclass
@@ -81,7 +82,7 @@ CREATE TABLE IF NOT EXISTS slices (name TEXT PRIMARY KEY, version INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS records (slice TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (slice, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal (id INTEGER PRIMARY KEY, action TEXT NOT NULL,
-    params BLOB NOT NULL, at REAL NOT NULL, session TEXT, request_id BLOB);
+    params BLOB NOT NULL, at REAL NOT NULL, session TEXT, request_id BLOB, memo BLOB);
 CREATE TABLE IF NOT EXISTS session_runtime (id TEXT PRIMARY KEY, next_seq INTEGER NOT NULL,
     value BLOB) WITHOUT ROWID;
 """
@@ -173,6 +174,11 @@ class Store:
         missing = {"meta", "slices", "records", "journal", "session_runtime"} - tables
         if missing:
             raise StoreUnreadable(f"{self.path}: missing tables {sorted(missing)}")
+        if row[0] < 2:  # format 1 had no memo column; its entries replay without one
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("ALTER TABLE journal ADD COLUMN memo BLOB")
+            self.conn.execute("UPDATE meta SET value = 2 WHERE key = 'format_version'")
+            self.conn.execute("COMMIT")
 
     # reading -------------------------------------------------------------
     def meta(self, key: str, default: Any = None) -> Any:
@@ -191,7 +197,7 @@ class Store:
                     slices[name][2][key] = value
             checkpoint_id = int(self.meta("checkpoint_id", 0))
             journal = [JournalEntry(*row) for row in self.conn.execute(
-                "SELECT id, action, params, at, session, request_id FROM journal "
+                "SELECT id, action, params, at, session, request_id, memo FROM journal "
                 "WHERE id > ? ORDER BY id", (checkpoint_id,))]
             runtime = {sid: (seq, value) for sid, seq, value in self.conn.execute(
                 "SELECT id, next_seq, value FROM session_runtime")}
@@ -217,9 +223,10 @@ class Store:
         c.execute("BEGIN IMMEDIATE")
         try:
             c.executemany(
-                "INSERT INTO journal (id, action, params, at, session, request_id) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(e.id, e.action, e.params, e.at, e.session, e.request_id) for e in entries])
+                "INSERT INTO journal (id, action, params, at, session, request_id, memo) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(e.id, e.action, e.params, e.at, e.session, e.request_id, e.memo)
+                 for e in entries])
             if seqs:
                 c.executemany(
                     "INSERT INTO session_runtime (id, next_seq) VALUES (?, ?) "

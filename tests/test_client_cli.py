@@ -125,7 +125,7 @@ def test_inspect_export_import(tmp_path: Path) -> None:
     out = run_cli("inspect", str(db))
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert info["format_version"] == 1 and info["journal_length"] >= 2
+    assert info["format_version"] == 2 and info["journal_length"] >= 2
     assert {s["name"] for s in info["slices"]} >= {"map", "chat", "sessions"}
     for suffix in ("json", "cbor"):
         target = tmp_path / f"world.{suffix}"

@@ -17,7 +17,7 @@ from host.plugins import hookimpl
 from host.server import Host
 from host.testing import raw_connection
 from state.slices import SliceSpec
-from state.store import Store, StoreTooNew
+from state.store import FORMAT_VERSION, Store, StoreTooNew
 
 
 async def test_restart_restores_world_and_sessions(worldhost: Any) -> None:
@@ -261,10 +261,32 @@ def test_a_store_from_a_newer_format_is_refused_and_untouched(tmp_path: Path) ->
     before = db.read_bytes()
     with pytest.raises(BaseException) as err:
         _start_and_info(db)
-    assert "99" in repr(err.value) and "format 1" in repr(err.value)
+    assert "99" in repr(err.value) and f"format {FORMAT_VERSION}" in repr(err.value)
     assert err.group_contains(StoreTooNew) if hasattr(err, "group_contains") else True
     assert db.read_bytes() == before
     assert not list(tmp_path.glob("*.corrupt-*"))
+
+
+async def test_a_format_1_store_is_upgraded_and_its_journal_replayed(worldhost: Any) -> None:
+    """Format 1 journals had no memo column: the host adds it and replays them."""
+    h = await worldhost.start()
+    async with h.client("ada", reconnect=False) as ada:
+        await ada.call("map.add_node", id="n1", x=1, y=2)
+        await h.crash()
+    conn = sqlite3.connect(h.db)
+    conn.execute("ALTER TABLE journal DROP COLUMN memo")
+    conn.execute("UPDATE meta SET value = 1 WHERE key = 'format_version'")
+    conn.commit()
+    assert conn.execute("SELECT count(*) FROM journal").fetchone()[0] > 0
+    conn.close()
+    await h.start()
+    assert "node:n1" in h.world()["map"]
+    await h.stop()
+    conn = sqlite3.connect(h.db)
+    version = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()[0]
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(journal)")]
+    conn.close()
+    assert version == FORMAT_VERSION and "memo" in columns
 
 
 def test_a_truncated_wal_keeps_every_complete_commit(tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import shutil
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -283,6 +285,7 @@ async def test_a_crash_mid_run_replays_to_the_uninterrupted_world(worldhost: Any
     crashed = h.world()["simulation"]
     ticks = crashed["meta"]["tick"]
     assert ticks > 40
+    assert h.host.api.runtime("simulation")["router"].computed == 0  # routes from the memos
     clean = await worldhost.start(config=ADMIN)
     async with clean.client("root", token="adm") as root:
         await root.call("simulation.import_state", state_data=state)
@@ -333,3 +336,31 @@ async def test_random_simulations_keep_their_invariants(tmp_path: Path, steps: l
                 except CallError as err:
                     assert err.code in ("validation_error", "conflict", "not_found")
                 check_invariants(h.world())
+
+
+async def test_replay_without_memos_searches_and_gives_the_same_world(worldhost: Any,
+                                                                     autojump_clock: Any) -> None:
+    """Memos only save work: a journal whose entries have none (written before the
+    store kept them) replays to the same world by searching again."""
+    state = logistics_state(60, 150, 8, 40, seed=4)
+    h = await worldhost.start(config=ADMIN)
+    async with h.client("root", token="adm", reconnect=False) as root:
+        await root.call("simulation.import_state", state_data=state)
+        await root.call("simulation.start", tick_hz=20)
+        await trio.sleep(2.5)
+        await h.crash()
+    copy = h.db.with_name("copy.db")
+    for suffix in ("", "-wal"):
+        if Path(f"{h.db}{suffix}").exists():
+            shutil.copyfile(f"{h.db}{suffix}", f"{copy}{suffix}")
+    conn = sqlite3.connect(copy)
+    memos = conn.execute("SELECT count(*) FROM journal WHERE memo IS NOT NULL").fetchone()[0]
+    assert memos > 0
+    conn.execute("UPDATE journal SET memo = NULL")
+    conn.commit()
+    conn.close()
+    await h.start()
+    assert h.host.api.runtime("simulation")["router"].computed == 0
+    without = await worldhost.start(config=ADMIN, db=copy)
+    assert without.host.api.runtime("simulation")["router"].computed > 0
+    assert canonical(without.world()["simulation"]) == canonical(h.world()["simulation"])
