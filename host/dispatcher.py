@@ -205,7 +205,10 @@ class Dispatcher:
                       action.name, traceback.format_exc())
             raise ActionError(f"{action.name} failed inside its handler ({type(exc).__name__}); "
                               f"the world is unchanged", code="internal_error") from None
+        replacements = world.replacements
         changed = world.commit() if action.changes_world else False
+        if world.replacements != replacements and not self.replaying:
+            self.host.settle_heap()
         data = result if result is not None else {}
         outcome = Outcome(data=data)
         if req is not None and not req.internal:

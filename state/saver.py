@@ -143,14 +143,16 @@ class Saver:
     async def _checkpoint(self, clean: bool) -> int:
         started = time.perf_counter()
         batch, self.current = self.current, Batch()
-        changes, restore = self._collect()
+        taken, restore = self._take()
         runtime, ended = self.runtime_source(batch.signal_counts, True)
-        self._stalled(started)
+        last_id = self.last_id  # the cut: actions applied from here on are not in it
         self.first_unsaved = self.last_change = None
         self.in_flight = True
         try:
+            self._stalled(started)
+            changes = await self._encode(taken)
             self.generation = await self._io(
-                self.store.checkpoint, changes, self.last_id, runtime, ended, self.world_id, clean)
+                self.store.checkpoint, changes, last_id, runtime, ended, self.world_id, clean)
         except BaseException:
             restore()
             raise
@@ -171,34 +173,29 @@ class Saver:
         for release in batch.releases:
             release()
 
-    def _collect(self) -> tuple[dict[str, SliceChange], Callable[[], None]]:
-        """Encode what changed; keep what is encoded proportional to the change."""
-        changes: dict[str, SliceChange] = {}
-        taken: list[tuple[KeyedSlice | ValueSlice, set[str], bool]] = []
+    def _take(self) -> tuple[list[Taken], Callable[[], None]]:
+        """What changed since the last checkpoint, as references to the committed
+        values: records are never changed in place, so they can be encoded later."""
+        taken: list[Taken] = []
+        marks: list[tuple[KeyedSlice | ValueSlice, set[str], bool]] = []
         for name, s in self.world.slices.items():
-            spec = s.spec
             if isinstance(s, ValueSlice):
                 if s.dirty:
-                    changes[name] = SliceChange(spec.version, False, value=canonical(s.data()))
-                    taken.append((s, set(), False))
+                    taken.append(Taken(name, s.spec.version, False, value=s.data()))
+                    marks.append((s, set(), False))
                     s.dirty = False
                 continue
             if not (s.dirty or s.replaced):
                 continue
             records = s.data()
-            ch = SliceChange(spec.version, True, replaced=s.replaced)
-            keys = records.keys() if s.replaced else s.dirty
-            for key in keys:
-                if key in records:
-                    ch.upserts[key] = canonical(records[key])
-                else:
-                    ch.deletes.append(key)
-            changes[name] = ch
-            taken.append((s, set(s.dirty), s.replaced))
+            keys = list(records) if s.replaced else s.dirty
+            taken.append(Taken(name, s.spec.version, True, replaced=s.replaced,
+                               records=[(key, records.get(key, _GONE)) for key in keys]))
+            marks.append((s, set(s.dirty), s.replaced))
             s.dirty, s.replaced = set(), False
 
         def restore() -> None:
-            for s, dirty, replaced in taken:
+            for s, dirty, replaced in marks:
                 if isinstance(s, ValueSlice):
                     s.dirty = True
                 else:
@@ -207,4 +204,42 @@ class Saver:
             self.first_unsaved = self.first_unsaved or trio.current_time()
             self.last_change = self.last_change or trio.current_time()
 
-        return changes, restore
+        return taken, restore
+
+    async def _encode(self, taken: list[Taken]) -> dict[str, SliceChange]:
+        """Encode a checkpoint in slices of the loop's time: a big change (an import)
+        does not stall every connection while it is encoded."""
+        changes: dict[str, SliceChange] = {}
+        started = time.perf_counter()
+        for t in taken:
+            if not t.keyed:
+                changes[t.name] = SliceChange(t.version, False, value=canonical(t.value))
+                continue
+            ch = changes[t.name] = SliceChange(t.version, True, replaced=t.replaced)
+            for key, record in t.records:
+                if record is _GONE:
+                    ch.deletes.append(key)
+                else:
+                    ch.upserts[key] = canonical(record)
+                if time.perf_counter() - started > ENCODE_SLICE_S:
+                    self._stalled(started)
+                    await trio.sleep(0)
+                    started = time.perf_counter()
+        self._stalled(started)
+        return changes
+
+
+_GONE = object()
+ENCODE_SLICE_S = 0.002  # the longest the checkpoint's encoding holds the loop at once
+
+
+@dataclass
+class Taken:
+    """One slice's part of a checkpoint, not yet encoded."""
+
+    name: str
+    version: int
+    keyed: bool
+    value: Any = None
+    replaced: bool = False
+    records: list[tuple[str, Any]] = field(default_factory=list)  # (key, record | _GONE)

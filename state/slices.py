@@ -239,6 +239,7 @@ class World:
     """Every slice, by name, and the transaction that spans them."""
 
     slices: dict[str, Slice] = field(default_factory=dict)
+    replacements: int = 0  # commits that swapped a keyed collection wholesale (imports)
 
     @classmethod
     def fresh(cls, specs: list[SliceSpec]) -> World:
@@ -262,6 +263,8 @@ class World:
         changed = False
         for s in self.slices.values():
             if s.pending:
+                if isinstance(s, KeyedSlice) and s._replacement is not None:
+                    self.replacements += 1
                 s.commit()
                 changed = True
             s.writable = False

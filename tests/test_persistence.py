@@ -158,9 +158,41 @@ async def test_only_what_changed_is_encoded(worldhost: Any) -> None:
             await ada.call("map.add_node", id=f"n{i}", x=i, y=0)
         await h.host.saver.checkpoint()
         await ada.call("map.update_node", id="n7", x=70)
-        changes, _ = h.host.saver._collect()
+        taken, _ = h.host.saver._take()
+        changes = await h.host.saver._encode(taken)
         assert list(changes["map"].upserts) == ["node:n7"]
         assert "chat" not in changes
+
+
+async def test_a_big_checkpoint_yields_to_the_loop_and_keeps_later_actions(
+        worldhost: Any, autojump_clock: Any) -> None:
+    """Encoding an imported world is done in slices of the loop's time; an action
+    applied meanwhile is not in the checkpoint's cut, so its journal entry stays."""
+    h = await worldhost.start(config={"host": {"admin_token": "adm"},
+                                      "store": {"debounce_s": 1e6, "max_delay_s": 1e6}})
+    nodes = [{"id": f"n{i}", "x": i, "y": 0, "building": None} for i in range(30_000)]
+    async with h.client("root", token="adm", reconnect=False) as root:
+        await root.call("map.import", map_data={"nodes": nodes, "edges": []})
+        turns = 0
+
+        async def count(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            nonlocal turns
+            with trio.CancelScope() as scope:
+                task_status.started(scope)
+                while True:
+                    turns += 1
+                    await trio.sleep(0)
+
+        async with trio.open_nursery() as nursery:
+            counting = await nursery.start(count)
+            nursery.start_soon(root.call, "map.add_node", {"id": "late", "x": -1, "y": -1})
+            await h.host.saver.checkpoint()  # the store runs in the loop under a mock clock:
+            assert turns > 2                 # only the encoding's slices let others run
+            assert "node:late" in h.world()["map"]  # applied while the checkpoint encoded
+            counting.cancel()
+        await h.crash()  # the add_node was acknowledged: its journal entry must survive
+    await h.start()
+    assert "node:late" in h.world()["map"] and "node:n29999" in h.world()["map"]
 
 
 async def test_debounce_and_max_delay(worldhost: Any, autojump_clock: Any) -> None:
