@@ -44,6 +44,7 @@ class HostAPI:
     def __init__(self, host: Host) -> None:
         self._host = host
         self.log = logging.getLogger("worldhost.plugins")
+        self.reads: set[str] | None = None  # when a set: the slices read go into it
 
     async def submit(self, action: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Apply an action through the dispatcher (journaled like any other) and
@@ -52,6 +53,8 @@ class HostAPI:
 
     def read(self, slice_name: str) -> Any:
         """The committed value of a slice (a dict of records for keyed slices)."""
+        if self.reads is not None:
+            self.reads.add(slice_name)
         return self._host.world[slice_name].data()
 
     def now(self) -> float:

@@ -94,14 +94,15 @@ class Dispatcher:
     # submission -----------------------------------------------------------
     async def put(self, item: Request | Disconnect) -> None:
         """Queue an item; when nothing is queued it is applied at once, which is the
-        same one-at-a-time order (handling never awaits) without a task switch."""
+        same one-at-a-time order (handling never awaits) without a task switch. The
+        caller must reach a checkpoint before its next put (a connection's reader
+        does, in sending or reading), so that one client cannot starve the rest."""
         if self.idle and not self.receive_channel.statistics().current_buffer_used:
             self.idle = False
             try:
                 self._apply_item(item)
             finally:
                 self.idle = True
-            await trio.lowlevel.checkpoint()
             return
         await self.send_channel.send(item)
 
@@ -206,7 +207,7 @@ class Dispatcher:
             raise ActionError(f"{action.name} failed inside its handler ({type(exc).__name__}); "
                               f"the world is unchanged", code="internal_error") from None
         replacements = world.replacements
-        changed = world.commit() if action.changes_world else False
+        changed = world.commit() if action.changes_world else []
         if world.replacements != replacements and not self.replaying:
             self.host.settle_heap()
         data = result if result is not None else {}
@@ -223,7 +224,7 @@ class Dispatcher:
         for session_id, reason in ctx.ended:
             self.host.session_ended(session_id, reason, outcome)
         if changed and not self.replaying:
-            self.host.sync_if_changed(outcome)
+            self.host.sync_if_changed(outcome, changed)
         plain = msgspec.to_builtins(params) if changed and params is not None else {}
         if action.changes_world and changed:
             entry_id = entry_id if entry_id is not None else self._take_id()

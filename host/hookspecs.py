@@ -85,7 +85,12 @@ def action_applied(host: HostAPI, applied: AppliedAction) -> None:
 
 @hookspec
 def server_info(host: HostAPI) -> dict[str, Any] | None:
-    """Return fields to merge into ``server.info`` and ``sync_state`` (e.g. ``phase``)."""
+    """Return fields to merge into ``server.info`` and ``sync_state`` (e.g. ``phase``).
+
+    Compute them from the world, read through ``host.read``: the host notes which
+    slices the ``phase`` and ``processes`` fields were computed from, and asks
+    again only after an action changes one of those.
+    """
 
 
 @hookspec

@@ -28,6 +28,8 @@ from state.saver import Saver
 from state.slices import World
 from state.store import Loaded, Store, StoreUnreadable, quarantine
 
+SUMMARY_KEYS = frozenset({"phase", "processes"})  # a change of these re-sends sync_state
+
 log = logging.getLogger("worldhost")
 PROTOCOL = 1
 
@@ -71,6 +73,7 @@ class Host:
         self.plugin_runtime: dict[str, dict[str, Any]] = {}
         self._lock_handle: Any = None
         self._last_summary: dict[str, Any] | None = None
+        self._summary_reads: set[str] | None = None  # None: not computed yet
 
     # time ------------------------------------------------------------------
     def clock(self) -> float:
@@ -283,13 +286,28 @@ class Host:
 
     def _summary(self) -> dict[str, Any]:
         """What a change of re-sends ``sync_state``: the phase and the process summary
-        (the simulation's tick changes every tick; clients follow it by its signals)."""
-        contributions = self._contributions()
-        return {k: contributions.get(k) for k in ("phase", "processes")}
+        (the simulation's tick changes every tick; clients follow it by its signals).
+        Notes the slices it was computed from: those the plugins contributing to it
+        read (and those contributing nothing, who might begin to)."""
+        merged: dict[str, Any] = {"phase": "onboarding"}
+        reads: set[str] = set()
+        for impl in reversed(self.registry.pm.hook.server_info.get_hookimpls()):
+            self.api.reads = set()
+            try:
+                extra = impl.function(host=self.api)
+            finally:
+                read, self.api.reads = self.api.reads, None
+            if not extra or not SUMMARY_KEYS.isdisjoint(extra):
+                reads |= read
+            merged.update(extra or {})
+        self._summary_reads = reads
+        return {k: merged.get(k) for k in SUMMARY_KEYS}
 
-    def sync_if_changed(self, outcome: Any) -> None:
+    def sync_if_changed(self, outcome: Any, changed: list[str]) -> None:
         """Send ``sync_state`` again to every session when the phase or process summary
         changed (the parts of it that actions change)."""
+        if self._summary_reads is not None and self._summary_reads.isdisjoint(changed):
+            return
         summary = self._summary()
         if summary == self._last_summary:
             return

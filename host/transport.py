@@ -114,7 +114,14 @@ class Connection:
         self.failed_opens = 0
         self.ever_had_session = False
         self.bucket = TokenBucket(limits.rate_per_s, limits.rate_burst, limits.flood_factor)
-        self._send, self._receive = trio.open_memory_channel[Any](limits.outbox_size)
+        # (signal, or None to close; when it was queued). Whoever finds it unattended
+        # sends it: the reader right after the action it dispatched (no hand-off to
+        # another task for a reply), else the sender task.
+        self._outbox: deque[tuple[Signal | None, float]] = deque()
+        self._outbox_size = limits.outbox_size
+        self._sending = False  # a task is writing the outbox to the socket
+        self._dispatching = False  # the reader will send what its action produced
+        self._wake = trio.Event()
         self.cancel_scope = trio.CancelScope()
         self.reassembler = chunks.Reassembler(limits.max_transfer_bytes)
         # Requests read but not yet answered, plus signals not yet sent, stay under
@@ -123,7 +130,6 @@ class Connection:
         self.in_flight = 0
         self.budget = max(1, limits.outbox_size // 2)
         self._room = trio.Event()
-        self._queued_at: deque[float] = deque()  # when each outbox item was queued
         self.transfers = 0
         self.close_code: int | None = None
         self.close_reason = ""
@@ -136,21 +142,22 @@ class Connection:
             self.in_flight -= 1
         now = trio.current_time()
         limits = self.host.config.host.limits
-        if self._queued_at and now - self._queued_at[0] > limits.max_lag_s:
-            log.warning("disconnecting %s: %.1f s behind", self.remote, now - self._queued_at[0])
+        if self._outbox and now - self._outbox[0][1] > limits.max_lag_s:
+            log.warning("disconnecting %s: %.1f s behind", self.remote, now - self._outbox[0][1])
             self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
             return False
-        try:
-            self._send.send_nowait(sig)
-            self._queued_at.append(now)
-            return True
-        except trio.WouldBlock:
+        if len(self._outbox) >= self._outbox_size:
             log.warning("disconnecting %s: outbox full (%d signals behind)",
-                        self.remote, self.host.config.host.limits.outbox_size)
+                        self.remote, self._outbox_size)
             self.abort(POLICY, "too slow: outbox full")
             return False
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return False
+        self._queue(sig, now)
+        return True
+
+    def _queue(self, sig: Signal | None, now: float) -> None:
+        self._outbox.append((sig, now))
+        if not (self._sending or self._dispatching):
+            self._wake.set()
 
     def displace(self) -> None:
         """The session was resumed on another connection."""
@@ -161,11 +168,10 @@ class Connection:
         """Close after what is already queued has been sent."""
         if self.close_code is None:
             self.close_code, self.close_reason = code, reason
-            try:
-                self._send.send_nowait(None)
-                self._queued_at.append(trio.current_time())
-            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            if len(self._outbox) >= self._outbox_size:
                 self.cancel_scope.cancel()
+            else:
+                self._queue(None, trio.current_time())
 
     def abort(self, code: int, reason: str) -> None:
         self.close_code, self.close_reason = code, reason
@@ -195,7 +201,7 @@ class Connection:
     async def _reader(self) -> None:
         max_failed = self.host.config.sessions.max_failed_opens
         while True:
-            while self.in_flight + self._send.statistics().current_buffer_used >= self.budget:
+            while self.in_flight + len(self._outbox) >= self.budget:
                 self._room = trio.Event()
                 await self._room.wait()
             try:
@@ -208,8 +214,8 @@ class Connection:
                 joined = self._chunk(message)
             except ActionError as exc:
                 self.in_flight += 1
-                await self.host.dispatcher.put(Request("", None, None, True, self,
-                                                       self.encoding, error=exc))
+                await self._dispatch(Request("", None, None, True, self, self.encoding,
+                                             error=exc))
                 continue
             if joined is _PIECE_TAKEN:
                 continue
@@ -224,7 +230,17 @@ class Connection:
             if not allowed and req.error is None:
                 req.error = RateLimited(
                     f"more than {bucket.rate:g} actions/s (burst {bucket.burst}); slow down")
+            await self._dispatch(req)
+
+    async def _dispatch(self, req: Request) -> None:
+        """Hand a request to the dispatcher, then send what it produced at once."""
+        self._dispatching = True
+        try:
             await self.host.dispatcher.put(req)
+        finally:
+            self._dispatching = False
+        if self._outbox:
+            await self._flush()
 
     def _chunk(self, message: str | bytes) -> Any:
         """A piece of a chunked request is taken aside; a whole frame passes through."""
@@ -265,14 +281,26 @@ class Connection:
         return Request(action, params, rid, has_id, self, self.encoding)
 
     async def _sender(self) -> None:
+        """Sends what arrives while the reader is not dispatching: broadcasts, replies
+        released by a journal commit."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        """Send the outbox until it is empty; one task at a time does this."""
+        if self._sending:
+            return
+        self._sending = True
         try:
-            async for sig in self._receive:
-                if self._queued_at:
-                    self._queued_at.popleft()
+            while self._outbox:
+                sig, _ = self._outbox.popleft()
+                self._room.set()
                 if sig is None:
                     await self.ws.aclose(self.close_code or 1000, self.close_reason)
-                    break
-                self._room.set()
+                    self.cancel_scope.cancel()
+                    return
                 frame = encode_frame(sig, sig.encoding or self.encoding)
                 if len(frame) <= self.host.config.host.limits.max_frame_bytes:
                     await self.ws.send_message(frame)
@@ -281,8 +309,9 @@ class Connection:
                 for piece in chunks.split(frame, f"h{self.transfers}"):
                     await self.ws.send_message(piece)
         except ConnectionClosed:
-            pass
-        self.cancel_scope.cancel()
+            self.cancel_scope.cancel()
+        finally:
+            self._sending = False
 
     async def _pinger(self) -> None:
         cfg = self.host.config.host

@@ -258,15 +258,15 @@ class World:
         for s in self.slices.values():
             s.writable = writable
 
-    def commit(self) -> bool:
-        """Apply the transaction; True when anything changed."""
-        changed = False
-        for s in self.slices.values():
+    def commit(self) -> list[str]:
+        """Apply the transaction; the names of the slices that changed."""
+        changed = []
+        for name, s in self.slices.items():
             if s.pending:
                 if isinstance(s, KeyedSlice) and s._replacement is not None:
                     self.replacements += 1
                 s.commit()
-                changed = True
+                changed.append(name)
             s.writable = False
         return changed
 
