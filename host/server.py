@@ -110,6 +110,8 @@ class Host:
 
     def release(self) -> None:
         """Close the store without writing, and let go of the file lock."""
+        if self.saver is not None:
+            self.saver.close()
         if self.store is not None:
             self.store.abandon()
             self.store = None

@@ -24,6 +24,7 @@ import trio
 from state.codec import canonical
 from state.slices import KeyedSlice, ValueSlice, World
 from state.store import JournalEntry, SliceChange, Store
+from state.writer import WriterThread
 
 log = logging.getLogger("worldhost.saver")
 
@@ -68,14 +69,19 @@ class Saver:
         self.commits = 0
         self.checkpoints = 0
         self.threaded = threaded
+        self._writer = WriterThread()
         self._store_lock = trio.Lock()  # one store call at a time, on its one connection
         self.longest_stall_s = 0.0  # the longest time a save held the event loop
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run store work off the event loop (or in it, for tests on a mock clock)."""
         if self.threaded:
-            return await trio.to_thread.run_sync(fn, *args)
+            return await self._writer.run(fn, *args)
         return fn(*args)
+
+    def close(self) -> None:
+        """The host is done with the store: let its thread go."""
+        self._writer.stop()
 
     # called synchronously by the dispatcher ------------------------------
     def record(self, entry: JournalEntry | None, release: Release,

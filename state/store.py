@@ -13,6 +13,7 @@ second connection while it is open. All writes are explicit transactions.
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
 import time
@@ -20,9 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import sqlite_utils
 
-FORMAT_VERSION = 2  # 2: the journal keeps each entry's replay memo
+FORMAT_VERSION = 2  # 2: journal rows carry replay memos and the sessions' next seq
+
+
+_ROWS_PER_INSERT = 200  # 8 values a row, well under SQLite's limit on bound values
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _insert_rows(count: int) -> str:
+    return ("INSERT INTO journal (id, action, params, at, session, request_id, memo, seqs) "
+            "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * count))
 
 
 class StoreError(Exception):
@@ -82,7 +93,8 @@ CREATE TABLE IF NOT EXISTS slices (name TEXT PRIMARY KEY, version INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS records (slice TEXT NOT NULL, key TEXT NOT NULL, value BLOB NOT NULL,
     PRIMARY KEY (slice, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal (id INTEGER PRIMARY KEY, action TEXT NOT NULL,
-    params BLOB NOT NULL, at REAL NOT NULL, session TEXT, request_id BLOB, memo BLOB);
+    params BLOB NOT NULL, at REAL NOT NULL, session TEXT, request_id BLOB, memo BLOB,
+    seqs BLOB);
 CREATE TABLE IF NOT EXISTS session_runtime (id TEXT PRIMARY KEY, next_seq INTEGER NOT NULL,
     value BLOB) WITHOUT ROWID;
 """
@@ -174,9 +186,10 @@ class Store:
         missing = {"meta", "slices", "records", "journal", "session_runtime"} - tables
         if missing:
             raise StoreUnreadable(f"{self.path}: missing tables {sorted(missing)}")
-        if row[0] < 2:  # format 1 had no memo column; its entries replay without one
+        if row[0] < 2:  # format 1 kept seqs in session_runtime only, and had no memos
             self.conn.execute("BEGIN IMMEDIATE")
             self.conn.execute("ALTER TABLE journal ADD COLUMN memo BLOB")
+            self.conn.execute("ALTER TABLE journal ADD COLUMN seqs BLOB")
             self.conn.execute("UPDATE meta SET value = 2 WHERE key = 'format_version'")
             self.conn.execute("COMMIT")
 
@@ -196,11 +209,16 @@ class Store:
                 if name in slices and slices[name][1]:
                     slices[name][2][key] = value
             checkpoint_id = int(self.meta("checkpoint_id", 0))
-            journal = [JournalEntry(*row) for row in self.conn.execute(
-                "SELECT id, action, params, at, session, request_id, memo FROM journal "
-                "WHERE id > ? ORDER BY id", (checkpoint_id,))]
             runtime = {sid: (seq, value) for sid, seq, value in self.conn.execute(
                 "SELECT id, next_seq, value FROM session_runtime")}
+            journal = []
+            for *fields, seqs in self.conn.execute(
+                    "SELECT id, action, params, at, session, request_id, memo, seqs FROM journal "
+                    "WHERE id > ? ORDER BY id", (checkpoint_id,)):
+                journal.append(JournalEntry(*fields))
+                for sid, seq in (cbor2.loads(seqs) if seqs else {}).items():
+                    old_seq, value = runtime.get(sid, (0, None))
+                    runtime[sid] = (max(old_seq, seq), value)
             return Loaded(
                 generation=int(self.meta("generation", 0)),
                 world_id=self.meta("world_id"),
@@ -218,20 +236,25 @@ class Store:
 
     # writing -------------------------------------------------------------
     def append(self, entries: list[JournalEntry], seqs: dict[str, int]) -> None:
-        """Commit journal entries, and the next seq of the sessions they signal, at once."""
+        """Commit journal entries, and the next seq of the sessions they signal, at once.
+
+        The seqs ride on the batch's last row, so a batch is usually one INSERT
+        statement and its own transaction: the writer thread then gives up and
+        takes back Python's lock once per commit instead of once per statement.
+        """
+        rows = [(e.id, e.action, e.params, e.at, e.session, e.request_id, e.memo, None)
+                for e in entries]
+        if seqs:
+            rows[-1] = (*rows[-1][:-1], cbor2.dumps(seqs, canonical=True))
         c = self.conn
+        if not self.marked_clean and len(rows) <= _ROWS_PER_INSERT:
+            c.execute(_insert_rows(len(rows)), [v for row in rows for v in row])
+            return
         c.execute("BEGIN IMMEDIATE")
         try:
-            c.executemany(
-                "INSERT INTO journal (id, action, params, at, session, request_id, memo) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(e.id, e.action, e.params, e.at, e.session, e.request_id, e.memo)
-                 for e in entries])
-            if seqs:
-                c.executemany(
-                    "INSERT INTO session_runtime (id, next_seq) VALUES (?, ?) "
-                    "ON CONFLICT (id) DO UPDATE SET next_seq = excluded.next_seq",
-                    list(seqs.items()))
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[start:start + _ROWS_PER_INSERT]
+                c.execute(_insert_rows(len(chunk)), [v for row in chunk for v in row])
             if self.marked_clean:  # the journal now holds what no checkpoint does
                 c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
             c.execute("COMMIT")

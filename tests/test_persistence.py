@@ -17,7 +17,7 @@ from host.plugins import hookimpl
 from host.server import Host
 from host.testing import raw_connection
 from state.slices import SliceSpec
-from state.store import FORMAT_VERSION, Store, StoreTooNew
+from state.store import FORMAT_VERSION, JournalEntry, Store, StoreTooNew
 
 
 async def test_restart_restores_world_and_sessions(worldhost: Any) -> None:
@@ -300,13 +300,14 @@ def test_a_store_from_a_newer_format_is_refused_and_untouched(tmp_path: Path) ->
 
 
 async def test_a_format_1_store_is_upgraded_and_its_journal_replayed(worldhost: Any) -> None:
-    """Format 1 journals had no memo column: the host adds it and replays them."""
+    """Format 1 journals had no memo or seqs column: the host adds them and replays."""
     h = await worldhost.start()
     async with h.client("ada", reconnect=False) as ada:
         await ada.call("map.add_node", id="n1", x=1, y=2)
         await h.crash()
     conn = sqlite3.connect(h.db)
     conn.execute("ALTER TABLE journal DROP COLUMN memo")
+    conn.execute("ALTER TABLE journal DROP COLUMN seqs")
     conn.execute("UPDATE meta SET value = 1 WHERE key = 'format_version'")
     conn.commit()
     assert conn.execute("SELECT count(*) FROM journal").fetchone()[0] > 0
@@ -318,7 +319,7 @@ async def test_a_format_1_store_is_upgraded_and_its_journal_replayed(worldhost: 
     version = conn.execute("SELECT value FROM meta WHERE key = 'format_version'").fetchone()[0]
     columns = [row[1] for row in conn.execute("PRAGMA table_info(journal)")]
     conn.close()
-    assert version == FORMAT_VERSION and "memo" in columns
+    assert version == FORMAT_VERSION and {"memo", "seqs"} <= set(columns)
 
 
 def test_a_truncated_wal_keeps_every_complete_commit(tmp_path: Path) -> None:
@@ -351,3 +352,18 @@ def test_a_truncated_wal_keeps_every_complete_commit(tmp_path: Path) -> None:
         assert server.stop() == 0
     # a prefix of the acknowledged nodes: every commit that completed, in order
     assert found == {f"n{i}" for i in range(len(found))} and len(found) >= 30
+
+
+def test_journal_commits_carry_the_sessions_next_seq(tmp_path: Path) -> None:
+    """A crash between checkpoints keeps each session's seq from its last commit."""
+    store = Store.open(tmp_path / "s.db")
+    store.append([JournalEntry(1, "a", b"\xa0", 0.0, "s1", None)], {"s1": 7})
+    store.append([JournalEntry(2, "a", b"\xa0", 0.0, None, None),
+                  JournalEntry(3, "a", b"\xa0", 0.0, None, None)], {"s1": 9, "s2": 3})
+    store.abandon()
+    store = Store.open(tmp_path / "s.db")
+    loaded = store.load()
+    store.close()
+    assert [e.id for e in loaded.journal] == [1, 2, 3]
+    assert loaded.runtime == {"s1": (9, None), "s2": (3, None)}
+    assert loaded.clean_shutdown is False
