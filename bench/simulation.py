@@ -12,7 +12,6 @@ same rate in the same run (target: p99 within 2x), and the host's CPU share.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -10,7 +10,7 @@ import socket
 import time
 from pathlib import Path
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import trio
 import trio_websocket
@@ -294,11 +294,12 @@ class Host:
         merged: dict[str, Any] = {"phase": "onboarding"}
         reads: set[str] = set()
         for impl in reversed(self.registry.pm.hook.server_info.get_hookimpls()):
-            self.api.reads = set()
+            read: set[str] = set()
+            self.api.reads = read
             try:
-                extra = impl.function(host=self.api)
+                extra = cast("dict[str, Any] | None", impl.function(host=self.api))
             finally:
-                read, self.api.reads = self.api.reads, None
+                self.api.reads = None
             if not extra or not SUMMARY_KEYS.isdisjoint(extra):
                 reads |= read
             merged.update(extra or {})

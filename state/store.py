@@ -242,8 +242,9 @@ class Store:
         statement and its own transaction: the writer thread then gives up and
         takes back Python's lock once per commit instead of once per statement.
         """
-        rows = [(e.id, e.action, e.params, e.at, e.session, e.request_id, e.memo, None)
-                for e in entries]
+        rows: list[tuple[Any, ...]] = [
+            (e.id, e.action, e.params, e.at, e.session, e.request_id, e.memo, None)
+            for e in entries]
         if seqs:
             rows[-1] = (*rows[-1][:-1], cbor2.dumps(seqs, canonical=True))
         c = self.conn
