@@ -272,15 +272,20 @@ async def test_the_same_world_and_actions_give_the_same_world(tmp_path: Path) ->
     assert first == second
 
 
-async def test_a_crash_mid_run_replays_to_the_uninterrupted_world(worldhost: Any,
-                                                                  autojump_clock: Any) -> None:
-    state = logistics_state(60, 150, 8, 40, seed=3)
+async def _tick_then_crash(worldhost: Any, state: dict[str, Any], seconds: float) -> Any:
     h = await worldhost.start(config=ADMIN)
     async with h.client("root", token="adm", reconnect=False) as root:
         await root.call("simulation.import_state", state_data=state)
         await root.call("simulation.start", tick_hz=20)
-        await trio.sleep(3.37)
+        await trio.sleep(seconds)
         await h.crash()
+    return h
+
+
+async def test_a_crash_mid_run_replays_to_the_uninterrupted_world(worldhost: Any,
+                                                                  autojump_clock: Any) -> None:
+    state = logistics_state(60, 150, 8, 40, seed=3)
+    h = await _tick_then_crash(worldhost, state, 3.37)
     await h.start()
     crashed = h.world()["simulation"]
     ticks = crashed["meta"]["tick"]
@@ -342,13 +347,7 @@ async def test_replay_without_memos_searches_and_gives_the_same_world(worldhost:
                                                                      autojump_clock: Any) -> None:
     """Memos only save work: a journal whose entries have none (written before the
     store kept them) replays to the same world by searching again."""
-    state = logistics_state(60, 150, 8, 40, seed=4)
-    h = await worldhost.start(config=ADMIN)
-    async with h.client("root", token="adm", reconnect=False) as root:
-        await root.call("simulation.import_state", state_data=state)
-        await root.call("simulation.start", tick_hz=20)
-        await trio.sleep(2.5)
-        await h.crash()
+    h = await _tick_then_crash(worldhost, logistics_state(60, 150, 8, 40, seed=4), 2.5)
     copy = h.db.with_name("copy.db")
     for suffix in ("", "-wal"):
         if Path(f"{h.db}{suffix}").exists():
