@@ -30,6 +30,7 @@ class AppliedAction:
     reply: dict[str, Any]
     at: float
     replayed: bool = False
+    slices: tuple[str, ...] = ()  # the slices it changed
 
 
 class HostAPI:

@@ -23,7 +23,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_transfer_bytes: int = 256 * 1024 * 1024  # a chunked request, joined
     outbox_size: int = 256
     max_lag_s: float = 2.0  # a signal waiting longer than this in an outbox drops the client
-    socket_send_buffer: int = 32 * 1024
+    socket_send_buffer: int = 256 * 1024
     rate_per_s: float = 100.0
     rate_burst: int = 200
     flood_factor: float = 10.0

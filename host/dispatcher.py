@@ -242,7 +242,7 @@ class Dispatcher:
         if changed:
             applied = AppliedAction(action.name, plain,
                                     session.id if session is not None else None, data, now,
-                                    replayed=self.replaying)
+                                    replayed=self.replaying, slices=tuple(changed))
             self.registry.pm.hook.action_applied(host=self.host.api, applied=applied)
         return outcome
 

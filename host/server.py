@@ -8,8 +8,9 @@ import gc
 import logging
 import socket
 import time
-from pathlib import Path
 from collections import Counter
+from functools import partial
+from pathlib import Path
 from typing import Any, cast
 
 import trio
@@ -401,14 +402,9 @@ class Host:
             # buffers within seconds, so its outbox lag shows and it is dropped.
             listener.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
                                        cfg.limits.socket_send_buffer)
-        server = trio_websocket.WebSocketServer(
-            self.transport.handle, listeners, handler_nursery=nursery,
-            message_queue_size=8, max_message_size=cfg.limits.max_frame_bytes,
-            # a socket that never completes its handshake is closed like one that never
-            # opens a session
-            connect_timeout=self.config.sessions.auth_timeout_s, disconnect_timeout=5)
-        await nursery.start(server.run)
-        self.port = server.port
+        started = await nursery.start(partial(
+            trio.serve_listeners, self._serve_stream, listeners, handler_nursery=nursery))
+        self.port = started[0].socket.getsockname()[1]
         self.listen_host = cfg.host
 
     async def _supervise(self, plugin: str, task: Any) -> None:
@@ -428,13 +424,21 @@ class Host:
         self._nursery.start_soon(self._serve_stream, stream)
 
     async def _serve_stream(self, stream: trio.abc.Stream) -> None:
+        """One connection, from TCP or in memory: handshake, then the transport. The
+        stream is ours to close, so a connection cut off mid-frame is closed without
+        a WebSocket close frame (which the client would read as frame data)."""
         assert self._nursery is not None
         limits = self.config.host.limits
         try:
-            request = await trio_websocket.wrap_server_stream(
-                self._nursery, stream, message_queue_size=8,
-                max_message_size=limits.max_frame_bytes)
-            await self.transport.handle(request)
+            request = None
+            # a socket that never completes its handshake is closed like one that never
+            # opens a session
+            with trio.move_on_after(self.config.sessions.auth_timeout_s):
+                request = await trio_websocket.wrap_server_stream(
+                    self._nursery, stream, message_queue_size=8,
+                    max_message_size=limits.max_frame_bytes)
+            if request is not None:
+                await self.transport.handle(request)
         finally:
             await trio.aclose_forcefully(stream)
 

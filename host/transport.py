@@ -131,6 +131,7 @@ class Connection:
         self.budget = max(1, limits.outbox_size // 2)
         self._room = trio.Event()
         self.transfers = 0
+        self.torn = False  # a frame was cut off mid-send: no close frame may follow it
         self.close_code: int | None = None
         self.close_reason = ""
 
@@ -194,7 +195,7 @@ class Connection:
                     await self.host.dispatcher.put(Disconnect(self))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the host is gone (crashed or stopped)
-                if self.close_code is not None and not self.ws.closed:
+                if self.close_code is not None and not self.ws.closed and not self.torn:
                     with trio.move_on_after(1):
                         await self.ws.aclose(self.close_code, self.close_reason)
 
@@ -310,6 +311,9 @@ class Connection:
                     await self.ws.send_message(piece)
         except ConnectionClosed:
             self.cancel_scope.cancel()
+        except trio.Cancelled:
+            self.torn = True  # (perhaps) part of a frame went out; the stream is unusable
+            raise
         finally:
             self._sending = False
 
@@ -364,8 +368,9 @@ class Transport:
                 await conn.run()
             except Exception:
                 log.exception("connection %s failed; closing it with 1011", remote)
-                with trio.CancelScope(shield=True), trio.move_on_after(1):
-                    await ws.aclose(INTERNAL, "internal error")
+                if not conn.torn:
+                    with trio.CancelScope(shield=True), trio.move_on_after(1):
+                        await ws.aclose(INTERNAL, "internal error")
             finally:
                 self.connections.discard(conn)
         except ConnectionClosed:

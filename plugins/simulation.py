@@ -97,9 +97,10 @@ def _number(data: dict[str, Any], field: str, path: str, default: float,
 class Index:
     """What ticks derive from the simulation slice, carried from one tick to the next.
 
-    Kept only across ticks: any other action that changes the world drops it (see
-    ``action_applied``), and a tick that rolls back never promotes its copy. Kept
-    exactly equal to what a rebuild would give, so replay does not depend on it.
+    An action that changes the simulation slice offers its updated copy
+    (``keep_index``); it is promoted once the action commits, and an action that
+    changes the slice without offering one drops it (see ``action_applied``).
+    Kept exactly equal to what a rebuild would give, so replay does not depend on it.
     """
 
     tick: int
@@ -167,10 +168,14 @@ class Sim:
         self.package_events[record["id"]] = {
             "id": record["id"], "status": record["status"], "carried_by": record["carried_by"]}
         if self._waiting is not None:
-            waiting = [p for p in self._waiting if p["id"] != record["id"]]
+            self.drop_waiting(record["id"])
             if record["status"] == "waiting":
-                bisect.insort(waiting, record, key=_age)
-            self._waiting = waiting
+                bisect.insort(self._waiting, record, key=_age)
+
+    def drop_waiting(self, package_id: str) -> None:
+        """Take a package off the waiting list (a new list: the index may share the old)."""
+        if self._waiting is not None:
+            self._waiting = [p for p in self._waiting if p["id"] != package_id]
 
     def waiting(self) -> list[dict[str, Any]]:
         """Waiting packages, oldest first (created tick, then id)."""
@@ -230,7 +235,7 @@ class Sim:
         self.slice.put("meta", self.meta)
 
     def keep_index(self) -> None:
-        """Offer this tick's index to the next tick; promoted only if this one commits."""
+        """Offer this action's index to the next one; promoted only if this one commits."""
         self.rt["pending_index"] = Index(self.meta["tick"], self.agent_keys(), self.waiting(),
                                          self.targeted())
 
@@ -455,7 +460,8 @@ def add_package(ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
     record = package_record(data, "params", sim.meta["tick"], lambda n: sim.node(n) is not None)
     if PACKAGE + record["id"] in sim.slice:
         raise bad("params.id", f"duplicate package id {record['id']!r}")
-    sim.slice.put(PACKAGE + record["id"], record)
+    sim.put_package(record)
+    sim.keep_index()
     ctx.broadcast("simulation.package_added", {"package": record}, others=True)
     return {"package": record}
 
@@ -468,7 +474,10 @@ def cancel_package(ctx: Context, p: IdParams) -> dict[str, Any]:
     if package["status"] != "waiting":
         raise Conflict(f"package {p.id!r} is {package['status']}; only a waiting package "
                        f"can be cancelled")
+    sim.waiting()
     sim.slice.delete(PACKAGE + p.id)
+    sim.drop_waiting(p.id)
+    sim.keep_index()
     ctx.broadcast("simulation.package_cancelled", {"id": p.id}, others=True)
     return {"id": p.id}
 
@@ -653,10 +662,7 @@ def background_tasks(host: HostAPI) -> list[Callable[[], Any]]:
 def server_info(host: HostAPI) -> dict[str, Any]:
     records = host.read("simulation")
     meta = records.get("meta") or default_meta()
-    rt = _runtime(host)
-    if rt.get("agent_count") is None:  # kept until an action other than a tick (see below)
-        rt["agent_count"] = sum(1 for k in records if k.startswith(AGENT))
-    agents = rt["agent_count"]
+    agents = sum(1 for k in records if k.startswith(AGENT))  # called rarely: see hookspecs
     return {"simulation": {"running": meta["running"], "tick": meta["tick"],
                            "tick_hz": meta["tick_hz"], "current_day": meta["current_day"],
                            "agents": agents, "packages": len(records) - agents - 1}}
@@ -666,10 +672,8 @@ def server_info(host: HostAPI) -> dict[str, Any]:
 def action_applied(host: HostAPI, applied: AppliedAction) -> None:
     rt = _runtime(host)
     pending = rt.pop("pending_index", None)
-    if applied.name in ("simulation.tick", "simulation.step"):  # ticks add and remove no agent
+    if "simulation" in applied.slices:
         rt["index"] = pending
-    else:
-        rt["index"] = rt["agent_count"] = None
     if applied.name.startswith("map.") or applied.name == "simulation.import_state":
         rt["router"].invalidate()
     if applied.name in ("simulation.start", "simulation.stop", "simulation.set",

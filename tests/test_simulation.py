@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -341,6 +342,21 @@ async def test_random_simulations_keep_their_invariants(tmp_path: Path, steps: l
                 except CallError as err:
                     assert err.code in ("validation_error", "conflict", "not_found")
                 check_invariants(h.world())
+                check_index(h)
+
+
+def check_index(h: Any) -> None:
+    """The index the simulation keeps between actions equals one built afresh."""
+    index = h.host.api.runtime("simulation").get("index")
+    sim = h.world()["simulation"]
+    if index is None or index.tick != sim["meta"]["tick"]:
+        return  # none kept (the next tick builds one)
+    agents = {k: a for k, a in sim.items() if k.startswith("agent:")}
+    waiting = sorted((p for k, p in sim.items() if k.startswith("package:")
+                      and p["status"] == "waiting"), key=lambda p: (p["created_tick"], p["id"]))
+    assert index.agent_keys == sorted(agents)
+    assert index.waiting == waiting
+    assert index.targeted == Counter(a["target"] for a in agents.values() if a.get("target"))
 
 
 async def test_replay_without_memos_searches_and_gives_the_same_world(worldhost: Any,
