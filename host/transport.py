@@ -60,14 +60,14 @@ def encode_frame(sig: Signal, encoding: str) -> str | bytes:
             parts += [b"\x63seq", encode_cbor(sig.seq)]
         parts += [b"\x64data", data]
         return bytes([0xA0 + len(parts) // 2]) + b"".join(parts)
-    if data is None:
-        data = cache[encoding] = encode_json(sig.data)
-    head = b'{"signal":' + encode_json(sig.signal)
+    if data is None:  # kept as text: a broadcast's data is decoded once, not per client
+        data = cache[encoding] = encode_json(sig.data).decode("utf-8")
+    head = '{"signal":' + encode_json(sig.signal).decode("utf-8")
     if sig.has_re:
-        head += b',"re":' + encode_json(sig.re)
+        head += ',"re":' + encode_json(sig.re).decode("utf-8")
     if sig.seq is not None:
-        head += b',"seq":%d' % sig.seq
-    return (head + b',"data":' + data + b"}").decode("utf-8")
+        head += ',"seq":%d' % sig.seq
+    return head + ',"data":' + data + "}"
 
 
 def _is_id(value: Any) -> bool:

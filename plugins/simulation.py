@@ -305,6 +305,7 @@ def start(ctx: Context, p: StartParams) -> dict[str, Any]:
         raise Conflict("the simulation is already running")
     sim.meta.update(running=True, tick_hz=float(p.tick_hz))
     sim.save_meta()
+    sim.keep_index()  # built now, if need be, rather than in the first tick
     data = {"tick": sim.meta["tick"], "tick_hz": sim.meta["tick_hz"]}
     ctx.broadcast("simulation.started", data, others=True)
     return data
@@ -316,6 +317,7 @@ def stop(ctx: Context, p: None) -> dict[str, Any]:
         raise Conflict("the simulation is not running")
     sim.meta["running"] = False
     sim.save_meta()
+    sim.keep_index()
     data = {"tick": sim.meta["tick"]}
     ctx.broadcast("simulation.stopped", data, others=True)
     return data

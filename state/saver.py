@@ -129,6 +129,11 @@ class Saver:
 
     async def _commit(self) -> None:
         async with self._store_lock:
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Commit what is queued, then release what waited behind it (store lock held)."""
+        while self.current.entries:
             started = time.perf_counter()
             batch, self.current = self.current, Batch()
             runtime, _ = self.runtime_source(batch.signal_counts, False)
@@ -138,8 +143,11 @@ class Saver:
                 await self._io(self.store.append, batch.entries, runtime)
             finally:
                 self.in_flight = False
-        self.commits += 1
-        self._release(batch)
+            self.commits += 1
+            self._release(batch)
+        if self.current:  # outputs that waited behind a commit, with nothing to commit
+            batch, self.current = self.current, Batch()
+            self._release(batch)
 
     async def checkpoint(self, clean: bool = False) -> int:
         """Write what changed since the last checkpoint; covers every applied action."""
@@ -147,16 +155,16 @@ class Saver:
             return await self._checkpoint(clean)
 
     async def _checkpoint(self, clean: bool) -> int:
+        await self._drain()  # so every output applied before the cut is already out
         started = time.perf_counter()
-        batch, self.current = self.current, Batch()
         taken, restore = self._take()
-        runtime, ended = self.runtime_source(batch.signal_counts, True)
+        runtime, ended = self.runtime_source(Counter(), True)
         last_id = self.last_id  # the cut: actions applied from here on are not in it
         self.first_unsaved = self.last_change = None
-        self.in_flight = True
         try:
             self._stalled(started)
             changes = await self._encode(taken)
+            self.in_flight = True
             self.generation = await self._io(
                 self.store.checkpoint, changes, last_id, runtime, ended, self.world_id, clean)
         except BaseException:
@@ -165,7 +173,6 @@ class Saver:
         finally:
             self.in_flight = False
         self.checkpoints += 1
-        self._release(batch)
         return self.generation
 
     async def flush(self) -> None:
@@ -230,6 +237,7 @@ class Saver:
                 if time.perf_counter() - started > ENCODE_SLICE_S:
                     self._stalled(started)
                     await trio.sleep(0)
+                    await self._drain()  # actions applied meanwhile need not wait for it
                     started = time.perf_counter()
         self._stalled(started)
         return changes

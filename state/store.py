@@ -36,6 +36,19 @@ def _insert_rows(count: int) -> str:
             "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * count))
 
 
+@functools.lru_cache(maxsize=16)
+def _upsert_records(count: int) -> str:
+    return ("INSERT INTO records (slice, key, value) VALUES "
+            + ", ".join(["(?, ?, ?)"] * count)
+            + " ON CONFLICT (slice, key) DO UPDATE SET value = excluded.value")
+
+
+def _chunks(items: list[Any]) -> list[list[Any]]:
+    """Statements of many rows each: the writer thread then takes Python's lock back once
+    per statement rather than once per row. Most chunks are full, so few SQL texts."""
+    return [items[i:i + _ROWS_PER_INSERT] for i in range(0, len(items), _ROWS_PER_INSERT)]
+
+
 class StoreError(Exception):
     """The store cannot be used."""
 
@@ -279,14 +292,12 @@ class Store:
                     (name, ch.version, int(ch.keyed), ch.value))
                 if ch.replaced or not ch.keyed:
                     c.execute("DELETE FROM records WHERE slice = ?", (name,))
-                if ch.deletes:
-                    c.executemany("DELETE FROM records WHERE slice = ? AND key = ?",
-                                  [(name, k) for k in ch.deletes])
-                if ch.upserts:
-                    c.executemany(
-                        "INSERT INTO records (slice, key, value) VALUES (?, ?, ?) "
-                        "ON CONFLICT (slice, key) DO UPDATE SET value = excluded.value",
-                        [(name, k, v) for k, v in ch.upserts.items()])
+                for keys in _chunks(ch.deletes):
+                    c.execute(f"DELETE FROM records WHERE slice = ? AND key IN "
+                              f"({', '.join('?' * len(keys))})", [name, *keys])
+                for rows in _chunks(list(ch.upserts.items())):
+                    c.execute(_upsert_records(len(rows)),
+                              [v for key, blob in rows for v in (name, key, blob)])
             if runtime:
                 c.executemany(
                     "INSERT INTO session_runtime (id, next_seq, value) VALUES (?, ?, ?) "
