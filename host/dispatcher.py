@@ -97,7 +97,7 @@ class Dispatcher:
         same one-at-a-time order (handling never awaits) without a task switch. The
         caller must reach a checkpoint before its next put (a connection's reader
         does, in sending or reading), so that one client cannot starve the rest."""
-        if self.idle and not self.receive_channel.statistics().current_buffer_used:
+        if self.applies_now:
             self.idle = False
             try:
                 self._apply_item(item)
@@ -105,6 +105,11 @@ class Dispatcher:
                 self.idle = True
             return
         await self.send_channel.send(item)
+
+    @property
+    def applies_now(self) -> bool:
+        """Whether ``put`` would apply an item at once (nothing applying or queued)."""
+        return self.idle and not self.receive_channel.statistics().current_buffer_used
 
     async def submit(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
         """Internal action from a background task; returns once durable."""

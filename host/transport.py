@@ -234,8 +234,9 @@ class Connection:
             await self._dispatch(req)
 
     async def _dispatch(self, req: Request) -> None:
-        """Hand a request to the dispatcher, then send what it produced at once."""
-        self._dispatching = True
+        """Hand a request to the dispatcher, then send what it produced at once. (If it
+        must wait its turn, signals meanwhile are sent by the sender task.)"""
+        self._dispatching = self.host.dispatcher.applies_now
         try:
             await self.host.dispatcher.put(req)
         finally:
