@@ -5,8 +5,8 @@ world-changing action are released only after the transaction holding its
 journal entry commits; the writer commits everything queued as soon as the
 previous commit ends, so durability costs one commit per batch. Checkpoints
 write the slices and records changed since the last one, debounced, and drop
-the journal they cover. All SQLite work runs in a worker thread, one call at a
-time, on the store's single connection.
+the journal they cover. All SQLite work runs on the store's writer thread (see
+``state.writer``), one call at a time, on the store's single connection.
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ def quarantine(path: str | os.PathLike[str]) -> Path:
 
 class Store:
     """The one connection to one store file. Not safe for concurrent use: the
-    saver calls it from one task at a time (through a worker thread)."""
+    saver calls it from one task at a time (on its writer thread)."""
 
     def __init__(self, conn: sqlite3.Connection, path: str) -> None:
         self.conn = conn
