@@ -87,7 +87,7 @@ class Signal:
     has_re: bool = False
     seq: int | None = None
     encoding: str | None = None  # forced encoding for a reply; None = connection's
-    encoded: dict[str, bytes] | None = None  # ``data`` encoded once, shared by a broadcast
+    encoded: dict[str, Any] | None = None  # ``data`` encoded once, shared by a broadcast
 
     def envelope(self) -> dict[str, Any]:
         out: dict[str, Any] = {"signal": self.signal}

@@ -49,10 +49,10 @@ def encode_frame(sig: Signal, encoding: str) -> str | bytes:
     """The frame for one signal. ``data`` is encoded once per encoding and spliced
     into each session's envelope, so a broadcast is not re-encoded per client."""
     cache = sig.encoded if sig.encoded is not None else {}
-    data = cache.get(encoding)
     if encoding == "cbor":
+        data: bytes | None = cache.get("cbor")
         if data is None:
-            data = cache[encoding] = encode_cbor(sig.data)
+            data = cache["cbor"] = encode_cbor(sig.data)
         parts = [b"\x66signal", encode_cbor(sig.signal)]
         if sig.has_re:
             parts += [b"\x62re", encode_cbor(sig.re)]
@@ -60,14 +60,15 @@ def encode_frame(sig: Signal, encoding: str) -> str | bytes:
             parts += [b"\x63seq", encode_cbor(sig.seq)]
         parts += [b"\x64data", data]
         return bytes([0xA0 + len(parts) // 2]) + b"".join(parts)
-    if data is None:  # kept as text: a broadcast's data is decoded once, not per client
-        data = cache[encoding] = encode_json(sig.data).decode("utf-8")
+    text: str | None = cache.get("json")
+    if text is None:  # kept as text: a broadcast's data is decoded once, not per client
+        text = cache["json"] = encode_json(sig.data).decode("utf-8")
     head = '{"signal":' + encode_json(sig.signal).decode("utf-8")
     if sig.has_re:
         head += ',"re":' + encode_json(sig.re).decode("utf-8")
     if sig.seq is not None:
         head += ',"seq":%d' % sig.seq
-    return head + ',"data":' + data + "}"
+    return head + ',"data":' + text + "}"
 
 
 def _is_id(value: Any) -> bool:

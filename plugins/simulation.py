@@ -676,8 +676,8 @@ def action_applied(host: HostAPI, applied: AppliedAction) -> None:
     pending = rt.pop("pending_index", None)
     if "simulation" in applied.slices:
         rt["index"] = pending
-    if applied.name.startswith("map.") or applied.name == "simulation.import_state":
-        rt["router"].invalidate()
+    if "map" in applied.slices:
+        rt["router"].map_changed(applied.name, applied.reply)
     if applied.name in ("simulation.start", "simulation.stop", "simulation.set",
                         "simulation.import_state"):
         rt["wake"].set()

@@ -93,3 +93,51 @@ def test_a_changed_map_is_searched_again_after_invalidate() -> None:
     assert returned is not None
     returned.clear()  # callers own their copy
     assert router.route(records, "a", "c") == ["ac"]
+
+
+edits = st.lists(st.one_of(
+    st.tuples(st.just("map.add_node"), st.integers(0, 14)),
+    st.tuples(st.just("map.remove_node"), st.integers(0, 14)),
+    st.tuples(st.just("map.add_edge"), st.integers(0, 14), st.integers(0, 14), st.integers(1, 9)),
+    st.tuples(st.just("map.remove_edge"), st.integers(0, 60)),
+    st.tuples(st.just("map.update_node"), st.integers(0, 14)),
+), max_size=25)
+
+
+@settings(max_examples=100, deadline=None)
+@given(maps(), edits)
+def test_a_graph_kept_up_to_date_edit_by_edit_routes_as_one_compiled_afresh(
+        records: dict[str, Any], changes: list[tuple[Any, ...]]) -> None:
+    """What a map edit's reply says is enough to keep the compiled graph exact."""
+    kept = Router()
+    nodes = sorted(r["id"] for k, r in records.items() if k.startswith(NODE))
+    kept.route(records, nodes[0], nodes[-1])  # compiled before the edits
+    for n, change in enumerate(changes):
+        action, node = change[0], f"n{change[1]}"
+        if action == "map.add_node" and NODE + node not in records:
+            records[NODE + node] = {"id": node, "x": 0.0, "y": 0.0, "building": None}
+            reply: dict[str, Any] = {"node": records[NODE + node]}
+        elif action == "map.remove_node" and NODE + node in records:
+            gone = [k for k, e in records.items()
+                    if k.startswith(EDGE) and node in (e["from"], e["to"])]
+            for key in [*gone, NODE + node]:
+                del records[key]
+            reply = {"id": node, "removed_edges": sorted(k[len(EDGE):] for k in gone)}
+        elif action == "map.add_edge" and {NODE + node, NODE + f"n{change[2]}"} <= set(records):
+            edge = {"id": f"x{n}", "from": node, "to": f"n{change[2]}",
+                    "length": float(change[3]), "speed": 1.0}
+            records[EDGE + edge["id"]] = edge
+            reply = {"edge": edge}
+        elif action == "map.remove_edge" and EDGE + f"e{change[1]}" in records:
+            del records[EDGE + f"e{change[1]}"]
+            reply = {"id": f"e{change[1]}"}
+        elif action == "map.update_node" and NODE + node in records:
+            reply = {"node": records[NODE + node]}
+        else:
+            continue
+        kept.map_changed(action, reply)
+        fresh = Router()
+        present = sorted(r["id"] for k, r in records.items() if k.startswith(NODE))
+        for start in present:
+            for goal in present:
+                assert kept.route(records, start, goal) == fresh.route(records, start, goal)
