@@ -215,18 +215,20 @@ class Host:
         self.saver.world_id = self.world_id
 
     def _runtime_rows(self, counts: Counter[str], everything: bool) -> tuple[dict[str, Any], list[str]]:
+        """For a journal commit, the next seq of the sessions it signals (counts); for a
+        checkpoint, the runtime of every session changed since the last one."""
+        if not everything:
+            return {sid: s.next_seq + pending for sid, pending in counts.items()
+                    if (s := self.sessions.get(sid)) is not None}, []
         rows: dict[str, Any] = {}
         for s in self.sessions:
             pending = counts.get(s.id, 0)
-            if everything:
-                if s.dirty or pending:
-                    runtime = s.runtime()
-                    runtime["next_seq"] += pending
-                    rows[s.id] = (runtime["next_seq"], canonical(runtime))
-                    s.dirty = False
-            elif pending:
-                rows[s.id] = s.next_seq + pending
-        return rows, (self.sessions.take_ended() if everything else [])
+            if s.dirty or pending:
+                runtime = s.runtime()
+                runtime["next_seq"] += pending
+                rows[s.id] = (runtime["next_seq"], canonical(runtime))
+                s.dirty = False
+        return rows, self.sessions.take_ended()
 
     async def _resume_world(self) -> None:
         """After loading: sessions that were connected are now disconnected."""
