@@ -121,15 +121,9 @@ class Saver:
             self._wake = trio.Event()
             if trio.current_time() >= self.checkpoint_due_at():
                 await self.checkpoint()
-            elif self.current.entries:
-                await self._commit()
             elif self.current:
-                self._release(self.current)
-                self.current = Batch()
-
-    async def _commit(self) -> None:
-        async with self._store_lock:
-            await self._drain()
+                async with self._store_lock:
+                    await self._drain()
 
     async def _drain(self) -> None:
         """Commit what is queued, then release what waited behind it (store lock held)."""
