@@ -91,7 +91,7 @@ class Recorder:
 
     @hookimpl
     def action_applied(self, host: Any, applied: Any) -> None:
-        self.calls.append(("applied", applied.name))
+        self.calls.append(("applied", applied.name, applied.slices))
 
     @hookimpl
     def server_info(self, host: Any) -> dict[str, Any]:
@@ -127,7 +127,7 @@ async def test_each_hook_is_called(worldhost: Any, autojump_clock: Any) -> None:
     h = await worldhost.start(rec)
     assert rec.calls[0][0] == "startup"
     await trio.sleep(2)  # the background task failed once, was restarted, and ran
-    assert rec.ticks == 2 and ("applied", "recorder.touch") in rec.calls
+    assert rec.ticks == 2 and ("applied", "recorder.touch", ("recorder",)) in rec.calls
     async with h.client("ada") as ada:
         assert ("opened", "ada", False) in rec.calls
         assert ada.server_info["recorder"] == "here"
