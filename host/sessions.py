@@ -77,7 +77,7 @@ class Outbox(Protocol):
     def close_soon(self, code: int, reason: str) -> None: ...
 
 
-@dataclass
+@dataclass(slots=True)  # replay buffers hold many: no per-instance dict for the GC to walk
 class Signal:
     """One signal on its way to a client; ``seq`` is set once it is addressed."""
 

@@ -76,7 +76,9 @@ class Router:
     def __init__(self, cache_size: int = 20_000) -> None:
         self.cache_size = cache_size
         self._graph: Graph | None = None
-        self._cache: OrderedDict[tuple[str, str], list[str] | None] = OrderedDict()
+        # tuples: the cyclic GC stops tracking tuples of strings, so a full cache costs
+        # the collector nothing
+        self._cache: OrderedDict[tuple[str, str], tuple[str, ...] | None] = OrderedDict()
         self.computed = 0
 
     def invalidate(self) -> None:
@@ -114,10 +116,10 @@ class Router:
         if self._graph is None:
             self._graph = Graph(records)
         path = self._search(self._graph, start, goal)
-        self._cache[key] = path
+        self._cache[key] = None if path is None else tuple(path)
         if len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        return None if path is None else list(path)  # callers may consume their copy
+        return path  # the caller's own list
 
     def _search(self, graph: Graph, start: str, goal: str) -> list[str] | None:
         self.computed += 1
