@@ -194,7 +194,8 @@ class Host:
         self.saver = Saver(self.store, self.world, durability=self.config.store.durability,
                            debounce_s=self.config.store.debounce_s,
                            max_delay_s=self.config.store.max_delay_s,
-                           runtime_source=self._runtime_rows, world_id=None,
+                           seq_source=self._session_seqs,
+                           runtime_source=self._session_runtime, world_id=None,
                            last_id=self.dispatcher.next_id - 1, threaded=self.store_in_thread)
         self.saver.generation = loaded.generation
         self.dispatcher.replaying = True
@@ -214,18 +215,18 @@ class Host:
         self.saver.current.entries.clear()
         self.saver.world_id = self.world_id
 
-    def _runtime_rows(self, counts: Counter[str], everything: bool) -> tuple[dict[str, Any], list[str]]:
-        """For a journal commit, the next seq of the sessions it signals (counts); for a
-        checkpoint, the runtime of every session changed since the last one."""
-        if not everything:
-            return {sid: s.next_seq + pending for sid, pending in counts.items()
-                    if (s := self.sessions.get(sid)) is not None}, []
-        rows: dict[str, Any] = {}
+    def _session_seqs(self, counts: Counter[str]) -> dict[str, int]:
+        """For a journal commit: the next seq of each session it signals, once sent."""
+        return {sid: s.next_seq + pending for sid, pending in counts.items()
+                if (s := self.sessions.get(sid)) is not None}
+
+    def _session_runtime(self) -> tuple[dict[str, tuple[int, bytes]], list[str]]:
+        """For a checkpoint (taken with nothing left to send): the runtime of every
+        session changed since the last one, and the sessions that ended."""
+        rows: dict[str, tuple[int, bytes]] = {}
         for s in self.sessions:
-            pending = counts.get(s.id, 0)
-            if s.dirty or pending:
+            if s.dirty:
                 runtime = s.runtime()
-                runtime["next_seq"] += pending
                 rows[s.id] = (runtime["next_seq"], canonical(runtime))
                 s.dirty = False
         return rows, self.sessions.take_ended()
@@ -241,9 +242,22 @@ class Host:
 
     # what clients are told -----------------------------------------------------
     def _contributions(self) -> dict[str, Any]:
+        """Every plugin's ``server_info``, merged. Notes the slices the summary fields
+        came from: those read by the plugins contributing to them (and by those
+        contributing nothing, who might begin to)."""
         merged: dict[str, Any] = {"phase": "onboarding"}
-        for _, extra in self.registry.collect("server_info", host=self.api):
-            merged.update(extra)
+        reads: set[str] = set()
+        for impl in reversed(self.registry.pm.hook.server_info.get_hookimpls()):
+            read: set[str] = set()
+            self.api.reads = read
+            try:
+                extra = cast("dict[str, Any] | None", impl.function(host=self.api))
+            finally:
+                self.api.reads = None
+            if not extra or not SUMMARY_KEYS.isdisjoint(extra):
+                reads |= read
+            merged.update(extra or {})
+        self._summary_reads = reads
         return merged
 
     def server_info(self) -> dict[str, Any]:
@@ -291,23 +305,9 @@ class Host:
 
     def _summary(self) -> dict[str, Any]:
         """What a change of re-sends ``sync_state``: the phase and the process summary
-        (the simulation's tick changes every tick; clients follow it by its signals).
-        Notes the slices it was computed from: those the plugins contributing to it
-        read (and those contributing nothing, who might begin to)."""
-        merged: dict[str, Any] = {"phase": "onboarding"}
-        reads: set[str] = set()
-        for impl in reversed(self.registry.pm.hook.server_info.get_hookimpls()):
-            read: set[str] = set()
-            self.api.reads = read
-            try:
-                extra = cast("dict[str, Any] | None", impl.function(host=self.api))
-            finally:
-                self.api.reads = None
-            if not extra or not SUMMARY_KEYS.isdisjoint(extra):
-                reads |= read
-            merged.update(extra or {})
-        self._summary_reads = reads
-        return {k: merged.get(k) for k in SUMMARY_KEYS}
+        (the simulation's tick changes every tick; clients follow it by its signals)."""
+        contributions = self._contributions()
+        return {k: contributions.get(k) for k in SUMMARY_KEYS}
 
     def sync_if_changed(self, outcome: Any, changed: list[str]) -> None:
         """Send ``sync_state`` again to every session when the phase or process summary

@@ -29,9 +29,10 @@ from state.writer import WriterThread
 log = logging.getLogger("worldhost.saver")
 
 Release = Callable[[], None]
-# (signal counts of a batch, whole runtime?) -> (rows, ended session ids). Rows are
-# next_seq for a journal commit, (next_seq, runtime blob) for a checkpoint.
-RuntimeSource = Callable[[Counter[str], bool], tuple[dict[str, Any], list[str]]]
+# a journal commit's signal counts per session -> each session's next seq once sent
+SeqSource = Callable[[Counter[str]], dict[str, int]]
+# for a checkpoint: (session id -> (next_seq, runtime blob), ids of ended sessions)
+RuntimeSource = Callable[[], tuple[dict[str, tuple[int, bytes]], list[str]]]
 
 
 @dataclass
@@ -50,6 +51,7 @@ class Saver:
 
     def __init__(self, store: Store, world: World, *, durability: str = "journal",
                  debounce_s: float = 1.0, max_delay_s: float = 5.0,
+                 seq_source: SeqSource | None = None,
                  runtime_source: RuntimeSource | None = None,
                  world_id: str | None = None, last_id: int = 0, threaded: bool = True) -> None:
         self.store = store
@@ -57,7 +59,8 @@ class Saver:
         self.journaling = durability == "journal"
         self.debounce_s = debounce_s
         self.max_delay_s = max_delay_s
-        self.runtime_source = runtime_source or (lambda counts, everything: ({}, []))
+        self.seq_source = seq_source or (lambda counts: {})
+        self.runtime_source = runtime_source or (lambda: ({}, []))
         self.world_id = world_id
         self.last_id = last_id
         self.current = Batch()
@@ -130,11 +133,11 @@ class Saver:
         while self.current.entries:
             started = time.perf_counter()
             batch, self.current = self.current, Batch()
-            runtime, _ = self.runtime_source(batch.signal_counts, False)
+            seqs = self.seq_source(batch.signal_counts)
             self._stalled(started)
             self.in_flight = True
             try:
-                await self._io(self.store.append, batch.entries, runtime)
+                await self._io(self.store.append, batch.entries, seqs)
             finally:
                 self.in_flight = False
             self.commits += 1
@@ -152,7 +155,7 @@ class Saver:
         await self._drain()  # so every output applied before the cut is already out
         started = time.perf_counter()
         taken, restore = self._take()
-        runtime, ended = self.runtime_source(Counter(), True)
+        runtime, ended = self.runtime_source()
         last_id = self.last_id  # the cut: actions applied from here on are not in it
         self.first_unsaved = self.last_change = None
         try:

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cbor2
 import sqlite_utils
+
+from state.codec import canonical, load_stored
 
 FORMAT_VERSION = 2  # 2: journal rows carry replay memos and the sessions' next seq
 
@@ -229,7 +230,7 @@ class Store:
                     "SELECT id, action, params, at, session, request_id, memo, seqs FROM journal "
                     "WHERE id > ? ORDER BY id", (checkpoint_id,)):
                 journal.append(JournalEntry(*fields))
-                for sid, seq in (cbor2.loads(seqs) if seqs else {}).items():
+                for sid, seq in (load_stored(seqs) if seqs else {}).items():
                     old_seq, value = runtime.get(sid, (0, None))
                     runtime[sid] = (max(old_seq, seq), value)
             return Loaded(
@@ -259,15 +260,14 @@ class Store:
             (e.id, e.action, e.params, e.at, e.session, e.request_id, e.memo, None)
             for e in entries]
         if seqs:
-            rows[-1] = (*rows[-1][:-1], cbor2.dumps(seqs, canonical=True))
+            rows[-1] = (*rows[-1][:-1], canonical(seqs))
         c = self.conn
         if not self.marked_clean and len(rows) <= _ROWS_PER_INSERT:
             c.execute(_insert_rows(len(rows)), [v for row in rows for v in row])
             return
         c.execute("BEGIN IMMEDIATE")
         try:
-            for start in range(0, len(rows), _ROWS_PER_INSERT):
-                chunk = rows[start:start + _ROWS_PER_INSERT]
+            for chunk in _chunks(rows):
                 c.execute(_insert_rows(len(chunk)), [v for row in chunk for v in row])
             if self.marked_clean:  # the journal now holds what no checkpoint does
                 c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
