@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -90,49 +89,68 @@ class Dispatcher:
         self.accepting = True
         self.applied = 0
         self.idle = True  # no item is being applied right now
+        self.queued = 0  # items in the channel, not yet taken by the dispatcher task
 
     # submission -----------------------------------------------------------
     async def put(self, item: Request | Disconnect) -> None:
         """Queue an item; when nothing is queued it is applied at once, which is the
         same one-at-a-time order (handling never awaits) without a task switch. The
         caller must reach a checkpoint before its next put (a connection's reader
-        does, in sending or reading), so that one client cannot starve the rest."""
+        does, in sending or reading), so that one client cannot starve the rest.
+
+        An item applied at once whose outputs wait for a journal commit yields one
+        turn first, so that the other connections' requests ready in this turn are
+        applied too and one commit covers them all."""
         if self.applies_now:
             self.idle = False
             try:
                 self._apply_item(item)
             finally:
                 self.idle = True
+            saver = self.host.saver
+            if saver.current:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                saver.commit_now()
             return
-        await self.send_channel.send(item)
+        await self._enqueue(item)
 
     @property
     def applies_now(self) -> bool:
         """Whether ``put`` would apply an item at once (nothing applying or queued)."""
-        return self.idle and not self.receive_channel.statistics().current_buffer_used
+        return self.idle and not self.queued
 
     async def submit(self, action: str, params: dict[str, Any]) -> dict[str, Any]:
         """Internal action from a background task; returns once durable."""
         request = Request(action, params, internal=True, done=trio.Event())
-        await self.send_channel.send(request)
+        await self._enqueue(request)
         await request.done.wait()  # type: ignore[union-attr]
         if request.failure is not None:
             raise request.failure
         return request.result
+
+    async def _enqueue(self, item: Request | Disconnect) -> None:
+        self.queued += 1
+        try:
+            await self.send_channel.send(item)
+        except BaseException:  # not queued after all
+            self.queued -= 1
+            raise
 
     async def run(self) -> None:
         async with self.receive_channel:
             async for item in self.receive_channel:
                 self.idle = False
                 try:
-                    self._apply_item(item)
-                    while True:  # drain what queued up meanwhile, in order
+                    while True:  # and what queued up meanwhile, in order
+                        self.queued -= 1
+                        self._apply_item(item)
                         try:
-                            self._apply_item(self.receive_channel.receive_nowait())
+                            item = self.receive_channel.receive_nowait()
                         except trio.WouldBlock:
                             break
                 finally:
                     self.idle = True
+                self.host.saver.commit_now()
 
     def _apply_item(self, item: Request | Disconnect) -> None:
         if isinstance(item, Disconnect):
@@ -199,7 +217,7 @@ class Dispatcher:
                       seed=f"{self.host.world_seed}:{seed_id}", host=self.host.api,
                       memo=memo if memo is not None else {})
         if action.changes_world:  # slices are read-only between transactions
-            world.begin(writable=True)
+            world.begin()
         try:
             result = action.handler(ctx, params)  # type: ignore[call-arg]
         except ActionError:
@@ -287,10 +305,6 @@ class Dispatcher:
         return outcome
 
     def _finish(self, req: Request | None, outcome: Outcome) -> None:
-        counts: Counter[str] = Counter()
-        for target, _ in outcome.outputs:
-            if isinstance(target, Session):
-                counts[target.id] += 1
         done = req.done if req is not None else None
 
         def release() -> None:
@@ -302,7 +316,8 @@ class Dispatcher:
             if done is not None:
                 done.set()
 
-        self.host.saver.record(outcome.entry, release, counts)
+        self.host.saver.record(outcome.entry, release,
+                               [t.id for t, _ in outcome.outputs if isinstance(t, Session)])
 
     # replay ----------------------------------------------------------------
     def replay(self, entry: JournalEntry) -> None:

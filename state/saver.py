@@ -5,8 +5,17 @@ world-changing action are released only after the transaction holding its
 journal entry commits; the writer commits everything queued as soon as the
 previous commit ends, so durability costs one commit per batch. Checkpoints
 write the slices and records changed since the last one, debounced, and drop
-the journal they cover. All SQLite work runs on the store's writer thread (see
-``state.writer``), one call at a time, on the store's single connection.
+the journal they cover. All SQLite work happens one call at a time, on the
+store's single connection.
+
+Checkpoints, and WAL checkpoints, wait on the disk, so they run on the store's
+writer thread (see ``state.writer``). A journal commit in WAL mode with
+``synchronous`` NORMAL or OFF does not: it copies a page or two into the
+operating system's cache and returns, in less time than a hand-off to the
+thread and back takes. So such commits run in the loop, the moment the
+dispatcher has applied what is queued (``commit_now``), and a reply goes out
+in the same turn as its request. With ``synchronous`` FULL or EXTRA every
+commit waits for an fsync, and journal commits go to the thread too.
 """
 
 from __future__ import annotations
@@ -53,7 +62,8 @@ class Saver:
                  debounce_s: float = 1.0, max_delay_s: float = 5.0,
                  seq_source: SeqSource | None = None,
                  runtime_source: RuntimeSource | None = None,
-                 world_id: str | None = None, last_id: int = 0, threaded: bool = True) -> None:
+                 world_id: str | None = None, last_id: int = 0, threaded: bool = True,
+                 journal_in_loop: bool = False) -> None:
         self.store = store
         self.world = world
         self.journaling = durability == "journal"
@@ -72,6 +82,7 @@ class Saver:
         self.commits = 0
         self.checkpoints = 0
         self.threaded = threaded
+        self.journal_in_loop = journal_in_loop or not threaded
         self._writer = WriterThread()
         self._store_lock = trio.Lock()  # one store call at a time, on its one connection
         self.longest_stall_s = 0.0  # the longest time a save held the event loop
@@ -82,14 +93,21 @@ class Saver:
             return await self._writer.run(fn, *args)
         return fn(*args)
 
+    async def _append(self, entries: list[JournalEntry], seqs: dict[str, int]) -> None:
+        if self.journal_in_loop:
+            self.store.append(entries, seqs)
+        else:
+            await self._io(self.store.append, entries, seqs)
+
     def close(self) -> None:
         """The host is done with the store: let its thread go."""
         self._writer.stop()
 
     # called synchronously by the dispatcher ------------------------------
     def record(self, entry: JournalEntry | None, release: Release,
-               signal_counts: Counter[str] | None = None) -> None:
-        """Queue one action's outputs (and its journal entry, if it changed the world)."""
+               signalled: list[str] | None = None) -> None:
+        """Queue one action's outputs (and its journal entry, if it changed the world);
+        ``signalled`` names the session of each signal among the outputs."""
         if entry is not None:
             self.last_id = entry.id
         journaled = entry is not None and self.journaling
@@ -99,17 +117,40 @@ class Saver:
         if journaled and entry is not None:
             self.current.entries.append(entry)
         self.current.releases.append(release)
-        if signal_counts:
-            self.current.signal_counts.update(signal_counts)
-        self._wake.set()
+        if signalled:
+            self.current.signal_counts.update(signalled)
+        if not self.journal_in_loop:
+            self._wake.set()
+
+    def commit_now(self) -> None:
+        """Commit what is queued and release what waited behind it, here and now,
+        when journal commits run in the loop and the store is free; otherwise the
+        writer task does it when it can. The dispatcher calls this once it has
+        applied what was queued, so one commit covers them all."""
+        if not self.current:
+            return
+        if not self.journal_in_loop or self._store_lock.locked():
+            self._wake.set()
+            return
+        batch = self.current
+        if batch.entries:
+            try:
+                self.store.append(batch.entries, self.seq_source(batch.signal_counts))
+            except Exception:  # the writer task tries again, and stops the host if it fails
+                log.exception("journal commit failed; retrying from the writer task")
+                self._wake.set()
+                return
+            self.commits += 1
+        self.current = Batch()
+        self._release(batch)
 
     def changed(self) -> None:
         """The world changed: (re)arm the debounce."""
         now = trio.current_time()
+        self.last_change = now
         if self.first_unsaved is None:
             self.first_unsaved = now
-        self.last_change = now
-        self._wake.set()
+            self._wake.set()  # later changes only put the checkpoint off: no need to wake
 
     # the writer task ------------------------------------------------------
     def checkpoint_due_at(self) -> float:
@@ -137,7 +178,7 @@ class Saver:
             self._stalled(started)
             self.in_flight = True
             try:
-                await self._io(self.store.append, batch.entries, seqs)
+                await self._append(batch.entries, seqs)
             finally:
                 self.in_flight = False
             self.commits += 1

@@ -57,6 +57,17 @@ class ReadOnlyError(RuntimeError):
 _DELETED = object()
 
 
+class Transaction:
+    """The action being applied: whether writes are allowed, and which slices took
+    one, so that committing costs what the action touched, not the world's size."""
+
+    __slots__ = ("open", "touched")
+
+    def __init__(self) -> None:
+        self.open = False
+        self.touched: dict[KeyedSlice | ValueSlice, None] = {}  # in order of first write
+
+
 class KeyedSlice:
     """A keyed collection seen through the current transaction.
 
@@ -65,12 +76,13 @@ class KeyedSlice:
     commit, or ``put``/``delete``.
     """
 
-    def __init__(self, spec: SliceSpec, records: dict[str, Any]) -> None:
+    def __init__(self, spec: SliceSpec, records: dict[str, Any],
+                 txn: Transaction | None = None) -> None:
         self.spec = spec
         self._base = records
         self._overlay: dict[str, Any] = {}
         self._replacement: dict[str, Any] | None = None
-        self.writable = False
+        self._txn = txn if txn is not None else Transaction()
         self.dirty: set[str] = set()
         self.replaced = False
 
@@ -122,8 +134,7 @@ class KeyedSlice:
 
     # writes ----------------------------------------------------------
     def _check_writable(self) -> None:
-        if not self.writable:
-            raise ReadOnlyError(f"slice {self.spec.name!r} is read-only here")
+        _writing(self)
 
     def put(self, key: str, record: Any) -> None:
         self._check_writable()
@@ -185,11 +196,11 @@ class KeyedSlice:
 class ValueSlice:
     """A small value saved whole. ``value`` reads; ``edit()`` or ``set()`` writes."""
 
-    def __init__(self, spec: SliceSpec, value: Any) -> None:
+    def __init__(self, spec: SliceSpec, value: Any, txn: Transaction | None = None) -> None:
         self.spec = spec
         self._base = value
         self._new: Any = _DELETED
-        self.writable = False
+        self._txn = txn if txn is not None else Transaction()
         self.dirty = False
 
     @property
@@ -207,8 +218,7 @@ class ValueSlice:
         self._new = value
 
     def _check_writable(self) -> None:
-        if not self.writable:
-            raise ReadOnlyError(f"slice {self.spec.name!r} is read-only here")
+        _writing(self)
 
     def commit(self) -> None:
         if self._new is not _DELETED:
@@ -234,12 +244,20 @@ class ValueSlice:
 Slice = KeyedSlice | ValueSlice
 
 
+def _writing(s: Slice) -> None:
+    txn = s._txn
+    if not txn.open:
+        raise ReadOnlyError(f"slice {s.spec.name!r} is read-only here")
+    txn.touched[s] = None
+
+
 @dataclass
 class World:
     """Every slice, by name, and the transaction that spans them."""
 
     slices: dict[str, Slice] = field(default_factory=dict)
     replacements: int = 0  # commits that swapped a keyed collection wholesale (imports)
+    txn: Transaction = field(default_factory=Transaction)
 
     @classmethod
     def fresh(cls, specs: list[SliceSpec]) -> World:
@@ -249,31 +267,36 @@ class World:
         return world
 
     def add(self, spec: SliceSpec, value: Any) -> None:
-        self.slices[spec.name] = KeyedSlice(spec, value) if spec.keyed else ValueSlice(spec, value)
+        self.slices[spec.name] = (KeyedSlice(spec, value, self.txn) if spec.keyed
+                                  else ValueSlice(spec, value, self.txn))
 
     def __getitem__(self, name: str) -> Slice:
         return self.slices[name]
 
-    def begin(self, writable: bool) -> None:
-        for s in self.slices.values():
-            s.writable = writable
+    def begin(self) -> None:
+        """Open a transaction: slices may be written until commit or rollback."""
+        self.txn.open = True
 
     def commit(self) -> list[str]:
         """Apply the transaction; the names of the slices that changed."""
         changed = []
-        for name, s in self.slices.items():
+        for s in self.txn.touched:
             if s.pending:
                 if isinstance(s, KeyedSlice) and s._replacement is not None:
                     self.replacements += 1
                 s.commit()
-                changed.append(name)
-            s.writable = False
+                changed.append(s.spec.name)
+        self._close()
         return changed
 
     def rollback(self) -> None:
-        for s in self.slices.values():
+        for s in self.txn.touched:
             s.rollback()
-            s.writable = False
+        self._close()
+
+    def _close(self) -> None:
+        self.txn.touched.clear()
+        self.txn.open = False
 
     def snapshot(self, names: list[str] | None = None) -> dict[str, Any]:
         """Committed data of the named slices (all by default); shared, do not mutate."""

@@ -130,6 +130,9 @@ def quarantine(path: str | os.PathLike[str]) -> Path:
     return target
 
 
+WAL_SIZE_LIMIT = 8 << 20
+
+
 class Store:
     """The one connection to one store file. Not safe for concurrent use: the
     saver calls it from one task at a time (on its writer thread)."""
@@ -163,6 +166,10 @@ class Store:
             if path != ":memory:" and mode.lower() != "wal":
                 raise StoreUnreadable(f"{path}: could not switch to WAL mode ({mode})")
             conn.execute(f"PRAGMA synchronous = {synchronous}")
+            # a commit never copies the WAL back into the file (that waits on the disk,
+            # and commits may run in the event loop): each checkpoint does, on its thread
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
+            conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")  # the WAL, once reset
             check = conn.execute("PRAGMA quick_check").fetchall()
             if check != [("ok",)]:
                 raise StoreUnreadable(f"{path}: quick_check failed: {check[0][0]}")
@@ -317,11 +324,12 @@ class Store:
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", updates)
             c.execute("COMMIT")
-            self.marked_clean = clean
-            return generation
         except BaseException:
             c.execute("ROLLBACK")
             raise
+        self.marked_clean = clean
+        c.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        return generation
 
     def close(self, truncate: bool = True) -> None:
         """Close the connection; a clean close folds the WAL back into the file."""
