@@ -17,7 +17,7 @@ from host.plugins import hookimpl
 from host.server import Host
 from host.testing import raw_connection
 from state.slices import SliceSpec
-from state.store import FORMAT_VERSION, JournalEntry, Store, StoreTooNew
+from state.store import FORMAT_VERSION, WAL_SIZE_LIMIT, JournalEntry, Store, StoreTooNew
 
 
 async def test_restart_restores_world_and_sessions(worldhost: Any) -> None:
@@ -74,8 +74,10 @@ async def test_a_session_resumes_after_a_crash(worldhost: Any) -> None:
         assert ada.last_resume is not None and isinstance(ada.last_resume["complete"], bool)
 
 
-async def test_every_acknowledged_action_survives_a_crash(worldhost: Any) -> None:
-    h = await worldhost.start()
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])  # journal in the loop / on the thread
+async def test_every_acknowledged_action_survives_a_crash(worldhost: Any, synchronous: str) -> None:
+    h = await worldhost.start(config={"store": {"synchronous": synchronous}})
+    assert h.host.saver.journal_in_loop is (synchronous == "NORMAL")
     async with h.client("ada", reconnect=False) as ada:
         for i in range(50):
             await ada.call("map.add_node", id=f"n{i}", x=i, y=0)
@@ -85,6 +87,71 @@ async def test_every_acknowledged_action_survives_a_crash(worldhost: Any) -> Non
     assert h.host.replayed >= 50
     nodes = {k for k in h.world()["map"]}
     assert nodes == {f"node:n{i}" for i in range(50)}
+
+
+async def test_requests_ready_together_share_one_journal_commit(worldhost: Any) -> None:
+    h = await worldhost.start(config={"host": {"limits": {"rate_per_s": 0}}})
+    saver = h.host.saver
+    async with trio.open_nursery() as nursery:
+        clients = [await nursery.start(_client, h, f"c{i}") for i in range(8)]
+        commits, applied = saver.commits, h.host.dispatcher.applied
+        async with trio.open_nursery() as calls:
+            for i, c in enumerate(clients):
+                calls.start_soon(_add_nodes, c, i)
+        actions, commits = h.host.dispatcher.applied - applied, saver.commits - commits
+        nursery.cancel_scope.cancel()
+    assert actions == 8 * 20
+    assert commits < actions / 2  # most commits covered several requests
+    assert {f"node:c{i}-{k}" for i in range(8) for k in range(20)} <= set(h.world()["map"])
+
+
+async def _client(h: Any, name: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async with h.client(name, reconnect=False) as c:
+        task_status.started(c)
+        await trio.sleep_forever()
+
+
+async def _add_nodes(c: Any, i: int) -> None:
+    for k in range(20):
+        await c.call("map.add_node", id=f"c{i}-{k}", x=k, y=i)
+
+
+async def test_a_failed_journal_commit_is_retried_before_the_reply(worldhost: Any) -> None:
+    """A commit in the loop that fails (a full disk, say) is not lost: the writer task
+    tries it again, and the reply waits for it."""
+    h = await worldhost.start()
+    store = h.host.store
+    real_append = store.append
+    failures = []
+
+    def failing_once(entries: Any, seqs: Any) -> None:
+        if not failures:
+            failures.append(len(entries))
+            raise sqlite3.OperationalError("database or disk is full")
+        real_append(entries, seqs)
+
+    async with h.client("ada", reconnect=False) as ada:
+        store.append = failing_once  # type: ignore[method-assign]
+        await ada.call("map.add_node", id="kept", x=0, y=0)
+        assert failures == [1]
+        await h.crash()
+    await h.start()
+    assert "node:kept" in h.world()["map"]
+
+
+async def test_the_wal_is_folded_back_and_kept_small_by_checkpoints(worldhost: Any) -> None:
+    """Commits never copy the WAL back into the file (that would wait on the disk in
+    the loop): each checkpoint does, on the store's thread, and the WAL shrinks."""
+    h = await worldhost.start(config={"store": {"debounce_s": 1e6, "max_delay_s": 1e6},
+                                      "host": {"limits": {"rate_per_s": 0}}})
+    wal = Path(str(h.db) + "-wal")
+    async with h.client("ada", reconnect=False) as ada:
+        for i in range(2500):  # a commit each: 2,500 WAL frames of 4 KiB
+            await ada.call("map.add_node", id=f"n{i}", x=i, y=0)
+        assert wal.stat().st_size > WAL_SIZE_LIMIT
+        await h.host.saver.checkpoint()
+        await ada.call("map.add_node", id="after", x=0, y=0)  # starts the WAL afresh
+        assert wal.stat().st_size <= WAL_SIZE_LIMIT
 
 
 async def test_replay_reproduces_the_world_exactly(worldhost: Any) -> None:
