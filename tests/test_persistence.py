@@ -139,6 +139,36 @@ async def test_a_failed_journal_commit_is_retried_before_the_reply(worldhost: An
     assert "node:kept" in h.world()["map"]
 
 
+async def test_a_journal_that_cannot_be_written_stops_the_host(tmp_path: Path) -> None:
+    """Nothing is acknowledged that the store could not keep: when the retry fails
+    too, the host stops with the store's error, and the request gets no reply."""
+    from host.testing import HostHarness
+
+    cfg = config_mod.from_dict({"host": {"port": 0}}, "<test config>")
+    answered: list[Any] = []
+
+    def full_disk(entries: Any, seqs: Any) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    async def call(h: HostHarness) -> None:
+        async with h.client("ada", reconnect=False) as ada:
+            h.host.store.append = full_disk  # type: ignore[method-assign]
+            answered.append(await ada.call("map.add_node", id="lost", x=0, y=0))
+
+    with pytest.raises(BaseException) as info:
+        async with trio.open_nursery() as nursery:
+            h = await HostHarness(nursery, tmp_path / "w.db", cfg, [], False, False).start()
+            nursery.start_soon(call, h)
+    assert "database or disk is full" in _messages(info.value)
+    assert answered == []
+
+
+def _messages(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return " ".join(_messages(e) for e in exc.exceptions)
+    return str(exc)
+
+
 async def test_the_wal_is_folded_back_and_kept_small_by_checkpoints(worldhost: Any) -> None:
     """Commits never copy the WAL back into the file (that would wait on the disk in
     the loop): each checkpoint does, on the store's thread, and the WAL shrinks."""
