@@ -133,16 +133,13 @@ class KeyedSlice:
         return sum(1 for _ in self.keys())
 
     # writes ----------------------------------------------------------
-    def _check_writable(self) -> None:
-        _writing(self)
-
     def put(self, key: str, record: Any) -> None:
-        self._check_writable()
+        _writing(self)
         self._overlay[key] = record
 
     def edit(self, key: str) -> Any:
         """A private copy of a record, saved back when the action succeeds."""
-        self._check_writable()
+        _writing(self)
         if key in self._overlay and self._overlay[key] is not _DELETED:
             return self._overlay[key]
         record = clone(self[key])
@@ -150,14 +147,14 @@ class KeyedSlice:
         return record
 
     def delete(self, key: str) -> None:
-        self._check_writable()
+        _writing(self)
         if key not in self:
             raise KeyError(key)
         self._overlay[key] = _DELETED
 
     def replace_all(self, records: dict[str, Any]) -> None:
         """Swap in a whole new collection (an import); saved as a full rewrite."""
-        self._check_writable()
+        _writing(self)
         self._replacement = dict(records)
         self._overlay = {}
 
@@ -208,17 +205,14 @@ class ValueSlice:
         return self._base if self._new is _DELETED else self._new
 
     def edit(self) -> Any:
-        self._check_writable()
+        _writing(self)
         if self._new is _DELETED:
             self._new = clone(self._base)
         return self._new
 
     def set(self, value: Any) -> None:
-        self._check_writable()
-        self._new = value
-
-    def _check_writable(self) -> None:
         _writing(self)
+        self._new = value
 
     def commit(self) -> None:
         if self._new is not _DELETED:
@@ -245,6 +239,7 @@ Slice = KeyedSlice | ValueSlice
 
 
 def _writing(s: Slice) -> None:
+    """Called before each write: refused outside a transaction, noted inside one."""
     txn = s._txn
     if not txn.open:
         raise ReadOnlyError(f"slice {s.spec.name!r} is read-only here")
