@@ -108,7 +108,7 @@ class Dispatcher:
             finally:
                 self.idle = True
             saver = self.host.saver
-            if saver.current:
+            if saver.due_in_loop:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 saver.commit_now()
             return

@@ -127,10 +127,10 @@ class Saver:
         when journal commits run in the loop and the store is free; otherwise the
         writer task does it when it can. The dispatcher calls this once it has
         applied what was queued, so one commit covers them all."""
-        if not self.current:
-            return
-        if not self.journal_in_loop or self._store_lock.locked():
-            self._wake.set()
+        if not self.due_in_loop:
+            return  # nothing queued, or commits run on the thread (``record`` woke it)
+        if self._store_lock.locked():
+            self._wake.set()  # a checkpoint holds the store: the writer task commits after it
             return
         batch = self.current
         if batch.entries:
@@ -143,6 +143,11 @@ class Saver:
             self.commits += 1
         self.current = Batch()
         self._release(batch)
+
+    @property
+    def due_in_loop(self) -> bool:
+        """Outputs are queued that ``commit_now`` would commit and release."""
+        return self.journal_in_loop and bool(self.current)
 
     def changed(self) -> None:
         """The world changed: (re)arm the debounce."""
