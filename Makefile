@@ -1,35 +1,39 @@
 PYTHON ?= python3
+# Two environments: the served one holds worldhost and nothing else, so a test-only
+# plugin (tests/thirdparty, found by entry point) can never appear in a real server.
 VENV := .venv
-BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+TEST_VENV := .venv-test
 
 .PHONY: serve test lint bench clean
 
-$(BIN)/python:
+$(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet -e .
+	touch $@
 
-$(STAMP): $(BIN)/python pyproject.toml tests/thirdparty/pyproject.toml
-	$(BIN)/python -m pip install --quiet -e '.[test]' -e tests/thirdparty
-	touch $(STAMP)
+$(TEST_VENV)/.installed: pyproject.toml tests/thirdparty/pyproject.toml
+	$(PYTHON) -m venv $(TEST_VENV)
+	$(TEST_VENV)/bin/python -m pip install --quiet -e '.[test]' -e tests/thirdparty
+	touch $@
 
-serve: $(STAMP)
+serve: $(VENV)/.installed
 	mkdir -p data
-	$(BIN)/worldhost serve --config plugins.toml
+	$(VENV)/bin/worldhost serve --config plugins.toml
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+test: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/python -m pytest -q
 
-lint: $(STAMP)
-	$(BIN)/python -m pip install --quiet ruff mypy
-	$(BIN)/ruff check --select F,E9,B --ignore B008,B905 host plugins state bench tests
-	$(BIN)/mypy host state plugins
+lint: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/python -m pip install --quiet ruff mypy
+	$(TEST_VENV)/bin/ruff check --select F,E9,B --ignore B008,B905 host plugins state bench tests
+	$(TEST_VENV)/bin/mypy host state plugins
 
-bench: $(STAMP)
-	$(BIN)/python bench/roundtrip.py
-	$(BIN)/python bench/persistence.py
-	$(BIN)/python bench/simulation.py
-	$(BIN)/python bench/process.py
-	$(BIN)/python bench/sessions.py
+bench: $(TEST_VENV)/.installed
+	$(TEST_VENV)/bin/python bench/roundtrip.py
+	$(TEST_VENV)/bin/python bench/persistence.py
+	$(TEST_VENV)/bin/python bench/simulation.py
+	$(TEST_VENV)/bin/python bench/process.py
+	$(TEST_VENV)/bin/python bench/sessions.py
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(TEST_VENV)
