@@ -71,7 +71,7 @@ def test_worldhost_call_prints_the_reply(server: ServerProcess) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"node": {"id": "a", "x": 1.0, "y": 2.0, "building": None}}
     refused = run_cli("call", "map.remove_node", '{"id": "zz"}', "--url", server.url)
-    assert refused.returncode == 1 and json.loads(refused.stdout)["error"] == "not_found"
+    assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == "not_found"
     bad = run_cli("call", "host.ping", "{not json", "--url", server.url)
     assert bad.returncode == 2 and "not JSON" in bad.stderr
 
