@@ -34,6 +34,9 @@ go out; ``resuming``: the connection dropped, the client is reconnecting (calls 
 ``offline``: closed for good (closed, or the session could not be resumed)."""
 
 DEFAULT_TIMEOUT: Final = 30.0  # connect()'s default seconds to wait for a reply
+RECONNECT_ATTEMPT_S: Final = 10.0  # one reconnect (connect, handshake, resume) at most
+BACKOFF_FIRST_S: Final = 0.05  # after a failed attempt; doubles up to BACKOFF_MAX_S
+BACKOFF_MAX_S: Final = 2.0
 
 
 class _Unset:
@@ -340,7 +343,7 @@ class Client:
             log.warning("signal buffer full; dropping %s", msg.get("signal"))
 
     async def _reader(self) -> None:
-        delay = 0.05
+        delay = BACKOFF_FIRST_S
         while not self.closed:
             ws = self._ws
             assert ws is not None
@@ -357,8 +360,9 @@ class Client:
             self._connected = trio.Event()
             while not self.closed:
                 try:
-                    await self._open(open_session=self.session_id is not None)
-                    delay = 0.05
+                    with trio.fail_after(RECONNECT_ATTEMPT_S):
+                        await self._open(open_session=self.session_id is not None)
+                    delay = BACKOFF_FIRST_S
                     break
                 except CallError as exc:
                     self._failure = exc
@@ -367,7 +371,7 @@ class Client:
                 except (OSError, ConnectionClosed, HandshakeError, trio.TooSlowError) as exc:
                     self._failure = exc
                     await trio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    delay = min(delay * 2, BACKOFF_MAX_S)
             if not self.closed:
                 for pending in list(self._pending.values()):
                     if not pending.done.is_set():
@@ -385,13 +389,94 @@ class Client:
             pending.done.set()
 
 
+CONNECTION_ERRORS = (OSError, ConnectionClosed, HandshakeError, trio.BrokenResourceError)
+
+
 def url_opener(url: str, max_frame_bytes: int = 64 * 1024 * 1024,
                headers: list[tuple[bytes, bytes]] | None = None) -> Opener:
+    """Opens a WebSocket to ``url``. Each connection's tasks run in a nursery of their
+    own: a host shutting down answers the handshake with 503, which trio-websocket
+    raises in the connection's reader task; in the client's nursery that would end
+    the client, here it is one failed attempt (raised from the opener) to retry."""
+    async def hold(task_status: trio.TaskStatus[WebSocketConnection]) -> None:
+        started = False
+        try:
+            async with trio.open_nursery() as own:
+                ws = await _connect(_ReaderWatch(own), url, max_frame_bytes, headers)
+                started = True
+                task_status.started(ws)
+        except BaseExceptionGroup as group:
+            failure = _connection_failure(group)
+            if failure is None:
+                raise
+            if not started:
+                raise failure from None
+        except CONNECTION_ERRORS:
+            if not started:
+                raise
+        # once handed over, a failure shows as ConnectionClosed to the client's reader
+
     async def opener(nursery: trio.Nursery) -> WebSocketConnection:
-        return await trio_websocket.connect_websocket_url(
-            nursery, url, message_queue_size=64, max_message_size=max_frame_bytes,
-            extra_headers=headers)
+        ws: WebSocketConnection = await nursery.start(hold)
+        return ws
     return opener
+
+
+class _ReaderWatch:
+    """The nursery trio-websocket starts a connection's reader task in, noting when
+    that task ends: if the host closes the TCP connection mid-handshake (a host
+    exiting), the reader ends without waking ``connect``, which would wait for ever."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.reader_done = trio.Event()
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any,
+                   name: object = None) -> None:
+        async def run() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self.reader_done.set()
+        self.nursery.start_soon(run, name=name)
+
+
+async def _connect(watch: _ReaderWatch, url: str, max_frame_bytes: int,
+                   headers: list[tuple[bytes, bytes]] | None) -> WebSocketConnection:
+    connection: WebSocketConnection | None = None
+    async with trio.open_nursery() as race:
+        async def connect() -> None:
+            nonlocal connection
+            connection = await trio_websocket.connect_websocket_url(
+                watch, url, message_queue_size=64,  # type: ignore[arg-type]  # start_soon is all it uses
+                max_message_size=max_frame_bytes, extra_headers=headers)
+            race.cancel_scope.cancel()
+
+        async def reader_ended() -> None:
+            await watch.reader_done.wait()
+            race.cancel_scope.cancel()
+
+        race.start_soon(connect)
+        race.start_soon(reader_ended)
+    if connection is None:
+        raise OSError(f"{url}: the connection closed during the WebSocket handshake")
+    return connection
+
+
+def _connection_failure(group: BaseExceptionGroup) -> BaseException | None:
+    """The connection error a group holds, if it holds nothing else."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+    walk(group)
+    known = [e for e in leaves if isinstance(e, CONNECTION_ERRORS)]
+    others = [e for e in leaves if not isinstance(e, (*CONNECTION_ERRORS, trio.Cancelled))]
+    return known[0] if known and not others else None
 
 
 @asynccontextmanager
