@@ -4,7 +4,9 @@ live store, bare import files, one error shape."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import stat
@@ -17,6 +19,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from host import cli
 from host.client import CallTimeout, connect
 from serverproc import ServerProcess, free_port
 
@@ -25,12 +28,32 @@ MAP = {"nodes": [{"id": "a", "x": 0, "y": 0}, {"id": "b", "x": 3, "y": 4}],
        "edges": [{"id": "ab", "from": "a", "to": "b", "length": 5}]}
 
 
-def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("WORLDHOST_ADMIN_TOKEN", "WORLDHOST_TOKEN")}
-    return subprocess.run([sys.executable, "-m", "host", *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=cwd, env={**base, **(env or {})})
+class Ran:
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> Ran:
+    """``worldhost ARGS`` run in this process (the same code as the command, without
+    a Python start-up per call), in ``cwd``, with ``env`` added to a clean environment."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    for name in ("WORLDHOST_ADMIN_TOKEN", "WORLDHOST_TOKEN"):
+        os.environ.pop(name, None)
+    os.environ.update(env or {})
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as exit_:
+                code = int(exit_.code or 0)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    return Ran(code, out.getvalue(), err.getvalue())
 
 
 class Serve:
