@@ -9,6 +9,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -116,6 +118,31 @@ def test_serve_creates_an_admin_token_once_and_call_admin_uses_it(tmp_path: Path
         assert json.loads(env_wrong.stdout)["code"] == "unauthenticated"
     finally:
         again.stop()
+
+
+def test_the_readme_quick_start_makes_an_admin_and_imports_a_map(tmp_path: Path) -> None:
+    """The README's commands, as written, against ``make serve``'s command line."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = next(b for b in readme.split("```sh\n")[1:] if "map.import" in b).split("```")[0]
+    heredoc = re.search(r"cat > (\S+) <<'EOF'\n(.*?)\nEOF\n", block, re.S)
+    assert heredoc is not None
+    (tmp_path / heredoc.group(1)).write_text(heredoc.group(2))
+    commands = [shlex.split(line)[1:] for line in block.splitlines()
+                if line.startswith(".venv/bin/worldhost ")]
+    assert any("--admin" in c for c in commands)
+    server = Serve(tmp_path, "--config", str(Path(__file__).parents[1] / "plugins.toml"))
+    try:
+        assert server.printed  # the admin token, shown once
+        outputs = []
+        for command in commands:
+            done = run_cli(*command, "--url", server.url, cwd=tmp_path)
+            assert done.returncode == 0, (command, done.stdout, done.stderr)
+            outputs.append(done.stdout)
+        snapshot = next(json.loads(o) for o, c in zip(outputs, commands)
+                        if c[:2] == ["call", "world.snapshot"])
+        assert {"node:depot", "node:shop"} <= set(snapshot["slices"]["map"])
+    finally:
+        server.stop()
 
 
 def test_the_config_finds_the_token_and_token_auth_accepts_it(tmp_path: Path) -> None:
