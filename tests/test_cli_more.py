@@ -19,10 +19,13 @@ from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
 from host import cli
-from host.client import CallTimeout, connect
+from host.client import CallError, CallTimeout, connect
+from host.testing import open_harness
 from serverproc import ServerProcess, free_port
 
 NODE = {"id": "depot", "x": 0, "y": 0, "building": {"type": "depot"}}
@@ -229,10 +232,34 @@ async def test_host_describe_publishes_params_role_and_changes(worldhost: Any) -
         assert described["map.export"]["params"] == {"type": "object", "maxProperties": 0}
         one = await ada.call("host.describe", actions=["chat.say"])
         assert [a["name"] for a in one["actions"]] == ["chat.say"]
-        with pytest.raises(Exception) as err:
+        with pytest.raises(CallError) as err:
             await ada.call("host.describe", actions=["chat.say", "sessions.create"])
-        assert err.value.code == "not_found"  # type: ignore[attr-defined]
-        assert err.value.details["unknown"] == ["sessions.create"]  # type: ignore[attr-defined]
+        assert err.value.code == "not_found" and err.value.details["unknown"] == [
+            "sessions.create"]
+
+
+SERVED = ["host.ping", "host.describe", "world.snapshot", "session.open"]  # the core's
+HIDDEN = ["sessions.create", "world.replace_slices"]  # internal: not for clients
+
+
+@given(st.lists(st.one_of(st.sampled_from(SERVED + HIDDEN), st.text(max_size=12)),
+                max_size=6))
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+async def test_host_describe_takes_any_list_of_names(tmp_path: Path, names: list[str]) -> None:
+    async with open_harness(tmp_path) as harness:
+        h = await harness.start(builtins=False, db=Path(":memory:"))
+        async with h.client("ada") as ada:
+            unknown = [n for n in names if n not in SERVED]
+            if unknown:
+                with pytest.raises(CallError) as err:
+                    await ada.call("host.describe", actions=names)
+                assert err.value.code == "not_found"
+                assert err.value.details == {"path": "params.actions", "unknown": unknown}
+            else:
+                described = await ada.call("host.describe", actions=names)
+                assert [a["name"] for a in described["actions"]] == names
+            assert await ada.call("host.ping", still="here") == {"still": "here"}
 
 
 def test_worldhost_actions_lists_them(tmp_path: Path) -> None:
