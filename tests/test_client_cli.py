@@ -117,7 +117,9 @@ def test_serve_prints_listening_and_python_m_host_is_the_same_cli(tmp_path: Path
 
 def test_inspect_export_import(tmp_path: Path) -> None:
     db = tmp_path / "w.db"
-    proc = ServerProcess(db).start()
+    config = tmp_path / "slow.toml"  # no checkpoint before the kill, however slow the calls
+    config.write_text("[store]\ndebounce_s = 60.0\nmax_delay_s = 120.0\n")
+    proc = ServerProcess(db, config=config).start()
     run_cli("call", "map.add_node", '{"id": "a", "x": 1, "y": 2}', "--url", proc.url)
     run_cli("call", "chat.say", '{"text": "kept"}', "--url", proc.url)
     refused = run_cli("import", str(db), str(tmp_path / "nothing.json"))
