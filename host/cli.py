@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import signal
 import sys
 from pathlib import Path
@@ -75,11 +76,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _announce_admin_token(args: argparse.Namespace, token: str, path: Path) -> None:
     """Shown once, when serve creates the admin token: how to use it."""
-    where = "".join(f" --{flag} {value}" for flag, value in
+    where = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in
                     (("config", args.config), ("db", args.db)) if value)
+    program = sys.argv[0] if Path(sys.argv[0]).name == "worldhost" else "worldhost"
     print(f"admin token created: {token}\n"
           f"  kept in {path} (mode 0600) and reused on later starts; to act as admin:\n"
-          f"  worldhost call --admin{where} map.import @map.json\n"
+          f"  {program} call --admin{where} map.import @map.json\n"
           f"  (or --token TOKEN, or WORLDHOST_ADMIN_TOKEN=TOKEN)", flush=True)
 
 
