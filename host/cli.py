@@ -1,4 +1,4 @@
-"""The ``worldhost`` command: serve, call, inspect, export, import, token."""
+"""The ``worldhost`` command: serve, call, actions, inspect, export, import, token."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import json
 import logging
 import os
 import secrets
+import shlex
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -29,10 +31,16 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = config_mod.load(args.config)
         cfg = config_mod.override(cfg, host=args.host, port=args.port,
                                   db=args.db)
+        cfg, created = config_mod.with_admin_token(cfg)
         host = Host(cfg)
     except (config_mod.ConfigError, StartupError) as exc:
         print(f"worldhost: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"worldhost: cannot write the admin token file: {exc}", file=sys.stderr)
+        return 2
+    if created is not None:
+        _announce_admin_token(args, cfg.host.admin_token, created)
     # A server allocates fast (every tick, every frame) and keeps a big heap: with
     # the default thresholds a full collection, tens of ms for the whole loop, comes
     # every second or two. These make every collection about 15x rarer.
@@ -66,6 +74,17 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _announce_admin_token(args: argparse.Namespace, token: str, path: Path) -> None:
+    """Shown once, when serve creates the admin token: how to use it."""
+    where = "".join(f" --{flag} {shlex.quote(value)}" for flag, value in
+                    (("config", args.config), ("db", args.db)) if value)
+    program = sys.argv[0] if Path(sys.argv[0]).name == "worldhost" else "worldhost"
+    print(f"admin token created: {token}\n"
+          f"  kept in {path} (mode 0600) and reused on later starts; to act as admin:\n"
+          f"  {program} call --admin{where} map.import @map.json\n"
+          f"  (or --token TOKEN, or WORLDHOST_ADMIN_TOKEN=TOKEN)", flush=True)
+
+
 def _startup_failure(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
     if isinstance(exc, kinds):
         return exc
@@ -77,36 +96,111 @@ def _startup_failure(exc: BaseException, kinds: tuple[type[BaseException], ...])
     return None
 
 
-def _call(args: argparse.Namespace) -> int:
-    from host.client import CallError, connect
-
+def _params(text: str) -> dict[str, Any]:
+    """Params from the command line: JSON, ``@FILE`` (a JSON file) or ``@-`` (stdin)."""
+    if text.startswith("@"):
+        name = text[1:]
+        try:
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise _Usage(f"cannot read params file {name}: {exc.strerror}") from None
     try:
-        params = json.loads(args.params) if args.params else {}
+        params = json.loads(text) if text.strip() else {}
     except json.JSONDecodeError as exc:
-        print(f"worldhost call: params are not JSON: {exc}", file=sys.stderr)
-        return 2
+        raise _Usage(f"params are not JSON: {exc}") from None
     if not isinstance(params, dict):
-        print("worldhost call: params must be a JSON object", file=sys.stderr)
-        return 2
+        raise _Usage("params must be a JSON object")
+    return params
 
-    async def main() -> Any:
-        async with connect(args.url, name=args.name, token=args.token,
-                           reconnect=False) as client:
-            try:
-                return await client.call(args.action, **params)
-            finally:
-                with trio.move_on_after(2):
-                    await client.close_session()
+
+class _Usage(Exception):
+    """A command-line mistake: printed on stderr, exit 2."""
+
+
+def _client_token(args: argparse.Namespace) -> str | None:
+    """--token wins; with --admin, WORLDHOST_ADMIN_TOKEN, the config's admin_token, then
+    the token serve keeps beside the store (found from --config/--db as serve does);
+    without, WORLDHOST_TOKEN."""
+    if args.token:
+        return str(args.token)
+    if not args.admin:
+        return os.environ.get("WORLDHOST_TOKEN") or None
+    try:
+        cfg = config_mod.override(config_mod.load(args.config), db=args.db)
+    except config_mod.ConfigError as exc:
+        raise _Usage(str(exc)) from None
+    token = cfg.admin_token or config_mod.read_admin_token(cfg.host.db)
+    if not token:
+        where = config_mod.admin_token_path(cfg.host.db)
+        raise _Usage(f"--admin: no admin token: set WORLDHOST_ADMIN_TOKEN, pass --token, or "
+                     f"start `worldhost serve` once on this store so it creates {where} "
+                     f"(give call the same --config/--db as serve)")
+    return token
+
+
+async def _call_once(args: argparse.Namespace, token: str | None, action: str,
+                     params: dict[str, Any]) -> Any:
+    """Open a session, make one call, close the session."""
+    from host.client import connect
+
+    async with connect(args.url, name=args.name, token=token, reconnect=False,
+                       timeout=args.timeout) as client:
+        try:
+            return await client.call(action, params)
+        finally:
+            with trio.move_on_after(2):
+                await client.close_session()
+
+
+def _run_call(args: argparse.Namespace, action: str, params: dict[str, Any]) -> Any:
+    """Make one call; a failure is printed (the wire's error data on stdout) and
+    raised as SystemExit with the exit code."""
+    from host.client import CallError, CallTimeout
 
     try:
-        data = trio.run(main)
+        if args.url is None:
+            cfg = config_mod.load(args.config)
+            args.url = f"ws://{cfg.host.host}:{cfg.host.port}/"
+        return trio.run(_call_once, args, _client_token(args), action, params)
+    except (_Usage, config_mod.ConfigError) as exc:
+        print(f"worldhost {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except CallError as exc:
-        print(json.dumps({"error": exc.code, "message": exc.message, "details": exc.details}))
-        return 1
+        print(json.dumps(exc.data, sort_keys=True))
+        if exc.code == "forbidden" and not args.admin:
+            print(f"worldhost {args.command}: {exc.message}; if you run this host, add --admin "
+                  f"(see `worldhost call --help`)", file=sys.stderr)
+        raise SystemExit(1) from None
+    except CallTimeout as exc:  # before OSError: TimeoutError is one
+        print(f"worldhost {args.command}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     except OSError as exc:
-        print(f"worldhost call: cannot reach {args.url}: {exc}", file=sys.stderr)
+        print(f"worldhost {args.command}: cannot reach {args.url}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _call(args: argparse.Namespace) -> int:
+    try:
+        params = _params(args.params)
+    except _Usage as exc:
+        print(f"worldhost call: {exc}", file=sys.stderr)
         return 2
+    data = _run_call(args, args.action, params)
     print(json.dumps(data, indent=None, sort_keys=True))
+    return 0
+
+
+def _actions(args: argparse.Namespace) -> int:
+    params = {"actions": args.names} if args.names else {}
+    described = _run_call(args, "host.describe", params)["actions"]
+    if args.json:
+        print(json.dumps(described, indent=2, sort_keys=True))
+        return 0
+    width = max((len(a["name"]) for a in described), default=6)
+    print(f"{'action':<{width}}  {'role':<6}  {'world':<7}  description")
+    for a in described:
+        world = "changes" if a["changes_world"] else "reads"
+        print(f"{a['name']:<{width}}  {a['role']:<6}  {world:<7}  {a['description']}")
     return 0
 
 
@@ -132,6 +226,22 @@ def _offline(args: argparse.Namespace) -> int:
         return 2
 
 
+def _client_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None,
+                        help="the host (default: from --config, else ws://127.0.0.1:8765/)")
+    parser.add_argument("--name", default="cli", help="the session's name")
+    parser.add_argument("--token", default=None,
+                        help="token to open the session with (default: WORLDHOST_TOKEN; "
+                             "none in open mode gives a player)")
+    parser.add_argument("--admin", action="store_true",
+                        help="open an admin session: the token is WORLDHOST_ADMIN_TOKEN, the "
+                             "config's admin_token, or the one serve created beside the store")
+    parser.add_argument("--config", default=None, help="with --admin: serve's config file")
+    parser.add_argument("--db", default=None, help="with --admin: serve's store file")
+    parser.add_argument("--timeout", type=float, default=30.0,
+                        help="seconds to wait for the reply (default 30)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldhost", description="Serve a world over WebSocket; inspect, export and "
@@ -145,13 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (0 picks a free one)")
     serve.set_defaults(func=_serve)
 
-    call = sub.add_parser("call", help="send one action and print its reply as JSON")
+    call = sub.add_parser(
+        "call", help="send one action and print its reply as JSON",
+        description="Open a session, send one action, print its reply data as JSON (an "
+                    "error: the wire's error data, exit 1).")
     call.add_argument("action")
-    call.add_argument("params", nargs="?", default="{}")
-    call.add_argument("--url", default="ws://127.0.0.1:8765/")
-    call.add_argument("--name", default="cli")
-    call.add_argument("--token", default=os.environ.get("WORLDHOST_TOKEN"))
+    call.add_argument("params", nargs="?", default="{}",
+                      help="a JSON object, @FILE.json, or @- for stdin")
+    _client_options(call)
     call.set_defaults(func=_call)
+
+    actions = sub.add_parser("actions", help="list the actions a host serves (host.describe)")
+    actions.add_argument("names", nargs="*", help="only these actions")
+    actions.add_argument("--json", action="store_true",
+                         help="everything, with each action's params as JSON Schema")
+    _client_options(actions)
+    actions.set_defaults(func=_actions)
 
     token = sub.add_parser("token", help="tokens for auth = \"token\"")
     token_sub = token.add_subparsers(dest="token_command", required=True)

@@ -1,10 +1,12 @@
 """A trio client for worldhost.
 
 ``async with connect(url) as c:`` opens a session; ``await c.call(action, **params)``
-returns the reply's ``data`` or raises CallError with the error ``code``;
-``c.signals()`` iterates everything that is not a reply. After a drop the client
-reconnects, resumes its session and resends unanswered requests with their ids,
-so each is applied once.
+returns the reply's ``data`` or raises CallError with the error ``code``, or
+CallTimeout when no reply came in time; ``c.signals()`` iterates everything that
+is not a reply; ``c.state`` and ``c.state_changes()`` tell a UI whether it is
+connected. After a drop the client reconnects, resumes its session and resends
+unanswered requests with their ids, so each is applied once. See
+docs/client-python.md.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final, Literal
 
 import trio
 import trio_websocket
@@ -26,16 +28,55 @@ log = logging.getLogger("worldhost.client")
 
 Opener = Callable[[trio.Nursery], Awaitable[WebSocketConnection]]
 
+State = Literal["connecting", "open", "resuming", "offline"]
+"""``connecting``: opening the first connection and session; ``open``: connected, calls
+go out; ``resuming``: the connection dropped, the client is reconnecting (calls wait);
+``offline``: closed for good (closed, or the session could not be resumed)."""
+
+DEFAULT_TIMEOUT: Final = 30.0  # connect()'s default seconds to wait for a reply
+RECONNECT_ATTEMPT_S: Final = 10.0  # one reconnect (connect, handshake, resume) at most
+BACKOFF_FIRST_S: Final = 0.05  # after a failed attempt; doubles up to BACKOFF_MAX_S
+BACKOFF_MAX_S: Final = 2.0
+
+
+class _Unset:
+    pass
+
+
+UNSET: Final = _Unset()
+
 
 class CallError(Exception):
-    """The host answered a request with an ``error`` signal."""
+    """The host answered a request with an ``error`` signal; ``data`` is that
+    signal's data as sent (``{code, message, details?, action?}``)."""
 
-    def __init__(self, code: str, message: str, details: Any = None, action: str = "") -> None:
+    def __init__(self, code: str, message: str, details: Any = None, action: str = "",
+                 data: dict[str, Any] | None = None) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
         self.details = details
         self.action = action
+        self.data = data if data is not None else {
+            k: v for k, v in (("code", code), ("message", message), ("details", details),
+                              ("action", action)) if v is not None}
+
+
+class CallTimeout(TimeoutError):
+    """No reply came within the timeout. The request is not resent after this, but
+    it may already have reached the host and been applied (or be applied when a
+    queued copy arrives): resending it with the same ``request_id`` is safe, the
+    host applies an id once per session and answers a repeat with the first reply."""
+
+    def __init__(self, action: str, request_id: Any, timeout: float, state: str) -> None:
+        super().__init__(
+            f"no reply to {action} within {timeout:g}s (connection {state}); it may still "
+            f"have been applied: resend it with request_id={request_id!r} to learn its "
+            f"outcome without applying it twice")
+        self.action = action
+        self.request_id = request_id
+        self.timeout = timeout
+        self.state = state
 
 
 class Disconnected(Exception):
@@ -52,7 +93,7 @@ class _Pending:
 class Client:
     def __init__(self, opener: Opener, nursery: trio.Nursery, *, name: str = "client",
                  token: str | None = None, encoding: str = "json", reconnect: bool = True,
-                 max_frame_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_frame_bytes: int = 64 * 1024 * 1024, timeout: float | None = None) -> None:
         self._opener = opener
         self._nursery = nursery
         self.name = name
@@ -60,6 +101,9 @@ class Client:
         self.encoding = encoding
         self.reconnect = reconnect
         self.max_frame_bytes = max_frame_bytes
+        self.timeout = timeout  # seconds a call waits for its reply; None: no limit
+        self._state: State = "connecting"
+        self._state_watchers: list[trio.MemorySendChannel[State]] = []
         self._ids = itertools.count(1)
         self._prefix = f"c{id(self) % 100000}-"
         self._pending: dict[Any, _Pending] = {}
@@ -80,28 +124,55 @@ class Client:
         self._send_lock = trio.Lock()
 
     # public -----------------------------------------------------------------
-    async def call(self, action: str, params: dict[str, Any] | None = None,
-                   **kwargs: Any) -> dict[str, Any]:
-        """Send one action and return its reply data; raises CallError on ``error``."""
-        reply = await self.request(action, {**(params or {}), **kwargs})
+    @property
+    def state(self) -> State:
+        """``connecting``, ``open``, ``resuming`` or ``offline`` (see ``State``)."""
+        return self._state
+
+    async def state_changes(self) -> AsyncIterator[State]:
+        """The current state, then each new one; ends after ``offline``."""
+        send, receive = trio.open_memory_channel[State](64)
+        send.send_nowait(self._state)
+        self._state_watchers.append(send)
+        try:
+            async for state in receive:
+                yield state
+                if state == "offline":
+                    return
+        finally:
+            if send in self._state_watchers:
+                self._state_watchers.remove(send)
+
+    async def call(self, action: str, params: dict[str, Any] | None = None, *,
+                   timeout: float | None | _Unset = UNSET, **kwargs: Any) -> dict[str, Any]:
+        """Send one action and return its reply data; raises CallError on ``error``,
+        CallTimeout when no reply came within ``timeout`` seconds (default: the
+        client's). A param named ``timeout`` goes in ``params``."""
+        reply = await self.request(action, {**(params or {}), **kwargs}, timeout=timeout)
         if reply["signal"] == "error":
             data = reply.get("data", {})
             raise CallError(data.get("code", "?"), data.get("message", ""), data.get("details"),
-                            data.get("action", action))
+                            data.get("action", action), data=data)
         return reply.get("data", {})
 
     async def request(self, action: str, params: dict[str, Any] | None = None,
-                      request_id: Any = None) -> dict[str, Any]:
+                      request_id: Any = None, *,
+                      timeout: float | None | _Unset = UNSET) -> dict[str, Any]:
         """Send one action and return the whole reply envelope."""
         rid = request_id if request_id is not None else f"{self._prefix}{next(self._ids)}"
         check_plain(params or {}, max_depth=10_000)  # the host would refuse the frame unanswered
+        limit = self.timeout if isinstance(timeout, _Unset) else timeout
         pending = _Pending({"id": rid, "action": action, "params": params or {}})
         self._pending[rid] = pending
         try:
-            await self._send(pending.frame)
-            await pending.done.wait()
+            with trio.move_on_after(float("inf") if limit is None else limit) as scope:
+                await self._send(pending.frame)
+                await pending.done.wait()
         finally:
             self._pending.pop(rid, None)
+        if scope.cancelled_caught:
+            assert limit is not None
+            raise CallTimeout(action, rid, limit, self._state)
         if pending.reply is None:
             raise Disconnected(f"connection lost before {action} was answered") from self._failure
         return pending.reply
@@ -134,6 +205,7 @@ class Client:
 
     async def aclose(self) -> None:
         self.closed = True
+        self._set_state("offline")
         if self._ws is not None:
             with trio.move_on_after(2):
                 await self._ws.aclose()
@@ -144,6 +216,16 @@ class Client:
             await self._ws.aclose()
 
     # internals ----------------------------------------------------------------
+    def _set_state(self, state: State) -> None:
+        if state == self._state:
+            return
+        self._state = state
+        for watcher in list(self._state_watchers):
+            try:
+                watcher.send_nowait(state)
+            except trio.WouldBlock:  # a watcher 64 changes behind misses this one
+                pass
+
     def _encode(self, frame: dict[str, Any]) -> str | bytes:
         if self.encoding == "cbor":
             return encode_cbor(frame)
@@ -185,6 +267,7 @@ class Client:
         self.server_info = info.get("data", {}) if info else {}
         self._ws = ws
         if not open_session:
+            self._set_state("open")
             self._connected.set()
             return
         if self.session_id is None:
@@ -203,6 +286,7 @@ class Client:
             self.resume_token = data.get("resume_token", self.resume_token)
             self.resumes += 1
             self.last_resume = data
+        self._set_state("open")
         self._connected.set()
 
     async def _handshake(self, ws: WebSocketConnection, action: str,
@@ -217,7 +301,8 @@ class Client:
                 self._note_seq(msg)
                 if msg["signal"] == "error":
                     data = msg["data"]
-                    raise CallError(data["code"], data["message"], data.get("details"), action)
+                    raise CallError(data["code"], data["message"], data.get("details"), action,
+                                    data=data)
                 return msg
             self._dispatch(msg)
 
@@ -258,7 +343,7 @@ class Client:
             log.warning("signal buffer full; dropping %s", msg.get("signal"))
 
     async def _reader(self) -> None:
-        delay = 0.05
+        delay = BACKOFF_FIRST_S
         while not self.closed:
             ws = self._ws
             assert ws is not None
@@ -271,11 +356,13 @@ class Client:
                 self._failure = exc
             if self.closed or not self.reconnect:
                 break
+            self._set_state("resuming")
             self._connected = trio.Event()
             while not self.closed:
                 try:
-                    await self._open(open_session=self.session_id is not None)
-                    delay = 0.05
+                    with trio.fail_after(RECONNECT_ATTEMPT_S):
+                        await self._open(open_session=self.session_id is not None)
+                    delay = BACKOFF_FIRST_S
                     break
                 except CallError as exc:
                     self._failure = exc
@@ -284,11 +371,12 @@ class Client:
                 except (OSError, ConnectionClosed, HandshakeError, trio.TooSlowError) as exc:
                     self._failure = exc
                     await trio.sleep(delay)
-                    delay = min(delay * 2, 2.0)
+                    delay = min(delay * 2, BACKOFF_MAX_S)
             if not self.closed:
                 for pending in list(self._pending.values()):
                     if not pending.done.is_set():
                         self._nursery.start_soon(self._resend, pending)
+        self._set_state("offline")
         for pending in self._pending.values():
             pending.done.set()
         self._send_signal.close()
@@ -301,23 +389,105 @@ class Client:
             pending.done.set()
 
 
+CONNECTION_ERRORS = (OSError, ConnectionClosed, HandshakeError, trio.BrokenResourceError)
+
+
 def url_opener(url: str, max_frame_bytes: int = 64 * 1024 * 1024,
                headers: list[tuple[bytes, bytes]] | None = None) -> Opener:
+    """Opens a WebSocket to ``url``. Each connection's tasks run in a nursery of their
+    own: a host shutting down answers the handshake with 503, which trio-websocket
+    raises in the connection's reader task; in the client's nursery that would end
+    the client, here it is one failed attempt (raised from the opener) to retry."""
+    async def hold(task_status: trio.TaskStatus[WebSocketConnection]) -> None:
+        started = False
+        try:
+            async with trio.open_nursery() as own:
+                ws = await _connect(_ReaderWatch(own), url, max_frame_bytes, headers)
+                started = True
+                task_status.started(ws)
+        except BaseExceptionGroup as group:
+            failure = _connection_failure(group)
+            if failure is None:
+                raise
+            if not started:
+                raise failure from None
+        except CONNECTION_ERRORS:
+            if not started:
+                raise
+        # once handed over, a failure shows as ConnectionClosed to the client's reader
+
     async def opener(nursery: trio.Nursery) -> WebSocketConnection:
-        return await trio_websocket.connect_websocket_url(
-            nursery, url, message_queue_size=64, max_message_size=max_frame_bytes,
-            extra_headers=headers)
+        ws: WebSocketConnection = await nursery.start(hold)
+        return ws
     return opener
+
+
+class _ReaderWatch:
+    """The nursery trio-websocket starts a connection's reader task in, noting when
+    that task ends: if the host closes the TCP connection mid-handshake (a host
+    exiting), the reader ends without waking ``connect``, which would wait for ever."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self.nursery = nursery
+        self.reader_done = trio.Event()
+
+    def start_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any,
+                   name: object = None) -> None:
+        async def run() -> None:
+            try:
+                await fn(*args)
+            finally:
+                self.reader_done.set()
+        self.nursery.start_soon(run, name=name)
+
+
+async def _connect(watch: _ReaderWatch, url: str, max_frame_bytes: int,
+                   headers: list[tuple[bytes, bytes]] | None) -> WebSocketConnection:
+    connection: WebSocketConnection | None = None
+    async with trio.open_nursery() as race:
+        async def connect() -> None:
+            nonlocal connection
+            connection = await trio_websocket.connect_websocket_url(
+                watch, url, message_queue_size=64,  # type: ignore[arg-type]  # start_soon is all it uses
+                max_message_size=max_frame_bytes, extra_headers=headers)
+            race.cancel_scope.cancel()
+
+        async def reader_ended() -> None:
+            await watch.reader_done.wait()
+            race.cancel_scope.cancel()
+
+        race.start_soon(connect)
+        race.start_soon(reader_ended)
+    if connection is None:
+        raise OSError(f"{url}: the connection closed during the WebSocket handshake")
+    return connection
+
+
+def _connection_failure(group: BaseExceptionGroup) -> BaseException | None:
+    """The connection error a group holds, if it holds nothing else."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+    walk(group)
+    known = [e for e in leaves if isinstance(e, CONNECTION_ERRORS)]
+    others = [e for e in leaves if not isinstance(e, (*CONNECTION_ERRORS, trio.Cancelled))]
+    return known[0] if known and not others else None
 
 
 @asynccontextmanager
 async def open_client(opener: Opener, *, name: str = "client", token: str | None = None,
                       encoding: str = "json", reconnect: bool = True,
-                      open_session: bool = True) -> AsyncIterator[Client]:
+                      open_session: bool = True,
+                      timeout: float | None = None) -> AsyncIterator[Client]:
     try:
         async with trio.open_nursery() as nursery:
             client = Client(opener, nursery, name=name, token=token, encoding=encoding,
-                            reconnect=reconnect)
+                            reconnect=reconnect, timeout=timeout)
             await client._open(open_session)
             nursery.start_soon(client._reader)
             try:
@@ -333,7 +503,11 @@ async def open_client(opener: Opener, *, name: str = "client", token: str | None
 
 def connect(url: str, *, name: str = "client", token: str | None = None,
             encoding: str = "json", reconnect: bool = True,
-            open_session: bool = True) -> Any:
-    """``async with connect("ws://127.0.0.1:8765/") as c:`` — a client with a session."""
+            open_session: bool = True, timeout: float | None = DEFAULT_TIMEOUT) -> Any:
+    """``async with connect("ws://127.0.0.1:8765/") as c:`` — a client with a session.
+
+    ``timeout`` is how long each call waits for its reply by default (None: for ever);
+    a call can pass its own. The test harness's clients default to no limit, since
+    mock-clock tests may wait on virtual time."""
     return open_client(url_opener(url), name=name, token=token, encoding=encoding,
-                       reconnect=reconnect, open_session=open_session)
+                       reconnect=reconnect, open_session=open_session, timeout=timeout)

@@ -6,7 +6,9 @@ with one line naming the file, the key and what was expected.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import secrets
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -82,6 +84,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     @property
     def admin_token(self) -> str:
+        """The configured admin token: ``WORLDHOST_ADMIN_TOKEN``, else ``host.admin_token``."""
         return os.environ.get("WORLDHOST_ADMIN_TOKEN") or self.host.admin_token
 
     def plugin_entries(self) -> dict[str, tuple[PluginEntry, dict[str, Any]]]:
@@ -168,3 +171,60 @@ def with_sections(config: Config, **sections: dict[str, Any]) -> Config:
         else:
             raw[name].update(values)
     return from_dict({k: v for k, v in raw.items() if k != "source"}, config.source)
+
+
+ADMIN_TOKEN_SUFFIX = ".admin-token"
+
+
+def admin_token_path(db: str) -> Path | None:
+    """Where ``worldhost serve`` keeps the admin token it generated: beside the store
+    (``DB.admin-token``), so ``worldhost call --admin`` finds it from the same
+    --config/--db. None for an in-memory store."""
+    if db == ":memory:":
+        return None
+    return Path(db + ADMIN_TOKEN_SUFFIX)
+
+
+def read_admin_token(db: str) -> str | None:
+    """The generated admin token of the store at ``db``, if there is one."""
+    path = admin_token_path(db)
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def with_admin_token(config: Config) -> tuple[Config, Path | None]:
+    """The config ``serve`` runs with: when no admin token is configured, the one kept
+    beside the store, generated (mode 0600) on the first start so a new user can
+    become admin without editing anything. Returns the config and, only when the
+    token was just created, its file (so serve prints it once).
+
+    With ``auth = "token"`` the admin token (configured or generated) is accepted
+    as an admin token too, as if listed under ``[host.tokens]``.
+    """
+    created = None
+    token = config.admin_token
+    if not token:
+        path = admin_token_path(config.host.db)
+        token = read_admin_token(config.host.db) or ""
+        if not token and path is not None:
+            token = secrets.token_urlsafe(32)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:  # another serve wrote it just now: use theirs
+                token = read_admin_token(config.host.db) or ""
+            else:
+                with os.fdopen(fd, "w", encoding="utf-8") as out:
+                    out.write(token + "\n")
+                created = path
+        if not token:
+            return config, None
+        config = override(config, admin_token=token)
+    if config.host.auth == "token":
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        config = override(config, tokens={**config.host.tokens, digest: "admin"})
+    return config, created

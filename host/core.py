@@ -1,6 +1,7 @@
 """The core plugin: actions every host has, and the host's own slices.
 
-``host.ping``, ``world.snapshot`` and the ``session.*`` actions clients call;
+``host.ping``, ``host.describe``, ``world.snapshot`` and the ``session.*`` actions
+clients call;
 the internal ``sessions.*`` actions through which the gateway changes the
 persisted session records, so that sessions are journaled and replayed like
 everything else.
@@ -52,6 +53,46 @@ class SessionIdParams(msgspec.Struct, forbid_unknown_fields=True):
 
 def ping(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
     return params
+
+
+class DescribeParams(msgspec.Struct, forbid_unknown_fields=True):
+    actions: list[str] | None = None
+
+
+NO_PARAMS_SCHEMA: dict[str, Any] = {"type": "object", "maxProperties": 0}
+
+
+def params_schema(params: Any) -> dict[str, Any]:
+    """The JSON Schema of an action's params type, as msgspec checks them."""
+    if params is None:
+        return NO_PARAMS_SCHEMA
+    try:
+        return msgspec.json.schema(params)
+    except TypeError:  # a type msgspec converts but cannot describe: say only "an object"
+        return {"type": "object"}
+
+
+def describe(ctx: Context, p: DescribeParams) -> dict[str, Any]:
+    """Every action a client may call (or the named ones): params as JSON Schema,
+    role, whether it changes the world, its reply signal and owning plugin. Built
+    from the declarations the dispatcher checks against, so it cannot drift."""
+    declared: dict[str, tuple[str, Action]] = {}
+    for plugin, actions in ctx.host.collect("register_actions"):
+        for action in actions:
+            if not action.internal:
+                declared[action.name] = (plugin, action)
+    names = sorted(declared) if p.actions is None else p.actions
+    unknown = [n for n in names if n not in declared]
+    if unknown:
+        raise NotFound(f"no action named {unknown[0]!r}",
+                       details={"path": "params.actions", "unknown": unknown})
+    out = []
+    for name in names:
+        plugin, action = declared[name]
+        out.append({"name": name, "plugin": plugin, "role": action.role.name,
+                    "changes_world": action.changes_world, "reply": action.reply_signal,
+                    "description": action.description, "params": params_schema(action.params)})
+    return {"actions": out}
 
 
 def snapshot(ctx: Context, params: SnapshotParams) -> dict[str, Any]:
@@ -172,6 +213,10 @@ def register_actions() -> list[Action]:
     return [
         Action("host.ping", ping, dict[str, Any], Role.viewer, changes_world=False, reply="host.pong",
                description="Echo params as data."),
+        Action("host.describe", describe, DescribeParams, Role.viewer, changes_world=False,
+               reply="host.described",
+               description="Each action's params (JSON Schema), role and whether it "
+                           "changes the world."),
         Action("world.snapshot", snapshot, SnapshotParams, Role.viewer, changes_world=False,
                description="The merged world, or the named slices."),
         Action("session.open", open_session, OpenParams, Role.viewer, reply="session.opened",

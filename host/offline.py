@@ -1,14 +1,22 @@
 """Offline tools on a store file: ``inspect``, ``export`` and ``import``.
 
-They open the store the way the host does (same load, migration and journal
-replay), refuse a file a running host holds, and never quarantine: a store
-they cannot read is reported, not moved.
+They load the store the way the host does (same load, migration and journal
+replay) and never quarantine: a store they cannot read is reported, not moved.
+``inspect`` and ``export`` only read: they open the file read-only (``mode=ro``),
+without the host's lock, and read it in one transaction, so they work on a store
+a running host is writing (WAL readers see the last commit) and see one
+consistent cut of it. ``import`` writes, so it takes the lock and refuses a file
+a running host holds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +26,7 @@ from host import config as config_mod
 from host.actions import ActionError
 from host.server import Host, StartupError
 from state.codec import decode_cbor, decode_json, encode_cbor, encode_json
-from state.store import FORMAT_VERSION, StoreError
+from state.store import FORMAT_VERSION, Store, StoreError
 
 FORMAT = "worldhost-world"
 ACTION_IMPORTED = ("map", "simulation")  # replaced through their import actions
@@ -40,60 +48,92 @@ def _host(db: str, config_path: str | None = None) -> Host:
     return Host(cfg, db=db)
 
 
-async def _opened(host: Host) -> None:
+@contextmanager
+def _reading(db: str) -> Iterator[Host]:
+    """A host with the store at ``db`` loaded as ``Host.open`` loads it, but read-only
+    and without the lock: the connection is ``mode=ro`` and holds one read
+    transaction for the whole use, so every read sees the same commit even while a
+    running host appends to the journal."""
+    host = _host(db)
+    uri = "file:" + urllib.parse.quote(str(Path(db).resolve())) + "?mode=ro"
     try:
-        host.open(quarantine_unreadable=False)
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise OfflineError(f"{db}: {exc}") from None
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {host.config.store.busy_timeout_ms}")
+        conn.execute("BEGIN")  # deferred: the snapshot is taken at the first read, kept to the end
+        store = Store(conn, db)
+        _check_readable(store)
+        host.store = store
+        # Host.open without the lock, the quick_check and the format upgrade (writes)
+        host._load(store.load())
+        yield host
+    except sqlite3.Error as exc:
+        raise OfflineError(f"{db}: {exc}") from None
     except (StoreError, StartupError) as exc:
         raise OfflineError(str(exc)) from None
+    finally:
+        if host.saver is not None:
+            host.saver.close()
+        host.store = None
+        conn.close()  # ends the read transaction; nothing was written
+
+
+def _check_readable(store: Store) -> None:
+    """What ``Store.open`` checks, without writing: a store of ours, in a format this
+    version reads without upgrading it."""
+    tables = {row[0] for row in store.conn.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "meta" not in tables:
+        raise OfflineError(f"{store.path}: not a worldhost store (no meta table)")
+    version = store.meta("format_version")
+    if isinstance(version, int) and version < FORMAT_VERSION:
+        raise OfflineError(f"{store.path} is store format {version}: start worldhost on it "
+                           f"once (or run worldhost import) to upgrade it to format "
+                           f"{FORMAT_VERSION}, then read it")
+    store._check_format()  # the remaining checks only read when the format is current
 
 
 def inspect(args: argparse.Namespace) -> int:
-    async def main() -> dict[str, Any]:
-        host = _host(args.db)
-        await _opened(host)
-        try:
-            store = host.store
-            assert store is not None
-            rows = store.conn.execute(
-                "SELECT s.name, s.version, s.keyed, length(s.value), count(r.key), "
-                "coalesce(sum(length(r.value)), 0) FROM slices s "
-                "LEFT JOIN records r ON r.slice = s.name GROUP BY s.name ORDER BY s.name")
-            slices = [{"name": name, "version": version, "keyed": bool(keyed),
-                       "records": count if keyed else None,
-                       "bytes": (record_bytes if keyed else value_bytes) or 0}
-                      for name, version, keyed, value_bytes, count, record_bytes in rows]
-            return {
-                "file": args.db,
-                "format_version": store.meta("format_version"),
-                "reads_format": FORMAT_VERSION,
-                "generation": store.meta("generation"),
-                "world_id": host.world_id,
-                "journal_length": store.journal_length(),
-                "replayed": host.replayed,
-                "slices": slices,
-                "sessions": [{"id": s["id"], "name": s["name"], "role": s["role"],
-                              "state": s["state"]}
-                             for s in host.world["sessions"].data().values()],
-            }
-        finally:
-            host.release()
-
-    print(json.dumps(trio.run(main), indent=2))
+    print(json.dumps(trio.run(_inspect, args.db), indent=2))
     return 0
+
+
+async def _inspect(db: str) -> dict[str, Any]:
+    with _reading(db) as host:  # in trio.run: replaying the journal reads trio's clock
+        store = host.store
+        assert store is not None
+        rows = store.conn.execute(
+            "SELECT s.name, s.version, s.keyed, length(s.value), count(r.key), "
+            "coalesce(sum(length(r.value)), 0) FROM slices s "
+            "LEFT JOIN records r ON r.slice = s.name GROUP BY s.name ORDER BY s.name")
+        slices = [{"name": name, "version": version, "keyed": bool(keyed),
+                   "records": count if keyed else None,
+                   "bytes": (record_bytes if keyed else value_bytes) or 0}
+                  for name, version, keyed, value_bytes, count, record_bytes in rows]
+        return {
+            "file": db,
+            "format_version": store.meta("format_version"),
+            "reads_format": FORMAT_VERSION,
+            "generation": store.meta("generation"),
+            "world_id": host.world_id,
+            "journal_length": store.journal_length(),
+            "replayed": host.replayed,
+            "slices": slices,
+            "sessions": [{"id": s["id"], "name": s["name"], "role": s["role"],
+                          "state": s["state"]}
+                         for s in host.world["sessions"].data().values()],
+        }
 
 
 def export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix not in (".json", ".cbor"):
         raise OfflineError("--out must end in .json or .cbor")
-
     async def main() -> dict[str, Any]:
-        host = _host(args.db)
-        await _opened(host)
-        try:
+        with _reading(args.db) as host:
             return world_document(host)
-        finally:
-            host.release()
 
     document = trio.run(main)
     out.write_bytes(encode_json(document) if out.suffix == ".json" else encode_cbor(document))
@@ -170,7 +210,12 @@ async def apply_document(host: Host, document: Any) -> dict[str, Any]:
         return await submit("simulation.import_state", {"state_data": document})
     if isinstance(document, dict) and "map_data" in document:
         return await submit("map.import", {"map_data": document["map_data"]})
-    raise OfflineError("the file is neither a worldhost export, a state_data nor a map_data")
+    if isinstance(document, dict) and document and set(document) <= {"nodes", "edges"}:
+        return await submit("map.import", {"map_data": document})  # a bare map_data
+    raise OfflineError(
+        "the file is none of: a worldhost export ({\"format\": \"worldhost-world\", ...}), "
+        "a state_data ({graph, agents, packages, metadata}, bare or as {\"state_data\": ...}), "
+        "a map_data ({nodes, edges}, bare or as {\"map_data\": ...})")
 
 
 def _map_data(entry: Any) -> Any:

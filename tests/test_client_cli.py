@@ -71,7 +71,7 @@ def test_worldhost_call_prints_the_reply(server: ServerProcess) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"node": {"id": "a", "x": 1.0, "y": 2.0, "building": None}}
     refused = run_cli("call", "map.remove_node", '{"id": "zz"}', "--url", server.url)
-    assert refused.returncode == 1 and json.loads(refused.stdout)["error"] == "not_found"
+    assert refused.returncode == 1 and json.loads(refused.stdout)["code"] == "not_found"
     bad = run_cli("call", "host.ping", "{not json", "--url", server.url)
     assert bad.returncode == 2 and "not JSON" in bad.stderr
 
@@ -117,7 +117,9 @@ def test_serve_prints_listening_and_python_m_host_is_the_same_cli(tmp_path: Path
 
 def test_inspect_export_import(tmp_path: Path) -> None:
     db = tmp_path / "w.db"
-    proc = ServerProcess(db).start()
+    config = tmp_path / "slow.toml"  # no checkpoint before the kill, however slow the calls
+    config.write_text("[store]\ndebounce_s = 60.0\nmax_delay_s = 120.0\n")
+    proc = ServerProcess(db, config=config).start()
     run_cli("call", "map.add_node", '{"id": "a", "x": 1, "y": 2}', "--url", proc.url)
     run_cli("call", "chat.say", '{"text": "kept"}', "--url", proc.url)
     refused = run_cli("import", str(db), str(tmp_path / "nothing.json"))

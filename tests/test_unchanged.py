@@ -21,6 +21,8 @@ MAP = {"nodes": [{"id": "a", "x": 0, "y": 0, "building": None},
 FAILING: dict[str, list[tuple[dict[str, Any], str]]] = {
     "host.ping": [],  # cannot fail
     "world.snapshot": [({"slices": ["nope"]}, "not_found"), ({"slices": "map"}, "validation_error")],
+    "host.describe": [({"actions": ["nope"]}, "not_found"),
+                      ({"actions": "chat.say"}, "validation_error")],
     "session.open": [({"name": "x"}, "conflict"), ({}, "validation_error")],
     "session.resume": [({"session_id": "s", "resume_token": "t"}, "conflict")],
     "session.close": [({"x": 1}, "validation_error")],
