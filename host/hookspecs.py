@@ -1,6 +1,7 @@
 """The hooks a worldhost plugin may implement.
 
-Mark implementations with ``host.hookimpl``. Registration hooks are plain
+Mark implementations with ``host.hookimpl`` (``host.plugins.hookimpl`` is the
+same marker). Registration hooks are plain
 functions returning lists; lifecycle hooks may return an awaitable, which the
 host awaits (pluggy itself never awaits). Every hook is documented with an
 example in ``docs/plugins.md``.
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from state.slices import SliceSpec
 
 hookspec = pluggy.HookspecMarker("worldhost")
+hookimpl = pluggy.HookimplMarker("worldhost")
 
 
 @hookspec
