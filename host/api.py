@@ -45,9 +45,6 @@ class TaskFailure:
     error: BaseException
 
 
-_NO_NAME = object()
-
-
 class HostAPI:
     """The host, as lifecycle hooks and background tasks use it.
 
@@ -78,7 +75,7 @@ class HostAPI:
         """The host clock, in seconds since the epoch (virtual under a mock clock)."""
         return self._host.clock()
 
-    def settings(self, plugin: Any = _NO_NAME) -> Any:
+    def settings(self, plugin: str | None = None) -> Any:
         """A plugin's checked settings (its ``Settings`` struct, or None if it has none).
 
         Without an argument: the settings of the plugin whose code calls this,
@@ -86,7 +83,7 @@ class HostAPI:
         registered under (a config table, an entry point, or its module's name
         when a test registers the module itself).
         """
-        if plugin is _NO_NAME:
+        if plugin is None:
             plugin = self.plugin_of(sys._getframe(1).f_globals.get("__name__", ""))
         return self._host.registry.settings.get(plugin)
 

@@ -62,7 +62,8 @@ def background_tasks(host: HostAPI) -> list[Callable[[], Awaitable[None]]]:
     """Return async callables the host runs in its nursery for its lifetime.
 
     They change the world only through ``host.submit``. A task that raises is
-    logged and restarted after ``host.restart_delay_s``.
+    logged and restarted after ``host.restart_delay_s`` (under the test harness
+    it also fails the test). ``host.settings()`` gives the plugin its settings.
     """
 
 

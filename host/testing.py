@@ -43,11 +43,13 @@ class BackgroundTaskFailed(Exception):
 
 
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``base`` with ``over`` laid on top, table by table (nested tables merge too)."""
+    """``base`` with ``over`` laid on top, table by table (nested tables merge too).
+    Tables are copied, never shared with the arguments."""
     out = dict(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
+        if isinstance(value, dict):
+            below = out.get(key)
+            out[key] = deep_merge(below if isinstance(below, dict) else {}, value)
         else:
             out[key] = value
     return out
@@ -185,11 +187,11 @@ class Harness:
         raw = deep_merge(raw, config)
         extra = []
         for plugin in plugins:  # a module with a settings table loads as the config's would
-            name = getattr(plugin, "__name__", None)
-            table = raw.get("plugins", {}).get(name)
-            if isinstance(plugin, ModuleType) and isinstance(table, dict) \
-                    and "module" not in table and sys.modules.get(name) is plugin:
-                table["module"] = name
+            table = None
+            if isinstance(plugin, ModuleType) and sys.modules.get(plugin.__name__) is plugin:
+                table = raw.get("plugins", {}).get(plugin.__name__)
+            if isinstance(table, dict) and "module" not in table:
+                table["module"] = plugin.__name__
             else:
                 extra.append(plugin)
         cfg = config_mod.from_dict(raw, "<test config>")
