@@ -4,6 +4,7 @@ a name, the ``host`` package's exports, params errors naming the field."""
 from __future__ import annotations
 
 import errno
+import os
 import importlib
 import socket
 import sys
@@ -239,3 +240,34 @@ def test_host_imports_first_in_a_fresh_interpreter() -> None:
         import host.server, host.testing, plugins.map
     """)
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_the_worldhost_fixture_fails_a_test_whose_task_raised(tmp_path: Path) -> None:
+    """A test that makes no harness call after the failure still fails, at the
+    fixture's end (the test that passed although its plugin crash-looped)."""
+    import subprocess
+    (tmp_path / "test_quiet.py").write_text(textwrap.dedent('''
+        import trio
+        from host import hookimpl
+
+        class Quiet:
+            __name__ = "quiet"
+
+            @hookimpl
+            def background_tasks(self, host):
+                async def oops():
+                    raise KeyError("scoreboard")
+                return [oops]
+
+        async def test_looks_fine(worldhost):
+            await worldhost.start(Quiet(), builtins=False)
+            await trio.sleep(0.05)
+    '''))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    ran = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-o", "trio_mode=true", "test_quiet.py"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert ran.returncode == 1, ran.stdout
+    assert "BackgroundTaskFailed: background task" in ran.stdout
+    assert "plugin 'quiet' raised KeyError" in ran.stdout
+    assert "1 failed" in ran.stdout
