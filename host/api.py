@@ -89,16 +89,21 @@ class HostAPI:
 
     def plugin_of(self, module: str) -> str:
         """The registered name of the plugin whose code is in ``module`` (its own
-        module, or a module of its package); LookupError if no plugin's."""
-        best, depth = None, -1
+        module, or a module of its package; the innermost wins). LookupError if no
+        plugin's, or if the module holds several plugin objects."""
+        found: dict[str, list[str]] = {}
         for name, plugin in self._host.registry.pm.list_name_plugin():
             home = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
-            if (module == home or module.startswith(home + ".")) and home.count(".") > depth:
-                best, depth = name, home.count(".")
-        if best is None:
+            if module == home or module.startswith(home + "."):
+                found.setdefault(home, []).append(name)
+        if not found:
             raise LookupError(f"module {module!r} belongs to no registered plugin: "
                               f"name the plugin, host.settings(NAME)")
-        return best
+        names = found[max(found, key=len)]
+        if len(names) > 1:
+            raise LookupError(f"module {module!r} holds the plugins {sorted(names)}: "
+                              f"name one, host.settings(NAME)")
+        return names[0]
 
     def task_failed(self, plugin: str, task: Any, error: BaseException) -> None:
         """A background task raised: tell the listeners (the test harness fails the

@@ -271,3 +271,19 @@ def test_the_worldhost_fixture_fails_a_test_whose_task_raised(tmp_path: Path) ->
     assert "BackgroundTaskFailed: background task" in ran.stdout
     assert "plugin 'quiet' raised KeyError" in ran.stdout
     assert "1 failed" in ran.stdout
+
+
+async def test_settings_without_a_name_refuse_to_guess(worldhost: Any) -> None:
+    """Two plugin objects from one module: ``host.settings()`` cannot tell which
+    is calling, and says so instead of answering for the wrong one."""
+    h = await worldhost.start(NeedyPlugin(), Recorderless(), builtins=False)
+    with pytest.raises(LookupError, match=r"holds the plugins \['needy', 'recorderless'\]"):
+        h.host.api.plugin_of(__name__)
+
+
+class Recorderless:
+    __name__ = "recorderless"
+
+    @hookimpl
+    def register_slices(self) -> list[SliceSpec]:
+        return []
