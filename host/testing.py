@@ -34,6 +34,7 @@ from host import config as config_mod
 from host.api import TaskFailure
 from host.client import Client, Opener, open_client, url_opener
 from host.server import Host
+from state.codec import clone
 
 
 class BackgroundTaskFailed(Exception):
@@ -153,9 +154,10 @@ class HostHarness:
                            reconnect=reconnect, open_session=open_session)
 
     def world(self) -> dict[str, Any]:
-        """The committed world, slice by slice (read-only)."""
+        """The committed world, slice by slice: a copy, so a test that changes it
+        (say, drops a field before comparing) cannot corrupt the running host."""
         self.check()
-        return self.host.world.snapshot()
+        return clone(self.host.world.snapshot())
 
     def encoded_world(self) -> bytes:
         """Canonical CBOR of the world: byte-equal for equal worlds."""

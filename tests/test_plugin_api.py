@@ -287,3 +287,15 @@ class Recorderless:
     @hookimpl
     def register_slices(self) -> list[SliceSpec]:
         return []
+
+
+async def test_changing_what_world_returns_changes_nothing(worldhost: Any) -> None:
+    """``h.world()`` used to hand out the live records: a test that popped a field
+    before comparing broke the running host's process timer."""
+    h = await worldhost.start()
+    async with h.client("ada") as ada:
+        await ada.call("map.add_node", id="a", x=0, y=0)
+    before = h.encoded_world()
+    h.world()["map"]["node:a"]["x"] = 99
+    h.world()["map"].clear()
+    assert h.encoded_world() == before
