@@ -199,3 +199,13 @@ async def test_a_relative_db_is_resolved_against_the_working_directory(
     host.release()
     assert (tmp_path / "run" / "rel" / "w.db").exists()
     assert not (tmp_path / "conf" / "rel").exists()
+
+
+def test_testing_md_says_how_to_get_worldhost() -> None:
+    """worldhost is not on the package index: the docs say to install it from a
+    checkout or a wheel, and point to the template that runs."""
+    text = (DOCS / "testing.md").read_text()
+    assert "not published on the package index" in text
+    assert "pip install path/to/worldhost" in text and ".whl" in text
+    assert "worldhost new-plugin NAME" in text
+    assert 'test = ["worldhost"' not in text
