@@ -5,7 +5,9 @@ on a temporary SQLite store, and connects clients over in-memory streams (or a
 real port). ``crash()`` makes a host vanish as under kill -9 and ``restart()``
 brings it back on the same store, so resume paths can be tested in-process.
 It works with pytest-trio's mock clock: under a mock clock the store runs in
-the event loop, so virtual time cannot race ahead of SQLite work.
+the event loop, so virtual time cannot race ahead of SQLite work. A plugin's
+background task that raises fails the test (``BackgroundTaskFailed``), unless
+the test takes the failure with ``h.task_failures()``.
 
     async def test_counter(worldhost):
         h = await worldhost.start(my_plugin)
