@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -33,6 +36,15 @@ class AppliedAction:
     slices: tuple[str, ...] = ()  # the slices it changed
 
 
+@dataclass(frozen=True)
+class TaskFailure:
+    """A plugin's background task raised (the host logs it and restarts the task)."""
+
+    plugin: str
+    task: str
+    error: BaseException
+
+
 class HostAPI:
     """The host, as lifecycle hooks and background tasks use it.
 
@@ -46,6 +58,7 @@ class HostAPI:
         self._host = host
         self.log = logging.getLogger("worldhost.plugins")
         self.reads: set[str] | None = None  # when a set: the slices read go into it
+        self.task_listeners: list[Callable[[TaskFailure], None]] = []
 
     async def submit(self, action: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
         """Apply an action through the dispatcher (journaled like any other) and
@@ -62,8 +75,42 @@ class HostAPI:
         """The host clock, in seconds since the epoch (virtual under a mock clock)."""
         return self._host.clock()
 
-    def settings(self, plugin: str) -> Any:
+    def settings(self, plugin: str | None = None) -> Any:
+        """A plugin's checked settings (its ``Settings`` struct, or None if it has none).
+
+        Without an argument: the settings of the plugin whose code calls this,
+        found from the calling module, so a plugin need not know the name it was
+        registered under (a config table, an entry point, or its module's name
+        when a test registers the module itself).
+        """
+        if plugin is None:
+            plugin = self.plugin_of(sys._getframe(1).f_globals.get("__name__", ""))
         return self._host.registry.settings.get(plugin)
+
+    def plugin_of(self, module: str) -> str:
+        """The registered name of the plugin whose code is in ``module`` (its own
+        module, or a module of its package; the innermost wins). LookupError if no
+        plugin's, or if the module holds several plugin objects."""
+        found: dict[str, list[str]] = {}
+        for name, plugin in self._host.registry.pm.list_name_plugin():
+            home = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
+            if module == home or module.startswith(home + "."):
+                found.setdefault(home, []).append(name)
+        if not found:
+            raise LookupError(f"module {module!r} belongs to no registered plugin: "
+                              f"name the plugin, host.settings(NAME)")
+        names = found[max(found, key=len)]
+        if len(names) > 1:
+            raise LookupError(f"module {module!r} holds the plugins {sorted(names)}: "
+                              f"name one, host.settings(NAME)")
+        return names[0]
+
+    def task_failed(self, plugin: str, task: Any, error: BaseException) -> None:
+        """A background task raised: tell the listeners (the test harness fails the
+        test with it, as a trio nursery would). The host logs it and restarts the task."""
+        failure = TaskFailure(plugin, getattr(task, "__qualname__", repr(task)), error)
+        for listener in self.task_listeners:
+            listener(failure)
 
     @property
     def config(self) -> Any:

@@ -242,6 +242,21 @@ def _client_options(parser: argparse.ArgumentParser) -> None:
                         help="seconds to wait for the reply (default 30)")
 
 
+def _new_plugin(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from host import scaffold
+
+    try:
+        target = scaffold.new_plugin(args.name, Path(args.dir))
+    except scaffold.ScaffoldError as exc:
+        print(f"worldhost new-plugin: {exc}", file=sys.stderr)
+        return 2
+    print(f"created {target}")
+    print(f"next: cd {target} && python -m pytest -q   (see its README.md)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldhost", description="Serve a world over WebSocket; inspect, export and "
@@ -290,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file")
     imp.add_argument("--config", default=None)
     imp.set_defaults(func=_offline)
+
+    new_plugin = sub.add_parser("new-plugin", help="start a plugin project from the template")
+    new_plugin.add_argument("name", help="the plugin's name: lowercase, e.g. scoreboard")
+    new_plugin.add_argument("--dir", default=".", help="where to create worldhost-NAME/")
+    new_plugin.set_defaults(func=_new_plugin)
     return parser
 
 

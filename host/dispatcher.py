@@ -73,7 +73,11 @@ class Outcome:
 
 
 def validation_details(exc: msgspec.ValidationError) -> dict[str, str]:
+    """``details`` of a params error: the path names the bad field itself, also when
+    the field is missing (msgspec reports that at the enclosing object)."""
     path, message = error_path(exc, "params")
+    if message.startswith("Object missing required field"):
+        path += "." + message.split("`")[1]
     return {"path": path, "message": message}
 
 

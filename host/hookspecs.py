@@ -1,6 +1,7 @@
 """The hooks a worldhost plugin may implement.
 
-Mark implementations with ``host.hookimpl``. Registration hooks are plain
+Mark implementations with ``host.hookimpl`` (``host.plugins.hookimpl`` is the
+same marker). Registration hooks are plain
 functions returning lists; lifecycle hooks may return an awaitable, which the
 host awaits (pluggy itself never awaits). Every hook is documented with an
 example in ``docs/plugins.md``.
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     from state.slices import SliceSpec
 
 hookspec = pluggy.HookspecMarker("worldhost")
+hookimpl = pluggy.HookimplMarker("worldhost")
 
 
 @hookspec
@@ -60,7 +62,8 @@ def background_tasks(host: HostAPI) -> list[Callable[[], Awaitable[None]]]:
     """Return async callables the host runs in its nursery for its lifetime.
 
     They change the world only through ``host.submit``. A task that raises is
-    logged and restarted after ``host.restart_delay_s``.
+    logged and restarted after ``host.restart_delay_s`` (under the test harness
+    it also fails the test). ``host.settings()`` gives the plugin its settings.
     """
 
 

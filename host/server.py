@@ -415,9 +415,10 @@ class Host:
             try:
                 await task()
                 return
-            except Exception:
+            except Exception as exc:
                 log.exception("background task %s of plugin %r failed; restarting in %gs",
                               getattr(task, "__name__", task), plugin, self.api.restart_delay_s)
+                self.api.task_failed(plugin, task, exc)
                 await trio.sleep(self.api.restart_delay_s)
 
     def accept_stream(self, stream: trio.abc.Stream) -> None:

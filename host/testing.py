@@ -5,7 +5,9 @@ on a temporary SQLite store, and connects clients over in-memory streams (or a
 real port). ``crash()`` makes a host vanish as under kill -9 and ``restart()``
 brings it back on the same store, so resume paths can be tested in-process.
 It works with pytest-trio's mock clock: under a mock clock the store runs in
-the event loop, so virtual time cannot race ahead of SQLite work.
+the event loop, so virtual time cannot race ahead of SQLite work. A plugin's
+background task that raises fails the test (``BackgroundTaskFailed``), unless
+the test takes the failure with ``h.task_failures()``.
 
     async def test_counter(worldhost):
         h = await worldhost.start(my_plugin)
@@ -18,9 +20,11 @@ the event loop, so virtual time cannot race ahead of SQLite work.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -29,8 +33,29 @@ import trio.testing
 import trio_websocket
 
 from host import config as config_mod
+from host.api import TaskFailure
 from host.client import Client, Opener, open_client, url_opener
 from host.server import Host
+from state.codec import clone
+
+
+class BackgroundTaskFailed(Exception):
+    """A plugin's background task raised while the test ran. The host logs and
+    restarts such a task; the harness fails the test instead, as a trio nursery
+    would, with the task's own exception as the cause."""
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``over`` laid on top, table by table (nested tables merge too).
+    Tables are copied, never shared with the arguments."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict):
+            below = out.get(key)
+            out[key] = deep_merge(below if isinstance(below, dict) else {}, value)
+        else:
+            out[key] = value
+    return out
 
 
 class HostHarness:
@@ -46,16 +71,38 @@ class HostHarness:
         self.listen = listen
         self.host: Host = None  # type: ignore[assignment]
         self._done: trio.Event | None = None
+        self._failures: list[TaskFailure] = []
 
     @property
     def url(self) -> str:
         assert self.host.port is not None, "start with listen=True for a real port"
         return f"ws://127.0.0.1:{self.host.port}/"
 
+    def task_failures(self) -> list[TaskFailure]:
+        """Take the background-task failures recorded so far: a test that expects a
+        task to fail takes them, and the harness no longer fails the test for them."""
+        taken = list(self._failures)
+        self._failures.clear()  # in place: the host's listener appends to this list
+        return taken
+
+    def check(self) -> None:
+        """Raise BackgroundTaskFailed if a background task raised and the test did
+        not take the failure (every harness call and the fixture's end check)."""
+        if not self._failures:
+            return
+        first = self._failures[0]
+        more = f" (and {len(self._failures) - 1} more failures)" if len(self._failures) > 1 else ""
+        self._failures.clear()
+        raise BackgroundTaskFailed(
+            f"background task {first.task} of plugin {first.plugin!r} raised "
+            f"{type(first.error).__name__}: {first.error}{more}") from first.error
+
     async def start(self) -> HostHarness:
+        self.check()
         mock = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
         self.host = Host(self.config, self.plugins, entry_points=self.entry_points,
                          db=str(self.db), store_in_thread=not mock)
+        self.host.api.task_listeners.append(self._failures.append)
         done = self._done = trio.Event()
         host = self.host
 
@@ -73,12 +120,14 @@ class HostHarness:
         if self._done is not None and not self._done.is_set():
             self.host.stop()
             await self._done.wait()
+        self.check()
 
     async def crash(self) -> None:
         """Vanish as under kill -9: only what was committed survives."""
         if self._done is not None and not self._done.is_set():
             self.host.crash()
             await self._done.wait()
+        self.check()
 
     async def restart(self) -> HostHarness:
         """Start again on the same store (after stop() or crash())."""
@@ -102,15 +151,19 @@ class HostHarness:
     def client(self, name: str = "tester", *, token: str | None = None, encoding: str = "json",
                reconnect: bool = True, open_session: bool = True) -> Any:
         """``async with h.client("ada") as ada:`` — a client with an open session."""
+        self.check()
         return open_client(self.opener(), name=name, token=token, encoding=encoding,
                            reconnect=reconnect, open_session=open_session)
 
     def world(self) -> dict[str, Any]:
-        """The committed world, slice by slice (read-only)."""
-        return self.host.world.snapshot()
+        """The committed world, slice by slice: a copy, so a test that changes it
+        (say, drops a field before comparing) cannot corrupt the running host."""
+        self.check()
+        return clone(self.host.world.snapshot())
 
     def encoded_world(self) -> bytes:
         """Canonical CBOR of the world: byte-equal for equal worlds."""
+        self.check()
         return self.host.world.encode()
 
 
@@ -127,34 +180,59 @@ class Harness:
                     builtins: bool = True, listen: bool = False, entry_points: bool = False,
                     db: Path | None = None) -> HostHarness:
         """Start a host with ``plugins`` (modules or objects) besides those the config
-        names. ``config`` is a dict of tables as in plugins.toml; ``builtins=False``
-        leaves the built-in plugins out (only the core and yours)."""
-        raw = {"host": {"port": 0}, **(config or {})}
-        if not builtins:
-            off = {name: {"enabled": False} for name in config_mod.BUILTIN_PLUGINS}
-            raw["plugins"] = {**off, **raw.get("plugins", {})}
+        names. ``config`` is a dict of tables as in plugins.toml, merged key by key
+        over the harness's own (``port = 0``); ``builtins=False`` leaves the built-in
+        plugins out (only the core and yours)."""
+        config = config or {}
+        raw: dict[str, Any] = {"host": {"port": 0}}
+        if not builtins:  # a built-in the config names stays in
+            raw["plugins"] = {name: {"enabled": False} for name in config_mod.BUILTIN_PLUGINS
+                              if name not in config.get("plugins", {})}
+        raw = deep_merge(raw, config)
+        extra = []
+        for plugin in plugins:  # a module with a settings table loads as the config's would
+            table = None
+            if isinstance(plugin, ModuleType) and sys.modules.get(plugin.__name__) is plugin:
+                table = raw.get("plugins", {}).get(plugin.__name__)
+            if isinstance(table, dict) and "module" not in table:
+                table["module"] = plugin.__name__
+            else:
+                extra.append(plugin)
         cfg = config_mod.from_dict(raw, "<test config>")
         path = db or self._tmp / f"world-{next(self._count)}.db"
-        harness = HostHarness(self._nursery, path, cfg, list(plugins), entry_points, listen)
+        harness = HostHarness(self._nursery, path, cfg, extra, entry_points, listen)
         self.hosts.append(harness)
         return await harness.start()
 
     async def aclose(self) -> None:
+        """Stop every host; then fail if a background task raised (first failure first)."""
+        failed: BaseException | None = None
         for h in self.hosts:
-            await h.stop()
+            try:
+                await h.stop()
+            except BackgroundTaskFailed as exc:
+                failed = failed or exc
+        if failed is not None:
+            raise failed
 
 
 @asynccontextmanager
 async def open_harness(tmp_path: Path) -> AsyncIterator[Harness]:
     """The ``worldhost`` fixture as a context manager, for hypothesis tests (whose
     examples each run on their own) and for scripts."""
+    failed: BackgroundTaskFailed | None = None
     async with trio.open_nursery() as nursery:
         harness = Harness(nursery, tmp_path)
         try:
             yield harness
         finally:
-            await harness.aclose()
+            try:
+                await harness.aclose()
+            except BackgroundTaskFailed as exc:
+                failed = exc  # raised bare, not in the nursery's ExceptionGroup
             nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed
 
 
 @pytest.fixture
@@ -177,4 +255,4 @@ async def raw_connection(h: HostHarness) -> AsyncIterator[trio_websocket.WebSock
             nursery.cancel_scope.cancel()
 
 
-__all__ = ["Client", "Harness", "HostHarness", "open_harness", "raw_connection", "worldhost"]
+__all__ = ["BackgroundTaskFailed", "Client", "Harness", "HostHarness", "open_harness", "raw_connection", "worldhost"]

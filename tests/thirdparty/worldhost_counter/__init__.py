@@ -6,9 +6,7 @@ from typing import Any
 
 import msgspec
 
-from host.actions import Action, Context, Invalid, Role
-from host.plugins import hookimpl
-from state.slices import SliceSpec
+from host import Action, Context, Invalid, Role, SliceSpec, hookimpl
 
 
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
