@@ -234,7 +234,7 @@ def _bystander_session(port: int, session: dict[str, Any] | None) -> tuple[RawWS
     deadline = time.monotonic() + 60
     while True:
         try:
-            ws = RawWS.connect(port, timeout=30)
+            ws = RawWS.connect(port, timeout=300)  # a stalled host is not a dropped one
             ws.recv()  # server.info
             if session is None:
                 name, frame = ws.call("session.open", {"name": "bystander"})
@@ -346,7 +346,8 @@ class Sizes:
     slot_drops: int = 100
     chunk_pieces: int = 5000
     hold_transfers: int = 4
-    hold_pieces: int = 256  # of 1 MiB each: max_transfer_bytes by default
+    hold_pieces: int = 32  # of 1 MiB each, sent per transfer…
+    hold_count: int = 256  # …of this many announced: max_transfer_bytes by default
     big_ids: int = 10
     big_id_bytes: int = 8 * MiB
     idle_sockets: int = 300
@@ -489,9 +490,13 @@ def chunk_flood(port: int, sizes: Sizes) -> Outcome:
 
 
 def chunk_hold(port: int, sizes: Sizes) -> Outcome:
-    """Unfinished chunked transfers of 1 MiB pieces, each one piece short, held open 2 s."""
+    """Chunked transfers announced at the size limit, never finished, held open 2 s by a
+    session (so no handshake timeout ends them)."""
     ws = RawWS.connect(port)
     ws.recv()
+    name, frame = ws.call("session.open", {"name": "holder"})
+    if name != "session.opened":
+        return Outcome(f"session.open: {describe(name, frame)}")
     piece = b"x" * MiB
     sent = 0
     what = "held"
@@ -499,7 +504,7 @@ def chunk_hold(port: int, sizes: Sizes) -> Outcome:
         for t in range(sizes.hold_transfers):
             for i in range(sizes.hold_pieces):
                 head = (f'{{"chunk":{{"transfer":"hold{t}","index":{i},'
-                        f'"count":{sizes.hold_pieces + 1},"payload":"').encode()
+                        f'"count":{sizes.hold_count},"payload":"').encode()
                 ws.send_frame(TEXT, head + piece + b'"}}')
                 sent += 1
         name, frame = ws.call("host.ping", {})
@@ -510,7 +515,8 @@ def chunk_hold(port: int, sizes: Sizes) -> Outcome:
     except OSError as exc:
         what = f"socket error {exc}"
     ws.close()
-    return Outcome(f"{sizes.hold_transfers} transfers, {sent} pieces of 1 MiB sent; {what}")
+    return Outcome(f"{sizes.hold_transfers} transfers of {sizes.hold_count} MiB announced, "
+                   f"{sent} pieces of 1 MiB sent; {what}")
 
 
 def big_ids(port: int, sizes: Sizes) -> Outcome:
@@ -710,7 +716,7 @@ def main() -> None:
     names = args.attack or list(ATTACKS)
     if args.quick:
         sizes = Sizes(bomb_big=8 * MiB, replay_pings=10, slot_drops=100, chunk_pieces=5000,
-                      hold_pieces=16, big_ids=3, idle_sockets=200)
+                      hold_pieces=8, big_ids=3, idle_sockets=200)
         before_s, marks = 1.0, (1.0, 3.0)
     else:
         sizes, before_s, marks = Sizes(), 2.0, (1.0, 5.0, 10.0)
