@@ -86,8 +86,11 @@ class RawWS:
     """A blocking client WebSocket over a plain socket, loopback only. Frames go out
     with a zero masking key (legal, and no per-byte masking of 16 MiB in Python)."""
 
+    opened: list[socket.socket] = []  # the attacker's, for the watchdog to cut
+
     def __init__(self, port: int, timeout: float = 60.0) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.opened.append(self.sock)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
         self.next_id = 0
@@ -386,7 +389,7 @@ def json_bomb(port: int, sizes: Sizes) -> Outcome:
 
 
 def _bomb(port: int, opcode: int, payload: bytes, items: int) -> Outcome:
-    ws = RawWS.connect(port, timeout=120)  # today's host chews on a 16 MiB bomb for ~50 s
+    ws = RawWS.connect(port, timeout=300)  # the watchdog ends the wait (max_attack_s)
     ws.recv()  # server.info
     started = time.monotonic()
     ws.send_frame(opcode, payload)
@@ -626,7 +629,8 @@ class Result:
         return why
 
 
-def measure(name: str, sizes: Sizes, before_s: float, after_marks: tuple[float, ...]) -> Result:
+def measure(name: str, sizes: Sizes, before_s: float, after_marks: tuple[float, ...],
+            max_attack_s: float) -> Result:
     attack = ATTACKS[name][1]
     result = Result(name)
     with tempfile.TemporaryDirectory(prefix="worldhost-attacks-") as tmp:
@@ -642,11 +646,20 @@ def measure(name: str, sizes: Sizes, before_s: float, after_marks: tuple[float, 
             time.sleep(before_s)
             result.rss_before = rss_kb(server.proc.pid)
             attacked = time.monotonic()
+            gave_up = threading.Event()
+            watchdog = threading.Timer(max_attack_s, _give_up, (gave_up,))
+            watchdog.start()
             try:
                 result.outcome = attack(server.port, sizes)
             except (OSError, Closed, Refused) as exc:
                 result.outcome = Outcome(f"attack cut short: {exc}")
+            finally:
+                watchdog.cancel()
+                RawWS.opened.clear()
             left = time.monotonic()
+            if gave_up.is_set() and result.outcome is not None:
+                result.outcome.note = (f"the host was still busy after {max_attack_s:g} s: "
+                                       f"the attacker left; {result.outcome.note}")
             for mark in after_marks:
                 time.sleep(max(0.0, left + mark - time.monotonic()))
                 if server.proc.poll() is not None:
@@ -655,7 +668,7 @@ def measure(name: str, sizes: Sizes, before_s: float, after_marks: tuple[float, 
             if server.proc.poll() is not None:
                 result.died = f"exit code {server.proc.returncode}"
             result.rss_peak = sampler.peak(attacked, left + after_marks[-1])
-            bystander.catch_up(left + after_marks[-1], timeout=30)
+            bystander.catch_up(left + after_marks[-1], timeout=5)
             result.before = bystander.window(start, attacked)
             result.during = bystander.window(attacked, left)
             result.after = bystander.window(left, left + after_marks[-1])
@@ -668,10 +681,21 @@ def measure(name: str, sizes: Sizes, before_s: float, after_marks: tuple[float, 
     return result
 
 
+def _give_up(flag: threading.Event) -> None:
+    """The attack ran out of time (the host chews on it): cut the attacker's sockets,
+    which ends whatever it was waiting for."""
+    flag.set()
+    for sock in list(RawWS.opened):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 def _stop(server: ServerProcess) -> None:
     assert server.proc is not None
-    try:
-        server.stop(signal.SIGTERM, timeout=20)
+    try:  # a host still busy with a bomb cannot take the signal until it is done
+        server.stop(signal.SIGTERM, timeout=5)
     except subprocess.TimeoutExpired:
         server.kill9()
 
@@ -723,6 +747,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smaller attacks and shorter windows, for iterating")
     parser.add_argument("--list", action="store_true", help="list the attacks and exit")
+    parser.add_argument("--max-attack-s", type=float, default=20.0, metavar="S",
+                        help="an attacker still waiting on the host after S s leaves "
+                             "(default 20)")
     parser.add_argument("--bystander", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--hz", type=float, default=BYSTANDER_HZ, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -745,7 +772,7 @@ def main() -> None:
     results = []
     for name in names:
         print(f"{name}: {ATTACKS[name][0]} ...", flush=True)
-        results.append(measure(name, sizes, before_s, marks))
+        results.append(measure(name, sizes, before_s, marks, args.max_attack_s))
     report(results, marks[-1])
 
 
