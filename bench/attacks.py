@@ -17,10 +17,11 @@ legitimate client gets one within 1 s.
 
 Bystander latency is measured from when each ping was due (every 12.5 ms), so
 a stalled host counts every ping it kept from being sent, not only the one in
-flight. Every attack is bounded in size and time and the run stops by itself:
-about 3 minutes against a host that turns the attacks away, 5 against one that
-chews on them (``--quick``: smaller attacks, shorter windows, RSS judged at 3 s
-instead of 10 s).
+flight. Every attack is bounded in size, and in time: an attacker the host is
+still busy with after ``--max-attack-s`` (20 s) leaves. The run stops by itself,
+in about 3 minutes against a host that turns the attacks away, up to 6 against
+one that chews on them (``--quick``: smaller attacks, shorter windows, RSS
+judged at 3 s instead of 10 s).
 """
 
 from __future__ import annotations
