@@ -41,12 +41,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import cbor2
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
-from serverproc import ServerProcess  # noqa: E402
+from serverproc import ServerProcess
 
 MiB = 1 << 20
 ADMIN = "attacks-bench-admin"
@@ -87,7 +87,7 @@ class RawWS:
     """A blocking client WebSocket over a plain socket, loopback only. Frames go out
     with a zero masking key (legal, and no per-byte masking of 16 MiB in Python)."""
 
-    opened: list[socket.socket] = []  # the attacker's, for the watchdog to cut
+    opened: ClassVar[list[socket.socket]] = []  # the attacker's, for the watchdog to cut
 
     def __init__(self, port: int, timeout: float = 60.0) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
@@ -763,6 +763,7 @@ def main() -> None:
             print(f"{key:<12} {what}")
         return
     names = args.attack or list(ATTACKS)
+    marks: tuple[float, ...]
     if args.quick:
         sizes = Sizes(bomb_big=8 * MiB, replay_pings=10, slot_drops=100, chunk_pieces=5000,
                       hold_pieces=8, big_ids=3, idle_sockets=200)
