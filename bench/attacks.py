@@ -393,8 +393,8 @@ def _bomb(port: int, opcode: int, payload: bytes, items: int) -> Outcome:
     ws = RawWS.connect(port, timeout=300)  # the watchdog ends the wait (max_attack_s)
     ws.recv()  # server.info
     started = time.monotonic()
-    ws.send_frame(opcode, payload)
     try:
+        ws.send_frame(opcode, payload)
         frame = ws.recv()
         if opcode == BINARY:  # the reply comes in the request's encoding
             frame = json.dumps(cbor2.loads(frame), separators=(",", ":")).encode()
@@ -428,6 +428,8 @@ def replay_pin(port: int, sizes: Sizes) -> Outcome:
             answered += 1
     except Closed as exc:
         what = f"closed {exc.code} {exc.reason}"
+    except OSError as exc:
+        what = f"socket error {exc}"
     ws.close()
     return Outcome(f"{answered}/{sizes.replay_pings} pings of "
                    f"{sizes.replay_bytes / MiB:.0f} MiB answered ({what}); left resumable")
@@ -560,6 +562,8 @@ def big_ids(port: int, sizes: Sizes) -> Outcome:
             added += 1
     except Closed as exc:
         what = f"closed {exc.code} {exc.reason}"
+    except OSError as exc:
+        what = f"socket error {exc}"
     ws.close()
     return Outcome(f"{added}/{sizes.big_ids} nodes with {sizes.big_id_bytes / MiB:.0f} MiB ids "
                    f"added ({what})")
@@ -631,11 +635,12 @@ class Result:
 
 
 def measure(name: str, sizes: Sizes, before_s: float, after_marks: tuple[float, ...],
-            max_attack_s: float) -> Result:
+            max_attack_s: float, config: Path | None) -> Result:
     attack = ATTACKS[name][1]
     result = Result(name)
     with tempfile.TemporaryDirectory(prefix="worldhost-attacks-") as tmp:
-        server = ServerProcess(Path(tmp) / "world.db", env={"WORLDHOST_ADMIN_TOKEN": ADMIN})
+        server = ServerProcess(Path(tmp) / "world.db", config=config,
+                               env={"WORLDHOST_ADMIN_TOKEN": ADMIN})
         server.start()
         assert server.proc is not None
         sampler = RssSampler(server.proc.pid)
@@ -748,6 +753,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="smaller attacks and shorter windows, for iterating")
     parser.add_argument("--list", action="store_true", help="list the attacks and exit")
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="the host's config (default: none, the built-in defaults)")
     parser.add_argument("--max-attack-s", type=float, default=20.0, metavar="S",
                         help="an attacker still waiting on the host after S s leaves "
                              "(default 20)")
@@ -774,7 +781,7 @@ def main() -> None:
     results = []
     for name in names:
         print(f"{name}: {ATTACKS[name][0]} ...", flush=True)
-        results.append(measure(name, sizes, before_s, marks, args.max_attack_s))
+        results.append(measure(name, sizes, before_s, marks, args.max_attack_s, args.config))
     report(results, marks[-1])
 
 
