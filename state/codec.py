@@ -182,6 +182,9 @@ def scan_cbor(data: bytes, max_items: int | None = None, max_depth: int = MAX_DE
                     left, in_map = (arg, False) if major == 4 else (2 * arg, True)
                     continue
             elif major == 6:
+                if arg == 2 or arg == 3:
+                    raise DecodeError("a bignum (CBOR tag 2 or 3): integers outside the signed "
+                                      "64-bit range are not allowed")
                 raise DecodeError("CBOR tags are not allowed")
             elif info < 25:
                 raise DecodeError("CBOR simple values and undefined are not allowed")
