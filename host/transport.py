@@ -344,8 +344,8 @@ class Connection:
             return message
         try:
             decoded = await self._decode(message, plain=False)
-        except DecodeError:
-            return message  # the normal path names the problem
+        except DecodeError as exc:  # refused here, not decoded a second time as a request
+            raise ActionError(str(exc), code="bad_frame") from None
         if not (isinstance(decoded, dict) and set(decoded) == {"chunk"}):
             return message
         self.encoding = "json" if isinstance(message, str) else "cbor"

@@ -221,7 +221,8 @@ def decode_json(text: str | bytes, max_items: int | None = None) -> Any:
 
     msgspec only builds plain values and its recursion guard turns absurd nesting
     into an error instead of a crash; it keeps the last of duplicate keys, so the
-    keys it kept are counted against the text's.
+    keys it kept are counted against the text's. Without ``max_items`` (a document
+    the host wrote: signals read by the client) that count is skipped.
     """
     if max_items is not None and count_json_items(text) > max_items:
         raise DecodeError(f"more than {max_items} items in one frame "
@@ -231,10 +232,16 @@ def decode_json(text: str | bytes, max_items: int | None = None) -> Any:
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError) as exc:
         raise DecodeError(f"invalid JSON: {exc}") from None
     if type(value) is dict or type(value) is list:
-        long_digits = (_LONG_DIGITS if isinstance(text, str) else _LONG_DIGITS_B).search(text)
-        kept = _walk_json(value, long_digits is not None)
-        if kept != text.count(":" if isinstance(text, str) else b":"):  # or a ':' in a string
-            _find_duplicate_key(text)
+        if isinstance(text, str):
+            long_digits = _LONG_DIGITS.search(text) is not None
+        else:
+            long_digits = _LONG_DIGITS_B.search(text) is not None
+        if max_items is not None or long_digits:
+            kept = _walk_json(value, long_digits)
+            # fewer keys kept than ':' in the text: a duplicate, or a ':' inside a string
+            colons = text.count(":") if isinstance(text, str) else text.count(b":")
+            if max_items is not None and kept != colons:
+                _find_duplicate_key(text)
     elif type(value) is int and not INT_MIN <= value <= INT_MAX:
         raise DecodeError(f"integer {value} is outside the signed 64-bit range")
     return value
