@@ -30,15 +30,48 @@ def split(frame: str | bytes, transfer: str, piece: int = PIECE,
     return out
 
 
-class Reassembler:
-    """Joins the pieces of transfers on one connection, within a size budget."""
+def size_of(payload: str | bytes) -> int:
+    """Bytes on the wire: UTF-8 for text (a character may take up to four)."""
+    if isinstance(payload, bytes) or payload.isascii():
+        return len(payload)
+    return len(payload.encode("utf-8", "surrogatepass"))
 
-    def __init__(self, max_bytes: int, max_transfers: int = 4) -> None:
+
+class Reassembler:
+    """Joins the pieces of transfers on one connection, within a size budget.
+
+    ``max_bytes`` bounds one transfer, ``max_open_bytes`` all the connection's
+    unfinished transfers together (what it holds in memory), and a transfer not
+    finished ``timeout_s`` after its first piece is dropped (``expire``).
+    """
+
+    def __init__(self, max_bytes: int, max_transfers: int = 4, max_open_bytes: int | None = None,
+                 timeout_s: float | None = None) -> None:
         self.max_bytes = max_bytes
         self.max_transfers = max_transfers
-        self.transfers: dict[Any, tuple[int, list[Any], int]] = {}  # id -> (count, pieces, size)
+        self.max_open_bytes = max_open_bytes
+        self.timeout_s = timeout_s
+        # id -> (count, pieces, size, deadline)
+        self.transfers: dict[Any, tuple[int, list[Any], int, float]] = {}
+        self.open_bytes = 0
 
-    def add(self, chunk: Any, text: bool) -> str | bytes | None:
+    def drop(self, transfer: Any) -> None:
+        entry = self.transfers.pop(transfer, None)
+        if entry is not None:
+            self.open_bytes -= entry[2]
+
+    def next_deadline(self) -> float:
+        """When the oldest unfinished transfer runs out of time (inf if none can)."""
+        return min((entry[3] for entry in self.transfers.values()), default=float("inf"))
+
+    def expire(self, now: float) -> list[Any]:
+        """Drop the transfers past their deadline; their ids."""
+        late = [t for t, entry in self.transfers.items() if entry[3] <= now]
+        for transfer in late:
+            self.drop(transfer)
+        return late
+
+    def add(self, chunk: Any, text: bool, now: float = 0.0) -> str | bytes | None:
         """Take one piece; the whole frame once its last piece arrived, else None."""
         if not isinstance(chunk, dict) or set(chunk) != {"transfer", "index", "count", "payload"}:
             raise BadRequest("a chunk has exactly transfer, index, count and payload")
@@ -53,23 +86,30 @@ class Reassembler:
             raise BadRequest("a chunk's payload is text in a text frame, bytes in a binary one")
         if transfer not in self.transfers:
             if index != 0:
-                self.transfers.pop(transfer, None)
                 raise BadRequest(f"transfer {transfer!r} must start with piece 0")
             if len(self.transfers) >= self.max_transfers:
                 raise BadRequest(f"at most {self.max_transfers} transfers at once")
-            self.transfers[transfer] = (count, [], 0)
-        expected_count, pieces, size = self.transfers[transfer]
+            deadline = now + self.timeout_s if self.timeout_s is not None else float("inf")
+            self.transfers[transfer] = (count, [], 0, deadline)
+        expected_count, pieces, size, deadline = self.transfers[transfer]
         if count != expected_count or index != len(pieces):
-            del self.transfers[transfer]
+            self.drop(transfer)
             raise BadRequest(f"transfer {transfer!r}: expected piece {len(pieces)} of "
                              f"{expected_count}, got {index} of {count}; transfer dropped")
-        size += len(payload)
-        if size > self.max_bytes:
-            del self.transfers[transfer]
-            raise BadRequest(f"transfer {transfer!r} is over {self.max_bytes} bytes; dropped")
+        added = size_of(payload)
+        if size + added > self.max_bytes:
+            self.drop(transfer)
+            raise BadRequest(f"transfer {transfer!r} is over {self.max_bytes} bytes "
+                             f"(host.limits.max_transfer_bytes); dropped")
+        if self.max_open_bytes is not None and self.open_bytes + added > self.max_open_bytes:
+            self.drop(transfer)
+            raise BadRequest(f"transfer {transfer!r} dropped: unfinished transfers would hold "
+                             f"over {self.max_open_bytes} bytes "
+                             f"(host.limits.max_open_transfer_bytes)")
         pieces.append(payload)
+        self.open_bytes += added
         if len(pieces) < count:
-            self.transfers[transfer] = (count, pieces, size)
+            self.transfers[transfer] = (count, pieces, size + added, deadline)
             return None
-        del self.transfers[transfer]
+        self.drop(transfer)
         return ("" if text else b"").join(pieces)

@@ -23,6 +23,9 @@ class ConfigError(Exception):
 class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_frame_bytes: int = 16 * 1024 * 1024
     max_transfer_bytes: int = 256 * 1024 * 1024  # a chunked request, joined
+    max_open_transfer_bytes: int = 256 * 1024 * 1024  # a connection's unfinished transfers
+    transfer_timeout_s: float = 60.0  # a chunked request unfinished this long is dropped
+    max_frame_items: int = 4_000_000  # values one frame (or joined transfer) may hold
     outbox_size: int = 256
     max_lag_s: float = 2.0  # a signal waiting longer than this in an outbox drops the client
     socket_send_buffer: int = 256 * 1024

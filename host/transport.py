@@ -9,6 +9,8 @@ connection, with 1011.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import re
 from collections import deque
@@ -17,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from wsproto.connection import ConnectionState
+from wsproto.events import CloseConnection
 
 from host import chunks
 from host.actions import ActionError, BadRequest, RateLimited
@@ -29,6 +33,7 @@ from state.codec import (
     decode_json,
     encode_cbor,
     encode_json,
+    lenient_json,
 )
 
 if TYPE_CHECKING:
@@ -39,10 +44,57 @@ log = logging.getLogger("worldhost.transport")
 POLICY = 1008
 GOING_AWAY = 1001
 INTERNAL = 1011
+TOO_BIG = 1009
+_FAILED = (1002, 1007)  # wsproto could not parse a frame: a protocol violation, bad UTF-8
 _ENVELOPE_KEYS = frozenset({"id", "action", "params"})
 _PIECE_TAKEN = object()
 _JSON_CHUNK = re.compile(r'\s*\{\s*"chunk"\s*:')
 _CBOR_CHUNK = b"\xa1\x65chunk"  # a map of one entry whose key is "chunk"
+# Frames above this are decoded in a worker thread, one at a time across the host: the
+# checks that walk them are Python, so the event loop keeps its turns meanwhile, and
+# however many connections send big frames, one big decode holds memory at a time.
+THREAD_BYTES = 256 * 1024
+_big_decodes = trio.CapacityLimiter(1)
+
+
+def _load_malloc_trim() -> Any:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_malloc_trim = _load_malloc_trim()
+
+
+def _trim() -> None:
+    """Give the heap a big decode freed back to the system (glibc keeps it otherwise)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _close_frame_on_parse_failure(ws: WebSocketConnection) -> None:
+    """Send a close frame when wsproto cannot parse the client's frames.
+
+    wsproto reports an unparseable frame (invalid UTF-8 in a text frame: 1007, any
+    other protocol violation: 1002) as a close event with that code; trio-websocket
+    takes it for the peer's close and, being the server, drops the TCP connection
+    without a close frame. This sends one first, so the client learns the code.
+    """
+    drop_tcp = ws._close_stream  # noqa: SLF001 -- trio-websocket has no hook for this
+
+    async def close_stream() -> None:
+        reason = ws.closed
+        if reason is not None and reason.code in _FAILED and \
+                ws._wsproto.state is ConnectionState.OPEN:  # noqa: SLF001
+            with trio.move_on_after(1):
+                try:
+                    await ws._send(CloseConnection(reason.code, reason.reason or ""))  # noqa: SLF001
+                except ConnectionClosed:
+                    pass
+        await drop_tcp()
+
+    ws._close_stream = close_stream  # type: ignore[method-assign]  # noqa: SLF001
 
 
 def encode_frame(sig: Signal, encoding: str) -> str | bytes:
@@ -124,7 +176,9 @@ class Connection:
         self._dispatching = False  # the reader will send what its action produced
         self._wake = trio.Event()
         self.cancel_scope = trio.CancelScope()
-        self.reassembler = chunks.Reassembler(limits.max_transfer_bytes)
+        self.reassembler = chunks.Reassembler(limits.max_transfer_bytes,
+                                              max_open_bytes=limits.max_open_transfer_bytes,
+                                              timeout_s=limits.transfer_timeout_s)
         # Requests read but not yet answered, plus signals not yet sent, stay under
         # half the outbox: a client that sends faster than it reads is slowed down
         # (TCP backpressure), not disconnected. Only broadcasts can overflow it.
@@ -201,38 +255,60 @@ class Connection:
                         await self.ws.aclose(self.close_code, self.close_reason)
 
     async def _reader(self) -> None:
+        _close_frame_on_parse_failure(self.ws)
         max_failed = self.host.config.sessions.max_failed_opens
+        limits = self.host.config.host.limits
         while True:
             while self.in_flight + len(self._outbox) >= self.budget:
                 self._room = trio.Event()
                 await self._room.wait()
+            message: str | bytes | None = None
             try:
-                message = await self.ws.get_message()
+                with trio.move_on_at(self.reassembler.next_deadline()):
+                    message = await self.ws.get_message()
             except ConnectionClosed:
                 return
+            if message is None:  # a transfer ran out of time
+                for transfer in self.reassembler.expire(trio.current_time()):
+                    await self._refuse(BadRequest(
+                        f"transfer {transfer!r} not finished within "
+                        f"{limits.transfer_timeout_s:g} s (host.limits.transfer_timeout_s); "
+                        f"dropped"))
+                continue
             if self.failed_opens >= max_failed:
                 return  # closing: the dispatcher closes it after the last refusal is sent
-            try:
-                joined = self._chunk(message)
-            except ActionError as exc:
-                self.in_flight += 1
-                await self._dispatch(Request("", None, None, True, self, self.encoding,
-                                             error=exc))
-                continue
-            if joined is _PIECE_TAKEN:
-                continue
-            req = self._request(joined)
-            self.in_flight += 1
+            if isinstance(message, str) and chunks.size_of(message) > limits.max_frame_bytes:
+                # trio-websocket counted characters; the limit is in bytes
+                self.abort(TOO_BIG, f"frame over {limits.max_frame_bytes} bytes")
+                return
             bucket = self.bucket
-            allowed = bucket.take(trio.current_time())  # every frame counts, even bad ones
+            allowed = bucket.take(trio.current_time())  # every frame counts: bad ones, pieces
             if bucket.flooding:
                 log.warning("disconnecting %s: flooding past its rate limit", self.remote)
                 self.abort(POLICY, "flooding past the rate limit")
                 return
+            try:
+                joined = await self._chunk(message, allowed)
+            except ActionError as exc:
+                await self._refuse(exc)
+                continue
+            if joined is _PIECE_TAKEN:
+                continue
+            big = len(joined) > THREAD_BYTES
+            req = await self._request(joined)
             if not allowed and req.error is None:
                 req.error = RateLimited(
                     f"more than {bucket.rate:g} actions/s (burst {bucket.burst}); slow down")
+            self.in_flight += 1
             await self._dispatch(req)
+            if big:
+                del req, joined, message  # what is left of the frame, for the trim to free
+                await trio.to_thread.run_sync(_trim, limiter=_big_decodes)
+
+    async def _refuse(self, exc: ActionError) -> None:
+        """Answer with an error a frame that was no request (a piece of a transfer)."""
+        self.in_flight += 1
+        await self._dispatch(Request("", None, None, True, self, self.encoding, error=exc))
 
     async def _dispatch(self, req: Request) -> None:
         """Hand a request to the dispatcher, then send what it produced at once. (If it
@@ -245,34 +321,55 @@ class Connection:
         if self._outbox:
             await self._flush()
 
-    def _chunk(self, message: str | bytes) -> Any:
-        """A piece of a chunked request is taken aside; a whole frame passes through."""
+    async def _decode(self, message: str | bytes, plain: bool = True) -> Any:
+        """Decode one frame within the item bound; a big one in a worker thread."""
+        max_items = self.host.config.host.limits.max_frame_items
+
+        def decode() -> Any:
+            if isinstance(message, str):
+                return decode_json(message, max_items=max_items)
+            return decode_cbor(message, plain=plain, max_items=max_items)
+
+        if len(message) <= THREAD_BYTES:
+            return decode()
+        return await trio.to_thread.run_sync(decode, limiter=_big_decodes)
+
+    async def _chunk(self, message: str | bytes, allowed: bool) -> Any:
+        """A piece of a chunked request is taken aside; a whole frame passes through.
+        A piece over the rate limit drops its transfer."""
         if isinstance(message, str):
             if not _JSON_CHUNK.match(message[:64]):
                 return message
         elif not message.startswith(_CBOR_CHUNK):
             return message
         try:
-            decoded = decode_json(message) if isinstance(message, str) else \
-                decode_cbor(message, plain=False)
-        except DecodeError:
-            return message  # the normal path names the problem
+            decoded = await self._decode(message, plain=False)
+        except DecodeError as exc:  # refused here, not decoded a second time as a request
+            raise ActionError(str(exc), code="bad_frame") from None
         if not (isinstance(decoded, dict) and set(decoded) == {"chunk"}):
             return message
         self.encoding = "json" if isinstance(message, str) else "cbor"
-        joined = self.reassembler.add(decoded["chunk"], isinstance(message, str))
+        chunk = decoded["chunk"]
+        if not allowed:
+            transfer = chunk.get("transfer") if isinstance(chunk, dict) else None
+            if _is_id(transfer):
+                self.reassembler.drop(transfer)
+            bucket = self.bucket
+            raise RateLimited(f"more than {bucket.rate:g} frames/s (burst {bucket.burst}); "
+                              f"transfer {transfer!r} dropped")
+        joined = self.reassembler.add(chunk, isinstance(message, str), trio.current_time())
         return _PIECE_TAKEN if joined is None else joined
 
-    def _request(self, message: str | bytes) -> Request:
+    async def _request(self, message: str | bytes) -> Request:
+        self.encoding = "json" if isinstance(message, str) else "cbor"
         try:
-            if isinstance(message, str):
-                self.encoding = "json"
-                decoded = decode_json(message)
-            else:
-                self.encoding = "cbor"
-                decoded = decode_cbor(message)
+            decoded = await self._decode(message)
         except DecodeError as exc:
-            return Request("", None, None, True, self, self.encoding,
+            # A JSON frame a lenient parser reads (NaN, Infinity, a duplicate key) has its
+            # id answered, so a client matching replies by id is not left waiting. It is
+            # not remembered as that id's reply: the id may be sent again, fixed.
+            rid = parse_envelope(lenient_json(message))[0] if isinstance(message, str) else None
+            return Request("", None, rid, rid is None, self, self.encoding,
                            error=ActionError(str(exc), code="bad_frame"))
         rid, has_id = parse_envelope(decoded)
         try:
