@@ -44,7 +44,7 @@ async def test_edit_and_broadcast(worldhost: Any) -> None:
 
 
 BAD_IMPORTS = [
-    ({"nodes": [{"id": "a", "x": 0, "y": 0}, {"id": "a", "x": 1, "y": 1}]},
+    ({"nodes": [{"id": "a", "x": 0, "y": 0}, {"id": "a", "x": 1, "y": 1}], "edges": []},
      "params.map_data.nodes[1].id", "duplicate node id 'a'"),
     ({"nodes": [{"id": "a", "x": 0, "y": 0}],
       "edges": [{"id": "e", "from": "a", "to": "b", "length": 1, "speed": 1}]},
@@ -59,14 +59,19 @@ BAD_IMPORTS = [
     ({"nodes": [{"id": "a", "x": 0, "y": 0}, {"id": "b", "x": 0, "y": 0}],
       "edges": [{"id": "e", "from": "a", "to": "b", "length": 1, "speed": -2}]},
      "params.map_data.edges[0].speed", "positive"),
-    ({"nodes": [{"id": "a", "x": 0, "y": 0, "colour": "red"}]},
+    ({"nodes": [{"id": "a", "x": 0, "y": 0, "colour": "red"}], "edges": []},
      "params.map_data.nodes[0]", "colour"),
-    ({"nodes": [{"id": "a", "x": "0", "y": 0}]}, "params.map_data.nodes[0].x", "float"),
-    ({"nodes": [{"id": "a", "x": 0, "y": 0, "building": {"kind": "depot"}}]},
+    ({"nodes": [{"id": "a", "x": "0", "y": 0}], "edges": []}, "params.map_data.nodes[0].x",
+     "float"),
+    ({"nodes": [{"id": "a", "x": 0, "y": 0, "building": {"kind": "depot"}}], "edges": []},
      "params.map_data.nodes[0].building.type", "type"),
-    ({"nodes": [{"id": f"n{i}", "x": 0, "y": 0} for i in range(6)]},
+    ({"nodes": [{"id": f"n{i}", "x": 0, "y": 0} for i in range(6)], "edges": []},
      "params.map_data.nodes", "maximum of 5"),
     ({"nodes": [], "edges": [], "extra": []}, "params.map_data", "extra"),
+    # a missing part is named, never read as empty (an empty map is sent as empty lists)
+    ({}, "params.map_data.nodes", "nodes"),
+    ({"nodes": [{"id": "a", "x": 0, "y": 0}]}, "params.map_data.edges", "edges"),
+    ({"edges": []}, "params.map_data.nodes", "nodes"),
 ]
 
 
