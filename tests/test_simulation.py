@@ -178,12 +178,40 @@ async def test_a_state_missing_a_part_names_it(worldhost: Any, part: str) -> Non
         assert h.encoded_world() == before
 
 
+@pytest.mark.parametrize("damage, path", [
+    (lambda s: s.update(graph={}), "params.state_data.graph.nodes"),
+    (lambda s: s["graph"].pop("edges"), "params.state_data.graph.edges"),
+    (lambda s: s["graph"].pop("nodes"), "params.state_data.graph.nodes"),
+    (lambda s: s.update(metadata={}), "params.state_data.metadata.tick"),
+    *[((lambda f: lambda s: s["metadata"].pop(f))(field), f"params.state_data.metadata.{field}")
+      for field in ("tick", "dt_s", "global_fuel_price", "current_day")],
+])
+async def test_a_state_missing_part_of_a_part_names_it(worldhost: Any, damage: Any,
+                                                       path: str) -> None:
+    """An empty world is sent as empty lists and full metadata: a missing piece is
+    never read as empty (``{"graph": {}}`` used to wipe the map)."""
+    h = await worldhost.start(config=ADMIN)
+    state = logistics_state(5, 5, 1, 1)
+    async with h.client("root", token="adm") as root:
+        await root.call("simulation.import_state", state_data=state)
+        before = h.encoded_world()
+        damage(state)
+        state.update(agents=[], packages=[])
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.import_state", state_data=state)
+        assert err.value.code == "validation_error"
+        assert err.value.details["path"] == path
+        assert path.rsplit(".", 1)[1] in err.value.message
+        assert h.encoded_world() == before
+
+
 async def test_an_empty_state_gives_an_empty_world(worldhost: Any) -> None:
     h = await worldhost.start(config=ADMIN)
     async with h.client("root", token="adm") as root:
         await root.call("simulation.import_state", state_data=logistics_state(5, 5, 1, 1))
         empty = {"graph": {"nodes": [], "edges": []}, "agents": [], "packages": [],
-                 "metadata": {}}
+                 "metadata": {"tick": 0, "dt_s": 1.0, "global_fuel_price": 1.5,
+                              "current_day": 0}}
         assert await root.call("simulation.import_state", state_data=empty) == {
             "agents": 0, "packages": 0, "skipped_agents": []}
         state = (await root.call("simulation.export_state"))["state_data"]
