@@ -131,12 +131,13 @@ async def test_the_map_budget_is_refused_with_conflict_naming_it(
         assert h.encoded_world() == before
         # room is made by removing, and the count survives a restart (counted anew)
         await ada.call("map.remove_node" if action == "map.add_node" else "map.remove_edge",
-                       id=f"m0" if action == "map.add_node" else "e0")
-        await h.crash()
-        await h.restart()
-        await ada.call(action, params)
+                       id="m0" if action == "map.add_node" else "e0")
+    await h.crash()
+    await h.restart()
+    async with h.client("bob") as bob:
+        await bob.call(action, params)
         with pytest.raises(CallError) as again:
-            await ada.call(*fill(99))
+            await bob.call(*fill(99))
         assert again.value.code == "conflict" and again.value.details["budget"] == budget
 
 
