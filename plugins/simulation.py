@@ -116,7 +116,9 @@ def _finite(agent: dict[str, Any], tick: int) -> None:
     for field, value in agent.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise Conflict(f"tick {tick} would give agent {agent.get('id')!r} a non-finite "
-                           f"{field}; the tick is refused and the world is unchanged")
+                           f"{field}; the tick is refused and the world is unchanged",
+                           details={"agent": agent.get("id"), "field": field,
+                                    "reason": "non_finite"})
 
 
 @dataclass
@@ -656,7 +658,8 @@ async def tick_loop(host: HostAPI) -> None:
         try:
             await host.submit("simulation.tick", {"dropped": dropped})
         except ActionError as exc:  # stopped in between: the loop sees it on the next turn
-            if exc.code == "conflict" and "refused" in exc.message and exc.message != refused:
+            non_finite = isinstance(exc.details, dict) and exc.details.get("reason") == "non_finite"
+            if non_finite and exc.message != refused:
                 log.warning("%s", exc.message)  # once, not at every period
             refused = exc.message
 

@@ -140,6 +140,42 @@ async def test_falling_behind_skips_ticks_and_says_how_many(worldhost: Any) -> N
     assert meta["tick"] < 20  # it did not try to catch up
 
 
+class RocketKind:
+    """An agent kind whose step overflows: its speed doubles past the largest float."""
+
+    __name__ = "rocket_kind"
+
+    @hookimpl
+    def register_agent_kinds(self) -> list[AgentKind]:
+        def from_plain(sim: Any, data: dict[str, Any], path: str) -> dict[str, Any]:
+            return {"id": data["id"], "kind": "rocket", "node": data["node"], "speed": 1e307}
+
+        def step(sim: Any, agent: dict[str, Any], dt: float) -> dict[str, Any]:
+            return {**agent, "speed": agent["speed"] * 100}
+        return [AgentKind("rocket", from_plain, step)]
+
+
+async def test_a_tick_that_would_store_a_non_finite_number_is_refused(
+        worldhost: Any, caplog: pytest.LogCaptureFixture) -> None:
+    h = await worldhost.start(RocketKind(), config=ADMIN)
+    async with h.client("root", token="adm") as root:
+        await root.call("map.import", map_data=LINE)
+        await root.call("simulation.add_agent", id="r", kind="rocket", node="a")
+        before = h.encoded_world()
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.step", ticks=3)
+        assert err.value.code == "conflict"
+        assert err.value.details == {"agent": "r", "field": "speed", "reason": "non_finite"}
+        assert h.encoded_world() == before
+        await root.call("simulation.start", tick_hz=50)
+        await trio.sleep(0.3)
+        await root.call("simulation.stop")
+        assert h.world()["simulation"]["meta"]["tick"] == 0
+        state = (await root.call("simulation.export_state"))["state_data"]
+        assert state["agents"][0]["speed"] == 1e307
+    assert caplog.text.count("non-finite speed") == 1  # logged once, not every period
+
+
 async def test_state_round_trip_into_a_fresh_host(worldhost: Any) -> None:
     a = await worldhost.start(config=ADMIN)
     b = await worldhost.start(config=ADMIN)
