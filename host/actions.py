@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
+
+import msgspec
 
 from state.slices import KeyedSlice, ValueSlice
 
@@ -158,3 +160,60 @@ class Context:
 
     def send(self, session_id: str, signal: str, data: dict[str, Any]) -> None:
         self.emitted.append(Emit(signal, data, to=session_id))
+
+
+# --- bounds on what a client may store ------------------------------------------------
+
+MAX_ID_LENGTH = 256
+"""The longest id (of a node, edge, agent, package, process...) a client may choose."""
+
+Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
+"""A client-chosen id in a params Struct: a longer one is a ``validation_error``
+whose ``details.path`` names the field, refused before the handler runs."""
+
+
+def bounded(value: Any, path: str, limit: int = MAX_ID_LENGTH) -> Any:
+    """Refuse a string longer than ``limit`` characters (for params checked by hand,
+    not through a Struct), naming its path; returns the value."""
+    if isinstance(value, str) and len(value) > limit:
+        raise Invalid(f"{path} is {len(value)} characters; at most {limit}",
+                      details={"path": path, "message": f"longer than {limit} characters"})
+    return value
+
+
+def encoded_size(value: Any) -> int:
+    """Bytes of ``value`` as JSON: the measure of every size budget."""
+    return len(msgspec.json.encode(value))
+
+
+class Usage:
+    """Counters of one keyed slice as committed (records of each kind, bytes), kept
+    for the host's run so that a budget check costs what an action writes rather than
+    the slice's size.
+
+    Counted from the records the first time they are needed; after that, a handler
+    that changes the slice ``propose``s the counters its change leads to, with its
+    reply, and ``applied`` adopts them once that very action has committed. Any
+    other change to the slice (an action that proposed nothing, a replayed import)
+    makes them be counted again next time.
+    """
+
+    def __init__(self, count: Callable[[Mapping[str, Any]], dict[str, int]]) -> None:
+        self._count = count
+        self._committed: dict[str, int] | None = None
+        self._pending: tuple[Any, dict[str, int]] | None = None
+
+    def current(self, records: Mapping[str, Any]) -> dict[str, int]:
+        """The committed counters (``records`` are the slice's committed records)."""
+        if self._committed is None:
+            self._committed = self._count(records)
+        return dict(self._committed)
+
+    def propose(self, reply: dict[str, Any], counters: dict[str, int]) -> None:
+        self._pending = (reply, counters)
+
+    def applied(self, reply: Any, changed: bool) -> None:
+        """From ``action_applied``: ``changed`` says whether the action changed the slice."""
+        pending, self._pending = self._pending, None
+        if changed:
+            self._committed = pending[1] if pending is not None and pending[0] is reply else None

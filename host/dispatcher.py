@@ -168,7 +168,7 @@ class Dispatcher:
         try:
             if req.error is not None:
                 raise req.error
-            if not self.accepting:
+            if not self.accepting and not req.internal:  # plugins' shutdown hooks still submit
                 raise ActionError("the host is shutting down", code="conflict")
             action = self.registry.actions.get(req.action)
             if action is None or (action.internal and not req.internal):

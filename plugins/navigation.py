@@ -11,7 +11,7 @@ from typing import Any
 
 import msgspec
 
-from host.actions import Action, Conflict, Context, Invalid, Role
+from host.actions import Action, Conflict, Context, Id, Invalid, Role
 from host.plugins import hookimpl
 from state.slices import SliceSpec
 
@@ -22,15 +22,16 @@ class Settings(msgspec.Struct, forbid_unknown_fields=True):
     max_path_length: int = 1024
     max_depth: int = 64
     max_stack: int = 256
+    max_agents: int = 10_000  # agents with a navigation record
 
 
 class PathParams(msgspec.Struct, forbid_unknown_fields=True):
-    agent_id: str
-    path: str
+    agent_id: Id
+    path: str  # bounded by max_path_length in normalise
 
 
 class AgentParams(msgspec.Struct, forbid_unknown_fields=True):
-    agent_id: str
+    agent_id: Id
 
 
 def _invalid(message: str) -> Invalid:
@@ -74,7 +75,11 @@ def _state(ctx: Context, agent_id: str) -> dict[str, Any]:
 
 
 def _changed(ctx: Context, record: dict[str, Any]) -> dict[str, Any]:
-    ctx.keyed("navigation").put(record["agent_id"], record)
+    nav = ctx.keyed("navigation")
+    if record["agent_id"] not in nav and len(nav.data()) >= ctx.settings.max_agents:
+        raise Conflict(f"navigation holds its max_agents ({ctx.settings.max_agents}) agents",
+                       details={"budget": "max_agents", "limit": ctx.settings.max_agents})
+    nav.put(record["agent_id"], record)
     ctx.broadcast("nav.changed", record, others=True)
     return record
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import trio
 
-from host.actions import Action, ActionError, Conflict, Context, Invalid, NotFound, Role
+from host.actions import (Action, ActionError, Conflict, Context, Id, Invalid, NotFound, Role,
+                          encoded_size)
 from host.api import AppliedAction, HostAPI
 from host.plugins import PluginError, hookimpl
 from state.codec import encode_json
@@ -28,9 +29,14 @@ ACTIVE = ("running", "paused")
 CLOCK_PERIOD_S = 1.0
 
 
+MAX_PROBLEM_STATEMENT = 16_384  # characters
+
+
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
     max_artifact_bytes: int = 64 * 1024
     max_agents: int = 100
+    max_processes: int = 1_000  # records kept, finished ones too
+    max_process_bytes: int = 1024 * 1024  # one process's record: artifacts and history
 
 
 STANDARD_BRAINSTORM = {
@@ -232,20 +238,20 @@ def _done(process: dict[str, Any], stage: dict[str, Any]) -> bool:
 # --- actions ------------------------------------------------------------------------------
 
 class StartParams(msgspec.Struct, forbid_unknown_fields=True):
-    template_id: str
-    problem_statement: str
-    agents: list[str]
-    process_id: str | None = None
+    template_id: Id
+    problem_statement: Annotated[str, msgspec.Meta(max_length=MAX_PROBLEM_STATEMENT)]
+    agents: list[Id]
+    process_id: Id | None = None
 
 
 class TurnParams(msgspec.Struct, forbid_unknown_fields=True):
-    process_id: str
-    agent_id: str
+    process_id: Id
+    agent_id: Id
     artifact: Any = None
 
 
 class ProcessParams(msgspec.Struct, forbid_unknown_fields=True):
-    process_id: str
+    process_id: Id
 
 
 class TimeoutParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -271,6 +277,10 @@ def start(ctx: Context, p: StartParams) -> dict[str, Any]:
     if process_id in ctx.keyed("process"):
         raise Invalid(f"duplicate process id {process_id!r}",
                       details={"path": "params.process_id", "message": "duplicate"})
+    if len(ctx.keyed("process").data()) >= ctx.settings.max_processes:
+        raise Conflict(f"the world holds its max_processes ({ctx.settings.max_processes}) "
+                       f"processes", details={"budget": "max_processes",
+                                              "limit": ctx.settings.max_processes})
     process = {
         "process_id": process_id, "template_id": template["id"],
         "problem_statement": p.problem_statement, "agents": list(p.agents),
@@ -322,7 +332,19 @@ def turn(ctx: Context, p: TurnParams) -> dict[str, Any]:
     ctx.broadcast("process.turn_taken", data, others=True)
     if _done(process, stage):
         data["advanced"] = _advance(ctx, process, "turns")
+    _within_budget(ctx, process)
     return data
+
+
+def _within_budget(ctx: Context, process: dict[str, Any]) -> None:
+    """Refuse (``conflict``, naming the budget) a change that makes a process's record
+    larger than max_process_bytes; the action is rolled back."""
+    size = encoded_size(process)
+    if size > ctx.settings.max_process_bytes:
+        raise Conflict(f"process {process['process_id']!r} would be {size} bytes; the budget "
+                       f"max_process_bytes is {ctx.settings.max_process_bytes}",
+                       details={"budget": "max_process_bytes",
+                                "limit": ctx.settings.max_process_bytes})
 
 
 def advance(ctx: Context, p: ProcessParams) -> dict[str, Any]:
@@ -345,6 +367,8 @@ def _transition(ctx: Context, p: ProcessParams, allowed: tuple[str, ...], to: st
     _history(process, ctx.now, to)
     data = {"process_id": p.process_id, "status": to,
             "current_stage_index": process["current_stage_index"]}
+    if to != "cancelled":  # a process can always be cancelled
+        _within_budget(ctx, process)
     ctx.broadcast(signal, data, others=True)
     if to == "cancelled":
         _agents_gone(ctx, process)
@@ -485,6 +509,19 @@ async def startup(host: HostAPI) -> None:
     for process in host.read("process").values():
         if process["status"] in ACTIVE:
             host.hook.process_resumed(host=host, process=process)
+
+
+@hookimpl
+async def shutdown(host: HostAPI) -> None:
+    """A clean stop journals the active time of running stages up to this moment,
+    so after the restart they have exactly the time they had left (the clock's
+    once-a-second record alone would give back up to a second)."""
+    if any(p.get("status") == "running" and p.get("stage_clock_at") is not None
+           for p in host.read("process").values()):
+        try:
+            await host.submit("process.clock")
+        except ActionError as exc:  # the stop goes on: the clock's last record stands
+            host.log.warning("could not record the stages' time at shutdown: %s", exc)
 
 
 @hookimpl

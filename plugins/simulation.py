@@ -18,14 +18,14 @@ import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 import trio
 
-from host.actions import Action, ActionError, Conflict, Context, Invalid, NotFound, Role
+from host.actions import (Action, ActionError, Conflict, Context, Id, Invalid, NotFound, Role,
+                          bounded, encoded_size)
 from host.api import AppliedAction, HostAPI
-from host.config import error_path
 from host.plugins import hookimpl
 from plugins import map as map_plugin
 from plugins.routing import Router
@@ -41,6 +41,17 @@ STATUSES = ("waiting", "in_transit", "delivered")
 class Settings(msgspec.Struct, forbid_unknown_fields=True):
     plans_per_tick: int = 1  # idle agents that may plan routes in one tick (each costs a search)
     max_step_ticks: int = 100_000
+    max_agents: int = 10_000
+    max_packages: int = 100_000
+    max_agent_bytes: int = 64 * 1024  # an agent as a client sends it (add_agent, import)
+
+
+# The ranges of the world's settings (metadata), kept where ticks cannot overflow them.
+Tick = Annotated[int, msgspec.Meta(ge=0, le=2**53)]
+DtS = Annotated[float, msgspec.Meta(gt=0, le=3600)]
+FuelPrice = Annotated[float, msgspec.Meta(ge=0, le=1e6)]
+TicksPerDay = Annotated[int, msgspec.Meta(ge=1, le=10**9)]
+TickHz = Annotated[float, msgspec.Meta(gt=0, le=1000)]
 
 
 def default_meta() -> dict[str, Any]:
@@ -50,15 +61,18 @@ def default_meta() -> dict[str, Any]:
 
 
 class Metadata(msgspec.Struct, forbid_unknown_fields=True):
-    tick: int = 0
-    dt_s: float = 1.0
-    global_fuel_price: float = 1.5
-    current_day: int = 0
-    ticks_per_day: int = 1440
+    """Imported metadata: the four fields the protocol names are required, the rest
+    take the defaults of ``default_meta``."""
+
+    tick: Tick
+    dt_s: DtS
+    global_fuel_price: FuelPrice
+    current_day: Tick
+    ticks_per_day: TicksPerDay = 1440
     running: bool = False
-    tick_hz: float = 20.0
-    rng_state: int = 1
-    dropped_ticks: int = 0
+    tick_hz: TickHz = 20.0
+    rng_state: Annotated[int, msgspec.Meta(ge=0, lt=2**48)] = 1
+    dropped_ticks: Tick = 0
 
 
 @dataclass(frozen=True)
@@ -82,7 +96,8 @@ def bad(path: str, message: str) -> Invalid:
 
 
 def _number(data: dict[str, Any], field: str, path: str, default: float,
-            minimum: float | None = 0.0, positive: bool = False) -> float:
+            minimum: float | None = 0.0, positive: bool = False,
+            maximum: float | None = None) -> float:
     value = data.get(field, default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise bad(f"{path}.{field}", f"{field} must be a finite number")
@@ -90,7 +105,20 @@ def _number(data: dict[str, Any], field: str, path: str, default: float,
         raise bad(f"{path}.{field}", f"{field} must be positive")
     if minimum is not None and value < minimum:
         raise bad(f"{path}.{field}", f"{field} must be at least {minimum:g}")
+    if maximum is not None and value > maximum:
+        raise bad(f"{path}.{field}", f"{field} must be at most {maximum:g}")
     return float(value)
+
+
+def _finite(agent: dict[str, Any], tick: int) -> None:
+    """Refuse a tick that would store a non-finite number in an agent: whatever a
+    kind computes, the world keeps only finite numbers (its export must import)."""
+    for field, value in agent.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise Conflict(f"tick {tick} would give agent {agent.get('id')!r} a non-finite "
+                           f"{field}; the tick is refused and the world is unchanged",
+                           details={"agent": agent.get("id"), "field": field,
+                                    "reason": "non_finite"})
 
 
 @dataclass
@@ -218,6 +246,7 @@ class Sim:
                 continue
             new = kind.step(self, agent, dt)
             if new is not None and new != agent:
+                _finite(new, meta["tick"])
                 put(key, new)
                 self.moved[new["id"]] = {"id": new["id"], "node": new.get("node"),
                                          "edge": new.get("edge"),
@@ -272,7 +301,7 @@ def _sim(ctx: Context) -> Sim:
 # --- actions ---------------------------------------------------------------------
 
 class StartParams(msgspec.Struct, forbid_unknown_fields=True):
-    tick_hz: float = 20.0
+    tick_hz: float = 20.0  # checked by hand: its error predates TickHz
 
 
 class StepParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -284,13 +313,13 @@ class TickParams(msgspec.Struct, forbid_unknown_fields=True):
 
 
 class SetParams(msgspec.Struct, forbid_unknown_fields=True):
-    dt_s: float | None = None
-    global_fuel_price: float | None = None
-    ticks_per_day: int | None = None
+    dt_s: DtS | None = None
+    global_fuel_price: FuelPrice | None = None
+    ticks_per_day: TicksPerDay | None = None
 
 
 class IdParams(msgspec.Struct, forbid_unknown_fields=True):
-    id: str
+    id: Id
 
 
 class StateParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -351,15 +380,12 @@ def step(ctx: Context, p: StepParams) -> dict[str, Any]:
 
 
 def set_(ctx: Context, p: SetParams) -> dict[str, Any]:
-    sim = _sim(ctx)
+    sim = _sim(ctx)  # the ranges are the params' types: a value outside is refused before
     if p.dt_s is not None:
-        sim.meta["dt_s"] = _number({"dt_s": p.dt_s}, "dt_s", "params", 1.0, positive=True)
+        sim.meta["dt_s"] = float(p.dt_s)
     if p.global_fuel_price is not None:
-        sim.meta["global_fuel_price"] = _number({"global_fuel_price": p.global_fuel_price},
-                                                "global_fuel_price", "params", 0.0)
+        sim.meta["global_fuel_price"] = float(p.global_fuel_price)
     if p.ticks_per_day is not None:
-        if p.ticks_per_day < 1:
-            raise bad("params.ticks_per_day", "ticks_per_day must be at least 1")
         sim.meta["ticks_per_day"] = p.ticks_per_day
         sim.meta["current_day"] = sim.meta["tick"] // p.ticks_per_day
     sim.save_meta()
@@ -374,11 +400,16 @@ def _agent_record(sim: Sim, data: Any, path: str, has_node: Callable[[str], bool
     for field in ("id", "kind", "node"):
         if not isinstance(data.get(field), str) or not data[field]:
             raise bad(f"{path}.{field}", f"agent {field} must be a non-empty string")
+        bounded(data[field], f"{path}.{field}")
     kind = sim.kinds.get(data["kind"])
     if kind is None:
         raise bad(f"{path}.kind", f"no plugin registered agent kind {data['kind']!r}")
     if not has_node(data["node"]):
         raise bad(f"{path}.node", f"agent {data['id']!r} names missing node {data['node']!r}")
+    size = encoded_size(data)
+    if size > sim.settings.max_agent_bytes:
+        raise bad(path, f"agent {data['id']!r} is {size} bytes; max_agent_bytes is "
+                        f"{sim.settings.max_agent_bytes}")
     return kind.from_plain(sim, data, path)
 
 
@@ -389,6 +420,9 @@ def add_agent(ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
         raise bad("params.cargo", "a new agent starts empty; add packages separately")
     if AGENT + record["id"] in sim.slice:
         raise bad("params.id", f"duplicate agent id {record['id']!r}")
+    if len(sim.agent_keys()) >= sim.settings.max_agents:
+        raise Conflict(f"the simulation is full: max_agents is {sim.settings.max_agents}",
+                       details={"budget": "max_agents", "limit": sim.settings.max_agents})
     sim.slice.put(AGENT + record["id"], record)
     out = {"agent": sim.kinds[record["kind"]].to_plain(record)}
     ctx.broadcast("simulation.agent_added", out, others=True)
@@ -421,6 +455,7 @@ def package_record(data: Any, path: str, tick_now: int, has_node: Callable[[str]
     for field in ("id", "origin", "destination"):
         if not isinstance(data.get(field), str) or not data[field]:
             raise bad(f"{path}.{field}", f"package {field} must be a non-empty string")
+        bounded(data[field], f"{path}.{field}")
         if field != "id" and not has_node(data[field]):
             raise bad(f"{path}.{field}", f"package {data['id']!r} names missing node "
                                          f"{data[field]!r}")
@@ -429,7 +464,7 @@ def package_record(data: Any, path: str, tick_now: int, has_node: Callable[[str]
         raise bad(f"{path}.status", f"status must be one of {', '.join(STATUSES)}")
     record = {
         "id": data["id"], "origin": data["origin"], "destination": data["destination"],
-        "weight": _number(data, "weight", path, 1.0, positive=True),
+        "weight": _number(data, "weight", path, 1.0, positive=True, maximum=MAX_WEIGHT),
         "status": status,
         "created_tick": _int(data, "created_tick", path, tick_now) if full else tick_now,
         "deadline_tick": _int(data, "deadline_tick", path, None),
@@ -439,6 +474,7 @@ def package_record(data: Any, path: str, tick_now: int, has_node: Callable[[str]
     carried = record["carried_by"]
     if carried is not None and not isinstance(carried, str):
         raise bad(f"{path}.carried_by", "carried_by must be an agent id or null")
+    bounded(carried, f"{path}.carried_by")
     if (status == "in_transit") != (carried is not None):
         raise bad(f"{path}.carried_by", "a package is carried exactly when it is in_transit")
     if status == "delivered" and record["delivered_tick"] is None:
@@ -446,12 +482,15 @@ def package_record(data: Any, path: str, tick_now: int, has_node: Callable[[str]
     return record
 
 
+MAX_WEIGHT = 1e6
+
+
 def _int(data: dict[str, Any], field: str, path: str, default: int | None) -> int | None:
     value = data.get(field, default)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise bad(f"{path}.{field}", f"{field} must be a whole number, 0 or more")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 2**53:
+        raise bad(f"{path}.{field}", f"{field} must be a whole number from 0 to 2**53")
     return value
 
 
@@ -462,6 +501,10 @@ def add_package(ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
     record = package_record(data, "params", sim.meta["tick"], lambda n: sim.node(n) is not None)
     if PACKAGE + record["id"] in sim.slice:
         raise bad("params.id", f"duplicate package id {record['id']!r}")
+    packages = len(sim.slice.data()) - len(sim.agent_keys()) - 1  # less the meta record
+    if packages >= sim.settings.max_packages:
+        raise Conflict(f"the simulation is full: max_packages is {sim.settings.max_packages}",
+                       details={"budget": "max_packages", "limit": sim.settings.max_packages})
     sim.put_package(record)
     sim.keep_index()
     ctx.broadcast("simulation.package_added", {"package": record}, others=True)
@@ -531,13 +574,17 @@ def build_state(sim: Sim, state: Any, map_settings: Any,
     try:
         meta = msgspec.to_builtins(msgspec.convert(state["metadata"], Metadata))
     except msgspec.ValidationError as exc:
-        raise bad(*error_path(exc, f"{path}.metadata")) from None
+        raise map_plugin.invalid(exc, f"{path}.metadata") from None
     meta["running"] = False
     records: dict[str, Any] = {"meta": meta}
     skipped: list[str] = []
-    for name in ("agents", "packages"):
+    for name, budget in (("agents", "max_agents"), ("packages", "max_packages")):
         if not isinstance(state[name], list):
             raise bad(f"{path}.{name}", f"{name} must be a list")
+        limit = getattr(sim.settings, budget)
+        if len(state[name]) > limit:
+            raise bad(f"{path}.{name}", f"{len(state[name])} {name} is more than {budget}, "
+                                        f"{limit}")
     for i, data in enumerate(state["agents"]):
         where = f"{path}.agents[{i}]"
         if isinstance(data, dict) and isinstance(data.get("kind"), str) \
@@ -589,6 +636,7 @@ async def tick_loop(host: HostAPI) -> None:
     """
     rt = _runtime(host)
     next_at: float | None = None
+    refused = ""
     while True:
         meta = host.read("simulation").get("meta") or default_meta()
         if not meta["running"]:
@@ -609,8 +657,11 @@ async def tick_loop(host: HostAPI) -> None:
         next_at += (dropped + 1) * period
         try:
             await host.submit("simulation.tick", {"dropped": dropped})
-        except ActionError:
-            pass  # stopped in between: the loop sees it on the next turn
+        except ActionError as exc:  # stopped in between: the loop sees it on the next turn
+            non_finite = isinstance(exc.details, dict) and exc.details.get("reason") == "non_finite"
+            if non_finite and exc.message != refused:
+                log.warning("%s", exc.message)  # once, not at every period
+            refused = exc.message
 
 
 # --- hooks -----------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from host.actions import bounded
 from plugins.simulation import AgentKind, Sim, _number, bad
 
 DEFAULTS: dict[str, Any] = {
@@ -17,6 +18,10 @@ DEFAULTS: dict[str, Any] = {
 }
 STATES = ("idle", "to_pickup", "to_deliver")
 _FIELDS = set(DEFAULTS) | {"id", "kind", "node"}
+MAX_AMOUNT = 1e6  # capacity, fuel_capacity, speed (and at least MIN_SPEED), fuel_per_km
+MIN_SPEED = 1e-6
+MAX_PROGRESS = 1e9  # the longest edge
+MAX_TOTAL = 1e15  # odometer and fuel_cost saturate here: totals stay finite for ever
 
 
 def from_plain(sim: Sim, data: dict[str, Any], path: str) -> dict[str, Any]:
@@ -25,27 +30,34 @@ def from_plain(sim: Sim, data: dict[str, Any], path: str) -> dict[str, Any]:
         raise bad(f"{path}.{extra[0]}", f"unknown truck field {extra[0]!r}")
     record = {"id": data["id"], "kind": "truck", "node": data["node"]}
     for field in ("capacity", "speed", "fuel_capacity"):
-        record[field] = _number(data, field, path, DEFAULTS[field], positive=True)
-    record["fuel_per_km"] = _number(data, "fuel_per_km", path, DEFAULTS["fuel_per_km"])
+        record[field] = _number(data, field, path, DEFAULTS[field], positive=True,
+                                maximum=MAX_AMOUNT)
+    if record["speed"] < MIN_SPEED:
+        raise bad(f"{path}.speed", f"speed must be at least {MIN_SPEED:g}")
+    record["fuel_per_km"] = _number(data, "fuel_per_km", path, DEFAULTS["fuel_per_km"],
+                                    maximum=MAX_AMOUNT)
     record["fuel"] = _number(data, "fuel", path, record["fuel_capacity"])
     if record["fuel"] > record["fuel_capacity"]:
         raise bad(f"{path}.fuel", "fuel is more than fuel_capacity")
-    for field in ("progress", "odometer", "fuel_cost"):
-        record[field] = _number(data, field, path, DEFAULTS[field])
+    record["progress"] = _number(data, "progress", path, 0.0, maximum=MAX_PROGRESS)
+    for field in ("odometer", "fuel_cost"):
+        record[field] = _number(data, field, path, DEFAULTS[field], maximum=MAX_TOTAL)
     delivered = data.get("delivered", 0)
-    if isinstance(delivered, bool) or not isinstance(delivered, int) or delivered < 0:
-        raise bad(f"{path}.delivered", "delivered must be a whole number, 0 or more")
+    if isinstance(delivered, bool) or not isinstance(delivered, int) or not 0 <= delivered <= 2**53:
+        raise bad(f"{path}.delivered", "delivered must be a whole number from 0 to 2**53")
     record["delivered"] = delivered
     for field in ("cargo", "route"):
         value = data.get(field, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad(f"{path}.{field}", f"{field} must be a list of ids")
+        for i, item in enumerate(value):
+            bounded(item, f"{path}.{field}[{i}]")
         record[field] = list(value)
     for field in ("edge", "target"):
         value = data.get(field)
         if value is not None and not isinstance(value, str):
             raise bad(f"{path}.{field}", f"{field} must be an id or null")
-        record[field] = value
+        record[field] = bounded(value, f"{path}.{field}")
     state = data.get("state", "idle")
     if state not in STATES:
         raise bad(f"{path}.state", f"state must be one of {', '.join(STATES)}")
@@ -105,7 +117,7 @@ def _arrive(sim: Sim, truck: dict[str, Any]) -> None:
 
 def _refuel(sim: Sim, truck: dict[str, Any]) -> None:
     litres = truck["fuel_capacity"] - truck["fuel"]
-    truck["fuel_cost"] += litres * sim.meta["global_fuel_price"]
+    truck["fuel_cost"] = min(MAX_TOTAL, truck["fuel_cost"] + litres * sim.meta["global_fuel_price"])
     truck["fuel"] = truck["fuel_capacity"]
 
 
@@ -136,7 +148,8 @@ def _along_edge(sim: Sim, agent: dict[str, Any], dt: float) -> dict[str, Any] | 
         return None
     distance = velocity * dt
     return {**agent, "fuel": max(0.0, agent["fuel"] - distance * agent["fuel_per_km"]),
-            "odometer": agent["odometer"] + distance, "progress": agent["progress"] + distance}
+            "odometer": min(MAX_TOTAL, agent["odometer"] + distance),
+            "progress": agent["progress"] + distance}
 
 
 def step(sim: Sim, agent: dict[str, Any], dt: float) -> dict[str, Any] | None:
@@ -187,13 +200,13 @@ def step(sim: Sim, agent: dict[str, Any], dt: float) -> dict[str, Any] | None:
         needed = remaining / velocity
         if needed <= time_left:
             truck["fuel"] = max(0.0, truck["fuel"] - remaining * truck["fuel_per_km"])
-            truck["odometer"] += remaining
+            truck["odometer"] = min(MAX_TOTAL, truck["odometer"] + remaining)
             truck.update(node=edge["to"], edge=None, progress=0.0)
             time_left -= needed
         else:
             distance = velocity * time_left
             truck["fuel"] = max(0.0, truck["fuel"] - distance * truck["fuel_per_km"])
-            truck["odometer"] += distance
+            truck["odometer"] = min(MAX_TOTAL, truck["odometer"] + distance)
             truck["progress"] += distance
             time_left = 0.0
     return truck

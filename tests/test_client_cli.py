@@ -153,7 +153,8 @@ def test_import_refuses_while_a_host_holds_the_file(server: ServerProcess, tmp_p
 def test_import_validates_through_the_live_import(tmp_path: Path) -> None:
     document = tmp_path / "bad.json"
     document.write_text(json.dumps({"map_data": {"nodes": [{"id": "a", "x": 0, "y": 0},
-                                                           {"id": "a", "x": 0, "y": 0}]}}))
+                                                           {"id": "a", "x": 0, "y": 0}],
+                                                 "edges": []}}))
     db = tmp_path / "w.db"
     done = run_cli("import", str(db), str(document))
     assert done.returncode == 2 and "duplicate node id" in done.stderr

@@ -44,7 +44,7 @@ async def test_edit_and_broadcast(worldhost: Any) -> None:
 
 
 BAD_IMPORTS = [
-    ({"nodes": [{"id": "a", "x": 0, "y": 0}, {"id": "a", "x": 1, "y": 1}]},
+    ({"nodes": [{"id": "a", "x": 0, "y": 0}, {"id": "a", "x": 1, "y": 1}], "edges": []},
      "params.map_data.nodes[1].id", "duplicate node id 'a'"),
     ({"nodes": [{"id": "a", "x": 0, "y": 0}],
       "edges": [{"id": "e", "from": "a", "to": "b", "length": 1, "speed": 1}]},
@@ -59,14 +59,19 @@ BAD_IMPORTS = [
     ({"nodes": [{"id": "a", "x": 0, "y": 0}, {"id": "b", "x": 0, "y": 0}],
       "edges": [{"id": "e", "from": "a", "to": "b", "length": 1, "speed": -2}]},
      "params.map_data.edges[0].speed", "positive"),
-    ({"nodes": [{"id": "a", "x": 0, "y": 0, "colour": "red"}]},
+    ({"nodes": [{"id": "a", "x": 0, "y": 0, "colour": "red"}], "edges": []},
      "params.map_data.nodes[0]", "colour"),
-    ({"nodes": [{"id": "a", "x": "0", "y": 0}]}, "params.map_data.nodes[0].x", "float"),
-    ({"nodes": [{"id": "a", "x": 0, "y": 0, "building": {"kind": "depot"}}]},
+    ({"nodes": [{"id": "a", "x": "0", "y": 0}], "edges": []}, "params.map_data.nodes[0].x",
+     "float"),
+    ({"nodes": [{"id": "a", "x": 0, "y": 0, "building": {"kind": "depot"}}], "edges": []},
      "params.map_data.nodes[0].building.type", "type"),
-    ({"nodes": [{"id": f"n{i}", "x": 0, "y": 0} for i in range(6)]},
+    ({"nodes": [{"id": f"n{i}", "x": 0, "y": 0} for i in range(6)], "edges": []},
      "params.map_data.nodes", "maximum of 5"),
     ({"nodes": [], "edges": [], "extra": []}, "params.map_data", "extra"),
+    # a missing part is named, never read as empty (an empty map is sent as empty lists)
+    ({}, "params.map_data.nodes", "nodes"),
+    ({"nodes": [{"id": "a", "x": 0, "y": 0}]}, "params.map_data.edges", "edges"),
+    ({"edges": []}, "params.map_data.nodes", "nodes"),
 ]
 
 
@@ -192,3 +197,50 @@ async def _edit(h: Any, steps: list) -> None:
             for key, edge in world.items():
                 if key.startswith("edge:"):
                     assert edge["from"] in nodes and edge["to"] in nodes
+
+
+budget_edits = st.lists(st.one_of(
+    st.tuples(st.just("add_node"), ids, st.integers(0, 120)),
+    st.tuples(st.just("update_node"), ids, st.integers(0, 120)),
+    st.tuples(st.just("remove_node"), ids),
+    st.tuples(st.just("add_edge"), ids, ids),
+    st.tuples(st.just("remove_edge"), st.integers(0, 30)),
+), max_size=30)
+
+
+@given(budget_edits)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+async def test_random_edits_keep_the_map_within_its_budget(tmp_path: Path, steps: list) -> None:
+    """Under a tight budget: every refusal is a conflict naming it, the map never
+    exceeds it, and the usage kept action by action equals the usage counted anew
+    (so a replay decides exactly as the live run did)."""
+    from plugins.map import count
+    limits = {"max_nodes": 5, "max_edges": 6, "max_bytes": 700}
+    async with open_harness(tmp_path) as harness:
+        h = await harness.start(db=tmp_path / f"budget-{uuid.uuid4().hex}.db",
+                                config={"plugins": {"map": limits}})
+        async with h.client("ed") as ed:
+            for n, step in enumerate(steps):
+                building = {"type": "b" * step[2]} if step[0].endswith("_node") and \
+                    len(step) > 2 else None
+                try:
+                    if step[0] == "add_node":
+                        await ed.call("map.add_node", id=step[1], x=0, y=0, building=building)
+                    elif step[0] == "update_node":
+                        await ed.call("map.update_node", id=step[1], building=building)
+                    elif step[0] == "remove_node":
+                        await ed.call("map.remove_node", id=step[1])
+                    elif step[0] == "add_edge":
+                        await ed.call("map.add_edge", id=f"e{n}", length=1,
+                                      **{"from": step[1], "to": step[2]})
+                    else:
+                        await ed.call("map.remove_edge", id=f"e{step[1]}")
+                except CallError as err:
+                    assert err.code in ("validation_error", "not_found", "conflict")
+                    if err.code == "conflict":
+                        assert err.details["budget"] in limits
+                usage = count(h.world()["map"])
+                assert usage["nodes"] <= 5 and usage["edges"] <= 6 and usage["bytes"] <= 700
+                kept = h.host.api.runtime("map").get("usage")  # made by the first edit
+                assert kept is None or kept.current(h.world()["map"]) == usage

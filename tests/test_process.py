@@ -11,9 +11,11 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from host.client import CallError
+from host.client import CallError, connect
+from host.plugins import hookimpl
 from host.testing import open_harness
 from plugins.process_controller import STANDARD_BRAINSTORM
+from serverproc import ServerProcess, free_port
 
 AGENTS = ["ann", "ben", "cat"]
 
@@ -157,6 +159,43 @@ async def test_a_timer_keeps_its_remaining_time_across_a_crash(worldhost: Any,
         assert (await bob.call("process.status", process_id=pid))["status"] == "running"
         await trio.sleep(4)
         assert (await bob.call("process.status", process_id=pid))["status"] == "completed"
+
+
+THREE_SECONDS = {"id": "THREE_SECONDS", "name": "One 3 s stage",
+                 "stages": [{"id": "only", "max_duration_s": 3, "advance": "manual"}]}
+
+
+@hookimpl
+def register_process_templates() -> list[dict[str, Any]]:
+    """This module is also a plugin (``module = "test_process"``) for the serve test below."""
+    return [THREE_SECONDS]
+
+
+async def test_a_clean_stop_keeps_the_exact_time_left(tmp_path: Path) -> None:
+    """A real ``worldhost serve``: SIGTERM 1.9 s into a 3 s stage; after the restart
+    the stage ends about 1.1 s later, not 2 s (the last once-a-second clock record)."""
+    config = tmp_path / "w.toml"
+    config.write_text('[plugins.timed]\nmodule = "test_process"\n')
+    tests = str(Path(__file__).parent)
+    server = ServerProcess(tmp_path / "w.db", config, port=free_port(),
+                           env={"PYTHONPATH": tests}).start()
+    async with connect(server.url, name="ada", reconnect=False) as ada:
+        pid = (await ada.call("process.start", template_id="THREE_SECONDS",
+                              problem_statement="time", agents=["ann"]))["process_id"]
+        started = trio.current_time()
+    await trio.sleep_until(started + 1.9)
+    assert server.stop() == 0
+    server.start()
+    restarted = trio.current_time()
+    try:
+        async with connect(server.url, name="bob") as bob:
+            while (await bob.call("process.status", process_id=pid))["status"] == "running":
+                assert trio.current_time() - restarted < 3, "the stage did not end"
+                await trio.sleep(0.02)
+            ended = trio.current_time() - restarted
+    finally:
+        assert server.stop() == 0
+    assert 0.6 < ended < 1.6, ended
 
 
 @pytest.mark.parametrize("stage", range(len(STANDARD_BRAINSTORM["stages"])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 import sqlite3
 import time
@@ -139,6 +140,42 @@ async def test_falling_behind_skips_ticks_and_says_how_many(worldhost: Any) -> N
     assert meta["tick"] < 20  # it did not try to catch up
 
 
+class RocketKind:
+    """An agent kind whose step overflows: its speed doubles past the largest float."""
+
+    __name__ = "rocket_kind"
+
+    @hookimpl
+    def register_agent_kinds(self) -> list[AgentKind]:
+        def from_plain(sim: Any, data: dict[str, Any], path: str) -> dict[str, Any]:
+            return {"id": data["id"], "kind": "rocket", "node": data["node"], "speed": 1e307}
+
+        def step(sim: Any, agent: dict[str, Any], dt: float) -> dict[str, Any]:
+            return {**agent, "speed": agent["speed"] * 100}
+        return [AgentKind("rocket", from_plain, step)]
+
+
+async def test_a_tick_that_would_store_a_non_finite_number_is_refused(
+        worldhost: Any, caplog: pytest.LogCaptureFixture) -> None:
+    h = await worldhost.start(RocketKind(), config=ADMIN)
+    async with h.client("root", token="adm") as root:
+        await root.call("map.import", map_data=LINE)
+        await root.call("simulation.add_agent", id="r", kind="rocket", node="a")
+        before = h.encoded_world()
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.step", ticks=3)
+        assert err.value.code == "conflict"
+        assert err.value.details == {"agent": "r", "field": "speed", "reason": "non_finite"}
+        assert h.encoded_world() == before
+        await root.call("simulation.start", tick_hz=50)
+        await trio.sleep(0.3)
+        await root.call("simulation.stop")
+        assert h.world()["simulation"]["meta"]["tick"] == 0
+        state = (await root.call("simulation.export_state"))["state_data"]
+        assert state["agents"][0]["speed"] == 1e307
+    assert caplog.text.count("non-finite speed") == 1  # logged once, not every period
+
+
 async def test_state_round_trip_into_a_fresh_host(worldhost: Any) -> None:
     a = await worldhost.start(config=ADMIN)
     b = await worldhost.start(config=ADMIN)
@@ -178,12 +215,40 @@ async def test_a_state_missing_a_part_names_it(worldhost: Any, part: str) -> Non
         assert h.encoded_world() == before
 
 
+@pytest.mark.parametrize("damage, path", [
+    (lambda s: s.update(graph={}), "params.state_data.graph.nodes"),
+    (lambda s: s["graph"].pop("edges"), "params.state_data.graph.edges"),
+    (lambda s: s["graph"].pop("nodes"), "params.state_data.graph.nodes"),
+    (lambda s: s.update(metadata={}), "params.state_data.metadata.tick"),
+    *[((lambda f: lambda s: s["metadata"].pop(f))(field), f"params.state_data.metadata.{field}")
+      for field in ("tick", "dt_s", "global_fuel_price", "current_day")],
+])
+async def test_a_state_missing_part_of_a_part_names_it(worldhost: Any, damage: Any,
+                                                       path: str) -> None:
+    """An empty world is sent as empty lists and full metadata: a missing piece is
+    never read as empty (``{"graph": {}}`` used to wipe the map)."""
+    h = await worldhost.start(config=ADMIN)
+    state = logistics_state(5, 5, 1, 1)
+    async with h.client("root", token="adm") as root:
+        await root.call("simulation.import_state", state_data=state)
+        before = h.encoded_world()
+        damage(state)
+        state.update(agents=[], packages=[])
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.import_state", state_data=state)
+        assert err.value.code == "validation_error"
+        assert err.value.details["path"] == path
+        assert path.rsplit(".", 1)[1] in err.value.message
+        assert h.encoded_world() == before
+
+
 async def test_an_empty_state_gives_an_empty_world(worldhost: Any) -> None:
     h = await worldhost.start(config=ADMIN)
     async with h.client("root", token="adm") as root:
         await root.call("simulation.import_state", state_data=logistics_state(5, 5, 1, 1))
         empty = {"graph": {"nodes": [], "edges": []}, "agents": [], "packages": [],
-                 "metadata": {}}
+                 "metadata": {"tick": 0, "dt_s": 1.0, "global_fuel_price": 1.5,
+                              "current_day": 0}}
         assert await root.call("simulation.import_state", state_data=empty) == {
             "agents": 0, "packages": 0, "skipped_agents": []}
         state = (await root.call("simulation.export_state"))["state_data"]
@@ -379,3 +444,75 @@ async def test_replay_without_memos_searches_and_gives_the_same_world(worldhost:
     without = await worldhost.start(config=ADMIN, db=copy)
     assert without.host.api.runtime("simulation")["router"].computed > 0
     assert canonical(without.world()["simulation"]) == canonical(h.world()["simulation"])
+
+
+def non_finite(value: Any, path: str = "") -> list[str]:
+    """Paths of the numbers in a plain value that are not finite (JSON sends them as null)."""
+    if isinstance(value, float):
+        return [] if math.isfinite(value) else [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in non_finite(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in non_finite(v, f"{path}[{i}]")]
+    return []
+
+
+@pytest.mark.parametrize("field, value", [
+    ("global_fuel_price", 1e308), ("global_fuel_price", -1.0), ("dt_s", 1e308), ("dt_s", 0),
+    ("ticks_per_day", 10**12)])
+async def test_settings_out_of_range_are_refused(worldhost: Any, field: str, value: Any) -> None:
+    """``global_fuel_price`` 1e308 used to be taken, and 50 ticks later fuel_cost was
+    infinite (null in JSON) and the admin's own export no longer imported."""
+    h = await worldhost.start(config=ADMIN)
+    async with h.client("root", token="adm") as root:
+        await root.call("simulation.import_state", state_data=logistics_state(5, 8, 2, 3))
+        before = h.encoded_world()
+        with pytest.raises(CallError) as err:
+            await root.call("simulation.set", **{field: value})
+        assert err.value.code == "validation_error"
+        assert err.value.details["path"] == f"params.{field}"
+        assert h.encoded_world() == before
+
+
+positive = st.floats(min_value=1e-6, max_value=1e6)
+truck = st.fixed_dictionaries({
+    "speed": positive, "capacity": positive, "fuel_capacity": positive,
+    "fuel_per_km": st.floats(min_value=0, max_value=1e6),
+    "odometer": st.floats(min_value=0, max_value=1e15),
+    "fuel_cost": st.floats(min_value=0, max_value=1e15)})
+
+
+@given(dt_s=st.floats(min_value=1e-6, max_value=3600), price=st.floats(min_value=0, max_value=1e6),
+       ticks_per_day=st.integers(1, 10**9),
+       lengths=st.lists(st.floats(min_value=1e-9, max_value=1e9), min_size=6, max_size=6),
+       speeds=st.lists(positive, min_size=6, max_size=6),
+       trucks=st.lists(truck, min_size=1, max_size=3),
+       weights=st.lists(st.floats(min_value=1e-6, max_value=1e6), min_size=1, max_size=4),
+       steps=st.lists(st.integers(1, 300), min_size=1, max_size=3))
+@settings(max_examples=25, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+async def test_any_accepted_settings_keep_the_world_finite_and_importable(
+        tmp_path: Path, dt_s: float, price: float, ticks_per_day: int, lengths: list[float],
+        speeds: list[float], trucks: list[dict[str, float]], weights: list[float],
+        steps: list[int]) -> None:
+    graph = copy.deepcopy(LINE)
+    for edge, length, speed in zip(graph["edges"], lengths, speeds):
+        edge.update(length=length, speed=speed)
+    async with open_harness(tmp_path) as harness:
+        h = await harness.start(db=tmp_path / f"{uuid.uuid4().hex}.db", config=ADMIN)
+        async with h.client("root", token="adm") as root:
+            await root.call("map.import", map_data=graph)
+            await root.call("simulation.set", dt_s=dt_s, global_fuel_price=price,
+                            ticks_per_day=ticks_per_day)
+            for i, fields in enumerate(trucks):
+                await root.call("simulation.add_agent", id=f"t{i}", kind="truck",
+                                node="abcd"[i], **fields)
+            for i, weight in enumerate(weights):
+                await root.call("simulation.add_package", id=f"p{i}", origin="abcd"[i % 4],
+                                destination="dcba"[i], weight=weight)
+            for ticks in steps:
+                await root.call("simulation.step", ticks=ticks)
+                assert non_finite(h.world()) == []
+            exported = (await root.call("simulation.export_state"))["state_data"]
+            await root.call("simulation.import_state", state_data=exported)
+            assert (await root.call("simulation.export_state"))["state_data"] == exported

@@ -54,4 +54,5 @@ def logistics_state(nodes: int, edges: int, trucks: int, packages: int,
     pkgs = [{"id": f"p{i}", "origin": rng.choice(ids), "destination": rng.choice(ids),
              "weight": 1.0, "status": "waiting"} for i in range(packages)]
     return {"graph": {"nodes": node_list, "edges": edge_list}, "agents": agents,
-            "packages": pkgs, "metadata": {"tick": 0, "dt_s": 1.0}}
+            "packages": pkgs,
+            "metadata": {"tick": 0, "dt_s": 1.0, "global_fuel_price": 1.5, "current_day": 0}}
