@@ -135,34 +135,48 @@ class Gateway:
         ending disconnected sessions (oldest and least trusted first) to make room:
         sessions nobody is connected to never lock out someone who is. An admin's
         open may also end a connected non-admin session; it is refused only when
-        admins hold every slot."""
+        admins hold every slot. A refusal by the per-token or per-address limit ends
+        nothing."""
         sc = self.config.sessions
-        records = self.host.world["sessions"].data()
+        records = list(self.host.world["sessions"].data().values())
+        victims: list[dict[str, Any]] = []
+        limits = []
         if credential is not None and sc.max_sessions_per_token:
-            mine = [r for r in records.values() if r.get("credential") == credential]
-            if len(mine) >= sc.max_sessions_per_token and not self._evict(mine, role):
-                raise Conflict(f"this token already holds {len(mine)} sessions "
-                               f"(max_sessions_per_token); close one first")
+            limits.append(([r for r in records if r.get("credential") == credential],
+                           sc.max_sessions_per_token, "this token", "max_sessions_per_token"))
         if role != "admin" and sc.max_sessions_per_address:
-            mine = [r for r in records.values()
-                    if r.get("address") == address and r["role"] != "admin"]
-            if len(mine) >= sc.max_sessions_per_address and not self._evict(mine, role):
-                raise Conflict(f"this address already holds {len(mine)} sessions "
-                               f"(max_sessions_per_address); close one first")
+            limits.append(([r for r in records
+                            if r.get("address") == address and r["role"] != "admin"],
+                           sc.max_sessions_per_address, "this address",
+                           "max_sessions_per_address"))
+        for mine, limit, who, key in limits:
+            left = [r for r in mine if r not in victims]
+            if len(left) < limit:
+                continue
+            victim = self._pick(left, role)
+            if victim is None:
+                raise Conflict(f"{who} already holds {len(left)} sessions ({key}); "
+                               f"close one first")
+            victims.append(victim)
+        for victim in victims:
+            self._end_for_room(victim, role)
         error = self.host.check_session_limit()
         if error is None:
             return
         # a slot for this open: one session ended at most, so a plugin that refuses
         # for another reason does not cost every disconnected session
-        if self._evict(list(records.values()), role, connected_too=role == "admin"):
+        records = list(self.host.world["sessions"].data().values())
+        victim = self._pick(records, role, connected_too=role == "admin")
+        if victim is not None:
+            self._end_for_room(victim, role)
             error = self.host.check_session_limit()
         if error is not None:
             raise error
 
-    def _evict(self, candidates: list[dict[str, Any]], role: str,
-               connected_too: bool = False) -> bool:
-        """End one of ``candidates`` to make room for a session of ``role``: the oldest
-        disconnected one of the least trusted role no higher than ``role`` (and, with
+    def _pick(self, candidates: list[dict[str, Any]], role: str,
+              connected_too: bool = False) -> dict[str, Any] | None:
+        """The session to end to make room for one of ``role``: the oldest disconnected
+        one of the least trusted role no higher than ``role`` (and, with
         ``connected_too``, else the least recently active connected non-admin)."""
         rank = _RANK[role]
         gone = [r for r in candidates
@@ -173,12 +187,12 @@ class Gateway:
             live = [r for r in candidates if r["role"] != "admin"]
             victim = min(live, key=lambda r: (_RANK.get(r["role"], 0), self._last_active(r)),
                          default=None)
-        if victim is None:
-            return False
+        return victim
+
+    def _end_for_room(self, victim: dict[str, Any], role: str) -> None:
         log.info("ending session %s (%s, %s) to make room for a new %s session",
                  victim["id"], victim["role"], victim["state"], role)
         self.host.dispatcher._finish(None, self.end(victim["id"], "evicted"))
-        return True
 
     def _last_active(self, record: dict[str, Any]) -> float:
         session = self.host.sessions.get(record["id"])
