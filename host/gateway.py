@@ -255,6 +255,7 @@ class Gateway:
         if session is None:
             raise Unauthenticated("no session is open on this connection")
         outcome = self.end(session.id, "closed")
+        self.host.transport.unauthenticated(conn)  # it stays, without a session
         outcome.outputs.append((conn, Signal("session.closed", {"session_id": session.id},
                                              req.id, True, encoding=req.encoding)))
         return outcome
@@ -267,9 +268,8 @@ class Gateway:
     def _attach(self, session: Session, conn: Any) -> None:
         session.outbox = conn
         conn.session = session
-        if not conn.ever_had_session:
-            conn.ever_had_session = True
-            self.host.transport.authenticated(conn)
+        conn.ever_had_session = True
+        self.host.transport.authenticated(conn)
 
     def disconnected(self, conn: Any) -> None:
         """A connection went away: its session stays, resumable, for the window."""

@@ -434,7 +434,8 @@ class Transport:
         slot.evict(reason)
 
     def _forget_pre_auth(self, slot: Slot) -> None:
-        if self.pre_auth.pop(slot, 0) is None:
+        if slot in self.pre_auth:
+            del self.pre_auth[slot]
             same = self.pre_auth_by_address[slot.address]
             del same[slot]
             if not same:
@@ -447,9 +448,19 @@ class Transport:
             slot.authenticated = True
             self._forget_pre_auth(slot)
 
+    def unauthenticated(self, conn: Connection) -> None:
+        """A connection's session was closed and the connection stays: it counts
+        against the pre-auth caps again (the newest of them)."""
+        slot = conn.slot
+        if slot is not None and slot.authenticated and slot in self.slots and not slot.closing:
+            slot.authenticated = False
+            self.pre_auth[slot] = None
+            self.pre_auth_by_address.setdefault(slot.address, {})[slot] = None
+
     def release(self, slot: Slot) -> None:
         """The socket is closed."""
-        if self.slots.pop(slot, 0) is None:
+        if slot in self.slots:
+            del self.slots[slot]
             self._forget_pre_auth(slot)
             if not slot.closing:
                 self.open -= 1

@@ -409,3 +409,21 @@ async def test_the_open_file_limit_is_raised_at_startup(worldhost: Any) -> None:
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, resource.getrlimit(
             resource.RLIMIT_NOFILE)[0]), hard))
+
+
+async def test_a_connection_that_closed_its_session_counts_as_without_one(
+        worldhost: Any) -> None:
+    h = await worldhost.start(listen=True, config={"host": {"limits": {
+        "max_connections_per_address": 2}}})
+    async with trio.open_nursery() as nursery:
+        closer = await trio_connect(nursery, h.url)
+        await closer.get_message()
+        assert (await call(closer, "session.open", {"name": "c"}))["signal"] == "session.opened"
+        assert (await call(closer, "session.close", {}, rid="x"))["signal"] == "session.closed"
+        idle = [await trio_connect(nursery, h.url) for _ in range(2)]
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await closer.get_message()
+        assert closed.value.reason.code == 1008
+        for ws in idle:
+            await ws.aclose()
