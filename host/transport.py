@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+import resource
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -348,7 +349,7 @@ class Slot:
         self.address = address
         self.scope = trio.CancelScope()
         self.conn: Connection | None = None
-        self.authenticated = False  # its connection has had a session
+        self.authenticated = False  # its connection has a session
         self.closing = False  # evicted: no longer counted
 
     def evict(self, reason: str) -> None:
@@ -364,7 +365,6 @@ def fd_limit() -> int:
     file, and a host that runs out of them cannot even accept the socket it would
     close to make room."""
     try:
-        import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY or soft < hard:
             target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
@@ -374,7 +374,7 @@ def fd_limit() -> int:
             except (ValueError, OSError):
                 pass
         return int(soft)
-    except (ImportError, OSError, ValueError):
+    except (OSError, ValueError):
         return 1024
 
 
@@ -401,6 +401,7 @@ class Transport:
         self.open = 0  # slots not closing
         self.pre_auth: dict[Slot, None] = {}  # slots without a session, oldest first
         self.pre_auth_by_address: dict[str, dict[Slot, None]] = {}
+        self._quiet_until = 0.0
         files = fd_limit()
         self.max_connections = host.config.host.limits.max_connections or \
             connection_budget(files)
@@ -412,8 +413,11 @@ class Transport:
         if self.open >= self.max_connections:
             oldest = next(iter(self.pre_auth), None)
             if oldest is None:
-                log.warning("refusing a connection from %s: %d connections, all with sessions",
-                            address, self.open)
+                now = trio.current_time()
+                if now >= self._quiet_until:  # one line per 10 s, not one per socket
+                    self._quiet_until = now + 10
+                    log.warning("refusing connections (from %s, ...): all %d have sessions "
+                                "(max_connections)", address, self.open)
                 return None
             self._evict(oldest, "too many connections: the oldest without a session "
                                 "are closed first")
