@@ -9,16 +9,19 @@ import hashlib
 import json
 import resource
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from trio_websocket import ConnectionClosed, open_websocket_url
 
 from host import config as config_mod
 from host.client import CallError, connect
-from host.testing import raw_connection
+from host.testing import open_harness, raw_connection
 from serverproc import ServerProcess
 from state.codec import canonical
 
@@ -135,6 +138,29 @@ async def test_damaged_session_rows_end_those_sessions_and_the_host_starts(
     finally:
         if server.proc is not None and server.proc.poll() is None:
             server.stop()
+
+
+@given(st.one_of(st.integers(-5, 10), st.integers(-2**63, 2**64 - 1)))
+@settings(max_examples=15, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+async def test_any_last_seq_is_resumed_or_refused_and_the_store_takes_it(
+        tmp_path: Path, last_seq: int) -> None:
+    async with open_harness(tmp_path) as harness:
+        h = await harness.start(builtins=False, db=tmp_path / f"{uuid.uuid4().hex}.db")
+        async with raw_connection(h) as ws:
+            await ws.get_message()
+            opened = (await call(ws, "session.open", {"name": "eve"}))["data"]
+            sent = (await call(ws, "host.ping", {}, rid="p"))["seq"]
+        async with raw_connection(h) as ws:
+            await ws.get_message()
+            reply = await call(ws, "session.resume", {
+                "session_id": opened["session_id"], "resume_token": opened["resume_token"],
+                "last_seq": last_seq})
+            if 0 <= last_seq <= sent:
+                assert reply["signal"] == "session.resumed" and reply["seq"] == sent + 1
+            else:
+                assert_error(reply, "validation_error", "params.last_seq")
+        await h.host.saver.checkpoint()  # where a seq past 2**63 used to kill the host
 
 
 # #11.2: one source of truth for a session's state -----------------------------------
