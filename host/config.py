@@ -55,8 +55,8 @@ class SessionsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_failed_opens: int = 3
     replay_buffer_bytes: int = 4 * 1024 * 1024  # per session, counted as encoded
     remembered_replies_bytes: int = 1024 * 1024  # per session, ids and reply data
-    max_sessions_per_address: int = 32  # 0: no limit; admins are not counted
-    max_sessions_per_token: int = 32  # 0: no limit
+    max_sessions_per_address: int = 64  # 0: no limit; admins are not counted
+    max_sessions_per_token: int = 64  # 0: no limit
 
 
 class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
