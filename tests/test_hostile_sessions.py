@@ -24,6 +24,7 @@ from host.client import CallError, connect
 from host.testing import open_harness, raw_connection
 from serverproc import ServerProcess
 from state.codec import canonical
+from state.store import JournalEntry, Store
 
 ADMIN = "admin-secret"
 
@@ -109,7 +110,7 @@ async def test_damaged_session_rows_end_those_sessions_and_the_host_starts(
         "garbage": b"\xff\x00 not cbor at all",
     }
     try:
-        victims = {kind: await open_raw(server.url, kind) for kind in damage}
+        victims = {kind: await open_raw(server.url, kind) for kind in [*damage, "journal"]}
         keeper = await open_raw(server.url, "keeper")
         assert server.stop() == 0
         with sqlite3.connect(db) as conn:
@@ -117,6 +118,14 @@ async def test_damaged_session_rows_end_those_sessions_and_the_host_starts(
                 assert conn.execute("UPDATE session_runtime SET value = ? WHERE id = ?",
                                     (blob, victims[kind]["session_id"])).rowcount == 1
         conn.close()
+        # what the attack left behind in an older host's store: the resume, journaled
+        # with the session's next seq past 2**63
+        store = Store.open(db)
+        last = int(store.meta("checkpoint_id"))
+        sid = victims["journal"]["session_id"]
+        store.append([JournalEntry(last + 1, "sessions.attach", canonical(
+            {"session_id": sid, "token_hash": "0" * 64}), 0.0, None, None)], {sid: 2**63 + 1})
+        store.close()
         server.start()
         async with open_websocket_url(server.url) as ws:
             info = json.loads(await ws.get_message())["data"]
