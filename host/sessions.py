@@ -182,7 +182,8 @@ class Session:
         self.next_seq += 1
         self.signals_sent += 1
         self.dirty = True
-        size = signal_size(sig, sig.encoding or getattr(self.outbox, "encoding", "json"))
+        encoding: str = sig.encoding or getattr(self.outbox, "encoding", None) or "json"
+        size = signal_size(sig, encoding)
         self.buffer.append(sig)
         self.sizes.append(size)
         self.buffer_bytes += size
@@ -238,8 +239,9 @@ class Session:
         """Measure replies remembered without being sent (replayed from the journal)."""
         for key, entry in self.replies.items():
             if entry[3] is None:
-                entry[3] = len(encode_json(entry[1])) + _id_size(key[1])
-                self.replies_bytes += entry[3]
+                size = len(encode_json(entry[1])) + _id_size(key[1])
+                entry[3] = size
+                self.replies_bytes += size
         self._trim_replies()
 
     @property
