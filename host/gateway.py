@@ -74,10 +74,13 @@ class Gateway:
                 return "player", None
             raise Unauthenticated("this host requires a token to open a session")
         presented = token_hash(token)
-        for digest, role in self.grants().items():
+        found = None
+        for digest, role in self.grants().items():  # every one compared: no early exit
             if hmac.compare_digest(presented, digest):
-                return role, credential_of(digest)
-        raise Unauthenticated("unknown token")
+                found = role, credential_of(digest)
+        if found is None:
+            raise Unauthenticated("unknown token")
+        return found
 
     def grants(self) -> dict[str, str]:
         """SHA-256 of each token the configuration accepts -> the role it grants."""

@@ -144,7 +144,7 @@ async def test_origin_matrix(worldhost: Any, origin: str | None, allowed: bool) 
 
 
 async def test_connections_per_address_are_capped(worldhost: Any) -> None:
-    h = await worldhost.start(listen=True, config={"host": {"limits": {
+    h = await worldhost.start(listen=True, config={"host": {"port": 0, "limits": {
         "max_connections_per_address": 3}}})
     async with trio.open_nursery() as nursery:
         held = [await trio_websocket.connect_websocket_url(nursery, h.url) for _ in range(3)]

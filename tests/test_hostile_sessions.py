@@ -196,7 +196,7 @@ async def test_stats_and_snapshot_agree_on_a_dropped_session(worldhost: Any) -> 
 
 async def test_dropped_sessions_do_not_lock_anyone_out(worldhost: Any) -> None:
     h = await worldhost.start(listen=True, config={
-        "host": {"admin_token": ADMIN},
+        "host": {"admin_token": ADMIN, "port": 0},
         "plugins": {"session_cleanup": {"max_sessions": 10}}})
     for i in range(30):  # connect, open, drop: the slot-squatting attack
         await open_raw(h.url, f"eve{i}")
@@ -234,7 +234,7 @@ async def test_an_admin_gets_in_when_connected_players_hold_every_slot(worldhost
 
 async def test_sessions_per_address_are_capped(worldhost: Any) -> None:
     h = await worldhost.start(listen=True, config={
-        "host": {"admin_token": ADMIN}, "sessions": {"max_sessions_per_address": 3}})
+        "host": {"admin_token": ADMIN, "port": 0}, "sessions": {"max_sessions_per_address": 3}})
     for i in range(10):
         await open_raw(h.url, f"eve{i}")
     assert len(h.world()["sessions"]) == 3  # its own oldest dropped ones made room
@@ -374,7 +374,8 @@ async def test_long_ids_and_big_pings_are_refused(worldhost: Any) -> None:
 async def test_idle_sockets_make_room_for_real_clients(worldhost: Any) -> None:
     h = await worldhost.start(listen=True, config={
         "sessions": {"auth_timeout_s": 30},
-        "host": {"limits": {"max_connections": 60, "max_connections_per_address": 1000}}})
+        "host": {"port": 0, "limits": {"max_connections": 60,
+                                       "max_connections_per_address": 1000}}})
     idle = [await trio.open_tcp_stream("127.0.0.1", h.host.port) for _ in range(150)]
     await trio.sleep(0.2)
     assert h.host.transport.open <= 60
@@ -398,7 +399,8 @@ async def test_idle_sockets_make_room_for_real_clients(worldhost: Any) -> None:
 
 async def test_when_every_connection_has_a_session_a_new_socket_is_closed(
         worldhost: Any) -> None:
-    h = await worldhost.start(listen=True, config={"host": {"limits": {"max_connections": 3}}})
+    h = await worldhost.start(listen=True, config={"host": {"port": 0, "limits": {
+        "max_connections": 3}}})
     async with h.client("a") as a, h.client("b") as b, h.client("c") as c:
         stream = await trio.open_tcp_stream("127.0.0.1", h.host.port)
         with trio.fail_after(2):
@@ -410,7 +412,7 @@ async def test_when_every_connection_has_a_session_a_new_socket_is_closed(
 
 async def test_clients_with_sessions_do_not_count_against_the_address_cap(
         worldhost: Any) -> None:
-    h = await worldhost.start(listen=True, config={"host": {"limits": {
+    h = await worldhost.start(listen=True, config={"host": {"port": 0, "limits": {
         "max_connections_per_address": 3}}})
     async with h.client("a") as a, h.client("b") as b, h.client("c") as c, \
             trio.open_nursery() as nursery:
@@ -449,7 +451,7 @@ async def test_the_open_file_limit_is_raised_at_startup(worldhost: Any) -> None:
 
 async def test_a_connection_that_closed_its_session_counts_as_without_one(
         worldhost: Any) -> None:
-    h = await worldhost.start(listen=True, config={"host": {"limits": {
+    h = await worldhost.start(listen=True, config={"host": {"port": 0, "limits": {
         "max_connections_per_address": 2}}})
     async with trio.open_nursery() as nursery:
         closer = await trio_connect(nursery, h.url)
