@@ -36,6 +36,7 @@ def config_file(folder: Path, extra: str = "", rate: float = 1e6) -> Path:
     path.write_text(f'[host]\nadmin_token = "{ADMIN}"\n[host.limits]\nrate_per_s = {rate}\n'
                     f'rate_burst = 1000000\nmax_connections_per_address = 100000\n'
                     f'outbox_size = 100000\nmax_lag_s = 60.0\n'
+                    f'[sessions]\nmax_sessions_per_address = 0\n'
                     f'[plugins.session_cleanup]\nmax_sessions = 100000\n'
                     f'[plugins.bench]\nmodule = "bench_plugin"\n{extra}')
     return path

@@ -32,8 +32,11 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     rate_per_s: float = 100.0
     rate_burst: int = 200
     flood_factor: float = 10.0
-    max_connections_per_address: int = 64
+    max_connections_per_address: int = 64  # connections without a session, per address
     dispatch_queue: int = 1024
+    max_connections: int = 0  # open sockets in all; 0: derived from the open-file limit
+    max_id_bytes: int = 128  # a request id longer than this (as text) is a bad_request
+    max_ping_bytes: int = 65536  # host.ping echoes params up to this size
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -55,6 +58,10 @@ class SessionsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     replay_buffer: int = 1000
     remembered_replies: int = 1000
     max_failed_opens: int = 3
+    replay_buffer_bytes: int = 4 * 1024 * 1024  # per session, counted as encoded
+    remembered_replies_bytes: int = 1024 * 1024  # per session, ids and reply data
+    max_sessions_per_address: int = 64  # 0: no limit; admins are not counted
+    max_sessions_per_token: int = 64  # 0: no limit
 
 
 class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

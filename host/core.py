@@ -16,7 +16,10 @@ import msgspec
 
 from host.actions import Action, Context, Invalid, NotFound, Role
 from host.plugins import hookimpl
+from state.codec import encode_json
 from state.slices import SliceSpec
+
+PRIVATE_FIELDS = ("token_hash", "credential", "address")  # of a session record
 
 
 class SnapshotParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -39,6 +42,8 @@ class CreateParams(msgspec.Struct, forbid_unknown_fields=True):
     name: str
     role: str
     token_hash: str
+    credential: str | None = None  # fingerprint of the token that granted the role
+    address: str | None = None  # where it was opened from (per-address limit)
 
 
 class AttachParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,6 +57,10 @@ class SessionIdParams(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def ping(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
+    limit = ctx.host.config.host.limits.max_ping_bytes
+    if len(encode_json(params)) > limit:  # an echo is not a way to park data in the host
+        raise Invalid(f"host.ping echoes at most max_ping_bytes ({limit} bytes) of params",
+                      details={"path": "params", "message": "too large"})
     return params
 
 
@@ -103,8 +112,8 @@ def snapshot(ctx: Context, params: SnapshotParams) -> dict[str, Any]:
             raise NotFound(f"no slice named {unknown[0]!r}",
                            details={"path": "params.slices", "unknown": unknown})
     slices = ctx.world.snapshot(names)
-    if "sessions" in slices:  # resume-token hashes stay in the host
-        slices["sessions"] = {sid: {k: v for k, v in record.items() if k != "token_hash"}
+    if "sessions" in slices:  # resume-token hashes, credentials and addresses stay in the host
+        slices["sessions"] = {sid: {k: v for k, v in record.items() if k not in PRIVATE_FIELDS}
                               for sid, record in slices["sessions"].items()}
     return {"generation": ctx.host.generation, "slices": slices}
 
@@ -119,6 +128,7 @@ def create(ctx: Context, p: CreateParams) -> dict[str, Any]:
     _sessions(ctx).put(p.session_id, {
         "id": p.session_id, "name": p.name, "role": p.role, "token_hash": p.token_hash,
         "state": "open", "created_at": ctx.now, "disconnected_at": None,
+        "credential": p.credential, "address": p.address,
     })
     return {"session_id": p.session_id}
 
@@ -238,6 +248,7 @@ def register_actions() -> list[Action]:
 def register_slices() -> list[SliceSpec]:
     return [
         SliceSpec("sessions", dict, version=1, keyed=True,
-                  defaults={"disconnected_at": None, "created_at": 0.0}),
+                  defaults={"disconnected_at": None, "created_at": 0.0, "credential": None,
+                            "address": None}),
         SliceSpec("host", _world_meta, version=1),
     ]

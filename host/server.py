@@ -22,8 +22,8 @@ from host.api import HostAPI, SessionInfo
 from host.config import Config
 from host.dispatcher import Dispatcher
 from host.gateway import Gateway
-from host.sessions import Session, SessionTable, Signal, State
-from host.transport import Transport
+from host.sessions import SEQ_LIMIT, Session, SessionTable, Signal, State
+from host.transport import Transport, stream_address
 from state.codec import canonical, load_stored
 from state.saver import Saver
 from state.slices import World
@@ -52,7 +52,8 @@ class Host:
         except plugins.PluginError as exc:
             raise StartupError(str(exc)) from exc
         sc = config.sessions
-        self.sessions = SessionTable(sc.replay_buffer, sc.remembered_replies)
+        self.sessions = SessionTable(sc.replay_buffer, sc.remembered_replies,
+                                     sc.replay_buffer_bytes, sc.remembered_replies_bytes)
         self.api = HostAPI(self)
         self.gateway = Gateway(self)
         self.transport = Transport(self)
@@ -75,6 +76,7 @@ class Host:
         self._lock_handle: Any = None
         self._last_summary: dict[str, Any] | None = None
         self._summary_reads: set[str] | None = None  # None: not computed yet
+        self._damaged: dict[str, str] = {}  # session id -> why its stored runtime is unusable
 
     # time ------------------------------------------------------------------
     def clock(self) -> float:
@@ -181,12 +183,23 @@ class Host:
                         sorted(unknown))
         self.world = world
         self.world["host"]  # the core slice must exist
+        sc = self.config.sessions  # (the table may be new: an unreadable store was moved aside)
+        self.sessions.buffer_bytes = sc.replay_buffer_bytes
+        self.sessions.replies_bytes = sc.remembered_replies_bytes
         self.sessions.sync(world["sessions"].data())
         restored = set()
+        self._damaged = {}
         for sid, (seq, blob) in loaded.runtime.items():
+            problem = _seq_problem(seq)
             session = self.sessions.get(sid)
-            if session is not None:
-                session.restore_runtime(load_stored(blob) if blob else {})
+            if problem is None and session is not None:
+                try:
+                    session.restore_runtime(load_stored(blob) if blob else {})
+                except Exception as exc:  # noqa: BLE001 - any damage: repair, do not fail
+                    problem = f"unreadable runtime ({type(exc).__name__}: {exc})"
+            if problem is not None:
+                self._damaged[sid] = problem
+            elif session is not None:
                 session.next_seq = max(session.next_seq, seq)
                 restored.add(sid)
         self.dispatcher.next_id = max(loaded.checkpoint_id,
@@ -210,8 +223,11 @@ class Host:
             self.dispatcher.replaying = False
         for sid, (seq, _) in loaded.runtime.items():  # sessions the journal created
             session = self.sessions.get(sid)
-            if session is not None and sid not in restored:
+            if session is not None and sid not in restored and sid not in self._damaged:
                 session.next_seq = max(session.next_seq, seq)
+        for session in self.sessions:
+            session.seq_exact = False  # signals sent after its last save were not counted
+            session.measure_replies()
         self.saver.current.releases.clear()
         self.saver.current.entries.clear()
         self.saver.world_id = self.world_id
@@ -233,7 +249,26 @@ class Host:
         return rows, self.sessions.take_ended()
 
     async def _resume_world(self) -> None:
-        """After loading: sessions that were connected are now disconnected."""
+        """After loading: sessions whose stored runtime is damaged, and sessions whose
+        credential no longer grants their role, end (journaled); sessions that were
+        connected are now disconnected."""
+        records = self.world["sessions"].data()
+        for sid, problem in self._damaged.items():
+            log.error("session %s: stored runtime is damaged (%s); ending the session", sid,
+                      problem)
+            if sid in records:
+                self.dispatcher._finish(None, self.gateway.end(sid, "repaired"))
+            else:
+                self.sessions.ended.append(sid)  # an orphan row: the checkpoint drops it
+        if self._damaged:
+            self.recovered = {**(self.recovered or {}), "sessions_repaired": sorted(self._damaged)}
+        for sid, record in list(self.world["sessions"].data().items()):
+            role = self.gateway.current_role(record.get("credential"))
+            if role != record["role"]:
+                log.warning("session %s (%s): the credential that made it %s %s; ending it",
+                            sid, record["name"], record["role"],
+                            "is gone" if role is None else f"now grants {role}")
+                self.dispatcher._finish(None, self.gateway.end(sid, "revoked"))
         for s in list(self.sessions):
             if s.state == State.OPEN:
                 outcome = self.gateway._internal("sessions.detach", {"session_id": s.id})
@@ -278,10 +313,11 @@ class Host:
 
     def recent_sessions(self, limit: int = 15, with_ids: bool = False) -> list[dict[str, Any]]:
         ordered = sorted(self.sessions, key=lambda s: s.last_active, reverse=True)[:limit]
+        records = self.world["sessions"].data()
         out = []
         for s in ordered:
             item = {"name": s.name, "role": s.role, "last_active": s.last_active,
-                    "connected": s.connected}
+                    "connected": _state(records, s) == State.OPEN.value}
             if with_ids:
                 item["id"] = s.id
             out.append(item)
@@ -347,11 +383,13 @@ class Host:
         out = []
         for s in self.sessions:
             record = records.get(s.id, {})
-            out.append({"id": s.id, "name": s.name, "role": s.role, "connected": s.connected,
-                        "state": s.state.value, "created_at": record.get("created_at"),
+            state = _state(records, s)
+            out.append({"id": s.id, "name": s.name, "role": s.role,
+                        "connected": state == State.OPEN.value,
+                        "state": state, "created_at": record.get("created_at"),
                         "disconnected_at": record.get("disconnected_at"),
                         "last_active": s.last_active, "actions_applied": s.actions_applied,
-                        "signals_sent": s.signals_sent})
+                        "signals_sent": s.signals_sent, "held_bytes": s.held_bytes})
         return out
 
     def check_session_limit(self) -> ActionError | None:
@@ -433,17 +471,23 @@ class Host:
         a WebSocket close frame (which the client would read as frame data)."""
         assert self._nursery is not None
         limits = self.config.host.limits
+        slot = self.transport.admit(stream_address(stream))
         try:
-            request = None
-            # a socket that never completes its handshake is closed like one that never
-            # opens a session
-            with trio.move_on_after(self.config.sessions.auth_timeout_s):
-                request = await trio_websocket.wrap_server_stream(
-                    self._nursery, stream, message_queue_size=8,
-                    max_message_size=limits.max_frame_bytes)
-            if request is not None:
-                await self.transport.handle(request)
+            if slot is None:
+                return  # every connection has a session: no room
+            with slot.scope:  # cancelled to close it when room is needed
+                request = None
+                # a socket that never completes its handshake is closed like one that
+                # never opens a session
+                with trio.move_on_after(self.config.sessions.auth_timeout_s):
+                    request = await trio_websocket.wrap_server_stream(
+                        self._nursery, stream, message_queue_size=8,
+                        max_message_size=limits.max_frame_bytes)
+                if request is not None:
+                    await self.transport.handle(request, slot)
         finally:
+            if slot is not None:
+                self.transport.release(slot)
             await trio.aclose_forcefully(stream)
 
     def settle_heap(self) -> None:
@@ -484,6 +528,19 @@ class Host:
                     await trio.sleep(0.01)
         if scope.cancelled_caught:
             log.error("shutdown took too long; stopping anyway")
+
+
+def _state(records: dict[str, Any], session: Session) -> str:
+    """A session's state as the journaled record has it: the one source of truth."""
+    record = records.get(session.id)
+    return record["state"] if record is not None else State.CLOSED.value
+
+
+def _seq_problem(seq: Any) -> str | None:
+    """Why a stored next seq cannot be used, or None."""
+    if type(seq) is not int or not 0 <= seq <= SEQ_LIMIT:
+        return f"next seq {seq!r} is out of range"
+    return None
 
 
 async def _await_all(results: list[Any]) -> None:

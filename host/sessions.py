@@ -17,6 +17,15 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
+from state.codec import encode_cbor, encode_json
+
+# The highest ``last_seq`` a client may present: the largest integer every JSON
+# client reads exactly. A seq never gets near SQLite's 2**63 from here.
+MAX_SEQ = 2**53 - 1
+# A stored next seq above this cannot have been reached by counting signals from
+# MAX_SEQ: the row is damaged (or was written by a host without the bound).
+SEQ_LIMIT = 2**62
+
 
 class State(str, Enum):
     NONE = "none"
@@ -69,6 +78,7 @@ class Outbox(Protocol):
     """Where a connected session's signals go (the transport's connection)."""
 
     session: Session | None
+    encoding: str
 
     def deliver(self, frame: Signal) -> bool: ...
 
@@ -99,9 +109,39 @@ class Signal:
         return out
 
 
+def signal_size(sig: Signal, encoding: str) -> int:
+    """The bytes a signal holds, as the transport encodes it: its data (encoded once,
+    into the cache the transport sends from) and its ``re``. Non-ASCII text counts
+    four bytes a character, so the count never falls short of what is held."""
+    cache = sig.encoded
+    if cache is None:
+        cache = sig.encoded = {}
+    if encoding == "cbor":
+        data = cache.get("cbor")
+        if data is None:
+            data = cache["cbor"] = encode_cbor(sig.data)
+        size = len(data)
+    else:
+        text = cache.get("json")
+        if text is None:
+            text = cache["json"] = encode_json(sig.data).decode("utf-8")
+        size = len(text) if text.isascii() else 4 * len(text)
+    return size + (_id_size(sig.re) if sig.has_re else 0)
+
+
+def _id_size(request_id: Any) -> int:
+    if isinstance(request_id, str):
+        return len(request_id) if request_id.isascii() else 4 * len(request_id)
+    return 8 if request_id is None else len(str(request_id))
+
+
 @dataclass
 class Session:
-    """A session's live delivery state: seq, replay buffer, remembered replies."""
+    """A session's live delivery state: seq, replay buffer, remembered replies.
+
+    Both the buffer and the remembered replies are bounded in count and in bytes
+    (as encoded), so what a disconnected session pins is bounded too.
+    """
 
     id: str
     name: str
@@ -110,15 +150,23 @@ class Session:
     next_seq: int = 1
     buffer: deque[Signal] = field(default_factory=deque)
     buffer_size: int = 1000
-    replies: OrderedDict[Any, tuple[str, dict[str, Any], bool]] = field(
-        default_factory=OrderedDict)
+    buffer_bytes_limit: int = 4 * 1024 * 1024
+    buffer_bytes: int = 0
+    sizes: deque[int] = field(default_factory=deque)  # of each signal in the buffer
+    # id key -> [signal, data, durable, size in bytes (None until measured)]
+    replies: OrderedDict[Any, list[Any]] = field(default_factory=OrderedDict)
     replies_size: int = 1000
+    replies_bytes_limit: int = 1024 * 1024
+    replies_bytes: int = 0
     outbox: Outbox | None = None
     created_at: float = 0.0
     last_active: float = 0.0
     actions_applied: int = 0
     signals_sent: int = 0
     dirty: bool = True  # runtime state changed since it was last saved
+    # next_seq is exactly what was sent: false for a session loaded from the store
+    # (signals sent after its last save are not counted) until it is resumed
+    seq_exact: bool = True
 
     @property
     def state(self) -> State:
@@ -134,9 +182,21 @@ class Session:
         self.next_seq += 1
         self.signals_sent += 1
         self.dirty = True
+        encoding: str = sig.encoding or getattr(self.outbox, "encoding", None) or "json"
+        size = signal_size(sig, encoding)
         self.buffer.append(sig)
-        while len(self.buffer) > self.buffer_size:
+        self.sizes.append(size)
+        self.buffer_bytes += size
+        while self.buffer and (len(self.buffer) > self.buffer_size
+                               or self.buffer_bytes > self.buffer_bytes_limit):
             self.buffer.popleft()
+            self.buffer_bytes -= self.sizes.popleft()
+        if sig.has_re and sig.re is not None:
+            entry = self.replies.get(_id_key(sig.re))
+            if entry is not None and entry[3] is None and entry[1] is sig.data:
+                entry[3] = size  # a remembered reply is measured as it goes out
+                self.replies_bytes += size
+                self._trim_replies()
         if self.outbox is not None and not self.outbox.deliver(sig):
             self.outbox = None  # the connection dropped it; the session stays resumable
 
@@ -153,11 +213,41 @@ class Session:
         are also saved, so a request resent after a crash is not applied twice."""
         if request_id is None:
             return
-        self.replies[_id_key(request_id)] = (signal, data, durable)
-        self.replies.move_to_end(_id_key(request_id))
-        while len(self.replies) > self.replies_size:
-            self.replies.popitem(last=False)
+        key = _id_key(request_id)
+        old = self.replies.pop(key, None)
+        if old is not None and old[3] is not None:
+            self.replies_bytes -= old[3]
+        self.replies[key] = [signal, data, durable, None]
+        self._trim_replies()
         self.dirty = True
+
+    def _trim_replies(self) -> None:
+        """Forget the oldest replies past the count or the bytes; the newest reply of
+        a world-changing action stays even alone over the bytes (it is not an echo,
+        and forgetting it would let a resent id apply twice)."""
+        while self.replies and (len(self.replies) > self.replies_size
+                                or self.replies_bytes > self.replies_bytes_limit):
+            if len(self.replies) == 1 and self.replies_size >= 1:
+                only = next(iter(self.replies.values()))
+                if only[2]:
+                    return
+            _, entry = self.replies.popitem(last=False)
+            if entry[3] is not None:
+                self.replies_bytes -= entry[3]
+
+    def measure_replies(self) -> None:
+        """Measure replies remembered without being sent (replayed from the journal)."""
+        for key, entry in self.replies.items():
+            if entry[3] is None:
+                size = len(encode_json(entry[1])) + _id_size(key[1])
+                entry[3] = size
+                self.replies_bytes += size
+        self._trim_replies()
+
+    @property
+    def held_bytes(self) -> int:
+        """What this session holds for a client: replay buffer and remembered replies."""
+        return self.buffer_bytes + self.replies_bytes
 
     def recall(self, request_id: Any) -> tuple[str, dict[str, Any]] | None:
         if request_id is None:
@@ -172,17 +262,22 @@ class Session:
             "last_active": self.last_active,
             "actions_applied": self.actions_applied,
             "signals_sent": self.signals_sent,
-            "replies": [[k[0], k[1], s, d] for k, (s, d, durable) in self.replies.items()
-                        if durable],
+            "replies": [[k[0], k[1], e[0], e[1]] for k, e in self.replies.items() if e[2]],
         }
 
     def restore_runtime(self, saved: dict[str, Any]) -> None:
-        self.next_seq = max(self.next_seq, int(saved.get("next_seq", 1)))
+        """Take back what was saved; raises ValueError if it is not what runtime()
+        writes (the caller repairs the session rather than failing to start)."""
+        next_seq = saved.get("next_seq", 1)
+        if type(next_seq) is not int or not 1 <= next_seq <= SEQ_LIMIT:
+            raise ValueError(f"next_seq {next_seq!r} is out of range")
+        self.next_seq = max(self.next_seq, next_seq)
         self.last_active = float(saved.get("last_active", self.last_active))
         self.actions_applied = int(saved.get("actions_applied", 0))
         self.signals_sent = int(saved.get("signals_sent", 0))
         for kind, key, sig, data in saved.get("replies", []):
-            self.replies[(kind, key)] = (sig, data, True)
+            self.replies[(kind, key)] = [sig, data, True, None]
+        self.measure_replies()
 
 
 def _id_key(request_id: Any) -> tuple[str, Any]:
@@ -193,10 +288,13 @@ def _id_key(request_id: Any) -> tuple[str, Any]:
 class SessionTable:
     """The live sessions, kept in step with the ``sessions`` slice."""
 
-    def __init__(self, buffer_size: int = 1000, replies_size: int = 1000) -> None:
+    def __init__(self, buffer_size: int = 1000, replies_size: int = 1000,
+                 buffer_bytes: int = 4 * 1024 * 1024, replies_bytes: int = 1024 * 1024) -> None:
         self.by_id: dict[str, Session] = {}
         self.buffer_size = buffer_size
         self.replies_size = replies_size
+        self.buffer_bytes = buffer_bytes
+        self.replies_bytes = replies_bytes
         self.ended: list[str] = []
 
     def get(self, session_id: str | None) -> Session | None:
@@ -215,6 +313,8 @@ class SessionTable:
             if s is None:
                 s = Session(sid, rec["name"], rec["role"], StateMachine(State(rec["state"])),
                             buffer_size=self.buffer_size, replies_size=self.replies_size,
+                            buffer_bytes_limit=self.buffer_bytes,
+                            replies_bytes_limit=self.replies_bytes,
                             created_at=rec.get("created_at", 0.0),
                             last_active=rec.get("created_at", 0.0))
                 self.by_id[sid] = s

@@ -13,8 +13,8 @@ import ctypes
 import ctypes.util
 import logging
 import re
+import resource
 from collections import deque
-from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -166,6 +166,7 @@ class Connection:
         self.encoding = "json"
         self.failed_opens = 0
         self.ever_had_session = False
+        self.slot: Slot | None = None  # its place among the transport's connections
         self.bucket = TokenBucket(limits.rate_per_s, limits.rate_burst, limits.flood_factor)
         # (signal, or None to close; when it was queued). Whoever finds it unattended
         # sends it: the reader right after the action it dispatched (no hand-off to
@@ -436,15 +437,136 @@ class Connection:
             self.close_soon(POLICY, "no session opened in time")
 
 
+class Slot:
+    """One accepted socket, from before its handshake until it is closed."""
+
+    __slots__ = ("address", "scope", "conn", "authenticated", "closing")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.scope = trio.CancelScope()
+        self.conn: Connection | None = None
+        self.authenticated = False  # its connection has a session
+        self.closing = False  # evicted: no longer counted
+
+    def evict(self, reason: str) -> None:
+        self.closing = True
+        if self.conn is not None:
+            self.conn.abort(POLICY, reason)
+        else:
+            self.scope.cancel()
+
+
+def fd_limit() -> int:
+    """The soft open-file limit, raised to the hard limit first: every socket is a
+    file, and a host that runs out of them cannot even accept the socket it would
+    close to make room."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+            except (ValueError, OSError):
+                pass
+        return int(soft)
+    except (OSError, ValueError):
+        return 1024
+
+
+def connection_budget(fd_soft_limit: int) -> int:
+    """Connections allowed when ``max_connections`` is 0: the open-file limit less
+    an eighth (at least 64) for the store, logs and the sockets being closed."""
+    return max(16, fd_soft_limit - max(64, fd_soft_limit // 8))
+
+
 class Transport:
-    """Accepts handshakes, applies the origin and per-address limits, runs connections."""
+    """Accepts sockets and handshakes, applies the connection caps, runs connections.
+
+    Every accepted socket holds a slot. At ``max_connections`` the oldest socket
+    without a session is closed to make room (a new one is closed at once when
+    every slot has a session). Sockets without a session count against
+    ``max_connections_per_address``; past it the oldest of that address is closed,
+    so a pile of idle sockets never locks out a client that opens a session.
+    """
 
     def __init__(self, host: Host) -> None:
         self.host = host
         self.connections: set[Connection] = set()
-        self.per_address: Counter[str] = Counter()
+        self.slots: dict[Slot, None] = {}  # oldest first
+        self.open = 0  # slots not closing
+        self.pre_auth: dict[Slot, None] = {}  # slots without a session, oldest first
+        self.pre_auth_by_address: dict[str, dict[Slot, None]] = {}
+        self._quiet_until = 0.0
+        files = fd_limit()
+        self.max_connections = host.config.host.limits.max_connections or \
+            connection_budget(files)
 
-    async def handle(self, request: WebSocketRequest) -> None:
+    def admit(self, address: str) -> Slot | None:
+        """A slot for a new socket, closing older unauthenticated ones to make room;
+        None when every slot is held by a connection with a session."""
+        limits = self.host.config.host.limits
+        if self.open >= self.max_connections:
+            oldest = next(iter(self.pre_auth), None)
+            if oldest is None:
+                now = trio.current_time()
+                if now >= self._quiet_until:  # one line per 10 s, not one per socket
+                    self._quiet_until = now + 10
+                    log.warning("refusing connections (from %s, ...): all %d have sessions "
+                                "(max_connections)", address, self.open)
+                return None
+            self._evict(oldest, "too many connections: the oldest without a session "
+                                "are closed first")
+        same = self.pre_auth_by_address.get(address)
+        if same is not None and len(same) >= limits.max_connections_per_address:
+            self._evict(next(iter(same)), "too many connections from this address without "
+                                          "a session")
+        slot = Slot(address)
+        self.slots[slot] = None
+        self.open += 1
+        self.pre_auth[slot] = None
+        self.pre_auth_by_address.setdefault(address, {})[slot] = None
+        return slot
+
+    def _evict(self, slot: Slot, reason: str) -> None:
+        self._forget_pre_auth(slot)
+        self.open -= 1
+        slot.evict(reason)
+
+    def _forget_pre_auth(self, slot: Slot) -> None:
+        if slot in self.pre_auth:
+            del self.pre_auth[slot]
+            same = self.pre_auth_by_address[slot.address]
+            del same[slot]
+            if not same:
+                del self.pre_auth_by_address[slot.address]
+
+    def authenticated(self, conn: Connection) -> None:
+        """A connection has a session: it no longer counts against the pre-auth caps."""
+        slot = conn.slot
+        if slot is not None and not slot.authenticated:
+            slot.authenticated = True
+            self._forget_pre_auth(slot)
+
+    def unauthenticated(self, conn: Connection) -> None:
+        """A connection's session was closed and the connection stays: it counts
+        against the pre-auth caps again (the newest of them)."""
+        slot = conn.slot
+        if slot is not None and slot.authenticated and slot in self.slots and not slot.closing:
+            slot.authenticated = False
+            self.pre_auth[slot] = None
+            self.pre_auth_by_address.setdefault(slot.address, {})[slot] = None
+
+    def release(self, slot: Slot) -> None:
+        """The socket is closed."""
+        if slot in self.slots:
+            del self.slots[slot]
+            self._forget_pre_auth(slot)
+            if not slot.closing:
+                self.open -= 1
+
+    async def handle(self, request: WebSocketRequest, slot: Slot | None = None) -> None:
         cfg = self.host.config.host
         origin = _header(request, b"origin")
         if origin is not None and origin not in cfg.allowed_origins and "*" not in cfg.allowed_origins:
@@ -452,16 +574,17 @@ class Transport:
             await request.reject(403, body=b"origin not allowed")
             return
         remote = _address(request)
-        if self.per_address[remote] >= cfg.limits.max_connections_per_address:
-            await request.reject(429, body=b"too many connections from this address")
-            return
         if not self.host.dispatcher.accepting:
             await request.reject(503, body=b"shutting down")
             return
-        self.per_address[remote] += 1
         try:
             ws = await request.accept()
             conn = Connection(self.host, ws, remote)
+            conn.slot = slot
+            if slot is not None:
+                slot.conn = conn
+                if slot.closing:  # evicted during the handshake
+                    conn.abort(POLICY, "too many connections")
             self.connections.add(conn)
             try:
                 await conn.run()
@@ -474,14 +597,22 @@ class Transport:
                 self.connections.discard(conn)
         except ConnectionClosed:
             pass
-        finally:
-            self.per_address[remote] -= 1
-            if self.per_address[remote] <= 0:
-                del self.per_address[remote]
 
     def close_all(self, code: int = GOING_AWAY, reason: str = "server shutting down") -> None:
         for conn in list(self.connections):
             conn.close_soon(code, reason)
+
+
+def stream_address(stream: Any) -> str:
+    """The peer address of an accepted socket ("local" for an in-memory stream)."""
+    sock = getattr(stream, "socket", None)
+    if sock is None:
+        return "local"
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "unknown"
+    return str(peer[0]) if isinstance(peer, tuple) else str(peer)
 
 
 def _header(request: WebSocketRequest, name: bytes) -> str | None:
