@@ -13,9 +13,13 @@ second connection while it is open. All writes are explicit transactions.
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
 import os
+import shutil
 import sqlite3
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,8 @@ from typing import Any
 import sqlite_utils
 
 from state.codec import canonical, load_stored
+
+log = logging.getLogger("worldhost.store")
 
 FORMAT_VERSION = 2  # 2: journal rows carry replay memos and the sessions' next seq
 
@@ -60,6 +66,36 @@ class StoreUnreadable(StoreError):
 
 class StoreTooNew(StoreError):
     """The file was written by a newer store format; it is left untouched."""
+
+
+class StoreFailed(StoreError):
+    """The store can no longer keep what the host acknowledges: the host must stop."""
+
+
+class StoreFull(StoreFailed):
+    """The disk (or the file size limit) is full: nothing more can be written."""
+
+
+class StoreLost(StoreFailed):
+    """The file the host opened is no longer the file at its path (deleted, replaced):
+    whatever is written to it now is gone at the next start."""
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Another connection holds the file's write lock (SQLITE_BUSY)."""
+    return (isinstance(exc, sqlite3.OperationalError)
+            and (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_BUSY)
+
+
+def is_full(exc: BaseException) -> bool:
+    """A write failed for want of space (SQLite's SQLITE_FULL, or ENOSPC/EFBIG)."""
+    if isinstance(exc, sqlite3.Error):
+        return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def full_error(path: str, exc: BaseException) -> StoreFull:
+    return StoreFull(f"the disk is full: cannot write the store {os.path.abspath(path)} ({exc})")
 
 
 @dataclass
@@ -114,6 +150,11 @@ CREATE TABLE IF NOT EXISTS session_runtime (id TEXT PRIMARY KEY, next_seq INTEGE
 """
 
 
+def _file_id(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def quarantine(path: str | os.PathLike[str]) -> Path:
     """Move a store and its -wal/-shm files aside as NAME.corrupt-TIMESTAMP; never delete."""
     base = Path(path)
@@ -132,6 +173,106 @@ def quarantine(path: str | os.PathLike[str]) -> Path:
 
 WAL_SIZE_LIMIT = 8 << 20
 
+_SHM_HEADER = struct.Struct("<3I2B H 2I 8s 8s 8s")  # SQLite's WalIndexHdr, native order (x86)
+_WAL_VERSION = 3007000
+
+
+@dataclass
+class WalDamage:
+    """What a store's WAL should have held (by its index, the -shm file) and did not."""
+
+    committed_frames: int  # frames the index says were committed
+    readable_frames: int  # of those, how many the WAL still holds intact
+    reason: str
+    copy: str | None = None  # where the WAL (and its index) were copied to
+
+    def report(self) -> dict[str, Any]:
+        return {"wal_damaged": self.reason, "wal_frames_lost":
+                self.committed_frames - self.readable_frames, "wal_copy": self.copy}
+
+
+def _wal_checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> tuple[int, int]:
+    words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
+    it = iter(words)
+    for x0, x1 in zip(it, it):
+        s0 = (s0 + x0 + s1) & 0xFFFFFFFF
+        s1 = (s1 + x1 + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def _readable_frames(wal: bytes, salt: bytes, wanted: int) -> int:
+    """How many of the first ``wanted`` frames of a WAL are intact (right salt, checksums
+    chained from the header), counting up to the last commit frame among them."""
+    if len(wal) < 32:
+        return 0
+    magic, _version, page_size = struct.unpack(">3I", wal[:12])
+    if magic not in (0x377F0682, 0x377F0683) or wal[16:24] != salt:
+        return 0
+    big = bool(magic & 1)
+    s0, s1 = _wal_checksum(wal[:24], big, 0, 0)
+    if struct.unpack(">2I", wal[24:32]) != (s0, s1):
+        return 0
+    readable = 0
+    offset = 32
+    for n in range(1, wanted + 1):
+        frame = wal[offset:offset + 24 + page_size]
+        if len(frame) < 24 + page_size or frame[8:16] != salt:
+            break
+        s0, s1 = _wal_checksum(frame[:8], big, s0, s1)
+        s0, s1 = _wal_checksum(frame[24:], big, s0, s1)
+        if struct.unpack(">2I", frame[16:24]) != (s0, s1):
+            break
+        if struct.unpack(">I", frame[4:8])[0]:  # a commit frame: the database size after it
+            readable = n
+        offset += 24 + page_size
+    return readable
+
+
+def check_wal(path: str) -> WalDamage | None:
+    """Before SQLite opens (and rewrites) a store: does its WAL still hold every frame its
+    index (the -shm file, which a killed process leaves behind) says was committed?
+
+    SQLite reads a WAL up to its first bad frame and drops the rest in silence, then
+    writes over it; so a truncated, garbled or deleted WAL would cost acknowledged
+    actions without a word. When it does, the WAL and its index are copied aside first.
+    """
+    wal_path, shm_path = Path(path + "-wal"), Path(path + "-shm")
+    try:
+        with open(shm_path, "rb") as f:
+            raw = f.read(2 * _SHM_HEADER.size)
+    except FileNotFoundError:
+        return None  # a clean close removes both; nothing says what the WAL held
+    if len(raw) < 2 * _SHM_HEADER.size or raw[:48] != raw[48:96]:
+        return None
+    version, _, _, is_init, _, _, committed, _, _, salt, _ = _SHM_HEADER.unpack(raw[:48])
+    if version != _WAL_VERSION or not is_init or committed == 0:
+        return None
+    try:
+        wal = wal_path.read_bytes()
+    except FileNotFoundError:
+        damage = WalDamage(committed, 0, "the WAL file is missing")
+    else:
+        readable = _readable_frames(wal, salt, committed)
+        if readable >= committed:
+            return None
+        damage = WalDamage(committed, readable, "the WAL is truncated or damaged")
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    copy = Path(f"{path}-wal.damaged-{stamp}")
+    n = 1
+    while copy.exists() or Path(f"{copy}-shm").exists():
+        n += 1
+        copy = Path(f"{path}-wal.damaged-{stamp}-{n}")
+    try:
+        if wal_path.exists():
+            shutil.copyfile(wal_path, copy)
+        shutil.copyfile(shm_path, f"{copy}-shm")
+    except OSError as exc:
+        if is_full(exc):
+            raise full_error(str(copy), exc) from None
+        raise
+    damage.copy = str(copy)
+    return damage
+
 
 class Store:
     """The one connection to one store file. Not safe for concurrent use: the
@@ -142,20 +283,34 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         self.path = path
         self.marked_clean = True  # meta says clean_shutdown = 1 (or may; set it to be sure)
+        self.wal_damage: WalDamage | None = None  # what check_wal found before opening
+        self.lost: str | None = None  # why the open file is no longer the store at path
+        self._identity: list[tuple[str, int, int]] = []  # (path, st_dev, st_ino) to watch
+        self.busy_timeout_ms = 5000
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], synchronous: str = "NORMAL",
-             busy_timeout_ms: int = 5000) -> Store:
+             busy_timeout_ms: int = 5000, check: bool = True) -> Store:
         """Open (creating if missing) and check a store.
 
         Raises StoreUnreadable for anything that is not a healthy store of
-        ours, StoreTooNew for a newer format.
+        ours, StoreTooNew for a newer format, StoreFull when the disk is full.
+        ``check=False`` (a reader beside a running host) skips the WAL check,
+        which reads a WAL its host may be writing.
         """
         path = str(path)
+        damage = None
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                if is_full(exc):
+                    raise full_error(path, exc) from None
+                raise
             if os.path.exists(path) and os.path.getsize(path) == 0:
                 raise StoreUnreadable(f"{path} is an empty (zero-byte) file")
+            if check:
+                damage = check_wal(path)
         try:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
@@ -170,18 +325,51 @@ class Store:
             # and commits may run in the event loop): each checkpoint does, on its thread
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")  # the WAL, once reset
-            check = conn.execute("PRAGMA quick_check").fetchall()
-            if check != [("ok",)]:
-                raise StoreUnreadable(f"{path}: quick_check failed: {check[0][0]}")
+            check_rows = conn.execute("PRAGMA quick_check").fetchall()
+            if check_rows != [("ok",)]:
+                raise StoreUnreadable(f"{path}: quick_check failed: {check_rows[0][0]}")
             store = cls(conn, path)
+            store.busy_timeout_ms = int(busy_timeout_ms)
+            store.wal_damage = damage
             store._check_format()
+            if path != ":memory:":
+                store._identity = [(p, *_file_id(p)) for p in (path, path + "-wal")]
             return store
         except sqlite3.Error as exc:
             conn.close()
+            if is_full(exc):
+                raise full_error(path, exc) from None
             raise StoreUnreadable(f"{path}: {exc}") from None
         except StoreError:
             conn.close()
             raise
+
+    def check_identity(self) -> None:
+        """Raise StoreLost if the store's files were deleted or replaced under the host.
+
+        Two ``stat`` calls (a microsecond or two): called after every commit, before
+        anything waiting on it is released. A replaced -wal counts too: SQLite keeps
+        writing to the one it opened, which nothing reads after a restart."""
+        if self.lost is None:
+            for path, dev, ino in self._identity:
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    self.lost = f"{path} was deleted while the host had it open"
+                    break
+                if (st.st_dev, st.st_ino) != (dev, ino):
+                    self.lost = f"{path} was replaced by another file while the host had it open"
+                    break
+            else:
+                return
+            log.critical("STORE LOST: %s; nothing written from now on would survive a "
+                         "restart, so nothing more is acknowledged and the host stops", self.lost)
+        raise StoreLost(f"the store is lost: {self.lost}")
+
+    def patient(self, patient: bool) -> None:
+        """Wait for a busy file (``busy_timeout_ms``) or fail at once: a commit in the
+        event loop must never wait, the writer thread may."""
+        self.conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms if patient else 0}")
 
     def _check_format(self) -> None:
         tables = set(self.db.table_names())
@@ -249,7 +437,11 @@ class Store:
                 runtime=runtime,
                 clean_shutdown=bool(self.meta("clean_shutdown", 1)),
             )
-        except (sqlite3.Error, ValueError, TypeError) as exc:
+        except sqlite3.Error as exc:
+            if is_full(exc):
+                raise full_error(self.path, exc) from None
+            raise StoreUnreadable(f"{self.path}: {exc}") from None
+        except (ValueError, TypeError) as exc:
             raise StoreUnreadable(f"{self.path}: {exc}") from None
 
     def journal_length(self) -> int:
@@ -268,26 +460,49 @@ class Store:
             for e in entries]
         if seqs:
             rows[-1] = (*rows[-1][:-1], canonical(seqs))
+        if self.lost is not None:
+            self.check_identity()
         c = self.conn
-        if not self.marked_clean and len(rows) <= _ROWS_PER_INSERT:
-            c.execute(_insert_rows(len(rows)), [v for row in rows for v in row])
-            return
-        c.execute("BEGIN IMMEDIATE")
         try:
-            for chunk in _chunks(rows):
-                c.execute(_insert_rows(len(chunk)), [v for row in chunk for v in row])
-            if self.marked_clean:  # the journal now holds what no checkpoint does
-                c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
-            c.execute("COMMIT")
-            self.marked_clean = False
-        except BaseException:
-            c.execute("ROLLBACK")
+            if not self.marked_clean and len(rows) <= _ROWS_PER_INSERT:
+                c.execute(_insert_rows(len(rows)), [v for row in rows for v in row])
+            else:
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    for chunk in _chunks(rows):
+                        c.execute(_insert_rows(len(chunk)), [v for row in chunk for v in row])
+                    if self.marked_clean:  # the journal now holds what no checkpoint does
+                        c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
+                    c.execute("COMMIT")
+                    self.marked_clean = False
+                except BaseException:
+                    if c.in_transaction:  # a busy BEGIN never began
+                        c.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            if is_full(exc):
+                raise full_error(self.path, exc) from None
             raise
+        self.check_identity()
 
     def checkpoint(self, changes: dict[str, SliceChange], last_id: int,
                    runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
                    world_id: str | None = None, clean: bool = False) -> int:
         """Write what changed, move the generation on, drop the covered journal."""
+        self.check_identity()
+        try:
+            generation = self._checkpoint(changes, last_id, runtime, ended_sessions, world_id,
+                                          clean)
+        except sqlite3.Error as exc:
+            if is_full(exc):
+                raise full_error(self.path, exc) from None
+            raise
+        self.check_identity()
+        return generation
+
+    def _checkpoint(self, changes: dict[str, SliceChange], last_id: int,
+                    runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
+                    world_id: str | None, clean: bool) -> int:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -325,17 +540,22 @@ class Store:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", updates)
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # a busy BEGIN never began
+                c.execute("ROLLBACK")
             raise
         self.marked_clean = clean
         c.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return generation
 
     def close(self, truncate: bool = True) -> None:
-        """Close the connection; a clean close folds the WAL back into the file."""
+        """Close the connection; a clean close folds the WAL back into the file (not
+        into a file that is no longer the store: SQLite itself then leaves the file
+        now at the path, and its WAL, alone)."""
         try:
-            if truncate:
+            if truncate and self.lost is None:
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # a full disk: the WAL keeps it, the next start reads it
+            log.warning("store %s: the WAL was not folded back into the file: %s", self.path, exc)
         finally:
             self.conn.close()
 
