@@ -150,11 +150,6 @@ CREATE TABLE IF NOT EXISTS session_runtime (id TEXT PRIMARY KEY, next_seq INTEGE
 """
 
 
-def _file_id(path: str) -> tuple[int, int]:
-    st = os.stat(path)
-    return st.st_dev, st.st_ino
-
-
 def quarantine(path: str | os.PathLike[str]) -> Path:
     """Move a store and its -wal/-shm files aside as NAME.corrupt-TIMESTAMP; never delete."""
     base = Path(path)
@@ -285,7 +280,7 @@ class Store:
         self.marked_clean = True  # meta says clean_shutdown = 1 (or may; set it to be sure)
         self.wal_damage: WalDamage | None = None  # what check_wal found before opening
         self.lost: str | None = None  # why the open file is no longer the store at path
-        self._identity: list[tuple[str, int, int]] = []  # (path, st_dev, st_ino) to watch
+        self._watched: list[tuple[str, int, int, int]] = []  # (path, fd, st_dev, st_ino)
         self.busy_timeout_ms = 5000
 
     @classmethod
@@ -333,7 +328,7 @@ class Store:
             store.wal_damage = damage
             store._check_format()
             if path != ":memory:":
-                store._identity = [(p, *_file_id(p)) for p in (path, path + "-wal")]
+                store._watch(path, path + "-wal")
             return store
         except sqlite3.Error as exc:
             conn.close()
@@ -344,27 +339,48 @@ class Store:
             conn.close()
             raise
 
-    def check_identity(self) -> None:
+    def _watch(self, *paths: str) -> None:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            self._watched.append((path, fd, st.st_dev, st.st_ino))
+
+    def check_identity(self, by_path: bool = False) -> None:
         """Raise StoreLost if the store's files were deleted or replaced under the host.
 
-        Two ``stat`` calls (a microsecond or two): called after every commit, before
-        anything waiting on it is released. A replaced -wal counts too: SQLite keeps
-        writing to the one it opened, which nothing reads after a restart."""
+        After every commit, before anything waiting on it is released: one ``fstat``
+        of the database and of the WAL this connection writes (a link count of 0: the
+        file was deleted, or another moved over it; a replaced WAL counts too, SQLite
+        keeps writing the one it opened, which nothing reads after a restart).
+        ``by_path`` (each checkpoint) also compares the file at each path, which
+        catches a file replaced while another name (a hard link) still holds it."""
         if self.lost is None:
-            for path, dev, ino in self._identity:
-                try:
-                    st = os.stat(path)
-                except FileNotFoundError:
-                    self.lost = f"{path} was deleted while the host had it open"
+            for path, fd, dev, ino in self._watched:
+                if os.fstat(fd).st_nlink == 0:
+                    self.lost = f"{path} was deleted, or another file moved over it"
                     break
-                if (st.st_dev, st.st_ino) != (dev, ino):
-                    self.lost = f"{path} was replaced by another file while the host had it open"
-                    break
+                if by_path:
+                    try:
+                        st = os.stat(path)
+                    except FileNotFoundError:
+                        self.lost = f"{path} was deleted"
+                        break
+                    if (st.st_dev, st.st_ino) != (dev, ino):
+                        self.lost = f"{path} was replaced by another file"
+                        break
             else:
                 return
-            log.critical("STORE LOST: %s; nothing written from now on would survive a "
-                         "restart, so nothing more is acknowledged and the host stops", self.lost)
+            log.critical("STORE LOST: %s while the host had it open; nothing written from "
+                         "now on would survive a restart, so nothing more is acknowledged "
+                         "and the host stops", self.lost)
         raise StoreLost(f"the store is lost: {self.lost}")
+
+    def _unwatch(self) -> None:
+        """After the connection closed (closing another descriptor of the database file
+        first would drop SQLite's POSIX locks on it)."""
+        for _, fd, _, _ in self._watched:
+            os.close(fd)
+        self._watched = []
 
     def patient(self, patient: bool) -> None:
         """Wait for a busy file (``busy_timeout_ms``) or fail at once: a commit in the
@@ -489,7 +505,7 @@ class Store:
                    runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
                    world_id: str | None = None, clean: bool = False) -> int:
         """Write what changed, move the generation on, drop the covered journal."""
-        self.check_identity()
+        self.check_identity(by_path=True)
         try:
             generation = self._checkpoint(changes, last_id, runtime, ended_sessions, world_id,
                                           clean)
@@ -497,7 +513,7 @@ class Store:
             if is_full(exc):
                 raise full_error(self.path, exc) from None
             raise
-        self.check_identity()
+        self.check_identity(by_path=True)
         return generation
 
     def _checkpoint(self, changes: dict[str, SliceChange], last_id: int,
@@ -558,6 +574,7 @@ class Store:
             log.warning("store %s: the WAL was not folded back into the file: %s", self.path, exc)
         finally:
             self.conn.close()
+            self._unwatch()
 
     def abandon(self) -> None:
         """Drop the connection as a crash would: nothing uncommitted survives."""
@@ -566,3 +583,4 @@ class Store:
                 self.conn.execute("ROLLBACK")
         finally:
             self.conn.close()
+            self._unwatch()
