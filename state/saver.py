@@ -110,6 +110,12 @@ class Saver:
         self.store.patient(True)
         try:
             return fn(*args)
+        except Exception as exc:
+            if is_busy(exc):
+                raise StoreFailed(
+                    f"{self.store.path} stayed locked by another process for more than "
+                    f"busy_timeout_ms ({self.store.busy_timeout_ms} ms)") from None
+            raise
         finally:
             self.store.patient(False)
 
