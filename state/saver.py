@@ -100,14 +100,14 @@ class Saver:
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run store work off the event loop (or in it, for tests on a mock clock)."""
         if self.threaded:
-            if self.journal_in_loop:
-                return await self._writer.run(self._patiently, fn, *args)
-            return await self._writer.run(fn, *args)
+            return await self._writer.run(self._patiently, fn, *args)
         return fn(*args)
 
     def _patiently(self, fn: Callable[..., Any], *args: Any) -> Any:
         """On the writer thread: wait for a busy file, as the loop's commits do not."""
-        self.store.patient(True)
+        toggle = self.journal_in_loop
+        if toggle:
+            self.store.patient(True)
         try:
             return fn(*args)
         except Exception as exc:
@@ -117,7 +117,8 @@ class Saver:
                     f"busy_timeout_ms ({self.store.busy_timeout_ms} ms)") from None
             raise
         finally:
-            self.store.patient(False)
+            if toggle:
+                self.store.patient(False)
 
     async def _append(self, entries: list[JournalEntry], seqs: dict[str, int]) -> None:
         if self.journal_in_loop:

@@ -168,16 +168,42 @@ def quarantine(path: str | os.PathLike[str]) -> Path:
 
 WAL_SIZE_LIMIT = 8 << 20
 
-_SHM_HEADER = struct.Struct("<3I2B H 2I 8s 8s 8s")  # SQLite's WalIndexHdr, native order (x86)
+_SHM_HEADER = struct.Struct("<3I2B H 2I 8s 8s 8s")  # SQLite's WalIndexHdr, native order
 _WAL_VERSION = 3007000
 
 
 @dataclass
-class WalDamage:
-    """What a store's WAL should have held (by its index, the -shm file) and did not."""
+class WalIndex:
+    """The header of a WAL's index (the -shm file): how many frames were committed,
+    with which salt, and how many of them are already copied into the database."""
 
-    committed_frames: int  # frames the index says were committed
-    readable_frames: int  # of those, how many the WAL still holds intact
+    committed: int
+    salt: bytes
+    backfilled: int
+    raw: bytes  # the whole index file, to keep beside a damaged WAL
+
+    @classmethod
+    def read(cls, path: str) -> WalIndex | None:
+        try:
+            raw = Path(path + "-shm").read_bytes()
+        except FileNotFoundError:
+            return None  # a clean close removes it (and the WAL)
+        size = _SHM_HEADER.size
+        if len(raw) < 2 * size + 4 or raw[:size] != raw[size:2 * size]:
+            return None
+        version, _, _, is_init, _, _, committed, _, _, salt, _ = _SHM_HEADER.unpack(raw[:size])
+        if version != _WAL_VERSION or not is_init:
+            return None
+        backfilled = struct.unpack("<I", raw[2 * size:2 * size + 4])[0]  # WalCkptInfo.nBackfill
+        return cls(committed, salt, backfilled, raw)
+
+
+@dataclass
+class WalDamage:
+    """What a store's WAL should have held (by its index) and SQLite could not read."""
+
+    committed_frames: int  # frames the index said were committed
+    readable_frames: int  # how many of them SQLite read back, or found in the database file
     reason: str
     copy: str | None = None  # where the WAL (and its index) were copied to
 
@@ -186,71 +212,26 @@ class WalDamage:
                 self.committed_frames - self.readable_frames, "wal_copy": self.copy}
 
 
-def _wal_checksum(data: bytes, big_endian: bool, s0: int, s1: int) -> tuple[int, int]:
-    words = struct.unpack(f"{'>' if big_endian else '<'}{len(data) // 4}I", data)
-    it = iter(words)
-    for x0, x1 in zip(it, it):
-        s0 = (s0 + x0 + s1) & 0xFFFFFFFF
-        s1 = (s1 + x1 + s0) & 0xFFFFFFFF
-    return s0, s1
+def check_wal(path: str, before: WalIndex | None, wal_existed: bool) -> WalDamage | None:
+    """Once SQLite has opened a store (and rebuilt the WAL's index from the WAL, which
+    it does when no other connection has it open) and before anything is written:
+    did it read every frame the index left behind by the last host said was committed?
 
-
-def _readable_frames(wal: bytes, salt: bytes, wanted: int) -> int:
-    """How many of the first ``wanted`` frames of a WAL are intact (right salt, checksums
-    chained from the header), counting up to the last commit frame among them."""
-    if len(wal) < 32:
-        return 0
-    magic, _version, page_size = struct.unpack(">3I", wal[:12])
-    if magic not in (0x377F0682, 0x377F0683) or wal[16:24] != salt:
-        return 0
-    big = bool(magic & 1)
-    s0, s1 = _wal_checksum(wal[:24], big, 0, 0)
-    if struct.unpack(">2I", wal[24:32]) != (s0, s1):
-        return 0
-    readable = 0
-    offset = 32
-    for n in range(1, wanted + 1):
-        frame = wal[offset:offset + 24 + page_size]
-        if len(frame) < 24 + page_size or frame[8:16] != salt:
-            break
-        s0, s1 = _wal_checksum(frame[:8], big, s0, s1)
-        s0, s1 = _wal_checksum(frame[24:], big, s0, s1)
-        if struct.unpack(">2I", frame[16:24]) != (s0, s1):
-            break
-        if struct.unpack(">I", frame[4:8])[0]:  # a commit frame: the database size after it
-            readable = n
-        offset += 24 + page_size
-    return readable
-
-
-def check_wal(path: str) -> WalDamage | None:
-    """Before SQLite opens (and rewrites) a store: does its WAL still hold every frame its
-    index (the -shm file, which a killed process leaves behind) says was committed?
-
-    SQLite reads a WAL up to its first bad frame and drops the rest in silence, then
-    writes over it; so a truncated, garbled or deleted WAL would cost acknowledged
-    actions without a word. When it does, the WAL and its index are copied aside first.
+    SQLite reads a WAL up to its first bad frame, drops the rest in silence, and
+    writes over it with the next commit; so a truncated, garbled or deleted WAL would
+    cost acknowledged actions without a word. When it does, the WAL and the old
+    index are copied aside first (never deleted), and the damage is reported.
     """
-    wal_path, shm_path = Path(path + "-wal"), Path(path + "-shm")
-    try:
-        with open(shm_path, "rb") as f:
-            raw = f.read(2 * _SHM_HEADER.size)
-    except FileNotFoundError:
-        return None  # a clean close removes both; nothing says what the WAL held
-    if len(raw) < 2 * _SHM_HEADER.size or raw[:48] != raw[48:96]:
+    if before is None or before.committed <= before.backfilled:
+        return None  # nothing in the WAL that the database file does not hold
+    after = WalIndex.read(path)
+    read = after.committed if after is not None and after.salt == before.salt else 0
+    readable = max(read, before.backfilled)
+    if readable >= before.committed:
         return None
-    version, _, _, is_init, _, _, committed, _, _, salt, _ = _SHM_HEADER.unpack(raw[:48])
-    if version != _WAL_VERSION or not is_init or committed == 0:
-        return None
-    try:
-        wal = wal_path.read_bytes()
-    except FileNotFoundError:
-        damage = WalDamage(committed, 0, "the WAL file is missing")
-    else:
-        readable = _readable_frames(wal, salt, committed)
-        if readable >= committed:
-            return None
-        damage = WalDamage(committed, readable, "the WAL is truncated or damaged")
+    reason = ("the WAL file is missing" if not wal_existed
+              else "the WAL is truncated or damaged")
+    damage = WalDamage(before.committed, readable, reason)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     copy = Path(f"{path}-wal.damaged-{stamp}")
     n = 1
@@ -258,9 +239,9 @@ def check_wal(path: str) -> WalDamage | None:
         n += 1
         copy = Path(f"{path}-wal.damaged-{stamp}-{n}")
     try:
-        if wal_path.exists():
-            shutil.copyfile(wal_path, copy)
-        shutil.copyfile(shm_path, f"{copy}-shm")
+        if wal_existed and os.path.exists(path + "-wal"):
+            shutil.copyfile(path + "-wal", copy)
+        Path(f"{copy}-shm").write_bytes(before.raw)
     except OSError as exc:
         if is_full(exc):
             raise full_error(str(copy), exc) from None
@@ -294,7 +275,7 @@ class Store:
         which reads a WAL its host may be writing.
         """
         path = str(path)
-        damage = None
+        index, wal_existed = None, False
         if path != ":memory:":
             try:
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -304,8 +285,9 @@ class Store:
                 raise
             if os.path.exists(path) and os.path.getsize(path) == 0:
                 raise StoreUnreadable(f"{path} is an empty (zero-byte) file")
-            if check:
-                damage = check_wal(path)
+            if check:  # what the last host's WAL index says, before SQLite rebuilds it
+                index = WalIndex.read(path)
+                wal_existed = os.path.exists(path + "-wal")
         try:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
@@ -325,7 +307,7 @@ class Store:
                 raise StoreUnreadable(f"{path}: quick_check failed: {check_rows[0][0]}")
             store = cls(conn, path)
             store.busy_timeout_ms = int(busy_timeout_ms)
-            store.wal_damage = damage
+            store.wal_damage = check_wal(path, index, wal_existed) if check else None
             store._check_format()
             if path != ":memory:":
                 store._watch(path, path + "-wal")
