@@ -161,9 +161,9 @@ class Host:
         write, and must not quarantine."""
         self._wall0, self._trio0 = time.time(), trio.current_time()  # the clock's origin
         self._exclusive = exclusive
-        if exclusive:
-            self._lock()
         try:
+            if exclusive:
+                self._lock()
             try:
                 self._open_and_load()
             except StoreUnreadable as exc:
