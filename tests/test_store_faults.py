@@ -224,6 +224,66 @@ def test_a_busy_store_delays_only_the_writes(tmp_path: Path) -> None:
         server.stop()
 
 
+@pytest.fixture
+def freezable_disk(tmp_path: Path) -> Iterator[Path]:
+    """A small ext4 filesystem on a loop device, which ``fsfreeze`` can freeze for real
+    (the tests run as root); always thawed and unmounted afterwards."""
+    image, disk = tmp_path / "disk.img", tmp_path / "disk"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    disk.mkdir()
+    subprocess.run(["mount", "-o", "loop", str(image), str(disk)], check=True)
+    try:
+        yield disk
+    finally:
+        subprocess.run(["fsfreeze", "-u", str(disk)], capture_output=True, check=False)
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_frozen_filesystem_delays_only_the_writes(tmp_path: Path, freezable_disk: Path) -> None:
+    """With ``synchronous = "FULL"`` every commit runs on the writer thread, so a
+    filesystem frozen under a commit holds only the writes; pings and reads used to
+    queue behind it."""
+    db = freezable_disk / "world.db"
+    server = ServerProcess(db, config=_config(
+        tmp_path, SLOW_CHECKPOINTS + 'synchronous = "FULL"\n')).start()
+
+    async def main() -> None:
+        async with connect(server.url, name="writer") as writer, \
+                connect(server.url, name="reader") as reader, trio.open_nursery() as nursery:
+            await writer.call("chat.say", text="before")
+            written = trio.Event()
+
+            async def write() -> None:
+                await writer.call("chat.say", text="while frozen")
+                written.set()
+
+            subprocess.run(["fsfreeze", "-f", str(freezable_disk)], check=True)
+            try:
+                nursery.start_soon(write)
+                await trio.sleep(0.3)
+                with trio.fail_after(2):
+                    await reader.call("host.ping")
+                    history = await reader.call("chat.history", limit=100)
+                assert not written.is_set()
+            finally:
+                subprocess.run(["fsfreeze", "-u", str(freezable_disk)], check=True)
+            assert [m["text"] for m in history["messages"]][0] == "before"
+            with trio.fail_after(5):
+                await written.wait()
+    try:
+        trio.run(main)
+    finally:
+        server.stop()
+    server.start()
+    try:
+        lines, _ = trio.run(_chat_and_info, server.url)
+        assert lines == ["before", "while frozen"]
+    finally:
+        server.stop()
+
+
 # --- #12.15 (full disk) ------------------------------------------------------------
 
 @pytest.fixture
