@@ -99,19 +99,23 @@ def test_a_store_deleted_or_replaced_under_the_host_is_not_acknowledged(
     if how == "replaced":  # another healthy store, moved over this one's files
         ServerProcess(other).start().stop()
     server = ServerProcess(db, config=_config(tmp_path)).start()
-    trio.run(_say, server.url, 3)
-    for suffix in ("", "-wal", "-shm"):
-        target = Path(f"{db}{suffix}")
-        if how == "deleted":
-            target.unlink()
-        elif Path(f"{other}{suffix}").exists():
-            os.replace(f"{other}{suffix}", target)
-        else:
-            target.unlink()
+
+    def swap_files() -> None:
+        for suffix in ("", "-wal", "-shm"):
+            target = Path(f"{db}{suffix}")
+            if how == "deleted":
+                target.unlink()
+            elif Path(f"{other}{suffix}").exists():
+                os.replace(f"{other}{suffix}", target)
+            else:
+                target.unlink()
 
     async def write_after() -> str:
         with trio.fail_after(10):
-            async with connect(server.url, name="late", reconnect=False) as c:
+            async with connect(server.url, name="writer", reconnect=False) as c:
+                for i in range(3):
+                    await c.call("chat.say", text=f"line {i}")
+                swap_files()
                 try:
                     await c.call("chat.say", text="never durable")
                 except (CallError, Disconnected) as exc:
