@@ -25,7 +25,7 @@ SERVER_GC_THRESHOLDS = (10_000, 10, 10)
 
 def _serve(args: argparse.Namespace) -> int:
     from host.server import Host, StartupError
-    from state.store import StoreTooNew
+    from state.store import StoreFailed, StoreTooNew
 
     try:
         cfg = config_mod.load(args.config)
@@ -66,7 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         trio.run(main)
     except BaseException as exc:  # noqa: BLE001 - unwrap trio's exception groups
-        reason = _startup_failure(exc, (StoreTooNew, StartupError, config_mod.ConfigError))
+        reason = _startup_failure(exc, (StoreTooNew, StoreFailed, StartupError,
+                                        config_mod.ConfigError))
         if reason is None:
             raise
         print(f"worldhost: {reason}", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import gc
 import logging
+import os
 import socket
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from host.transport import Transport, stream_address
 from state.codec import canonical, load_stored
 from state.saver import Saver
 from state.slices import World
-from state.store import Loaded, Store, StoreUnreadable, quarantine
+from state.store import Loaded, Store, StoreUnreadable, full_error, is_full, quarantine
 
 SUMMARY_KEYS = frozenset({"phase", "processes"})  # a change of these re-sends sync_state
 
@@ -74,6 +75,8 @@ class Host:
         self.store_in_thread = store_in_thread
         self.plugin_runtime: dict[str, dict[str, Any]] = {}
         self._lock_handle: Any = None
+        self._file_lock: Any = None
+        self._exclusive = True
         self._last_summary: dict[str, Any] | None = None
         self._summary_reads: set[str] | None = None  # None: not computed yet
         self._damaged: dict[str, str] = {}  # session id -> why its stored runtime is unusable
@@ -97,12 +100,22 @@ class Host:
         return self.saver.generation if self.saver is not None else 0
 
     def _lock(self) -> None:
-        """Hold ``DB.lock`` while open: one host (or offline tool) per store file."""
+        """Hold the store's locks while open: one host (or offline tool) per store file,
+        however it is named. ``DB.lock`` beside the file's real path (symlinks, ``..``
+        and relative paths resolved) orders starts; ``flock`` on the database file
+        itself (SQLite's own locks are of another kind and never touch it) refuses a
+        second name for the same file, such as a hard link."""
         if self.db_path == ":memory:":
             return
-        path = Path(self.db_path + ".lock")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")  # noqa: SIM115 - held for the host's life
+        real = os.path.realpath(self.db_path)
+        path = Path(real + ".lock")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")  # noqa: SIM115 - held for the host's life
+        except OSError as exc:
+            if is_full(exc):
+                raise full_error(str(path), exc) from None
+            raise
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -110,42 +123,84 @@ class Host:
             raise StartupError(f"{self.db_path} is in use by another worldhost "
                                f"(it holds {path})") from None
         self._lock_handle = handle
+        self._lock_file()
+
+    def _lock_file(self) -> None:
+        """Lock the database file itself, once it exists (a new store: once created)."""
+        if self._file_lock is not None or not os.path.exists(self.db_path):
+            return
+        handle = open(self.db_path, "rb")  # noqa: SIM115 - held for the host's life
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StartupError(f"{self.db_path} is in use by another worldhost (under "
+                               f"another name: a link to the same file)") from None
+        self._file_lock = handle
+
+    def _unlock_file(self) -> None:
+        if self._file_lock is not None:
+            self._file_lock.close()
+            self._file_lock = None
 
     def release(self) -> None:
-        """Close the store without writing, and let go of the file lock."""
+        """Close the store without writing, and let go of the file locks."""
         if self.saver is not None:
             self.saver.close()
         if self.store is not None:
             self.store.abandon()
             self.store = None
+        self._unlock_file()
         if self._lock_handle is not None:
             self._lock_handle.close()
             self._lock_handle = None
 
-    def open(self, quarantine_unreadable: bool = True) -> None:
-        """Open the store (quarantining an unreadable one), load, migrate, replay."""
+    def open(self, quarantine_unreadable: bool = True, exclusive: bool = True) -> None:
+        """Open the store (quarantining an unreadable one), load, migrate, replay.
+
+        ``exclusive=False`` is for a reader beside a running host: it takes no lock
+        and does not check the WAL (which that host may be writing); it must not
+        write, and must not quarantine."""
         self._wall0, self._trio0 = time.time(), trio.current_time()  # the clock's origin
-        self._lock()
+        self._exclusive = exclusive
         try:
-            self._open_and_load()
-        except StoreUnreadable as exc:
-            if self.store is not None:
-                self.store.abandon()
-                self.store = None
-            if not quarantine_unreadable:
-                self.release()
-                raise
-            moved = quarantine(self.db_path)
-            log.error("store %s is unreadable (%s); moved it to %s and started a fresh world",
-                      self.db_path, exc, moved)
-            self.recovered = {"fresh": True, "quarantined": str(moved)}
-            self.sessions = SessionTable(self.config.sessions.replay_buffer,
-                                         self.config.sessions.remembered_replies)
-            self._open_and_load()
+            if exclusive:
+                self._lock()
+            try:
+                self._open_and_load()
+            except StoreUnreadable as exc:
+                if self.store is not None:
+                    self.store.abandon()
+                    self.store = None
+                if not quarantine_unreadable or not exclusive:
+                    raise
+                self._unlock_file()
+                moved = quarantine(self.db_path)
+                log.error("store %s is unreadable (%s); moved it to %s and started a fresh "
+                          "world", self.db_path, exc, moved)
+                self.recovered = {**(self.recovered or {}), "fresh": True,
+                                  "quarantined": str(moved)}
+                self.sessions = SessionTable(self.config.sessions.replay_buffer,
+                                             self.config.sessions.remembered_replies)
+                self._open_and_load()
+        except BaseException:
+            self.release()
+            raise
 
     def _open_and_load(self) -> None:
         sc = self.config.store
-        self.store = Store.open(self.db_path, sc.synchronous, sc.busy_timeout_ms)
+        self.store = Store.open(self.db_path, sc.synchronous, sc.busy_timeout_ms,
+                                check=self._exclusive)
+        if self._exclusive:
+            self._lock_file()  # a store just created
+        damage = self.store.wal_damage
+        if damage is not None:
+            log.error("store %s: %s: its index says %d WAL frames were committed, %d could "
+                      "be read; acknowledged actions in the other %d are lost; the WAL and "
+                      "its index were copied to %s", self.db_path, damage.reason,
+                      damage.committed_frames, damage.readable_frames,
+                      damage.committed_frames - damage.readable_frames, damage.copy)
+            self.recovered = {**(self.recovered or {}), **damage.report()}
         self._load(self.store.load())
 
     def _load(self, loaded: Loaded) -> None:

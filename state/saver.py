@@ -16,6 +16,12 @@ thread and back takes. So such commits run in the loop, the moment the
 dispatcher has applied what is queued (``commit_now``), and a reply goes out
 in the same turn as its request. With ``synchronous`` FULL or EXTRA every
 commit waits for an fsync, and journal commits go to the thread too.
+
+A commit in the loop never waits for the file: it fails at once if another
+process holds SQLite's write lock, and the writer thread retries it, waiting up
+to ``busy_timeout_ms``. Meanwhile outputs that need no commit (replies to reads
+and pings) go out at once, unless they go to a session whose own action waits
+for the commit: a client sees the replies to its requests in order.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import trio
 
 from state.codec import canonical
 from state.slices import KeyedSlice, ValueSlice, World
-from state.store import JournalEntry, SliceChange, Store
+from state.store import JournalEntry, SliceChange, Store, StoreFailed, is_busy
 from state.writer import WriterThread
 
 log = logging.getLogger("worldhost.saver")
@@ -49,6 +55,7 @@ class Batch:
     entries: list[JournalEntry] = field(default_factory=list)
     releases: list[Release] = field(default_factory=list)
     signal_counts: Counter[str] = field(default_factory=Counter)
+    writers: set[str] = field(default_factory=set)  # sessions whose own actions it holds
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.releases)
@@ -84,20 +91,44 @@ class Saver:
         self.threaded = threaded
         self.journal_in_loop = journal_in_loop or not threaded
         self._writer = WriterThread()
+        self._in_flight_writers: set[str] = set()  # writers of the batch being committed
+        if threaded and self.journal_in_loop:
+            store.patient(False)  # the loop's commits; the thread's calls are patient
         self._store_lock = trio.Lock()  # one store call at a time, on its one connection
         self.longest_stall_s = 0.0  # the longest time a save held the event loop
 
     async def _io(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run store work off the event loop (or in it, for tests on a mock clock)."""
         if self.threaded:
-            return await self._writer.run(fn, *args)
+            return await self._writer.run(self._patiently, fn, *args)
         return fn(*args)
+
+    def _patiently(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """On the writer thread: wait for a busy file, as the loop's commits do not."""
+        toggle = self.journal_in_loop
+        if toggle:
+            self.store.patient(True)
+        try:
+            return fn(*args)
+        except Exception as exc:
+            if is_busy(exc):
+                raise StoreFailed(
+                    f"{self.store.path} stayed locked by another process for more than "
+                    f"busy_timeout_ms ({self.store.busy_timeout_ms} ms)") from None
+            raise
+        finally:
+            if toggle:
+                self.store.patient(False)
 
     async def _append(self, entries: list[JournalEntry], seqs: dict[str, int]) -> None:
         if self.journal_in_loop:
-            self.store.append(entries, seqs)
-        else:
-            await self._io(self.store.append, entries, seqs)
+            try:
+                self.store.append(entries, seqs)
+                return
+            except Exception as exc:
+                if not (self.threaded and is_busy(exc)):
+                    raise
+        await self._io(self.store.append, entries, seqs)
 
     def close(self) -> None:
         """The host is done with the store: let its thread go."""
@@ -111,16 +142,29 @@ class Saver:
         if entry is not None:
             self.last_id = entry.id
         journaled = entry is not None and self.journaling
-        if not journaled and not self.in_flight and not self.current:
+        if not journaled and not self._waiting(signalled):
             release()
             return
         if journaled and entry is not None:
             self.current.entries.append(entry)
+            if entry.session is not None:
+                self.current.writers.add(entry.session)
         self.current.releases.append(release)
         if signalled:
             self.current.signal_counts.update(signalled)
         if not self.journal_in_loop:
             self._wake.set()
+
+    def _waiting(self, signalled: list[str] | None) -> bool:
+        """Whether outputs that need no commit must wait: they go to a session whose own
+        action waits for a commit (a client reads its own writes in order). With the
+        journal off, everything waits behind a checkpoint as before."""
+        if not self.journaling:
+            return self.in_flight or bool(self.current)
+        if not signalled:
+            return False
+        pending, flying = self.current.writers, self._in_flight_writers
+        return any(sid in pending or sid in flying for sid in signalled)
 
     def commit_now(self) -> None:
         """Commit what is queued and release what waited behind it, here and now,
@@ -136,8 +180,9 @@ class Saver:
         if batch.entries:
             try:
                 self.store.append(batch.entries, self.seq_source(batch.signal_counts))
-            except Exception:  # the writer task tries again, and stops the host if it fails
-                log.exception("journal commit failed; retrying from the writer task")
+            except Exception as exc:  # the writer task tries again, and stops the host if it fails
+                if not isinstance(exc, StoreFailed) and not is_busy(exc):
+                    log.exception("journal commit failed; retrying from the writer task")
                 self._wake.set()
                 return
             self.commits += 1
@@ -182,10 +227,12 @@ class Saver:
             seqs = self.seq_source(batch.signal_counts)
             self._stalled(started)
             self.in_flight = True
+            self._in_flight_writers = batch.writers
             try:
                 await self._append(batch.entries, seqs)
             finally:
                 self.in_flight = False
+                self._in_flight_writers = set()
             self.commits += 1
             self._release(batch)
         if self.current:  # outputs that waited behind a commit, with nothing to commit

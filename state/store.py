@@ -13,9 +13,13 @@ second connection while it is open. All writes are explicit transactions.
 
 from __future__ import annotations
 
+import errno
 import functools
+import logging
 import os
+import shutil
 import sqlite3
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +28,8 @@ from typing import Any
 import sqlite_utils
 
 from state.codec import canonical, load_stored
+
+log = logging.getLogger("worldhost.store")
 
 FORMAT_VERSION = 2  # 2: journal rows carry replay memos and the sessions' next seq
 
@@ -60,6 +66,36 @@ class StoreUnreadable(StoreError):
 
 class StoreTooNew(StoreError):
     """The file was written by a newer store format; it is left untouched."""
+
+
+class StoreFailed(StoreError):
+    """The store can no longer keep what the host acknowledges: the host must stop."""
+
+
+class StoreFull(StoreFailed):
+    """The disk (or the file size limit) is full: nothing more can be written."""
+
+
+class StoreLost(StoreFailed):
+    """The file the host opened is no longer the file at its path (deleted, replaced):
+    whatever is written to it now is gone at the next start."""
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Another connection holds the file's write lock (SQLITE_BUSY)."""
+    return (isinstance(exc, sqlite3.OperationalError)
+            and (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_BUSY)
+
+
+def is_full(exc: BaseException) -> bool:
+    """A write failed for want of space (SQLite's SQLITE_FULL, or ENOSPC/EFBIG)."""
+    if isinstance(exc, sqlite3.Error):
+        return (getattr(exc, "sqlite_errorcode", 0) or 0) & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def full_error(path: str, exc: BaseException) -> StoreFull:
+    return StoreFull(f"the disk is full: cannot write the store {os.path.abspath(path)} ({exc})")
 
 
 @dataclass
@@ -132,6 +168,87 @@ def quarantine(path: str | os.PathLike[str]) -> Path:
 
 WAL_SIZE_LIMIT = 8 << 20
 
+_SHM_HEADER = struct.Struct("<3I2B H 2I 8s 8s 8s")  # SQLite's WalIndexHdr, native order
+_WAL_VERSION = 3007000
+
+
+@dataclass
+class WalIndex:
+    """The header of a WAL's index (the -shm file): how many frames were committed,
+    with which salt, and how many of them are already copied into the database."""
+
+    committed: int
+    salt: bytes
+    backfilled: int
+    raw: bytes  # the whole index file, to keep beside a damaged WAL
+
+    @classmethod
+    def read(cls, path: str) -> WalIndex | None:
+        try:
+            raw = Path(path + "-shm").read_bytes()
+        except FileNotFoundError:
+            return None  # a clean close removes it (and the WAL)
+        size = _SHM_HEADER.size
+        if len(raw) < 2 * size + 4 or raw[:size] != raw[size:2 * size]:
+            return None
+        version, _, _, is_init, _, _, committed, _, _, salt, _ = _SHM_HEADER.unpack(raw[:size])
+        if version != _WAL_VERSION or not is_init:
+            return None
+        backfilled = struct.unpack("<I", raw[2 * size:2 * size + 4])[0]  # WalCkptInfo.nBackfill
+        return cls(committed, salt, backfilled, raw)
+
+
+@dataclass
+class WalDamage:
+    """What a store's WAL should have held (by its index) and SQLite could not read."""
+
+    committed_frames: int  # frames the index said were committed
+    readable_frames: int  # how many of them SQLite read back, or found in the database file
+    reason: str
+    copy: str | None = None  # where the WAL (and its index) were copied to
+
+    def report(self) -> dict[str, Any]:
+        return {"wal_damaged": self.reason, "wal_frames_lost":
+                self.committed_frames - self.readable_frames, "wal_copy": self.copy}
+
+
+def check_wal(path: str, before: WalIndex | None, wal_existed: bool) -> WalDamage | None:
+    """Once SQLite has opened a store (and rebuilt the WAL's index from the WAL, which
+    it does when no other connection has it open) and before anything is written:
+    did it read every frame the index left behind by the last host said was committed?
+
+    SQLite reads a WAL up to its first bad frame, drops the rest in silence, and
+    writes over it with the next commit; so a truncated, garbled or deleted WAL would
+    cost acknowledged actions without a word. When it does, the WAL and the old
+    index are copied aside first (never deleted), and the damage is reported.
+    """
+    if before is None or before.committed <= before.backfilled:
+        return None  # nothing in the WAL that the database file does not hold
+    after = WalIndex.read(path)
+    read = after.committed if after is not None and after.salt == before.salt else 0
+    readable = max(read, before.backfilled)
+    if readable >= before.committed:
+        return None
+    reason = ("the WAL file is missing" if not wal_existed
+              else "the WAL is truncated or damaged")
+    damage = WalDamage(before.committed, readable, reason)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    copy = Path(f"{path}-wal.damaged-{stamp}")
+    n = 1
+    while copy.exists() or Path(f"{copy}-shm").exists():
+        n += 1
+        copy = Path(f"{path}-wal.damaged-{stamp}-{n}")
+    try:
+        if wal_existed and os.path.exists(path + "-wal"):
+            shutil.copyfile(path + "-wal", copy)
+        Path(f"{copy}-shm").write_bytes(before.raw)
+    except OSError as exc:
+        if is_full(exc):
+            raise full_error(str(copy), exc) from None
+        raise
+    damage.copy = str(copy)
+    return damage
+
 
 class Store:
     """The one connection to one store file. Not safe for concurrent use: the
@@ -142,20 +259,35 @@ class Store:
         self.db = sqlite_utils.Database(conn)
         self.path = path
         self.marked_clean = True  # meta says clean_shutdown = 1 (or may; set it to be sure)
+        self.wal_damage: WalDamage | None = None  # what check_wal found before opening
+        self.lost: str | None = None  # why the open file is no longer the store at path
+        self._watched: list[tuple[str, int, int, int]] = []  # (path, fd, st_dev, st_ino)
+        self.busy_timeout_ms = 5000
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], synchronous: str = "NORMAL",
-             busy_timeout_ms: int = 5000) -> Store:
+             busy_timeout_ms: int = 5000, check: bool = True) -> Store:
         """Open (creating if missing) and check a store.
 
         Raises StoreUnreadable for anything that is not a healthy store of
-        ours, StoreTooNew for a newer format.
+        ours, StoreTooNew for a newer format, StoreFull when the disk is full.
+        ``check=False`` (a reader beside a running host) skips the WAL check,
+        which reads a WAL its host may be writing.
         """
         path = str(path)
+        index, wal_existed = None, False
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                if is_full(exc):
+                    raise full_error(path, exc) from None
+                raise
             if os.path.exists(path) and os.path.getsize(path) == 0:
                 raise StoreUnreadable(f"{path} is an empty (zero-byte) file")
+            if check:  # what the last host's WAL index says, before SQLite rebuilds it
+                index = WalIndex.read(path)
+                wal_existed = os.path.exists(path + "-wal")
         try:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
@@ -170,18 +302,72 @@ class Store:
             # and commits may run in the event loop): each checkpoint does, on its thread
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")  # the WAL, once reset
-            check = conn.execute("PRAGMA quick_check").fetchall()
-            if check != [("ok",)]:
-                raise StoreUnreadable(f"{path}: quick_check failed: {check[0][0]}")
+            check_rows = conn.execute("PRAGMA quick_check").fetchall()
+            if check_rows != [("ok",)]:
+                raise StoreUnreadable(f"{path}: quick_check failed: {check_rows[0][0]}")
             store = cls(conn, path)
+            store.busy_timeout_ms = int(busy_timeout_ms)
+            store.wal_damage = check_wal(path, index, wal_existed) if check else None
             store._check_format()
+            if path != ":memory:":
+                store._watch(path, path + "-wal")
             return store
         except sqlite3.Error as exc:
             conn.close()
+            if is_full(exc):
+                raise full_error(path, exc) from None
             raise StoreUnreadable(f"{path}: {exc}") from None
         except StoreError:
             conn.close()
             raise
+
+    def _watch(self, *paths: str) -> None:
+        for path in paths:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            self._watched.append((path, fd, st.st_dev, st.st_ino))
+
+    def check_identity(self, by_path: bool = False) -> None:
+        """Raise StoreLost if the store's files were deleted or replaced under the host.
+
+        After every commit, before anything waiting on it is released: one ``fstat``
+        of the database and of the WAL this connection writes (a link count of 0: the
+        file was deleted, or another moved over it; a replaced WAL counts too, SQLite
+        keeps writing the one it opened, which nothing reads after a restart).
+        ``by_path`` (each checkpoint) also compares the file at each path, which
+        catches a file replaced while another name (a hard link) still holds it."""
+        if self.lost is None:
+            for path, fd, dev, ino in self._watched:
+                if os.fstat(fd).st_nlink == 0:
+                    self.lost = f"{path} was deleted, or another file moved over it"
+                    break
+                if by_path:
+                    try:
+                        st = os.stat(path)
+                    except FileNotFoundError:
+                        self.lost = f"{path} was deleted"
+                        break
+                    if (st.st_dev, st.st_ino) != (dev, ino):
+                        self.lost = f"{path} was replaced by another file"
+                        break
+            else:
+                return
+            log.critical("STORE LOST: %s while the host had it open; nothing written from "
+                         "now on would survive a restart, so nothing more is acknowledged "
+                         "and the host stops", self.lost)
+        raise StoreLost(f"the store is lost: {self.lost}")
+
+    def _unwatch(self) -> None:
+        """After the connection closed (closing another descriptor of the database file
+        first would drop SQLite's POSIX locks on it)."""
+        for _, fd, _, _ in self._watched:
+            os.close(fd)
+        self._watched = []
+
+    def patient(self, patient: bool) -> None:
+        """Wait for a busy file (``busy_timeout_ms``) or fail at once: a commit in the
+        event loop must never wait, the writer thread may."""
+        self.conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms if patient else 0}")
 
     def _check_format(self) -> None:
         tables = set(self.db.table_names())
@@ -249,7 +435,11 @@ class Store:
                 runtime=runtime,
                 clean_shutdown=bool(self.meta("clean_shutdown", 1)),
             )
-        except (sqlite3.Error, ValueError, TypeError) as exc:
+        except sqlite3.Error as exc:
+            if is_full(exc):
+                raise full_error(self.path, exc) from None
+            raise StoreUnreadable(f"{self.path}: {exc}") from None
+        except (ValueError, TypeError) as exc:
             raise StoreUnreadable(f"{self.path}: {exc}") from None
 
     def journal_length(self) -> int:
@@ -268,26 +458,49 @@ class Store:
             for e in entries]
         if seqs:
             rows[-1] = (*rows[-1][:-1], canonical(seqs))
+        if self.lost is not None:
+            self.check_identity()
         c = self.conn
-        if not self.marked_clean and len(rows) <= _ROWS_PER_INSERT:
-            c.execute(_insert_rows(len(rows)), [v for row in rows for v in row])
-            return
-        c.execute("BEGIN IMMEDIATE")
         try:
-            for chunk in _chunks(rows):
-                c.execute(_insert_rows(len(chunk)), [v for row in chunk for v in row])
-            if self.marked_clean:  # the journal now holds what no checkpoint does
-                c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
-            c.execute("COMMIT")
-            self.marked_clean = False
-        except BaseException:
-            c.execute("ROLLBACK")
+            if not self.marked_clean and len(rows) <= _ROWS_PER_INSERT:
+                c.execute(_insert_rows(len(rows)), [v for row in rows for v in row])
+            else:
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    for chunk in _chunks(rows):
+                        c.execute(_insert_rows(len(chunk)), [v for row in chunk for v in row])
+                    if self.marked_clean:  # the journal now holds what no checkpoint does
+                        c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
+                    c.execute("COMMIT")
+                    self.marked_clean = False
+                except BaseException:
+                    if c.in_transaction:  # a busy BEGIN never began
+                        c.execute("ROLLBACK")
+                    raise
+        except sqlite3.Error as exc:
+            if is_full(exc):
+                raise full_error(self.path, exc) from None
             raise
+        self.check_identity()
 
     def checkpoint(self, changes: dict[str, SliceChange], last_id: int,
                    runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
                    world_id: str | None = None, clean: bool = False) -> int:
         """Write what changed, move the generation on, drop the covered journal."""
+        self.check_identity(by_path=True)
+        try:
+            generation = self._checkpoint(changes, last_id, runtime, ended_sessions, world_id,
+                                          clean)
+        except sqlite3.Error as exc:
+            if is_full(exc):
+                raise full_error(self.path, exc) from None
+            raise
+        self.check_identity(by_path=True)
+        return generation
+
+    def _checkpoint(self, changes: dict[str, SliceChange], last_id: int,
+                    runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
+                    world_id: str | None, clean: bool) -> int:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -325,19 +538,25 @@ class Store:
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", updates)
             c.execute("COMMIT")
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:  # a busy BEGIN never began
+                c.execute("ROLLBACK")
             raise
         self.marked_clean = clean
         c.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return generation
 
     def close(self, truncate: bool = True) -> None:
-        """Close the connection; a clean close folds the WAL back into the file."""
+        """Close the connection; a clean close folds the WAL back into the file (not
+        into a file that is no longer the store: SQLite itself then leaves the file
+        now at the path, and its WAL, alone)."""
         try:
-            if truncate:
+            if truncate and self.lost is None:
                 self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # a full disk: the WAL keeps it, the next start reads it
+            log.warning("store %s: the WAL was not folded back into the file: %s", self.path, exc)
         finally:
             self.conn.close()
+            self._unwatch()
 
     def abandon(self) -> None:
         """Drop the connection as a crash would: nothing uncommitted survives."""
@@ -346,3 +565,4 @@ class Store:
                 self.conn.execute("ROLLBACK")
         finally:
             self.conn.close()
+            self._unwatch()
