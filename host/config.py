@@ -29,6 +29,8 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     flood_factor: float = 10.0
     max_connections_per_address: int = 64
     dispatch_queue: int = 1024
+    max_http_header_bytes: int = 16 * 1024  # an HTTP request's line and headers
+    http_timeout_s: float = 10.0  # to send an HTTP request's line and headers
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

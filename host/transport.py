@@ -10,6 +10,7 @@ connection, with 1011.
 from __future__ import annotations
 
 import logging
+import ipaddress
 import re
 from collections import deque
 from collections import Counter
@@ -139,6 +140,7 @@ class Connection:
     # called by the dispatcher, synchronously -----------------------------------
     def deliver(self, sig: Signal) -> bool:
         if self.close_code is not None:
+            self.host.transport.signals_dropped += 1
             return False
         if sig.has_re and self.in_flight:
             self.in_flight -= 1
@@ -147,11 +149,13 @@ class Connection:
         if self._outbox and now - self._outbox[0][1] > limits.max_lag_s:
             log.warning("disconnecting %s: %.1f s behind", self.remote, now - self._outbox[0][1])
             self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
+            self.host.transport.signals_dropped += 1
             return False
         if len(self._outbox) >= self._outbox_size:
             log.warning("disconnecting %s: outbox full (%d signals behind)",
                         self.remote, self._outbox_size)
             self.abort(POLICY, "too slow: outbox full")
+            self.host.transport.signals_dropped += 1
             return False
         self._queue(sig, now)
         return True
@@ -346,11 +350,14 @@ class Transport:
         self.host = host
         self.connections: set[Connection] = set()
         self.per_address: Counter[str] = Counter()
+        self.signals_dropped = 0  # not delivered: the connection was closing or too slow
 
     async def handle(self, request: WebSocketRequest) -> None:
         cfg = self.host.config.host
         origin = _header(request, b"origin")
-        if origin is not None and origin not in cfg.allowed_origins and "*" not in cfg.allowed_origins:
+        if origin is not None and origin not in cfg.allowed_origins and \
+                "*" not in cfg.allowed_origins and \
+                not same_origin(origin, _host(request)):
             log.info("refused handshake from origin %r", origin)
             await request.reject(403, body=b"origin not allowed")
             return
@@ -385,6 +392,32 @@ class Transport:
     def close_all(self, code: int = GOING_AWAY, reason: str = "server shutting down") -> None:
         for conn in list(self.connections):
             conn.close_soon(code, reason)
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """A page the host served itself: the Origin names the Host the browser connected
+    to. Only for an IP address or localhost: a DNS name could be rebound to this
+    machine by a foreign page, which would then be \"same-origin\" with it."""
+    if host is None:
+        return False
+    scheme, _, netloc = origin.partition("://")
+    if scheme not in ("http", "https") or netloc.lower() != host.lower():
+        return False
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _host(request: WebSocketRequest) -> str | None:
+    """The Host header (wsproto keeps it apart from the other headers)."""
+    host = getattr(getattr(request, "_event", None), "host", None)
+    return host if isinstance(host, str) else None
 
 
 def _header(request: WebSocketRequest, name: bytes) -> str | None:
