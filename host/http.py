@@ -42,7 +42,8 @@ TYPES = {
     ".json": "application/json",
 }
 PAGES = {"/": "index.html", "/inspector": "inspector.html", "/play": "play.html",
-         "/client/worldhost.js": "worldhost.js", "/client/worldhost.d.ts": "worldhost.d.ts"}
+         "/client/worldhost.js": "worldhost.js", "/client/worldhost.d.ts": "worldhost.d.ts",
+         "/favicon.ico": "favicon.svg"}
 SECURITY_HEADERS = [
     (b"x-content-type-options", b"nosniff"),
     (b"referrer-policy", b"no-referrer"),

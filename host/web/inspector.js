@@ -49,10 +49,10 @@ function worldChanging(name) {
 
 function showInfo(info) {
   if (!info) return;
-  const sim = info.simulation || {};
+  const sim = info.simulation || {};  // its tick moves: the map's heading shows it
   $("info").innerHTML = "";
   const parts = [["version", info.version], ["world", info.world_id], ["phase", info.phase],
-    ["plugins", (info.plugins || []).length], ["auth", info.auth], ["tick", sim.tick], ["tick_hz", sim.tick_hz]];
+    ["plugins", (info.plugins || []).length], ["auth", info.auth], ["tick_hz", sim.tick_hz]];
   for (const [k, v] of parts) {
     if (v === undefined) continue;
     const s = document.createElement("span");

@@ -449,10 +449,7 @@ export class WorldhostClient extends EventTarget {
     if (seq <= this.lastSeq || this._buffer.has(seq)) return; // seen already
     this._buffer.set(seq, msg);
     const barrier = this._barrier;
-    if (barrier) {
-      if (seq < barrier.seq) barrier.remaining -= 1;
-      else if (seq > barrier.seq) barrier.remaining = 0; // the replays are over
-    }
+    if (barrier && seq < barrier.seq) barrier.remaining -= 1;
     this._drain();
   }
 
