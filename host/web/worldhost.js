@@ -12,7 +12,7 @@ const PIECE = 1 << 20;
 /** A request answered with an `error` signal, or one the client gave up on. */
 export class CallError extends Error {
   constructor(code, message, details, action) {
-    super(`${code}: ${message}`);
+    super(message); // as the host wrote it; `code` names the kind
     this.name = "CallError";
     this.code = code;
     this.details = details;
