@@ -4,6 +4,8 @@ and a foreign page refused."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import time
@@ -16,7 +18,7 @@ import pytest
 import trio
 from serverproc import ServerProcess, free_port
 
-from host.client import connect
+from host.client import CallError, connect
 
 CHROMIUM = os.environ.get("WORLDHOST_CHROMIUM", "/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -46,14 +48,19 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path / "w.db", port=free_port()).start()
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One host for the module (starting one costs seconds); each test plays under its
+    own names, in its own browser context."""
+    folder = tmp_path_factory.mktemp("browser")
+    config = folder / "host.toml"
+    config.write_text('[host]\nadmin_token = "adm"\n')
+    proc = ServerProcess(folder / "w.db", config=config, port=free_port()).start()
     try:
         yield proc
     finally:
         if proc.proc is not None and proc.proc.poll() is None:
-            proc.stop()
+            proc.kill9()
 
 
 def base(server: ServerProcess) -> str:
@@ -89,7 +96,8 @@ async def seed(url: str) -> None:
             await c.call("map.add_edge", id=f"{b}>{a}", **{"from": b, "to": a}, length=100)
         await c.call("simulation.add_agent", id="t1", kind="truck", node="n0", speed=20)
         await c.call("simulation.add_package", id="p1", origin="n2", destination="n0")
-        await c.call("simulation.start", tick_hz=10)
+        with contextlib.suppress(CallError):  # already running
+            await c.call("simulation.start", tick_hz=10)
 
 
 async def chat_texts(url: str) -> list[str]:
@@ -120,19 +128,19 @@ def join(page: Any, url: str, name: str) -> None:
     page.wait_for_selector("#game:not([hidden])", timeout=15_000)
 
 
-def test_inspector_shows_the_map_and_live_ticks(browser: Any, server: ServerProcess) -> None:
+def test_inspector_shows_the_world_live_and_an_admin_kicks(browser: Any, server: ServerProcess) -> None:
     run(seed, server.url)
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = page_of(context)
     page.goto(base(server) + "/inspector")
     wait_js(page, "document.querySelector('#state').textContent === 'open'",
-                           timeout=10)
-    wait_js(page, "document.querySelector('#tick').textContent.includes('1 trucks')",
-                           timeout=10)
+           timeout=10)
+    wait_js(page, "globalThis.worldhost.state === 'open' && "
+                  "document.querySelector('#tick').textContent.includes('running')", timeout=10)
     first = page.evaluate("globalThis.worldhost.lastSeq")
     tick = int(page.inner_text("#tick").split()[1])
     wait_js(page, f"parseInt(document.querySelector('#tick').textContent.split(' ')[1]) "
-                           f">= {tick + 5}", timeout=5)
+           f">= {tick + 5}", timeout=5)
     assert page.evaluate("globalThis.worldhost.lastSeq") > first
     # the truck moves on the canvas, the slices are a tree, the log shows the ticks
     assert "simulation" in page.inner_text("#tree") and "map" in page.inner_text("#tree")
@@ -145,15 +153,28 @@ def test_inspector_shows_the_map_and_live_ticks(browser: Any, server: ServerProc
     page.fill("#action", "map.add_node")
     page.fill("#params", '{"id": "n9", "x": "far"}')
     page.click("#action-form button")
-    page.wait_for_selector("#reply.error", timeout=5_000)
+    page.wait_for_selector("#reply.error", timeout=10_000)
     assert "validation_error" in page.inner_text("#reply")
     assert "params.x" in page.inner_text("#reply")
     shot(page, "inspector")
-    assert page.errors == []
+    # a player joins; the inspector is no admin's yet, then is one, and kicks the player
+    player = page_of(browser.new_context())
+    join(player, base(server), "dee")
+    assert page.locator("#sessions button").count() == 0
+    page.fill("#admin-token", "adm")
+    page.click("#admin-button")
+    wait_js(page, "globalThis.worldhost && globalThis.worldhost.role === 'admin'")
+    page.locator("#sessions tr", has_text="dee").locator("button").click()
+    player.wait_for_selector("#setup:not([hidden])", timeout=10_000)
+    assert "kicked" in player.inner_text("#setup-note")
+    page.reload()  # the admin token stays in the tab
+    wait_js(page, "globalThis.worldhost && globalThis.worldhost.role === 'admin'")
+    shot(page, "inspector-admin")
+    assert page.errors == [] and player.errors == []
     context.close()
 
 
-def test_play_refresh_goes_straight_back_into_the_same_session(
+def test_play_refresh_goes_straight_back_in_and_foreign_pages_are_refused(
         browser: Any, server: ServerProcess) -> None:
     context = browser.new_context()
     page = page_of(context)
@@ -161,18 +182,38 @@ def test_play_refresh_goes_straight_back_into_the_same_session(
     sid = session_id(page)
     page.fill("#chat-text", "hello from ada")
     page.press("#chat-text", "Enter")
-    page.wait_for_selector("#messages >> text=hello from ada", timeout=5_000)
-    wait_js(page, "document.querySelector('#counts').textContent.includes('3 trucks')",
-                           timeout=10)
+    page.wait_for_selector("#messages >> text=hello from ada", timeout=10_000)
+    wait_js(page, "/[1-9] trucks/.test(document.querySelector('#counts').textContent)",
+            timeout=10)
     shot(page, "play")
     page.reload()
     page.wait_for_selector("#game:not([hidden])", timeout=10_000)
     assert page.is_hidden("#setup")
     assert session_id(page) == sid
     assert page.evaluate("globalThis.worldhost.resumes") == 1
-    page.wait_for_selector("#messages >> text=hello from ada", timeout=5_000)
+    page.wait_for_selector("#messages >> text=hello from ada", timeout=10_000)
     assert page.inner_text("#me-name") == "ada"
     assert page.errors == []
+    # a page from a foreign origin is refused; the host's own page may connect
+    probe = """<!doctype html><script>
+      window.result = new Promise((resolve) => {
+        const ws = new WebSocket("ws://127.0.0.1:%d/ws");
+        ws.onmessage = (e) => resolve("message: " + e.data.slice(0, 30));
+        ws.onclose = (e) => resolve("closed " + e.code);
+      });
+    </script>""" % server.port
+    page.route("http://foreign.example/", lambda route: route.fulfill(
+        status=200, content_type="text/html", body=probe))
+    page.goto("http://foreign.example/")
+    assert page.evaluate("window.result") == "closed 1006"
+    # the same page served from the host itself may connect
+    page.goto(base(server) + "/")
+    result = page.evaluate("""new Promise((resolve) => {
+        const ws = new WebSocket(`ws://${location.host}/ws`);
+        ws.onmessage = (e) => { resolve(JSON.parse(e.data).signal); ws.close(); };
+        ws.onclose = (e) => resolve("closed " + e.code);
+      })""")
+    assert result == "server.info"
     context.close()
 
 
@@ -186,12 +227,12 @@ def test_kill_9_the_page_comes_back_and_a_burst_is_applied_once(
         page.click("#wave")
     server.kill9()  # some of the waves answered, some applied unanswered, some not read
     wait_js(page, "['offline', 'connecting'].includes(globalThis.worldhost.state)",
-                           timeout=10)
+           timeout=10)
     for _ in range(10):
         page.click("#wave")  # clicked while the host is down
     server.start()
     wait_js(page, "globalThis.worldhost.state === 'open' && "
-                           "globalThis.worldhost.unanswered === 0", timeout=20)
+           "globalThis.worldhost.unanswered === 0", timeout=20)
     assert session_id(page) == sid
     texts = Counter(run(chat_texts, server.url))
     assert {f"wave {i} from bo": 1 for i in range(1, 21)} == \
@@ -222,33 +263,26 @@ def test_two_tabs_of_one_player_both_keep_working(browser: Any, server: ServerPr
     for page in (one, two):
         for text in ["tab message 0", "tab message 1", "tab message 2", "after reload 0",
                      "after reload 1"]:
-            page.wait_for_selector(f"#messages >> text={text}", timeout=5_000)
+            page.wait_for_selector(f"#messages >> text={text}", timeout=10_000)
         assert page.evaluate("globalThis.worldhost.resumes") == 1
         assert page.inner_text("#play-error") == ""
         assert page.errors == []
-    context.close()
-
-
-def test_a_page_from_a_foreign_origin_is_refused(browser: Any, server: ServerProcess) -> None:
-    context = browser.new_context()
-    page = page_of(context)
-    probe = """<!doctype html><script>
-      window.result = new Promise((resolve) => {
-        const ws = new WebSocket("ws://127.0.0.1:%d/ws");
-        ws.onmessage = (e) => resolve("message: " + e.data.slice(0, 30));
-        ws.onclose = (e) => resolve("closed " + e.code);
-      });
-    </script>""" % server.port
-    page.route("http://foreign.example/", lambda route: route.fulfill(
-        status=200, content_type="text/html", body=probe))
-    page.goto("http://foreign.example/")
-    assert page.evaluate("window.result") == "closed 1006"
-    # the same page served from the host itself may connect
-    page.goto(base(server) + "/")
-    result = page.evaluate("""new Promise((resolve) => {
-        const ws = new WebSocket(`ws://${location.host}/ws`);
-        ws.onmessage = (e) => { resolve(JSON.parse(e.data).signal); ws.close(); };
-        ws.onclose = (e) => resolve("closed " + e.code);
-      })""")
-    assert result == "server.info"
+    # a duplicated tab starts with a copy of its tab's sessionStorage: it resumes that
+    # session (rotating the token), and the first tab, displaced, opens a new one
+    key = f"worldhost:session:ws://127.0.0.1:{server.port}/ws"
+    copied = one.evaluate(f"sessionStorage.getItem({key!r})")
+    three = page_of(context)
+    three.add_init_script(f"sessionStorage.setItem({key!r}, {copied!r})")
+    three.goto(base(server) + "/play")
+    three.wait_for_selector("#game:not([hidden])", timeout=10_000)
+    assert session_id(three) == json.loads(copied)["session_id"]
+    wait_js(one, f"globalThis.worldhost.state === 'open' && "
+                 f"globalThis.worldhost.sessionId !== {session_id(three)!r}")
+    for i, page in enumerate([one, two, three]):
+        page.fill("#chat-text", f"three tabs {i}")
+        page.press("#chat-text", "Enter")
+    for page in (one, two, three):
+        for i in range(3):
+            page.wait_for_selector(f"#messages >> text=three tabs {i}", timeout=10_000)
+        assert page.errors == []
     context.close()

@@ -252,6 +252,7 @@ $("admin-form").addEventListener("submit", async (ev) => {
   const t = $("admin-token").value.trim();
   if (!t) return;
   sessionStorage.setItem(ADMIN, t);
+  await client.endSession(); // the viewer's session is done with
   location.reload(); // a new session, opened with the token
 });
 addEventListener("pagehide", () => client._save());

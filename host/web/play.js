@@ -91,7 +91,7 @@ function start(name) {
     else if (changed) { view.update(); counts(); }
   });
   client.on("chat.message", addMessage);
-  client.on("ended", () => { identity && writeIdentity({ ...identity, world_id: null }); location.reload(); });
+  client.on("ended", ({ reason }) => setupScreen(`You were removed from the game (${reason}). Join again?`));
   return client.connect();
 }
 
@@ -134,10 +134,13 @@ async function buildWorld(kind) {
   if (Object.keys(slices.map || {}).length) return; // a world is being played: join it
   const w = WORLDS[kind]();
   for (const n of w.nodes) model.nodes.set(n.id, n);
-  for (const n of w.nodes) await client.call("map.add_node", n);
-  for (const e of w.edges) await client.call("map.add_edge", e);
-  for (const [i, node] of w.trucks.entries()) await client.call("simulation.add_agent", { id: `truck${i + 1}`, kind: "truck", node, speed: 15 });
-  for (let i = 0; i < 4; i++) await sendPackage();
+  // sent together: the host applies them in order and commits them in few writes
+  await Promise.all(w.nodes.map((n) => client.call("map.add_node", n)));
+  await Promise.all([
+    ...w.edges.map((e) => client.call("map.add_edge", e)),
+    ...w.trucks.map((node, i) => client.call("simulation.add_agent", { id: `truck${i + 1}`, kind: "truck", node, speed: 15 })),
+    ...[0, 1, 2, 3].map(() => sendPackage()),
+  ]);
   try { await client.call("simulation.start", { tick_hz: 10 }); } catch (err) { if (err.code !== "conflict") throw err; }
   const { slices: fresh } = await client.call("world.snapshot", { slices: ["map", "simulation"] });
   model.load(fresh); view.update(); counts();
@@ -179,8 +182,8 @@ $("setup").addEventListener("submit", async (ev) => {
   const world = $("world").value;
   $("join").disabled = true;
   try {
-    if (!client || client.name !== name) {
-      if (client) await client.endSession();
+    if (!client || client.state === "closed" || client.name !== name) {
+      if (client && client.state !== "closed") await client.endSession();
       await start(name);
     }
     await buildWorld(world);

@@ -29,7 +29,7 @@ export interface ClientOptions {
   callTimeoutMs?: number;
   /** A silent connection is pinged after this many ms and dropped if still silent after as many again. Default 10000. */
   heartbeatMs?: number;
-  /** Reconnect backoff: the first delay and the cap, in ms (each attempt doubles, with jitter). Defaults 250 and 5000. */
+  /** Reconnect backoff: the first delay and the cap, in ms (each attempt doubles, with jitter). Defaults 250 and 3000. */
   minDelayMs?: number;
   maxDelayMs?: number;
   /** How long a gap in seq is waited for before it is passed over. Default 2000. */

@@ -54,7 +54,7 @@ export class WorldhostClient extends EventTarget {
     this.callTimeoutMs = options.callTimeoutMs ?? 20000;
     this.heartbeatMs = options.heartbeatMs ?? 10000;
     this.minDelayMs = options.minDelayMs ?? 250;
-    this.maxDelayMs = options.maxDelayMs ?? 5000;
+    this.maxDelayMs = options.maxDelayMs ?? 3000;
     this.gapTimeoutMs = options.gapTimeoutMs ?? 2000;
     this.snapshot = options.snapshot ?? null; // slice names to re-read, or null: none
     this.storage = options.storage ?? tabStorage();
