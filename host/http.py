@@ -69,7 +69,10 @@ async def read_head(stream: trio.abc.Stream, max_bytes: int) -> bytes:
     before the peer closed or the head grew past ``max_bytes``."""
     buf = bytearray()
     while b"\r\n\r\n" not in buf and len(buf) <= max_bytes:
-        data = await stream.receive_some(4096)
+        try:
+            data = await stream.receive_some(4096)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""  # reset by the peer: nothing to answer
         if not data:
             break
         buf += data
@@ -105,7 +108,15 @@ def unread(stream: trio.abc.Stream, data: bytes) -> None:
 
 
 async def serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:
-    """Answer the one HTTP request in ``head`` (it came within the time allowed)."""
+    """Answer the one HTTP request in ``head`` (it came within the time allowed). A peer
+    gone before the answer is sent is no error of the host's."""
+    try:
+        await _serve(host, stream, head)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+
+
+async def _serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:
     limits = host.config.host.limits
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_http_header_bytes)
     end = head.find(b"\r\n\r\n")
@@ -124,7 +135,11 @@ async def serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:
         return
     if not isinstance(event, h11.Request):  # the peer closed before the end of its headers
         return
-    response = respond(host, event)
+    try:
+        response = respond(host, event)
+    except Exception:  # a failing page must not take the world down with it
+        log.exception("HTTP %r failed", event.target)
+        response = Response(500, b"internal error (logged by the host)\n")
     await _send(stream, conn, response, method=event.method)
 
 

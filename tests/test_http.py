@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import socket
+import struct
 from typing import Any
 
 import h11
 import pytest
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from trio_websocket import HandshakeError, open_websocket_url
@@ -189,3 +192,25 @@ def test_same_origin_needs_a_matching_address_not_a_name() -> None:
     assert not same_origin("http://127.0.0.1:8765", "127.0.0.1:8766")
     assert not same_origin("http://127.0.0.1:8765", None)
     assert not same_origin("ws://127.0.0.1:8765", "127.0.0.1:8765")
+
+
+async def test_a_peer_that_vanishes_mid_request_leaves_the_host_serving(worldhost: Any) -> None:
+    h = await worldhost.start(listen=True)
+    # reset (RST) mid-headers and right after a whole request
+    for raw in (b"GET / HT", get("/client/worldhost.js")):
+        sock = trio.socket.socket()
+        await sock.connect(("127.0.0.1", h.host.port))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await sock.send(raw)
+        sock.close()
+    # a peer that closes before reading the answer
+    for _ in range(3):
+        client_end, server_end = trio.testing.memory_stream_pair()
+        h.host.accept_stream(server_end)
+        await client_end.send_all(get("/client/worldhost.js"))
+        await client_end.aclose()
+    await trio.sleep(0.3)
+    status, _, _ = await fetch(h.host.port, get("/healthz"))
+    assert status == 200
+    async with h.client("ada") as ada:
+        assert (await ada.call("host.ping", x=1)) == {"x": 1}
