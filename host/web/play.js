@@ -82,7 +82,7 @@ function start(name) {
   client.on("session", async (s) => {
     $("session-id").textContent = s.session_id;
     $("resumes").textContent = client.resumes;
-    if (s.fresh) loadChat();
+    if (s.fresh || !s.complete) loadChat(); // a new page, or messages the host no longer held
   });
   client.on("signal", (sig) => {
     $("seq").textContent = client.lastSeq;

@@ -101,7 +101,9 @@ export class WorldhostClient extends EventTarget {
 
   /** Send one action; resolves with the reply's data, rejects with a CallError. */
   call(action, params = {}, { timeoutMs } = {}) {
-    if (this._closed) return Promise.reject(new CallError("closed", "the client is closed", null, action));
+    if (this._closed || this._ended) {
+      return Promise.reject(new CallError("closed", this._ended ? "the host ended the session" : "the client is closed", null, action));
+    }
     const id = `${this._prefix}${++this._ids}`;
     const frame = JSON.stringify({ id, action, params });
     return new Promise((resolve, reject) => {
@@ -265,6 +267,9 @@ export class WorldhostClient extends EventTarget {
     if (this._pingSentAt && now - this._pingSentAt > this.heartbeatMs) {
       this._pingSentAt = 0; // no answer: the connection is dead though not closed
       this._drop(4000, "heartbeat timeout");
+      this._lostConnection();
+    } else if (this.state !== "open" && silent > 2 * this.heartbeatMs) {
+      this._drop(4000, "no answer to the handshake"); // connecting to a host that is not there
       this._lostConnection();
     } else if (!this._pingSentAt && silent > this.heartbeatMs && this.state === "open") {
       this._pingSentAt = now;

@@ -298,6 +298,16 @@ test("a silent connection is pinged, then dropped and resumed", async () => {
   c.close();
 });
 
+test("a handshake that never completes is dropped and tried again", async () => {
+  const c = client({ heartbeatMs: 30 });
+  c.connect();
+  const ws = FakeSocket.all.at(-1);
+  ws.readyState = 1; // the socket opened, but no server.info ever comes
+  await until(() => FakeSocket.all.length === 2, 1000);
+  assert.ok(ws.closed);
+  c.close();
+});
+
 test("session.ended stops reconnecting and forgets the session", async () => {
   const storage = memory();
   const c = client({ storage });
@@ -311,4 +321,5 @@ test("session.ended stops reconnecting and forgets the session", async () => {
   assert.equal(FakeSocket.all.length, 1);
   assert.equal(c.state, "closed");
   assert.equal(storage.getItem("worldhost:session:ws://test/ws"), null);
+  await assert.rejects(c.call("host.ping"), (err) => err.code === "closed");
 });
