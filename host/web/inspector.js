@@ -34,8 +34,9 @@ client.on("snapshot", (snap) => {
 client.on("signal", (sig) => {
   addLog(sig);
   const changed = model.apply(sig.signal, sig.data);
-  if (changed === true) { syncSlices(); view.update(); showTick(); }
-  if (changed === "reload" || (!changed && worldChanging(sig.signal))) rereadSoon();
+  if (changed === true) { view.update(); showTick(); }
+  if (changed === "reload") rereadSoon(true);
+  else if (!changed && worldChanging(sig.signal)) rereadSoon(false);
   if (sig.signal.startsWith("process.")) refreshProcesses();
   if (sig.signal.startsWith("session") || sig.signal === "sync_state") refreshSessionsSoon();
   if (sig.signal === "sync_state") { generation = sig.data.generation; showInfo({ ...client.serverInfo, ...sig.data }); }
@@ -72,21 +73,32 @@ function showTick() {
 
 // the slices: the model's parts written back, so the tree follows the ticks
 function syncSlices() {
-  if (!slices.simulation) return;
-  for (const a of model.agents.values()) slices.simulation[`agent:${a.id}`] = a;
-  for (const p of model.packages.values()) slices.simulation[`package:${p.id}`] = p;
-  slices.simulation.meta = model.meta;
+  if (!slices.simulation || !slices.map) return;
+  const sim = { meta: model.meta }, map = {};
+  for (const a of model.agents.values()) sim[`agent:${a.id}`] = a;
+  for (const p of model.packages.values()) sim[`package:${p.id}`] = p;
+  for (const n of model.nodes.values()) map[`node:${n.id}`] = n;
+  for (const e of model.edges.values()) map[`edge:${e.id}`] = e;
+  slices.simulation = sim; slices.map = map;
 }
 
+// Other slices are re-read when a signal may have changed them: all but the map and
+// the simulation, which the model follows signal by signal (and which can be big).
 let rereadTimer = null;
-function rereadSoon() {
+let rereadAll = false;
+function rereadSoon(all) {
+  rereadAll ||= all;
   if (rereadTimer) return;
   rereadTimer = setTimeout(async () => {
     rereadTimer = null;
+    const names = rereadAll ? null : Object.keys(slices).filter((n) => n !== "map" && n !== "simulation");
+    rereadAll = false;
     try {
-      const snap = await client.call("world.snapshot", {});
-      slices = snap.slices; generation = snap.generation;
-      model.load(slices); view.update(); renderTree(); showTick();
+      const snap = await client.call("world.snapshot", names ? { slices: names } : {});
+      slices = names ? { ...slices, ...snap.slices } : snap.slices;
+      generation = snap.generation;
+      if (!names) model.load(slices);
+      view.update(); renderTree(); showTick();
     } catch { /* the next change tries again */ }
   }, 300);
 }
@@ -99,6 +111,7 @@ function renderTreeSoon() {
 
 const open = new Set();
 function renderTree() {
+  syncSlices();
   const root = $("tree");
   const scroll = root.scrollTop;
   root.innerHTML = "";

@@ -430,7 +430,7 @@ export class WorldhostClient extends EventTarget {
   }
 
   async _readState() {
-    const params = Array.isArray(this.snapshot) ? { slices: this.snapshot } : {};
+    const params = this.snapshot.length ? { slices: this.snapshot } : {}; // []: every slice
     try {
       const data = await this.call("world.snapshot", params);
       this._emit("snapshot", data);

@@ -193,6 +193,14 @@ test("an incomplete resume passes over the lost signals and re-reads state", asy
   c.close();
 });
 
+test("snapshot: [] reads every slice", async () => {
+  const c = client({ snapshot: [] });
+  const ws = await opened(c, 1);
+  const snap = ws.sent.find((f) => f.action === "world.snapshot");
+  assert.deepEqual(snap.params, {});
+  c.close();
+});
+
 test("a gap that never fills is passed over after gapTimeoutMs", async () => {
   const c = client({ gapTimeoutMs: 30 });
   const ws = await opened(c, 1);
