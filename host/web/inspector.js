@@ -256,6 +256,7 @@ $("action-form").addEventListener("submit", async (ev) => {
   try {
     const data = await client.call($("action").value.trim(), params);
     out.className = "mono ok"; out.textContent = JSON.stringify(data, null, 1).slice(0, 20000);
+    rereadSoon(true); // broadcasts go to the others: this page reads what its action did
   } catch (err) { showError(err); }
 });
 

@@ -152,7 +152,9 @@ async function sendPackage() {
   const origin = nodes[Math.floor(Math.random() * nodes.length)];
   let destination = origin;
   while (destination === origin) destination = nodes[Math.floor(Math.random() * nodes.length)];
-  await client.call("simulation.add_package", { id: `p-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 6)}`, origin, destination });
+  const added = await client.call("simulation.add_package", { id: `p-${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 6)}`, origin, destination });
+  // the broadcast goes to the others; this page learns from the reply
+  if (model.apply("simulation.package_added", added)) { view.update(); counts(); }
 }
 
 function enterGame() {
