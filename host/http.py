@@ -248,7 +248,9 @@ def metrics(host: Host) -> str:
                [("_sum", saver.commit_seconds), ("_count", saver.commits)])
         metric("checkpoint_seconds", "summary", "Time to write a checkpoint.",
                [("_sum", saver.checkpoint_seconds), ("_count", saver.checkpoints)])
-    metric("signals_sent_total", "counter", "Signals sent to the sessions there are now.",
+    # a gauge: it is the sum over the sessions there are now, which come and go
+    metric("session_signals_sent", "gauge",
+           "Signals sent to the sessions there are now, over their lives.",
            [("", sum(s.signals_sent for s in sessions))])
     metric("signals_dropped_total", "counter",
            "Signals not sent: the connection was closing or too slow.",

@@ -143,7 +143,7 @@ async def test_metrics_count_actions_errors_commits_and_connections(worldhost: A
     assert values["worldhost_journal_commits_total"] >= 1
     assert values["worldhost_journal_commit_seconds_count"] == values["worldhost_journal_commits_total"]
     assert values["worldhost_checkpoint_seconds_count"] >= 1
-    assert values["worldhost_signals_sent_total"] >= 3
+    assert values["worldhost_session_signals_sent"] >= 3
     assert "worldhost_signals_dropped_total" in values and "worldhost_simulation_tick" in values
     for name in {n.split("{")[0] for n in values}:
         base = name.removesuffix("_sum").removesuffix("_count")
