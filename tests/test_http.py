@@ -214,3 +214,22 @@ async def test_a_peer_that_vanishes_mid_request_leaves_the_host_serving(worldhos
     assert status == 200
     async with h.client("ada") as ada:
         assert (await ada.call("host.ping", x=1)) == {"x": 1}
+
+
+async def test_every_asset_a_page_names_is_served(worldhost: Any) -> None:
+    import re
+    h = await worldhost.start(listen=True)
+    seen: set[str] = set()
+    todo = ["/", "/inspector", "/play"]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        status, _, body = await fetch(h.host.port, get(path))
+        assert status == 200, path
+        text = body.decode()
+        for ref in re.findall(r'(?:src|href)="(/[^"]*)"|from "(/[^"]*)"', text):
+            todo.extend(r for r in ref if r)
+    assert {"/static/map.js", "/static/play.js", "/static/inspector.js", "/client/worldhost.js",
+            "/static/style.css"} <= seen
