@@ -9,8 +9,8 @@ connection, with 1011.
 
 from __future__ import annotations
 
-import logging
 import ipaddress
+import logging
 import re
 from collections import deque
 from collections import Counter
@@ -397,7 +397,7 @@ class Transport:
 def same_origin(origin: str, host: str | None) -> bool:
     """A page the host served itself: the Origin names the Host the browser connected
     to. Only for an IP address or localhost: a DNS name could be rebound to this
-    machine by a foreign page, which would then be \"same-origin\" with it."""
+    machine by a foreign page, which would then be "same-origin" with it."""
     if host is None:
         return False
     scheme, _, netloc = origin.partition("://")
