@@ -333,7 +333,6 @@ export class WorldhostClient extends EventTarget {
       this._handshakeReply(msg);
       return;
     }
-    if (typeof msg.re === "string" && msg.re.startsWith(`${this._prefix}hb`)) return;
     if (msg.seq === undefined || msg.seq === null) {
       this._deliver(msg); // before a session: not numbered
       return;

@@ -306,6 +306,19 @@ test("a silent connection is pinged, then dropped and resumed", async () => {
   c.close();
 });
 
+test("a heartbeat's answer takes its place in seq order", async () => {
+  const c = client({ heartbeatMs: 30, gapTimeoutMs: 5000 });
+  const ws = await opened(c, 1);
+  await until(() => ws.sent.some((f) => f.action === "host.ping"));
+  const ping = ws.sent.find((f) => f.action === "host.ping");
+  const got = [];
+  c.on("signal", (s) => got.push(s.seq));
+  ws.push({ signal: "host.pong", re: ping.id, seq: 2, data: {} });
+  ws.push({ signal: "x", seq: 3, data: {} });
+  assert.deepEqual(got, [3], "no wait for a gap");
+  c.close();
+});
+
 test("a handshake that never completes is dropped and tried again", async () => {
   const c = client({ heartbeatMs: 30 });
   c.connect();
