@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,7 @@ class Dispatcher:
         self.replaying = False
         self.accepting = True
         self.applied = 0
+        self.errors: Counter[str] = Counter()  # error replies by code, for /metrics
         self.idle = True  # no item is being applied right now
         self.queued = 0  # items in the channel, not yet taken by the dispatcher task
 
@@ -295,6 +297,7 @@ class Dispatcher:
         if req.internal:
             req.failure = exc
             return Outcome()
+        self.errors[exc.code] += 1
         data: dict[str, Any] = {"code": exc.code, "message": exc.message, "action": req.action}
         if exc.details is not None:
             data["details"] = exc.details

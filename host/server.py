@@ -17,7 +17,7 @@ from typing import Any, cast
 import trio
 import trio_websocket
 
-from host import __version__, plugins
+from host import __version__, http, plugins
 from host.actions import ActionError
 from host.api import HostAPI, SessionInfo
 from host.config import Config
@@ -535,6 +535,15 @@ class Host:
                 # a socket that never completes its handshake is closed like one that
                 # never opens a session
                 with trio.move_on_after(self.config.sessions.auth_timeout_s):
+                    head = None
+                    with trio.move_on_after(limits.http_timeout_s):
+                        head = await http.read_head(stream, limits.max_http_header_bytes)
+                    if not head:  # too slow to send a request's headers, or gone
+                        return
+                    if not http.is_websocket(head):  # HTTP: pages, health, metrics
+                        await http.serve(self, stream, head)
+                        return
+                    http.unread(stream, head)
                     request = await trio_websocket.wrap_server_stream(
                         self._nursery, stream, message_queue_size=8,
                         max_message_size=limits.max_frame_bytes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import ipaddress
 import logging
 import re
 import resource
@@ -194,6 +195,7 @@ class Connection:
     # called by the dispatcher, synchronously -----------------------------------
     def deliver(self, sig: Signal) -> bool:
         if self.close_code is not None:
+            self.host.transport.signals_dropped += 1
             return False
         if sig.has_re and self.in_flight:
             self.in_flight -= 1
@@ -202,11 +204,13 @@ class Connection:
         if self._outbox and now - self._outbox[0][1] > limits.max_lag_s:
             log.warning("disconnecting %s: %.1f s behind", self.remote, now - self._outbox[0][1])
             self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
+            self.host.transport.signals_dropped += 1
             return False
         if len(self._outbox) >= self._outbox_size:
             log.warning("disconnecting %s: outbox full (%d signals behind)",
                         self.remote, self._outbox_size)
             self.abort(POLICY, "too slow: outbox full")
+            self.host.transport.signals_dropped += 1
             return False
         self._queue(sig, now)
         return True
@@ -502,6 +506,7 @@ class Transport:
         files = fd_limit()
         self.max_connections = host.config.host.limits.max_connections or \
             connection_budget(files)
+        self.signals_dropped = 0  # not delivered: the connection was closing or too slow
 
     def admit(self, address: str) -> Slot | None:
         """A slot for a new socket, closing older unauthenticated ones to make room;
@@ -569,7 +574,9 @@ class Transport:
     async def handle(self, request: WebSocketRequest, slot: Slot | None = None) -> None:
         cfg = self.host.config.host
         origin = _header(request, b"origin")
-        if origin is not None and origin not in cfg.allowed_origins and "*" not in cfg.allowed_origins:
+        if origin is not None and origin not in cfg.allowed_origins and \
+                "*" not in cfg.allowed_origins and \
+                not same_origin(origin, _host(request)):
             log.info("refused handshake from origin %r", origin)
             await request.reject(403, body=b"origin not allowed")
             return
@@ -613,6 +620,32 @@ def stream_address(stream: Any) -> str:
     except OSError:
         return "unknown"
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
+
+
+def same_origin(origin: str, host: str | None) -> bool:
+    """A page the host served itself: the Origin names the Host the browser connected
+    to. Only for an IP address or localhost: a DNS name could be rebound to this
+    machine by a foreign page, which would then be "same-origin" with it."""
+    if host is None:
+        return False
+    scheme, _, netloc = origin.partition("://")
+    if scheme not in ("http", "https") or netloc.lower() != host.lower():
+        return False
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    name = name.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _host(request: WebSocketRequest) -> str | None:
+    """The Host header (wsproto keeps it apart from the other headers)."""
+    host = getattr(getattr(request, "_event", None), "host", None)
+    return host if isinstance(host, str) else None
 
 
 def _header(request: WebSocketRequest, name: bytes) -> str | None:

@@ -88,6 +88,8 @@ class Saver:
         self.generation = 0
         self.commits = 0
         self.checkpoints = 0
+        self.commit_seconds = 0.0  # summed, for /metrics
+        self.checkpoint_seconds = 0.0
         self.threaded = threaded
         self.journal_in_loop = journal_in_loop or not threaded
         self._writer = WriterThread()
@@ -234,6 +236,7 @@ class Saver:
                 self.in_flight = False
                 self._in_flight_writers = set()
             self.commits += 1
+            self.commit_seconds += time.perf_counter() - started
             self._release(batch)
         if self.current:  # outputs that waited behind a commit, with nothing to commit
             batch, self.current = self.current, Batch()
@@ -263,6 +266,7 @@ class Saver:
         finally:
             self.in_flight = False
         self.checkpoints += 1
+        self.checkpoint_seconds += time.perf_counter() - started
         return self.generation
 
     async def flush(self) -> None:
