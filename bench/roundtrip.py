@@ -189,7 +189,7 @@ def main() -> None:
           + f", {seconds:g} s a measurement; cost = server/client: µs of CPU per round trip, "
           "% of a core used, % of the time busy (running or waiting for a core)", flush=True)
     print(f"{'action':<11} {'conns':>5} {'host rt/s':>10} {'echo rt/s':>10} {'ratio':>6} "
-          f"{'host p50':>9} {'host p99':>9} {'echo p50':>9} {'echo p99':>9}  "
+          f"{'cpu ratio':>9} {'host p50':>9} {'host p99':>9} {'echo p50':>9} {'echo p99':>9}  "
           f"{'host cost':<25} {'echo cost':<25}", flush=True)
     try:
         for action in ("host.ping", "bench.touch"):
