@@ -178,16 +178,17 @@ def open_session(conn: Conn, name: str) -> None:
     conn.receive()  # sync_state
 
 
-def requester(action: str) -> Callable[[int, int, int], bytes]:
-    """The request payload for (connection index, request id, iteration)."""
+def requester(action: str) -> Callable[[int, int], bytes]:
+    """The request payload for (connection index, request id); ``bench.touch``
+    writes one key per connection, as bench/roundtrip.py's trio client does."""
     if action == "bench.touch":
         tmpl = b'{"id":%d,"action":"bench.touch","params":{"key":"k%d","n":%d}}'
-        return lambda index, rid, i: tmpl % (rid, index, i)
+        return lambda index, rid: tmpl % (rid, index, rid)
     tmpl = b'{"id":%d,"action":"' + action.encode() + b'","params":{"n":%d}}'
-    return lambda index, rid, i: tmpl % (rid, i)
+    return lambda index, rid: tmpl % (rid, rid)
 
 
-def run(conns: list[Conn], seconds: float, make: Callable[[int, int, int], bytes],
+def run(conns: list[Conn], seconds: float, make: Callable[[int, int], bytes],
         host: bool, first_index: int) -> list[float]:
     """Every connection makes round trips back to back for ``seconds``; their times.
 
@@ -206,7 +207,7 @@ def run(conns: list[Conn], seconds: float, make: Callable[[int, int, int], bytes
 
     def send_next(index: int, conn: Conn) -> None:
         conn.rid += 1
-        payload = make(index, conn.rid, conn.rid)
+        payload = make(index, conn.rid)
         conn.expect = b'"re":%d,' % conn.rid if host else payload
         conn.started = now()
         conn.send(payload)
@@ -216,7 +217,10 @@ def run(conns: list[Conn], seconds: float, make: Callable[[int, int, int], bytes
     stop_at = now() + seconds
     outstanding = len(conns)
     while outstanding:
-        for fd, _ in poller.poll(1.0):
+        events = poller.poll(1.0)
+        if not events and now() > stop_at + 10:
+            raise TimeoutError(f"{outstanding} replies missing 10 s after the end")
+        for fd, _ in events:
             index, conn = by_fd[fd]
             data = conn.sock.recv(262144)
             if not data:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -41,7 +40,7 @@ from pathlib import Path
 import trio
 
 from common import drive, host_process, open_conns, percentile, run, workdir
-from rawclient import run_wait_seconds
+from rawclient import cpu_seconds, run_wait_seconds
 
 HERE = Path(__file__).parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -118,11 +117,11 @@ def measure_trio(url: str, server_pid: int, count: int, seconds: float, action: 
         async with trio.open_nursery() as nursery:
             conns = await open_conns(nursery, url, count, session)
             await drive(conns, 0.3, make)  # warm up
-            server, client, started = process_cpu(server_pid), own_cpu(), time.perf_counter()
+            server, client, started = process_cpu(server_pid), cpu_seconds(), time.perf_counter()
             server_busy, client_busy = sum(run_wait_seconds(server_pid)), sum(run_wait_seconds())
             latencies = await drive(conns, seconds, make)
             wall = time.perf_counter() - started
-            server, client = process_cpu(server_pid) - server, own_cpu() - client
+            server, client = process_cpu(server_pid) - server, cpu_seconds() - client
             server_busy = sum(run_wait_seconds(server_pid)) - server_busy
             client_busy = sum(run_wait_seconds()) - client_busy
             for conn in conns:
@@ -142,11 +141,6 @@ def measure_trio(url: str, server_pid: int, count: int, seconds: float, action: 
     return Result(len(times) / wall, percentile(times, 0.5), percentile(times, 0.99),
                   server / len(times), server / wall, client / len(times), client / wall,
                   server_busy / wall, client_busy / wall)
-
-
-def own_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def spawn_echo(*flags: str) -> tuple[subprocess.Popen[str], int]:

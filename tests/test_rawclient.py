@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from wsproto.frame_protocol import FrameProtocol, Opcode
 
@@ -14,6 +14,7 @@ from common import host_process
 from rawclient import Conn, Masker, open_session, parse_frames, requester, run
 
 
+@settings(deadline=None)  # a loaded machine may take long over a 64 KiB example
 @given(st.text(max_size=400))
 @example("x" * 125)
 @example("x" * 126)
@@ -29,6 +30,7 @@ def test_masked_frames_are_what_wsproto_reads(payload: str) -> None:
     assert frames[0].payload == payload
 
 
+@settings(deadline=None)
 @given(st.lists(st.binary(max_size=300), max_size=5), st.lists(st.integers(1, 400), max_size=8))
 @example([b"y" * 70000], [3, 9, 200])
 def test_server_frames_parse_whatever_the_chunks(payloads: list[bytes], cuts: list[int]) -> None:
