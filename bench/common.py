@@ -62,6 +62,30 @@ async def echo_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                           max_message_size=64 << 20, task_status=task_status)
 
 
+async def line_echo_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """A bare trio TCP server that answers each newline-terminated line with itself."""
+    async def handler(stream: trio.SocketStream) -> None:
+        pending = b""
+        try:
+            while data := await stream.receive_some(65536):
+                *lines, pending = (pending + data).split(b"\n")
+                for line in lines:
+                    await stream.send_all(line + b"\n")
+        except trio.BrokenResourceError:  # a client went away
+            pass
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    task_status.started(_Port(listeners[0].socket.getsockname()[1]))
+    await trio.serve_listeners(handler, listeners)
+
+
+class _Port:
+    """What ``echo_server`` hands to ``task_status``, as far as echo.py reads it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+
 class Conn:
     """One client connection: request/reply with ids, for host and echo alike."""
 

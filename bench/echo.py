@@ -1,18 +1,25 @@
-"""A bare trio-websocket echo server in its own process: the round-trip baseline.
+"""A bare echo server in its own process: the round-trip baseline.
 
-Run by bench/roundtrip.py; prints its port on the first line of stdout.
+Run by bench/roundtrip.py; prints its port on the first line of stdout. By
+default a trio-websocket server that answers each message with itself (the
+same library as the host's transport); with ``--tcp`` a trio TCP server that
+answers each newline-terminated line with itself, no WebSocket at all (the
+floor for a plain TCP transport).
 """
 
 from __future__ import annotations
 
+import sys
+
 import trio
 
-from common import echo_server
+from common import echo_server, line_echo_server
 
 
 async def main() -> None:
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(echo_server)
+        serve = line_echo_server if "--tcp" in sys.argv[1:] else echo_server
+        server = await nursery.start(serve)
         print(server.port, flush=True)
 
 
