@@ -25,7 +25,8 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_transfer_bytes: int = 256 * 1024 * 1024  # a chunked request, joined
     max_open_transfer_bytes: int = 256 * 1024 * 1024  # a connection's unfinished transfers
     transfer_timeout_s: float = 60.0  # a chunked request unfinished this long is dropped
-    max_frame_items: int = 4_000_000  # values one frame (or joined transfer) may hold
+    max_frame_items: int = 4_000_000  # values one frame (or joined transfer) of an admin may hold
+    max_player_frame_items: int = 100_000  # the same, from anyone else (or before a session)
     outbox_size: int = 256
     max_lag_s: float = 2.0  # a signal waiting longer than this in an outbox drops the client
     socket_send_buffer: int = 256 * 1024

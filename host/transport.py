@@ -30,6 +30,7 @@ from host.limits import TokenBucket
 from host.sessions import Session, Signal
 from state.codec import (
     DecodeError,
+    TooManyItems,
     decode_cbor,
     decode_json,
     encode_cbor,
@@ -327,13 +328,23 @@ class Connection:
             await self._flush()
 
     async def _decode(self, message: str | bytes, plain: bool = True) -> Any:
-        """Decode one frame within the item bound; a big one in a worker thread."""
-        max_items = self.host.config.host.limits.max_frame_items
+        """Decode one frame within the item bound; a big one in a worker thread.
+
+        Only an admin sends frames of millions of values (imports); anyone else is
+        held to a bound whose decode cannot stall the loop for long."""
+        limits = self.host.config.host.limits
+        if self.session is not None and self.session.role == "admin":
+            max_items, key = limits.max_frame_items, "max_frame_items"
+        else:
+            max_items, key = limits.max_player_frame_items, "max_player_frame_items"
 
         def decode() -> Any:
-            if isinstance(message, str):
-                return decode_json(message, max_items=max_items)
-            return decode_cbor(message, plain=plain, max_items=max_items)
+            try:
+                if isinstance(message, str):
+                    return decode_json(message, max_items=max_items)
+                return decode_cbor(message, plain=plain, max_items=max_items)
+            except TooManyItems as exc:
+                raise DecodeError(f"{exc} (host.limits.{key})") from None
 
         if len(message) <= THREAD_BYTES:
             return decode()

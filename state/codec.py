@@ -26,6 +26,10 @@ class DecodeError(ValueError):
     """A frame or stored value is not plain data; the message says why."""
 
 
+class TooManyItems(DecodeError):
+    """A frame holds (or declares) more values than the caller's bound."""
+
+
 class _NoTags(dict):
     """A semantic-decoder table that refuses every CBOR tag, known or not."""
 
@@ -173,8 +177,7 @@ def scan_cbor(data: bytes, max_items: int | None = None, max_depth: int = MAX_DE
                                       f"cannot hold them")
                 items += arg
                 if items > limit:
-                    raise DecodeError(f"more than {limit} items in one frame "
-                                      f"(host.limits.max_frame_items)")
+                    raise TooManyItems(f"more than {limit} items in one frame")
                 if arg:
                     if len(outer) >= max_depth:
                         raise DecodeError(f"nesting deeper than {max_depth} levels")
@@ -225,8 +228,7 @@ def decode_json(text: str | bytes, max_items: int | None = None) -> Any:
     the host wrote: signals read by the client) that count is skipped.
     """
     if max_items is not None and count_json_items(text) > max_items:
-        raise DecodeError(f"more than {max_items} items in one frame "
-                          f"(host.limits.max_frame_items)")
+        raise TooManyItems(f"more than {max_items} items in one frame")
     try:
         value = _json_decoder.decode(text)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError) as exc:

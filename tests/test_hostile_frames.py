@@ -34,6 +34,7 @@ TIGHT = """
 [host.limits]
 max_frame_bytes = 65536
 max_frame_items = 1000
+max_player_frame_items = 1000
 max_open_transfer_bytes = 65536
 transfer_timeout_s = 1.0
 rate_per_s = 20
@@ -165,7 +166,7 @@ def test_a_decode_bomb_is_refused_without_stalling_others_or_keeping_memory(
     assert latencies and max(latencies) < 1.5, f"bystander waited {max(latencies):.2f} s"
     assert rss_mib(server) < baseline + 96, (baseline, rss_mib(server))
     assert reply["signal"] == "error" and reply["data"]["code"] == "bad_frame", reply
-    assert "max_frame_items" in reply["data"]["message"]
+    assert "max_player_frame_items" in reply["data"]["message"]
     assert call(attacker, "host.ping", {"after": True})["data"] == {"after": True}
     attacker.close()
     bystander.close()
@@ -182,6 +183,22 @@ def test_items_a_frame_holds_count_not_only_those_it_declares(tight: ServerProce
     fits = {"x": [[0] * 10 for _ in range(50)]}
     assert call(ws, "host.ping", fits, rid="fits", cbor=True)["data"] == fits
     ws.close()
+
+
+def test_only_an_admin_may_send_frames_of_many_values(server: ServerProcess) -> None:
+    """Frames of millions of values are for imports: anyone else is held to a bound whose
+    decode cannot stall the host for long."""
+    params = {"values": [0] * 150_000}  # over max_player_frame_items (100,000)
+    for ws in (client(server), client(server, "player")):
+        ws.send(json.dumps({"id": "many", "action": "host.ping", "params": params}))
+        reply = until_re(ws, None)  # too big for its id to be read back
+        assert reply["data"]["code"] == "bad_frame", reply
+        assert "host.limits.max_player_frame_items" in reply["data"]["message"]
+        ws.close()
+    admin = client(server, "admin", token="adm")
+    reply = call(admin, "host.ping", params, rid="many")  # decoded; then too big to echo
+    assert reply["data"]["code"] == "validation_error", reply
+    admin.close()
 
 
 def test_a_declared_length_the_frame_cannot_hold_is_refused(server: ServerProcess) -> None:
