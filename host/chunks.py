@@ -60,6 +60,12 @@ class Reassembler:
         if entry is not None:
             self.open_bytes -= entry[2]
 
+    def clear(self) -> int:
+        """Drop every unfinished transfer (the connection is gone); the bytes they held."""
+        held, self.open_bytes = self.open_bytes, 0
+        self.transfers.clear()
+        return held
+
     def next_deadline(self) -> float:
         """When the oldest unfinished transfer runs out of time (inf if none can)."""
         return min((entry[3] for entry in self.transfers.values()), default=float("inf"))

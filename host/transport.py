@@ -259,6 +259,8 @@ class Connection:
                 if self.close_code is not None and not self.ws.closed and not self.torn:
                     with trio.move_on_after(1):
                         await self.ws.aclose(self.close_code, self.close_reason)
+                if self.reassembler.clear() > THREAD_BYTES:  # big pieces held to the end
+                    await trio.to_thread.run_sync(_trim, limiter=_big_decodes)
 
     async def _reader(self) -> None:
         _close_frame_on_parse_failure(self.ws)

@@ -234,7 +234,9 @@ def decode_json(text: str | bytes, max_items: int | None = None) -> Any:
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError, ValueError) as exc:
         raise DecodeError(f"invalid JSON: {exc}") from None
     if type(value) is dict or type(value) is list:
-        if isinstance(text, str):
+        if max_items is not None:
+            long_digits = True  # a walk of the values: a regex over the text holds the GIL
+        elif isinstance(text, str):
             long_digits = _LONG_DIGITS.search(text) is not None
         else:
             long_digits = _LONG_DIGITS_B.search(text) is not None

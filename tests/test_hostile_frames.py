@@ -265,6 +265,28 @@ def test_unfinished_transfers_have_a_byte_budget_and_a_deadline(tight: ServerPro
     ws.close()
 
 
+
+def test_what_unfinished_transfers_held_is_given_back_when_the_connection_goes(
+        server: ServerProcess) -> None:
+    """Pieces held to the end of a connection are freed and the heap trimmed, so an
+    attacker who sends most of four transfers and leaves keeps no memory."""
+    warm = client(server, "warm")
+    call(warm, "host.ping", {"warm": True})
+    baseline = rss_mib(server)
+    ws = client(server, "holder")
+    mib = "x" * (1 << 20)
+    for transfer in range(4):
+        for index in range(16):  # 16 of 32 pieces: 64 MiB held, under the 256 MiB budget
+            ws.send(piece(f"t{transfer}", index, 32, mib))
+    assert call(ws, "host.ping", {"held": True})["data"] == {"held": True}
+    assert rss_mib(server) > baseline + 48  # the pieces are held while it lives
+    ws.close()
+    deadline = time.monotonic() + 10
+    while rss_mib(server) > baseline + 24 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert rss_mib(server) <= baseline + 24, (baseline, rss_mib(server))
+    warm.close()
+
 # numbers --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("number", [2**63, -(2**63) - 1, 10**30, -(10**400)])
