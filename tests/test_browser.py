@@ -110,10 +110,24 @@ def wait_js(page: Any, expression: str, timeout: float = 10) -> None:
     """Poll a JavaScript expression until it is true (page.wait_for_function evaluates
     strings, which the pages' Content-Security-Policy refuses)."""
     deadline = time.monotonic() + timeout
-    while not page.evaluate(expression):
+    while not _evaluate_across_navigation(page, expression):
         if time.monotonic() > deadline:
             raise AssertionError(f"still false after {timeout} s: {expression}")
         time.sleep(0.05)
+
+
+def _evaluate_across_navigation(page: Any, expression: str) -> Any:
+    """The expression's value; false while the page is navigating (a page that reloads
+    itself, as the inspector does to open an admin session, destroys the context an
+    evaluation started in)."""
+    from playwright.sync_api import Error
+
+    try:
+        return page.evaluate(expression)
+    except Error as exc:
+        if "context was destroyed" in str(exc) or "navigat" in str(exc):
+            return False
+        raise
 
 
 def session_id(page: Any) -> str:
