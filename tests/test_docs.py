@@ -251,3 +251,15 @@ def test_the_link_check_finds_a_broken_link(tmp_path: Path) -> None:
                     "```\n[in code](d.md)\n```\n")
     assert broken_links([page]) == ["b.md: c.md (no such file)",
                                     "b.md: a.md#attacks (no such heading)"]
+
+
+def test_security_md_names_every_bound_and_reads_in_order() -> None:
+    """Every connection and session limit is on docs/security.md with its setting, and
+    the page goes: what to put in front, each area's bounds, then the attack bench."""
+    text = (DOCS / "security.md").read_text()
+    cfg = config_mod.Config()
+    for key in (*cfg.host.limits.__struct_fields__, *cfg.sessions.__struct_fields__):
+        assert f"{key}`" in text, f"{key} is not in docs/security.md"
+    sections = re.findall(r"<!-- section: (\w+) -->", text)
+    assert sections[0] == "operator" and sections[-1] == "bench", sections
+    assert len(sections) == len(set(sections)), sections
