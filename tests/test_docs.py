@@ -207,3 +207,59 @@ def test_testing_md_says_how_to_get_worldhost() -> None:
     assert "pip install path/to/worldhost" in text and ".whl" in text
     assert "worldhost new-plugin NAME" in text
     assert 'test = ["worldhost"' not in text
+
+
+# --- links ---------------------------------------------------------------------------
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to '-'."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _without_code(text: str) -> str:
+    return re.sub(r"```.*?```", "", text, flags=re.S)
+
+
+def broken_links(files: list[Path]) -> list[str]:
+    """Every relative link ``](path#anchor)`` in ``files`` whose file or heading is missing."""
+    broken = []
+    for page in files:
+        for target in re.findall(r"\]\(([^)\s]+)\)", _without_code(page.read_text())):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = page.parent / path if path else page
+            if not linked.exists():
+                broken.append(f"{page.name}: {target} (no such file)")
+            elif anchor and anchor not in {
+                    _anchor(h) for h in re.findall(r"^#+ (.*)$",
+                                                   _without_code(linked.read_text()), re.M)}:
+                broken.append(f"{page.name}: {target} (no such heading)")
+    return broken
+
+
+def test_every_relative_link_and_anchor_resolves() -> None:
+    files = [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))]
+    assert broken_links(files) == []
+
+
+def test_the_link_check_finds_a_broken_link(tmp_path: Path) -> None:
+    (tmp_path / "a.md").write_text("# Attacks — `python bench/attacks.py`\n")
+    page = tmp_path / "b.md"
+    page.write_text("[ok](a.md#attacks--python-benchattackspy) [no](c.md) "
+                    "[bad](a.md#attacks) [self](#b) [web](https://x.org/y.md)\n\n# B\n"
+                    "```\n[in code](d.md)\n```\n")
+    assert broken_links([page]) == ["b.md: c.md (no such file)",
+                                    "b.md: a.md#attacks (no such heading)"]
+
+
+def test_security_md_names_every_bound_and_reads_in_order() -> None:
+    """Every connection and session limit is on docs/security.md with its setting, and
+    the page goes: what to put in front, each area's bounds, then the attack bench."""
+    text = (DOCS / "security.md").read_text()
+    cfg = config_mod.Config()
+    for key in (*cfg.host.limits.__struct_fields__, *cfg.sessions.__struct_fields__):
+        assert f"{key}`" in text, f"{key} is not in docs/security.md"
+    sections = re.findall(r"<!-- section: (\w+) -->", text)
+    assert sections[0] == "operator" and sections[-1] == "bench", sections
+    assert len(sections) == len(set(sections)), sections
