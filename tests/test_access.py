@@ -225,19 +225,73 @@ async def test_one_abusive_client_does_not_slow_the_others(worldhost: Any) -> No
     assert statistics.median(latencies) < 0.05
 
 
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
 async def test_a_client_that_stops_reading_is_dropped_and_others_keep_up(
         tmp_path: Path) -> None:
+    """The host drops a client that stops reading within ``max_lag_s`` (2 s) of it falling
+    behind, and while it is stuck the others get their ticks as fast as without it.
+
+    Delivery delays are compared with those measured in the same run just before the
+    stuck client came and just after it was dropped (the busier of the two, as ticks grow
+    while trucks set out), not with a fixed bound: on a loaded machine every delay is
+    longer. A host that waited for the stuck socket would hold every tick back by up to
+    those 2 s. A small send buffer makes the backlog show after a few ticks."""
     config = tmp_path / "c.toml"
-    config.write_text('[host]\nadmin_token = "adm"\n')
+    config.write_text('[host]\nadmin_token = "adm"\n'
+                      '[host.limits]\nsocket_send_buffer = 16384\n')
     server = ServerProcess(tmp_path / "w.db", config=config).start()
-    delays: list[float] = []
+    delays: dict[str, list[float]] = {"warmup": [], "before": [], "stuck": [], "after": []}
+    phase = "warmup"
+    dropped: list[str] = []
     try:
         async with connect(server.url, name="root", token="adm") as root, \
                 trio.open_nursery() as nursery:
             await root.call("simulation.import_state", state_data=logistics_state(
-                400, 1200, 40, 2000, seed=7))
+                200, 600, 20, 500, seed=7))
+
+            all_in, stuck_in, stuck_gone = trio.Event(), trio.Event(), trio.Event()
+
+            async def watch() -> None:  # the same polling in every phase
+                while True:
+                    stats = await root.call("sessions.stats")
+                    names = {s["name"] for s in stats["sessions"] if s["connected"]}
+                    if len(names - {"stuck"}) == 21:
+                        all_in.set()
+                    if "stuck" in names:
+                        stuck_in.set()
+                    elif stuck_in.is_set():
+                        stuck_gone.set()
+                    await trio.sleep(0.05)
+
+            async def listener(i: int) -> None:  # a bare client: only what it must do
+                ws = await trio_websocket.connect_websocket_url(nursery, server.url,
+                                                                message_queue_size=64)
+                await ws.send_message(json.dumps({"id": 1, "action": "session.open",
+                                                  "params": {"name": f"l{i}"}}))
+                try:
+                    while True:
+                        msg = json.loads(await ws.get_message())
+                        if msg.get("signal") == "simulation.ticked":
+                            delays[phase].append(time.time() - msg["data"]["at"])
+                except ConnectionClosed as exc:
+                    dropped.append(f"l{i} in phase {phase}: {exc.reason}")
+
+            for i in range(20):
+                nursery.start_soon(listener, i)
+            nursery.start_soon(watch)
+            with trio.fail_after(30):
+                await all_in.wait()
+            await root.call("simulation.start", tick_hz=20)
+            await trio.sleep(0.5)
+            phase = "before"
+            await trio.sleep(1.5)
+            phase = "stuck"
             # a client that reads nothing once its session is open (with a small receive
-            # buffer, as a phone on a bad network has: its backlog shows up soon)
+            # buffer, as a phone on a bad network has)
             sock = trio.socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             await sock.connect(("127.0.0.1", server.port))
@@ -245,37 +299,31 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_keep_up(
                 nursery, trio.SocketStream(sock), "127.0.0.1", "/", message_queue_size=0)
             await stuck.send_message(json.dumps({"id": 1, "action": "session.open",
                                                  "params": {"name": "stuck"}}))
-
-            async def listener(i: int) -> None:  # a bare client: only what it must do
-                ws = await trio_websocket.connect_websocket_url(nursery, server.url,
-                                                                message_queue_size=64)
-                await ws.send_message(json.dumps({"id": 1, "action": "session.open",
-                                                  "params": {"name": f"l{i}"}}))
-                while True:
-                    msg = json.loads(await ws.get_message())
-                    if msg.get("signal") == "simulation.ticked":
-                        delays.append(time.time() - msg["data"]["at"])
-
-            for i in range(50):
-                nursery.start_soon(listener, i)
-            await trio.sleep(1)
-            started = trio.current_time()
-            await root.call("simulation.start", tick_hz=20)
-            gone_at = None
-            while trio.current_time() - started < 8:
-                await trio.sleep(0.1)
-                stats = await root.call("sessions.stats")
-                connected = {s["name"] for s in stats["sessions"] if s["connected"]}
-                if "stuck" not in connected and gone_at is None:
-                    gone_at = trio.current_time() - started
+            with trio.fail_after(10):
+                await stuck_in.wait()
+            opened = trio.current_time()
+            with trio.fail_after(10):  # it must go
+                await stuck_gone.wait()
+            gone_after = trio.current_time() - opened
+            assert gone_after <= 2 + 3, gone_after  # its buffers fill, then 2 s (max_lag_s)
+            phase = "after"
+            await trio.sleep(1.5)
             await root.call("simulation.stop")
             nursery.cancel_scope.cancel()
     finally:
         server.stop()
-    assert gone_at is not None and gone_at <= 6, gone_at
-    assert len(delays) > 50 * 100
-    p99 = sorted(delays)[int(len(delays) * 0.99) - 1]
-    assert p99 < 0.1, f"p99 delivery {p99 * 1000:.0f} ms"
+    assert not dropped, dropped
+    before, during, after = delays["before"], delays["stuck"], delays["after"]
+    assert min(len(before), len(during), len(after)) > 20 * 10, {k: len(v) for k, v in delays.items()}
+    report = ", ".join(f"{name}: median {statistics.median(delays[name]) * 1000:.0f} ms, "
+                       f"p90 {percentile(delays[name], 0.9) * 1000:.0f} ms, "
+                       f"p99 {percentile(delays[name], 0.99) * 1000:.0f} ms"
+                       for name in ("before", "stuck", "after"))
+    print(report)
+    median = max(statistics.median(before), statistics.median(after))
+    p90 = max(percentile(before, 0.9), percentile(after, 0.9))
+    assert statistics.median(during) <= 2 * median + 0.05, report
+    assert percentile(during, 0.9) <= 2 * p90 + 0.1, report
 
 
 async def test_idle_sockets_are_closed_and_a_real_client_still_gets_in(worldhost: Any) -> None:
