@@ -190,44 +190,98 @@ async def test_rate_limit_then_flood_disconnect(worldhost: Any, autojump_clock: 
         assert codes[-1] == "closed 1008"
 
 
-async def test_one_abusive_client_does_not_slow_the_others(worldhost: Any) -> None:
-    h = await worldhost.start(listen=True, config={"host": {"limits": {
-        "rate_per_s": 1000, "rate_burst": 2000}}})
-    latencies: list[float] = []
-    abuse = {"frames": 0, "disconnects": 0}
-
-    async def abuser() -> None:
-        while True:  # bad frames as fast as it can; when thrown out, it comes back
-            try:
-                async with open_websocket_url(h.url) as ws:
-                    await ws.get_message()
-                    while True:
-                        await ws.send_message("not json at all")
-                        await ws.send_message(b"\xff\xfe")
-                        abuse["frames"] += 2
-            except ConnectionClosed:
-                abuse["disconnects"] += 1
-
-    async with h.client("calm") as calm:
-        for _ in range(50):  # baseline
-            await calm.call("host.ping")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(abuser)
-            await trio.sleep(0.2)
-            for _ in range(200):
-                t = trio.current_time()
-                await calm.call("host.ping")
-                latencies.append(trio.current_time() - t)
-            nursery.cancel_scope.cancel()
-    assert abuse["frames"] > 1000
-    p99 = sorted(latencies)[int(len(latencies) * 0.99) - 1]
-    assert p99 < 0.25, f"p99 {p99 * 1000:.1f} ms with an abusive neighbour"
-    assert statistics.median(latencies) < 0.05
-
-
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
+NEIGHBOUR = """
+import json, os, signal, sys
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+url, kind = sys.argv[1], sys.argv[2]
+sent = {"frames": 0, "disconnects": 0}
+signal.signal(signal.SIGTERM, lambda *_: (print(json.dumps(sent), flush=True), os._exit(0)))
+
+async def drain(ws):  # never held back by its own replies
+    while True:
+        await ws.get_message()
+
+async def abusive():  # bad frames as fast as it can; when thrown out, it comes back
+    while True:
+        try:
+            async with open_websocket_url(url) as ws, trio.open_nursery() as nursery:
+                nursery.start_soon(drain, ws)
+                print("ready", flush=True)
+                while True:
+                    await ws.send_message("not json at all")
+                    await ws.send_message(b"\\xff\\xfe")
+                    sent["frames"] += 2
+        except* ConnectionClosed:
+            sent["disconnects"] += 1
+
+async def busy():  # good requests as fast as it can, each answered before the next
+    async with open_websocket_url(url) as ws:
+        await ws.get_message()
+        await ws.send_message(json.dumps({"id": 0, "action": "session.open",
+                                          "params": {"name": "busy"}}))
+        await ws.get_message()
+        print("ready", flush=True)
+        while True:
+            sent["frames"] += 1
+            await ws.send_message(json.dumps({"id": sent["frames"], "action": "host.ping"}))
+            while json.loads(await ws.get_message()).get("re") != sent["frames"]:
+                pass
+
+trio.run(abusive if kind == "abusive" else busy)
+"""
+
+
+async def test_one_abusive_client_does_not_slow_the_others(worldhost: Any) -> None:
+    """A client that sends bad frames as fast as it can (and comes back when thrown out)
+    costs the others no more than a busy, well-behaved client does.
+
+    The yardstick is measured in the same run, in alternating rounds: a calm client's
+    ping latency next to a neighbour that pings as fast as it can, then next to the
+    abuser, each neighbour in a process of its own (as it would be: it floods from
+    another core). The machine's load weighs on both rounds alike; a fixed bound in
+    milliseconds would fail on a loaded machine and prove little on an idle one."""
+    h = await worldhost.start(listen=True, config={"host": {"limits": {
+        "rate_per_s": 1000, "rate_burst": 2000}}})
+    latencies: dict[str, list[float]] = {"busy": [], "abusive": []}
+    work: dict[str, list[dict[str, int]]] = {"busy": [], "abusive": []}
+    async with h.client("calm") as calm:
+        for _ in range(50):  # warm up
+            await calm.call("host.ping")
+        for _ in range(3):
+            for kind in ("busy", "abusive"):
+                proc = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, h.url, kind],
+                                        stdout=subprocess.PIPE, text=True)
+                try:
+                    assert proc.stdout is not None
+                    ready = await trio.to_thread.run_sync(proc.stdout.readline)
+                    assert ready == "ready\n", ready
+                    await trio.sleep(0.2)  # in full swing
+                    for _ in range(60):
+                        t = trio.current_time()
+                        await calm.call("host.ping")
+                        latencies[kind].append(trio.current_time() - t)
+                finally:
+                    proc.terminate()
+                    out = await trio.to_thread.run_sync(proc.communicate)
+                work[kind].append(json.loads(out[0].splitlines()[-1]))
+    report = ", ".join(f"next to the {name} one: median {statistics.median(v) * 1000:.1f} ms, "
+                       f"p90 {percentile(v, 0.9) * 1000:.1f} ms, "
+                       f"p99 {percentile(v, 0.99) * 1000:.1f} ms"
+                       for name, v in latencies.items()) + f"; {work}"
+    print(report)
+    assert all(w["frames"] > 1000 for w in work["abusive"]), report
+    assert all(w["frames"] > 100 for w in work["busy"]), report
+    busy, abused = latencies["busy"], latencies["abusive"]
+    assert statistics.median(abused) <= 3 * statistics.median(busy) + 0.005, report
+    assert percentile(abused, 0.9) <= 3 * percentile(busy, 0.9) + 0.01, report
+    assert percentile(abused, 0.99) <= 3 * percentile(busy, 0.99) + 0.05, report
 
 
 async def test_a_client_that_stops_reading_is_dropped_and_others_keep_up(
