@@ -200,52 +200,52 @@ import json, os, signal, sys
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-url, kind = sys.argv[1], sys.argv[2]
+url, kind, warm = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sent = {"frames": 0, "disconnects": 0}
+
+def progress():  # the test starts measuring once the neighbour is in full swing
+    sent["frames"] += 1
+    if sent["frames"] == warm:
+        print("ready", flush=True)
 signal.signal(signal.SIGTERM, lambda *_: (print(json.dumps(sent), flush=True), os._exit(0)))
 
 async def drain(ws):  # never held back by its own replies
     while True:
         await ws.get_message()
 
-async def abusive():  # bad frames as fast as it can; when thrown out, it comes back
+async def flood(frames):  # as fast as it can; when thrown out, it comes back
     while True:
         try:
             async with open_websocket_url(url) as ws, trio.open_nursery() as nursery:
                 nursery.start_soon(drain, ws)
-                print("ready", flush=True)
-                while True:
-                    await ws.send_message("not json at all")
-                    await ws.send_message(b"\\xff\\xfe")
-                    sent["frames"] += 2
+                for frame in frames():
+                    await ws.send_message(frame)
+                    progress()
         except* ConnectionClosed:
             sent["disconnects"] += 1
 
-async def busy():  # good requests as fast as it can, each answered before the next
-    async with open_websocket_url(url) as ws:
-        await ws.get_message()
-        await ws.send_message(json.dumps({"id": 0, "action": "session.open",
-                                          "params": {"name": "busy"}}))
-        await ws.get_message()
-        print("ready", flush=True)
-        while True:
-            sent["frames"] += 1
-            await ws.send_message(json.dumps({"id": sent["frames"], "action": "host.ping"}))
-            while json.loads(await ws.get_message()).get("re") != sent["frames"]:
-                pass
+def abusive():  # frames that are no requests: not JSON, not CBOR
+    while True:
+        yield "not json at all"
+        yield b"\\xff\\xfe"
 
-trio.run(abusive if kind == "abusive" else busy)
+def busy():  # good requests, in a session
+    yield json.dumps({"id": "open", "action": "session.open", "params": {"name": "busy"}})
+    while True:
+        yield json.dumps({"id": sent["frames"], "action": "host.ping"})
+
+trio.run(flood, abusive if kind == "abusive" else busy)
 """
 
 
 async def test_one_abusive_client_does_not_slow_the_others(worldhost: Any) -> None:
     """A client that sends bad frames as fast as it can (and comes back when thrown out)
-    costs the others no more than a busy, well-behaved client does.
+    costs the others no more than one that sends good requests as fast as it can.
 
     The yardstick is measured in the same run, in alternating rounds: a calm client's
-    ping latency next to a neighbour that pings as fast as it can, then next to the
-    abuser, each neighbour in a process of its own (as it would be: it floods from
-    another core). The machine's load weighs on both rounds alike; a fixed bound in
+    ping latency next to a neighbour flooding pings, then next to one flooding bad
+    frames, each neighbour in a process of its own (as it would be: it floods from
+    another core; in this process it would be paced by the shared event loop). The machine's load weighs on both rounds alike; a fixed bound in
     milliseconds would fail on a loaded machine and prove little on an idle one."""
     h = await worldhost.start(listen=True, config={"host": {"limits": {
         "rate_per_s": 1000, "rate_burst": 2000}}})
@@ -255,14 +255,13 @@ async def test_one_abusive_client_does_not_slow_the_others(worldhost: Any) -> No
         for _ in range(50):  # warm up
             await calm.call("host.ping")
         for _ in range(3):
-            for kind in ("busy", "abusive"):
-                proc = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, h.url, kind],
-                                        stdout=subprocess.PIPE, text=True)
+            for kind, warm in (("busy", 500), ("abusive", 500)):
+                proc = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, h.url, kind,
+                                         str(warm)], stdout=subprocess.PIPE, text=True)
                 try:
                     assert proc.stdout is not None
                     ready = await trio.to_thread.run_sync(proc.stdout.readline)
                     assert ready == "ready\n", ready
-                    await trio.sleep(0.2)  # in full swing
                     for _ in range(60):
                         t = trio.current_time()
                         await calm.call("host.ping")
@@ -270,16 +269,16 @@ async def test_one_abusive_client_does_not_slow_the_others(worldhost: Any) -> No
                 finally:
                     proc.terminate()
                     out = await trio.to_thread.run_sync(proc.communicate)
-                work[kind].append(json.loads(out[0].splitlines()[-1]))
+                done = json.loads(out[0].splitlines()[-1])
+                work[kind].append(done)
+                assert done["frames"] > warm, (kind, done)  # it kept on while the calm one pinged
     report = ", ".join(f"next to the {name} one: median {statistics.median(v) * 1000:.1f} ms, "
                        f"p90 {percentile(v, 0.9) * 1000:.1f} ms, "
                        f"p99 {percentile(v, 0.99) * 1000:.1f} ms"
                        for name, v in latencies.items()) + f"; {work}"
     print(report)
-    assert all(w["frames"] > 1000 for w in work["abusive"]), report
-    assert all(w["frames"] > 100 for w in work["busy"]), report
     busy, abused = latencies["busy"], latencies["abusive"]
-    assert statistics.median(abused) <= 3 * statistics.median(busy) + 0.005, report
+    assert statistics.median(abused) <= 3 * statistics.median(busy) + 0.01, report
     assert percentile(abused, 0.9) <= 3 * percentile(busy, 0.9) + 0.01, report
     assert percentile(abused, 0.99) <= 3 * percentile(busy, 0.99) + 0.05, report
 
@@ -381,28 +380,43 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_keep_up(
 
 
 async def test_idle_sockets_are_closed_and_a_real_client_still_gets_in(worldhost: Any) -> None:
+    """500 sockets that never start a handshake do not keep a real client waiting, and
+    are closed after ``auth_timeout_s``. The real client's join time is compared with
+    its join time on the same host before the idle sockets came (a loaded machine makes
+    both slower); a host that served handshakes one after another would keep it waiting
+    for the idle ones' timeout."""
+    timeout = 2.0
     h = await worldhost.start(listen=True, config={
-        "sessions": {"auth_timeout_s": 2},
+        "sessions": {"auth_timeout_s": timeout},
         "host": {"limits": {"max_connections_per_address": 1000}}})
-    streams = []
+    alone = []
+    for _ in range(3):
+        started = trio.current_time()
+        async with h.client("first") as first:
+            alone.append(trio.current_time() - started)
+            await first.call("host.ping")
+    streams, opened_at = [], []
     for _ in range(500):
         streams.append(await trio.open_tcp_stream("127.0.0.1", h.host.port))
+        opened_at.append(trio.current_time())
     started = trio.current_time()
     async with h.client("real") as real:
         joined = trio.current_time() - started
         await real.call("host.ping")
-    assert joined < 0.2, f"a normal client needed {joined * 1000:.0f} ms"
-    closed = 0
-    with trio.move_on_after(2 + 1 + 0.5):
+    bound = min(timeout / 2, 5 * max(alone) + 0.3)
+    assert joined < bound, f"a normal client needed {joined * 1000:.0f} ms " \
+        f"(alone: {max(alone) * 1000:.0f} ms)"
+    open_for: list[float] = []
+    with trio.move_on_after(timeout + 5):  # closed at the timeout; the slack is for load
         for stream in streams:
             try:
                 while await stream.receive_some(65536):
                     pass
             except trio.BrokenResourceError:
                 pass
-            closed += 1
-    assert closed == 500, f"{closed} of 500 idle sockets were closed in time"
-    assert trio.current_time() - started <= 2 + 1 + 0.5
+            open_for.append(trio.current_time() - opened_at[len(open_for)])
+    assert len(open_for) == 500, f"{len(open_for)} of 500 idle sockets were closed"
+    assert min(open_for) >= timeout - 0.1, min(open_for)  # closed by the timeout
     for stream in streams:
         await stream.aclose()
 
