@@ -190,54 +190,163 @@ async def test_rate_limit_then_flood_disconnect(worldhost: Any, autojump_clock: 
         assert codes[-1] == "closed 1008"
 
 
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * p))]
+
+
+NEIGHBOUR = """
+import json, os, signal, sys
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+url, kind, warm = sys.argv[1], sys.argv[2], int(sys.argv[3])
+sent = {"frames": 0, "disconnects": 0}
+
+def progress():  # the test starts measuring once the neighbour is in full swing
+    sent["frames"] += 1
+    if sent["frames"] == warm:
+        print("ready", flush=True)
+signal.signal(signal.SIGTERM, lambda *_: (print(json.dumps(sent), flush=True), os._exit(0)))
+
+async def drain(ws):  # never held back by its own replies
+    while True:
+        await ws.get_message()
+
+async def flood(frames):  # as fast as it can; when thrown out, it comes back
+    while True:
+        try:
+            async with open_websocket_url(url) as ws, trio.open_nursery() as nursery:
+                nursery.start_soon(drain, ws)
+                for frame in frames():
+                    await ws.send_message(frame)
+                    progress()
+        except* ConnectionClosed:
+            sent["disconnects"] += 1
+
+def abusive():  # frames that are no requests: not JSON, not CBOR
+    while True:
+        yield "not json at all"
+        yield b"\\xff\\xfe"
+
+def busy():  # good requests, in a session
+    yield json.dumps({"id": "open", "action": "session.open", "params": {"name": "busy"}})
+    while True:
+        yield json.dumps({"id": sent["frames"], "action": "host.ping"})
+
+trio.run(flood, abusive if kind == "abusive" else busy)
+"""
+
+
 async def test_one_abusive_client_does_not_slow_the_others(worldhost: Any) -> None:
+    """A client that sends bad frames as fast as it can (and comes back when thrown out)
+    costs the others no more than one that sends good requests as fast as it can.
+
+    The yardstick is measured in the same run, in alternating rounds: a calm client's
+    ping latency next to a neighbour flooding pings, then next to one flooding bad
+    frames, each neighbour in a process of its own (as it would be: it floods from
+    another core; in this process it would be paced by the shared event loop). The
+    machine's load weighs on both rounds alike; a fixed bound in milliseconds would fail
+    on a loaded machine and prove little on an idle one."""
     h = await worldhost.start(listen=True, config={"host": {"limits": {
         "rate_per_s": 1000, "rate_burst": 2000}}})
-    latencies: list[float] = []
-    abuse = {"frames": 0, "disconnects": 0}
-
-    async def abuser() -> None:
-        while True:  # bad frames as fast as it can; when thrown out, it comes back
-            try:
-                async with open_websocket_url(h.url) as ws:
-                    await ws.get_message()
-                    while True:
-                        await ws.send_message("not json at all")
-                        await ws.send_message(b"\xff\xfe")
-                        abuse["frames"] += 2
-            except ConnectionClosed:
-                abuse["disconnects"] += 1
-
+    latencies: dict[str, list[float]] = {"busy": [], "abusive": []}
+    work: dict[str, list[dict[str, int]]] = {"busy": [], "abusive": []}
     async with h.client("calm") as calm:
-        for _ in range(50):  # baseline
+        for _ in range(50):  # warm up
             await calm.call("host.ping")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(abuser)
-            await trio.sleep(0.2)
-            for _ in range(200):
-                t = trio.current_time()
-                await calm.call("host.ping")
-                latencies.append(trio.current_time() - t)
-            nursery.cancel_scope.cancel()
-    assert abuse["frames"] > 1000
-    p99 = sorted(latencies)[int(len(latencies) * 0.99) - 1]
-    assert p99 < 0.25, f"p99 {p99 * 1000:.1f} ms with an abusive neighbour"
-    assert statistics.median(latencies) < 0.05
+        for _ in range(3):
+            for kind, warm in (("busy", 500), ("abusive", 500)):
+                proc = subprocess.Popen([sys.executable, "-c", NEIGHBOUR, h.url, kind,
+                                         str(warm)], stdout=subprocess.PIPE, text=True)
+                try:
+                    assert proc.stdout is not None
+                    with trio.fail_after(60):
+                        ready = await trio.to_thread.run_sync(proc.stdout.readline,
+                                                              abandon_on_cancel=True)
+                    assert ready == "ready\n", ready
+                    for _ in range(60):
+                        t = trio.current_time()
+                        await calm.call("host.ping")
+                        latencies[kind].append(trio.current_time() - t)
+                finally:
+                    proc.terminate()
+                    out = await trio.to_thread.run_sync(proc.communicate)
+                done = json.loads(out[0].splitlines()[-1])
+                work[kind].append(done)
+                assert done["frames"] > warm, (kind, done)  # it kept on while the calm one pinged
+    report = ", ".join(f"next to the {name} one: median {statistics.median(v) * 1000:.1f} ms, "
+                       f"p90 {percentile(v, 0.9) * 1000:.1f} ms, "
+                       f"p99 {percentile(v, 0.99) * 1000:.1f} ms"
+                       for name, v in latencies.items()) + f"; {work}"
+    busy, abused = latencies["busy"], latencies["abusive"]
+    assert statistics.median(abused) <= 3 * statistics.median(busy) + 0.01, report
+    assert percentile(abused, 0.9) <= 3 * percentile(busy, 0.9) + 0.01, report
+    assert percentile(abused, 0.99) <= 3 * percentile(busy, 0.99) + 0.05, report
 
 
 async def test_a_client_that_stops_reading_is_dropped_and_others_keep_up(
         tmp_path: Path) -> None:
+    """The host drops a client that stops reading within ``max_lag_s`` (2 s) of it falling
+    behind, and while it is stuck the others get their ticks as fast as without it.
+
+    Delivery delays are compared with those measured in the same run just before the
+    stuck client came and just after it was dropped (the busier of the two, as ticks grow
+    while trucks set out), not with a fixed bound: on a loaded machine every delay is
+    longer. A host that waited for the stuck socket would hold every tick back by up to
+    those 2 s. A small send buffer makes the backlog show after a few ticks."""
     config = tmp_path / "c.toml"
-    config.write_text('[host]\nadmin_token = "adm"\n')
+    config.write_text('[host]\nadmin_token = "adm"\n'
+                      '[host.limits]\nsocket_send_buffer = 16384\n')
     server = ServerProcess(tmp_path / "w.db", config=config).start()
-    delays: list[float] = []
+    delays: dict[str, list[float]] = {"warmup": [], "before": [], "stuck": [], "after": []}
+    phase = "warmup"
+    dropped: list[str] = []
     try:
         async with connect(server.url, name="root", token="adm") as root, \
                 trio.open_nursery() as nursery:
             await root.call("simulation.import_state", state_data=logistics_state(
-                400, 1200, 40, 2000, seed=7))
+                200, 600, 20, 500, seed=7))
+
+            all_in, stuck_in, stuck_gone = trio.Event(), trio.Event(), trio.Event()
+
+            async def watch() -> None:  # the same polling in every phase
+                while True:
+                    stats = await root.call("sessions.stats")
+                    names = {s["name"] for s in stats["sessions"] if s["connected"]}
+                    if len(names - {"stuck"}) == 21:
+                        all_in.set()
+                    if "stuck" in names:
+                        stuck_in.set()
+                    elif stuck_in.is_set():
+                        stuck_gone.set()
+                    await trio.sleep(0.05)
+
+            async def listener(i: int) -> None:  # a bare client: only what it must do
+                ws = await trio_websocket.connect_websocket_url(nursery, server.url,
+                                                                message_queue_size=64)
+                await ws.send_message(json.dumps({"id": 1, "action": "session.open",
+                                                  "params": {"name": f"l{i}"}}))
+                try:
+                    while True:
+                        msg = json.loads(await ws.get_message())
+                        if msg.get("signal") == "simulation.ticked":
+                            delays[phase].append(time.time() - msg["data"]["at"])
+                except ConnectionClosed as exc:
+                    dropped.append(f"l{i} in phase {phase}: {exc.reason}")
+
+            for i in range(20):
+                nursery.start_soon(listener, i)
+            nursery.start_soon(watch)
+            with trio.fail_after(30):
+                await all_in.wait()
+            await root.call("simulation.start", tick_hz=20)
+            await trio.sleep(0.5)
+            phase = "before"
+            await trio.sleep(1.5)
+            phase = "stuck"
             # a client that reads nothing once its session is open (with a small receive
-            # buffer, as a phone on a bad network has: its backlog shows up soon)
+            # buffer, as a phone on a bad network has)
             sock = trio.socket.socket()
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             await sock.connect(("127.0.0.1", server.port))
@@ -245,62 +354,72 @@ async def test_a_client_that_stops_reading_is_dropped_and_others_keep_up(
                 nursery, trio.SocketStream(sock), "127.0.0.1", "/", message_queue_size=0)
             await stuck.send_message(json.dumps({"id": 1, "action": "session.open",
                                                  "params": {"name": "stuck"}}))
-
-            async def listener(i: int) -> None:  # a bare client: only what it must do
-                ws = await trio_websocket.connect_websocket_url(nursery, server.url,
-                                                                message_queue_size=64)
-                await ws.send_message(json.dumps({"id": 1, "action": "session.open",
-                                                  "params": {"name": f"l{i}"}}))
-                while True:
-                    msg = json.loads(await ws.get_message())
-                    if msg.get("signal") == "simulation.ticked":
-                        delays.append(time.time() - msg["data"]["at"])
-
-            for i in range(50):
-                nursery.start_soon(listener, i)
-            await trio.sleep(1)
-            started = trio.current_time()
-            await root.call("simulation.start", tick_hz=20)
-            gone_at = None
-            while trio.current_time() - started < 8:
-                await trio.sleep(0.1)
-                stats = await root.call("sessions.stats")
-                connected = {s["name"] for s in stats["sessions"] if s["connected"]}
-                if "stuck" not in connected and gone_at is None:
-                    gone_at = trio.current_time() - started
+            with trio.fail_after(10):
+                await stuck_in.wait()
+            opened = trio.current_time()
+            with trio.fail_after(10):  # it must go
+                await stuck_gone.wait()
+            gone_after = trio.current_time() - opened
+            assert gone_after <= 2 + 3, gone_after  # its buffers fill, then 2 s (max_lag_s)
+            phase = "after"
+            await trio.sleep(1.5)
             await root.call("simulation.stop")
             nursery.cancel_scope.cancel()
     finally:
         server.stop()
-    assert gone_at is not None and gone_at <= 6, gone_at
-    assert len(delays) > 50 * 100
-    p99 = sorted(delays)[int(len(delays) * 0.99) - 1]
-    assert p99 < 0.1, f"p99 delivery {p99 * 1000:.0f} ms"
+    assert not dropped, dropped
+    before, during, after = delays["before"], delays["stuck"], delays["after"]
+    counts = {name: len(values) for name, values in delays.items()}
+    assert min(len(before), len(during), len(after)) > 20 * 10, counts
+    report = ", ".join(f"{name}: median {statistics.median(delays[name]) * 1000:.0f} ms, "
+                       f"p90 {percentile(delays[name], 0.9) * 1000:.0f} ms, "
+                       f"p99 {percentile(delays[name], 0.99) * 1000:.0f} ms"
+                       for name in ("before", "stuck", "after"))
+    median = max(statistics.median(before), statistics.median(after))
+    p90 = max(percentile(before, 0.9), percentile(after, 0.9))
+    assert statistics.median(during) <= 2 * median + 0.05, report
+    assert percentile(during, 0.9) <= 2 * p90 + 0.1, report
 
 
 async def test_idle_sockets_are_closed_and_a_real_client_still_gets_in(worldhost: Any) -> None:
+    """500 sockets that never start a handshake do not keep a real client waiting, and
+    are closed after ``auth_timeout_s``. The real client's join time is compared with
+    its join time on the same host before the idle sockets came (a loaded machine makes
+    both slower); a host that served handshakes one after another would keep it waiting
+    for the idle ones' timeout."""
+    timeout = 2.0
     h = await worldhost.start(listen=True, config={
-        "sessions": {"auth_timeout_s": 2},
+        "sessions": {"auth_timeout_s": timeout},
         "host": {"limits": {"max_connections_per_address": 1000}}})
-    streams = []
+    alone = []
+    for _ in range(3):
+        started = trio.current_time()
+        async with h.client("first") as first:
+            alone.append(trio.current_time() - started)
+            await first.call("host.ping")
+    streams, opened_at = [], []
     for _ in range(500):
         streams.append(await trio.open_tcp_stream("127.0.0.1", h.host.port))
+        opened_at.append(trio.current_time())
     started = trio.current_time()
-    async with h.client("real") as real:
-        joined = trio.current_time() - started
-        await real.call("host.ping")
-    assert joined < 0.2, f"a normal client needed {joined * 1000:.0f} ms"
-    closed = 0
-    with trio.move_on_after(2 + 1 + 0.5):
+    with trio.fail_after(timeout * 2):  # held up behind the idle sockets: it fails, not hangs
+        async with h.client("real") as real:
+            joined = trio.current_time() - started
+            await real.call("host.ping")
+    bound = min(timeout / 2, 5 * max(alone) + 0.3)
+    assert joined < bound, f"a normal client needed {joined * 1000:.0f} ms " \
+        f"(alone: {max(alone) * 1000:.0f} ms)"
+    open_for: list[float] = []
+    with trio.move_on_after(timeout + 5):  # closed at the timeout; the slack is for load
         for stream in streams:
             try:
                 while await stream.receive_some(65536):
                     pass
             except trio.BrokenResourceError:
                 pass
-            closed += 1
-    assert closed == 500, f"{closed} of 500 idle sockets were closed in time"
-    assert trio.current_time() - started <= 2 + 1 + 0.5
+            open_for.append(trio.current_time() - opened_at[len(open_for)])
+    assert len(open_for) == 500, f"{len(open_for)} of 500 idle sockets were closed"
+    assert min(open_for) >= timeout - 0.1, min(open_for)  # closed by the timeout
     for stream in streams:
         await stream.aclose()
 

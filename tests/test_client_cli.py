@@ -120,8 +120,10 @@ def test_inspect_export_import(tmp_path: Path) -> None:
     config = tmp_path / "slow.toml"  # no checkpoint before the kill, however slow the calls
     config.write_text("[store]\ndebounce_s = 60.0\nmax_delay_s = 120.0\n")
     proc = ServerProcess(db, config=config).start()
-    run_cli("call", "map.add_node", '{"id": "a", "x": 1, "y": 2}', "--url", proc.url)
-    run_cli("call", "chat.say", '{"text": "kept"}', "--url", proc.url)
+    for action, params in (("map.add_node", '{"id": "a", "x": 1, "y": 2}'),
+                           ("chat.say", '{"text": "kept"}')):
+        done = run_cli("call", action, params, "--url", proc.url)
+        assert done.returncode == 0, done.stderr
     refused = run_cli("import", str(db), str(tmp_path / "nothing.json"))
     proc.kill9()
     out = run_cli("inspect", str(db))
