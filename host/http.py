@@ -79,6 +79,12 @@ async def read_head(stream: trio.abc.Stream, max_bytes: int) -> bytes:
     return bytes(buf)
 
 
+def within(head: bytes, max_bytes: int) -> bool:
+    """The request's line and headers end within ``max_bytes``."""
+    end = head.find(b"\r\n\r\n")
+    return 0 <= end and end + 4 <= max_bytes
+
+
 def is_websocket(head: bytes) -> bool:
     """The request asks to upgrade to a WebSocket (its ``Upgrade`` header says so)."""
     for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
@@ -112,8 +118,24 @@ async def serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:
     gone before the answer is sent is no error of the host's."""
     try:
         await _serve(host, stream, head)
+        await _linger(stream)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Half-close, then read (for at most a second, at most 1 MiB) what the peer still
+    sends: a socket closed with unread input is reset, and a reset can reach the peer
+    before the answer it was about to read (a 431 sent before the rest of the headers)."""
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
+    drained = 0
+    with trio.move_on_after(1):
+        while drained < 1 << 20:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            drained += len(data)
 
 
 async def _serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:

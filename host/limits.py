@@ -1,4 +1,4 @@
-"""Rate limiting: a token bucket per session, and flood detection on top of it."""
+"""Rate limiting: a token bucket per connection, and flood detection on top of it."""
 
 from __future__ import annotations
 

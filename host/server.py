@@ -540,7 +540,9 @@ class Host:
                         head = await http.read_head(stream, limits.max_http_header_bytes)
                     if not head:  # too slow to send a request's headers, or gone
                         return
-                    if not http.is_websocket(head):  # HTTP: pages, health, metrics
+                    if not http.is_websocket(head) or \
+                            not http.within(head, limits.max_http_header_bytes):
+                        # HTTP (pages, health, metrics), or a head over the limit: 431
                         await http.serve(self, stream, head)
                         return
                     http.unread(stream, head)

@@ -156,6 +156,10 @@ async def test_request_headers_are_bounded_in_size_and_time(worldhost: Any) -> N
     big = get("/", "X-Big: " + "a" * 4000 + "\r\n")
     status, _, body = await fetch(h.host.port, big)
     assert status == 431 and b"too large" in body
+    upgrade = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    status, _, body = await fetch(h.host.port, get("/", upgrade + "X-Big: " + "a" * 4000 + "\r\n"))
+    assert status == 431 and b"too large" in body  # a handshake is held to it too
     # slowloris: a request line, then nothing; the host closes within the timeout
     started = trio.current_time()
     with trio.fail_after(5):
