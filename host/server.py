@@ -116,13 +116,8 @@ class Host:
             if is_full(exc):
                 raise full_error(str(path), exc) from None
             raise
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise StartupError(f"{self.db_path} is in use by another worldhost "
-                               f"(it holds {path})") from None
-        self._lock_handle = handle
+        self._lock_handle = _hold(handle, f"{self.db_path} is in use by another worldhost "
+                                          f"(it holds {path})")
         self._lock_file()
 
     def _lock_file(self) -> None:
@@ -130,13 +125,8 @@ class Host:
         if self._file_lock is not None or not os.path.exists(self.db_path):
             return
         handle = open(self.db_path, "rb")  # noqa: SIM115 - held for the host's life
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            raise StartupError(f"{self.db_path} is in use by another worldhost (under "
-                               f"another name: a link to the same file)") from None
-        self._file_lock = handle
+        self._file_lock = _hold(handle, f"{self.db_path} is in use by another worldhost "
+                                        f"(under another name: a link to the same file)")
 
     def _unlock_file(self) -> None:
         if self._file_lock is not None:
@@ -613,3 +603,13 @@ async def _await_all(results: list[Any]) -> None:
     for result in results:
         if result is not None and hasattr(result, "__await__"):
             await result
+
+
+def _hold(handle: Any, refused: str) -> Any:
+    """Take an exclusive lock on an open file for as long as it stays open, or refuse."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise StartupError(refused) from None
+    return handle
