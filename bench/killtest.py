@@ -179,15 +179,17 @@ def check(world: dict, ledger: Ledger, totals: Totals) -> None:
 
 
 def run(cycles: int, workdir: Path, seed: int | None = None, verbose: bool = False,
-        synchronous: str = "NORMAL") -> Totals:
-    """``synchronous`` NORMAL commits the journal in the event loop, FULL on the
-    store's thread (see state/saver.py): both must lose nothing acknowledged."""
+        synchronous: str = "NORMAL", journal_commits: str = "thread") -> Totals:
+    """Journal commits on the store's thread (the default), or in the event loop
+    (``journal_commits = "loop"``, with NORMAL only; see state/saver.py): every path
+    must lose nothing acknowledged."""
     rng = random.Random(seed)
     db = workdir / "kill.db"
     config = workdir / "kill.toml"
     config.write_text(f'[host]\nadmin_token = "{ADMIN}"\n[host.limits]\nrate_per_s = 100000.0\n'
                       '[sessions]\nresume_ttl_s = 3600\n'
                       f'[store]\nsynchronous = "{synchronous}"\n'
+                      f'journal_commits = "{journal_commits}"\n'
                       '[plugins.session_cleanup]\nmax_sessions = 1000\n')
     ledger = Ledger()
     totals = Totals()
@@ -224,12 +226,14 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=200)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
-                        help="the store's synchronous mode (FULL: journal commits on its thread)")
+                        help="the store's synchronous mode")
+    parser.add_argument("--journal-commits", choices=["thread", "loop"], default="thread",
+                        help="where journal commits run (loop: NORMAL only)")
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         totals = run(args.cycles, Path(tmp), args.seed, verbose=True,
-                     synchronous=args.synchronous)
+                     synchronous=args.synchronous, journal_commits=args.journal_commits)
     print(f"cycles {totals.cycles}  acknowledged {totals.acknowledged}  lost {totals.lost}  "
           f"invented {totals.invented}  resume failures {totals.resume_failures}  "
           f"invariant failures {totals.check_failures}  "

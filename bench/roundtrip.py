@@ -164,11 +164,15 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=1, help="client processes (raw client)")
     parser.add_argument("--client", choices=("raw", "trio"), default="raw")
     parser.add_argument("--counts", default="1,10,100", help="connection counts")
+    parser.add_argument("--journal-commits", choices=("thread", "loop"), default=None,
+                        help="the host's [store] journal_commits (default: the host's own)")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
     counts = [int(c) for c in args.counts.split(",")]
     folder = workdir()
-    server = host_process(folder).start()
+    extra = (f'[store]\njournal_commits = "{args.journal_commits}"\n'
+             if args.journal_commits else "")
+    server = host_process(folder, extra).start()
     assert server.proc is not None
     echo, echo_port = spawn_echo()
     tcp, tcp_port = spawn_echo("--tcp")

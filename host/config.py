@@ -73,6 +73,10 @@ class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_delay_s: float = 5.0
     synchronous: Literal["OFF", "NORMAL", "FULL", "EXTRA"] = "NORMAL"
     busy_timeout_ms: int = 5000
+    # where journal commits run: "thread" never lets a stalled disk stall the event loop;
+    # "loop" (with synchronous OFF/NORMAL only) saves the hand-off, but a write the
+    # kernel blocks (a frozen filesystem) then holds every client
+    journal_commits: Literal["thread", "loop"] = "thread"
 
 
 class PluginEntry(msgspec.Struct, frozen=True):

@@ -255,7 +255,8 @@ class Host:
                            seq_source=self._session_seqs,
                            runtime_source=self._session_runtime, world_id=None,
                            last_id=self.dispatcher.next_id - 1, threaded=self.store_in_thread,
-                           journal_in_loop=self.config.store.synchronous in ("OFF", "NORMAL"))
+                           journal_in_loop=self.config.store.journal_commits == "loop"
+                           and self.config.store.synchronous in ("OFF", "NORMAL"))
         self.saver.generation = loaded.generation
         self.dispatcher.replaying = True
         try:

@@ -1,7 +1,7 @@
 """Kill -9 for real: cycles of a real ``worldhost serve`` process, three clients,
-ticks running, SIGKILL at random moments (bench/killtest.py runs 200). With
-``synchronous`` NORMAL journal commits run in the event loop, with FULL on the
-store's thread: each path is killed mid-flight."""
+ticks running, SIGKILL at random moments (bench/killtest.py runs 200). Journal
+commits run on the store's thread (the default, with NORMAL or FULL) or in the
+event loop (``journal_commits = "loop"``): each path is killed mid-flight."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import pytest
 from killtest import run
 
 
-@pytest.mark.parametrize(("synchronous", "cycles"), [("NORMAL", 20), ("FULL", 8)])
-def test_kill_nine_loses_nothing_acknowledged(tmp_path: Path, synchronous: str,
+@pytest.mark.parametrize(("synchronous", "commits", "cycles"),
+                         [("NORMAL", "thread", 16), ("NORMAL", "loop", 8), ("FULL", "thread", 6)])
+def test_kill_nine_loses_nothing_acknowledged(tmp_path: Path, synchronous: str, commits: str,
                                               cycles: int) -> None:
-    totals = run(cycles, tmp_path, seed=20261122, synchronous=synchronous)
+    totals = run(cycles, tmp_path, seed=20261122, synchronous=synchronous,
+                 journal_commits=commits)
     assert totals.cycles == cycles
     assert totals.acknowledged > 40
     assert totals.lost == 0, totals.problems

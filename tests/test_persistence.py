@@ -74,10 +74,13 @@ async def test_a_session_resumes_after_a_crash(worldhost: Any) -> None:
         assert ada.last_resume is not None and isinstance(ada.last_resume["complete"], bool)
 
 
-@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])  # journal in the loop / on the thread
-async def test_every_acknowledged_action_survives_a_crash(worldhost: Any, synchronous: str) -> None:
-    h = await worldhost.start(config={"store": {"synchronous": synchronous}})
-    assert h.host.saver.journal_in_loop is (synchronous == "NORMAL")
+@pytest.mark.parametrize(("synchronous", "commits"),
+                         [("NORMAL", "thread"), ("NORMAL", "loop"), ("FULL", "thread")])
+async def test_every_acknowledged_action_survives_a_crash(worldhost: Any, synchronous: str,
+                                                          commits: str) -> None:
+    h = await worldhost.start(config={"store": {"synchronous": synchronous,
+                                                "journal_commits": commits}})
+    assert h.host.saver.journal_in_loop is (commits == "loop")
     async with h.client("ada", reconnect=False) as ada:
         for i in range(50):
             await ada.call("map.add_node", id=f"n{i}", x=i, y=0)
@@ -90,7 +93,10 @@ async def test_every_acknowledged_action_survives_a_crash(worldhost: Any, synchr
 
 
 async def test_requests_ready_together_share_one_journal_commit(worldhost: Any) -> None:
-    h = await worldhost.start(config={"host": {"limits": {"rate_per_s": 0}}})
+    """With journal commits in the loop, a request applied at once yields a turn before
+    its commit, so the others ready with it share the commit."""
+    h = await worldhost.start(config={"host": {"limits": {"rate_per_s": 0}},
+                                      "store": {"journal_commits": "loop"}})
     saver = h.host.saver
     async with trio.open_nursery() as nursery:
         clients = [await nursery.start(_client, h, f"c{i}") for i in range(8)]
@@ -119,7 +125,7 @@ async def _add_nodes(c: Any, i: int) -> None:
 async def test_a_failed_journal_commit_is_retried_before_the_reply(worldhost: Any) -> None:
     """A commit in the loop that fails (a full disk, say) is not lost: the writer task
     tries it again, and the reply waits for it."""
-    h = await worldhost.start()
+    h = await worldhost.start(config={"store": {"journal_commits": "loop"}})
     store = h.host.store
     real_append = store.append
     failures = []

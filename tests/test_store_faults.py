@@ -245,13 +245,15 @@ def freezable_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_a_frozen_filesystem_delays_only_the_writes(tmp_path: Path, freezable_disk: Path) -> None:
-    """With ``synchronous = "FULL"`` every commit runs on the writer thread, so a
-    filesystem frozen under a commit holds only the writes; pings and reads used to
-    queue behind it."""
+@pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])
+def test_a_frozen_filesystem_delays_only_the_writes(tmp_path: Path, freezable_disk: Path,
+                                                    synchronous: str) -> None:
+    """Journal commits run on the writer thread (``journal_commits = "thread"``, the
+    default), so a filesystem frozen under a commit holds only the writes; pings and
+    reads used to queue behind it."""
     db = freezable_disk / "world.db"
     server = ServerProcess(db, config=_config(
-        tmp_path, SLOW_CHECKPOINTS + 'synchronous = "FULL"\n')).start()
+        tmp_path, SLOW_CHECKPOINTS + f'synchronous = "{synchronous}"\n')).start()
 
     async def main() -> None:
         async with connect(server.url, name="writer") as writer, \
