@@ -20,6 +20,7 @@ from typing import Any, Final, Literal
 import trio
 import trio_websocket
 from trio_websocket import ConnectionClosed, HandshakeError, WebSocketConnection
+from wsproto.utilities import LocalProtocolError
 
 from host import chunks
 from state.codec import check_plain, decode_cbor, decode_json, encode_cbor, encode_json
@@ -389,7 +390,10 @@ class Client:
             pending.done.set()
 
 
-CONNECTION_ERRORS = (OSError, ConnectionClosed, HandshakeError, trio.BrokenResourceError)
+# LocalProtocolError: trio-websocket answers a ping that arrives while it closes with a
+# pong wsproto refuses to send; the connection is ending either way
+CONNECTION_ERRORS = (OSError, ConnectionClosed, HandshakeError, trio.BrokenResourceError,
+                     LocalProtocolError)
 
 
 def url_opener(url: str, max_frame_bytes: int = 64 * 1024 * 1024,

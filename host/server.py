@@ -45,7 +45,7 @@ class Host:
 
     def __init__(self, config: Config, extra_plugins: list[Any] | None = None,
                  entry_points: bool = True, db: str | None = None,
-                 store_in_thread: bool = True) -> None:
+                 threads: bool = True) -> None:
         self.config = config
         self.db_path = db if db is not None else config.host.db
         try:
@@ -72,7 +72,9 @@ class Host:
         self.stopped = trio.Event()
         self.crashed = False
         self.replayed = 0
-        self.store_in_thread = store_in_thread
+        # worker threads (the store's writer, big decodes): a mock clock wants none, since
+        # it counts a task waiting for a thread as idle and jumps ahead
+        self.threads = threads
         self.plugin_runtime: dict[str, dict[str, Any]] = {}
         self._lock_handle: Any = None
         self._file_lock: Any = None
@@ -254,7 +256,7 @@ class Host:
                            max_delay_s=self.config.store.max_delay_s,
                            seq_source=self._session_seqs,
                            runtime_source=self._session_runtime, world_id=None,
-                           last_id=self.dispatcher.next_id - 1, threaded=self.store_in_thread,
+                           last_id=self.dispatcher.next_id - 1, threaded=self.threads,
                            journal_in_loop=self.config.store.journal_commits == "loop"
                            and self.config.store.synchronous in ("OFF", "NORMAL"))
         self.saver.generation = loaded.generation

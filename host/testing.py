@@ -101,7 +101,7 @@ class HostHarness:
         self.check()
         mock = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
         self.host = Host(self.config, self.plugins, entry_points=self.entry_points,
-                         db=str(self.db), store_in_thread=not mock)
+                         db=str(self.db), threads=not mock)
         self.host.api.task_listeners.append(self._failures.append)
         done = self._done = trio.Event()
         host = self.host

@@ -260,7 +260,7 @@ class Connection:
                     with trio.move_on_after(1):
                         await self.ws.aclose(self.close_code, self.close_reason)
                 if self.reassembler.clear() > THREAD_BYTES:  # big pieces held to the end
-                    await trio.to_thread.run_sync(_trim, limiter=_big_decodes)
+                    await self._trim()
 
     async def _reader(self) -> None:
         _close_frame_on_parse_failure(self.ws)
@@ -311,7 +311,7 @@ class Connection:
             await self._dispatch(req)
             if big:
                 del req, joined, message  # what is left of the frame, for the trim to free
-                await trio.to_thread.run_sync(_trim, limiter=_big_decodes)
+                await self._trim()
 
     async def _refuse(self, exc: ActionError) -> None:
         """Answer with an error a frame that was no request (a piece of a transfer)."""
@@ -328,6 +328,13 @@ class Connection:
             self._dispatching = False
         if self._outbox:
             await self._flush()
+
+    async def _trim(self) -> None:
+        """Give freed heap back to the system, off the loop where threads are allowed."""
+        if self.host.threads:
+            await trio.to_thread.run_sync(_trim, limiter=_big_decodes)
+        else:
+            _trim()
 
     async def _decode(self, message: str | bytes, plain: bool = True) -> Any:
         """Decode one frame within the item bound; a big one in a worker thread.
@@ -348,7 +355,7 @@ class Connection:
             except TooManyItems as exc:
                 raise DecodeError(f"{exc} (host.limits.{key})") from None
 
-        if len(message) <= THREAD_BYTES:
+        if len(message) <= THREAD_BYTES or not self.host.threads:
             return decode()
         return await trio.to_thread.run_sync(decode, limiter=_big_decodes)
 
