@@ -52,9 +52,7 @@ class Host:
             self.registry = plugins.load(config, extra_plugins, entry_points)
         except plugins.PluginError as exc:
             raise StartupError(str(exc)) from exc
-        sc = config.sessions
-        self.sessions = SessionTable(sc.replay_buffer, sc.remembered_replies,
-                                     sc.replay_buffer_bytes, sc.remembered_replies_bytes)
+        self.sessions = self._session_table()
         self.api = HostAPI(self)
         self.gateway = Gateway(self)
         self.transport = Transport(self)
@@ -80,6 +78,11 @@ class Host:
         self._last_summary: dict[str, Any] | None = None
         self._summary_reads: set[str] | None = None  # None: not computed yet
         self._damaged: dict[str, str] = {}  # session id -> why its stored runtime is unusable
+
+    def _session_table(self) -> SessionTable:
+        sc = self.config.sessions
+        return SessionTable(sc.replay_buffer, sc.remembered_replies,
+                            sc.replay_buffer_bytes, sc.remembered_replies_bytes)
 
     # time ------------------------------------------------------------------
     def clock(self) -> float:
@@ -180,8 +183,7 @@ class Host:
                           "world", self.db_path, exc, moved)
                 self.recovered = {**(self.recovered or {}), "fresh": True,
                                   "quarantined": str(moved)}
-                self.sessions = SessionTable(self.config.sessions.replay_buffer,
-                                             self.config.sessions.remembered_replies)
+                self.sessions = self.dispatcher.sessions = self._session_table()
                 self._open_and_load()
         except BaseException:
             self.release()
@@ -238,9 +240,6 @@ class Host:
                         sorted(unknown))
         self.world = world
         self.world["host"]  # the core slice must exist
-        sc = self.config.sessions  # (the table may be new: an unreadable store was moved aside)
-        self.sessions.buffer_bytes = sc.replay_buffer_bytes
-        self.sessions.replies_bytes = sc.remembered_replies_bytes
         self.sessions.sync(world["sessions"].data())
         restored = set()
         self._damaged = {}
