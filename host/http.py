@@ -228,8 +228,9 @@ def metrics(host: Host) -> str:
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
         lines.append(f"# HELP worldhost_{name} {help_}")
         lines.append(f"# TYPE worldhost_{name} {kind}")
-        for labels, value in samples:
-            lines.append(f"worldhost_{name}{labels} {value:g}")
+        for labels, value in samples:  # whole numbers whole (``:g`` rounds to 6 digits)
+            text = str(value) if isinstance(value, int) else repr(float(value))
+            lines.append(f"worldhost_{name}{labels} {text}")
 
     metric("up", "gauge", "1 while the host takes actions.",
            [("", 1 if dispatcher.accepting and not host._stopping.is_set() else 0)])

@@ -233,3 +233,16 @@ async def test_every_asset_a_page_names_is_served(worldhost: Any) -> None:
             todo.extend(r for r in ref if r)
     assert {"/static/map.js", "/static/play.js", "/static/inspector.js", "/client/worldhost.js",
             "/static/style.css"} <= seen
+
+
+async def test_metrics_keep_every_digit_of_big_values(worldhost: Any) -> None:
+    """Past a million a counter or gauge is written whole, not rounded to six digits."""
+    h = await worldhost.start(config={"host": {"admin_token": "adm"}}, listen=True)
+    async with h.client("root", token="adm") as root:
+        state = (await root.call("simulation.export_state"))["state_data"]
+        state["metadata"]["tick"] = 1_234_567
+        await root.call("simulation.import_state", state_data=state)
+        status, _, body = await fetch(h.host.port, get("/metrics"))
+    assert status == 200
+    lines = body.decode().splitlines()
+    assert "worldhost_simulation_tick 1234567" in lines, [l for l in lines if "tick" in l]
