@@ -79,6 +79,12 @@ async def read_head(stream: trio.abc.Stream, max_bytes: int) -> bytes:
     return bytes(buf)
 
 
+def too_large(head: bytes, max_bytes: int) -> bool:
+    """The request's line and headers in ``head`` (or what came of them) pass ``max_bytes``."""
+    end = head.find(b"\r\n\r\n")
+    return len(head) > max_bytes if end < 0 else end + 4 > max_bytes
+
+
 def is_websocket(head: bytes) -> bool:
     """The request asks to upgrade to a WebSocket (its ``Upgrade`` header says so)."""
     for line in head.split(b"\r\n\r\n", 1)[0].split(b"\r\n")[1:]:
@@ -119,9 +125,7 @@ async def serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:
 async def _serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:
     limits = host.config.host.limits
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_http_header_bytes)
-    end = head.find(b"\r\n\r\n")
-    if end < 0 and len(head) > limits.max_http_header_bytes or \
-            end + 4 > limits.max_http_header_bytes:
+    if too_large(head, limits.max_http_header_bytes):
         await _send(stream, conn, Response(431, b"request headers too large (limit: "
                                            b"max_http_header_bytes)\n"),
                     method=b"GET", force=True)

@@ -539,7 +539,10 @@ class Host:
                         head = await http.read_head(stream, limits.max_http_header_bytes)
                     if not head:  # too slow to send a request's headers, or gone
                         return
-                    if not http.is_websocket(head):  # HTTP: pages, health, metrics
+                    # HTTP (pages, health, metrics), and any request over the header
+                    # bound: a handshake too, which wsproto would take up to 16 KiB
+                    if not http.is_websocket(head) or \
+                            http.too_large(head, limits.max_http_header_bytes):
                         await http.serve(self, stream, head)
                         return
                     http.unread(stream, head)
