@@ -72,7 +72,7 @@ def check_plain(value: Any, max_depth: int = MAX_DEPTH) -> None:
             if not math.isfinite(item):
                 raise DecodeError("numbers must be finite (NaN and Infinity are not allowed)")
             continue
-        if max_depth is not None and depth > max_depth and item:  # as the CBOR scan counts
+        if depth > max_depth:
             raise DecodeError(f"nesting deeper than {max_depth} levels")
         if kind is dict:
             for key, sub in item.items():
