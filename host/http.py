@@ -79,10 +79,10 @@ async def read_head(stream: trio.abc.Stream, max_bytes: int) -> bytes:
     return bytes(buf)
 
 
-def within(head: bytes, max_bytes: int) -> bool:
-    """The request's line and headers end within ``max_bytes``."""
+def too_large(head: bytes, max_bytes: int) -> bool:
+    """The request's line and headers in ``head`` (or what came of them) pass ``max_bytes``."""
     end = head.find(b"\r\n\r\n")
-    return 0 <= end and end + 4 <= max_bytes
+    return len(head) > max_bytes if end < 0 else end + 4 > max_bytes
 
 
 def is_websocket(head: bytes) -> bool:
@@ -141,9 +141,7 @@ async def _linger(stream: trio.abc.Stream) -> None:
 async def _serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:
     limits = host.config.host.limits
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_http_header_bytes)
-    end = head.find(b"\r\n\r\n")
-    if end < 0 and len(head) > limits.max_http_header_bytes or \
-            end + 4 > limits.max_http_header_bytes:
+    if too_large(head, limits.max_http_header_bytes):
         await _send(stream, conn, Response(431, b"request headers too large (limit: "
                                            b"max_http_header_bytes)\n"),
                     method=b"GET", force=True)
@@ -250,8 +248,9 @@ def metrics(host: Host) -> str:
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
         lines.append(f"# HELP worldhost_{name} {help_}")
         lines.append(f"# TYPE worldhost_{name} {kind}")
-        for labels, value in samples:
-            lines.append(f"worldhost_{name}{labels} {value:g}")
+        for labels, value in samples:  # whole numbers whole (``:g`` rounds to 6 digits)
+            text = str(value) if isinstance(value, int) else repr(float(value))
+            lines.append(f"worldhost_{name}{labels} {text}")
 
     metric("up", "gauge", "1 while the host takes actions.",
            [("", 1 if dispatcher.accepting and not host._stopping.is_set() else 0)])

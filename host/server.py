@@ -52,9 +52,7 @@ class Host:
             self.registry = plugins.load(config, extra_plugins, entry_points)
         except plugins.PluginError as exc:
             raise StartupError(str(exc)) from exc
-        sc = config.sessions
-        self.sessions = SessionTable(sc.replay_buffer, sc.remembered_replies,
-                                     sc.replay_buffer_bytes, sc.remembered_replies_bytes)
+        self.sessions = self._session_table()
         self.api = HostAPI(self)
         self.gateway = Gateway(self)
         self.transport = Transport(self)
@@ -82,6 +80,11 @@ class Host:
         self._last_summary: dict[str, Any] | None = None
         self._summary_reads: set[str] | None = None  # None: not computed yet
         self._damaged: dict[str, str] = {}  # session id -> why its stored runtime is unusable
+
+    def _session_table(self) -> SessionTable:
+        sc = self.config.sessions
+        return SessionTable(sc.replay_buffer, sc.remembered_replies,
+                            sc.replay_buffer_bytes, sc.remembered_replies_bytes)
 
     # time ------------------------------------------------------------------
     def clock(self) -> float:
@@ -172,8 +175,7 @@ class Host:
                           "world", self.db_path, exc, moved)
                 self.recovered = {**(self.recovered or {}), "fresh": True,
                                   "quarantined": str(moved)}
-                self.sessions = SessionTable(self.config.sessions.replay_buffer,
-                                             self.config.sessions.remembered_replies)
+                self.sessions = self.dispatcher.sessions = self._session_table()
                 self._open_and_load()
         except BaseException:
             self.release()
@@ -230,9 +232,6 @@ class Host:
                         sorted(unknown))
         self.world = world
         self.world["host"]  # the core slice must exist
-        sc = self.config.sessions  # (the table may be new: an unreadable store was moved aside)
-        self.sessions.buffer_bytes = sc.replay_buffer_bytes
-        self.sessions.replies_bytes = sc.remembered_replies_bytes
         self.sessions.sync(world["sessions"].data())
         restored = set()
         self._damaged = {}
@@ -533,9 +532,10 @@ class Host:
                         head = await http.read_head(stream, limits.max_http_header_bytes)
                     if not head:  # too slow to send a request's headers, or gone
                         return
+                    # HTTP (pages, health, metrics), and any request over the header
+                    # bound: a handshake too, which wsproto would take up to 16 KiB
                     if not http.is_websocket(head) or \
-                            not http.within(head, limits.max_http_header_bytes):
-                        # HTTP (pages, health, metrics), or a head over the limit: 431
+                            http.too_large(head, limits.max_http_header_bytes):
                         await http.serve(self, stream, head)
                         return
                     http.unread(stream, head)

@@ -220,12 +220,12 @@ def count_json_items(text: str | bytes) -> int:
 def decode_json(text: str | bytes, max_items: int | None = None) -> Any:
     """Decode one untrusted JSON document: strict syntax, no NaN or Infinity, no
     duplicate keys, integers within 64 bits, at most ``max_items`` values
-    (``count_json_items``, checked before parsing).
+    (``count_json_items``, checked before parsing), nested at most ``MAX_DEPTH`` levels.
 
     msgspec only builds plain values and its recursion guard turns absurd nesting
     into an error instead of a crash; it keeps the last of duplicate keys, so the
     keys it kept are counted against the text's. Without ``max_items`` (a document
-    the host wrote: signals read by the client) that count is skipped.
+    the host wrote: signals read by the client) that count and the depth are skipped.
     """
     if max_items is not None and count_json_items(text) > max_items:
         raise TooManyItems(f"more than {max_items} items in one frame")
@@ -241,7 +241,8 @@ def decode_json(text: str | bytes, max_items: int | None = None) -> Any:
         else:
             long_digits = _LONG_DIGITS_B.search(text) is not None
         if max_items is not None or long_digits:
-            kept = _walk_json(value, long_digits)
+            kept = _walk_json(value, long_digits,
+                              MAX_DEPTH if max_items is not None else None)
             # fewer keys kept than ':' in the text: a duplicate, or a ':' inside a string
             colons = text.count(":") if isinstance(text, str) else text.count(b":")
             if max_items is not None and kept != colons:
@@ -251,13 +252,17 @@ def decode_json(text: str | bytes, max_items: int | None = None) -> Any:
     return value
 
 
-def _walk_json(value: Any, check_ints: bool) -> int:
-    """How many keys the decoded objects kept; checks integer range on the way if asked."""
+def _walk_json(value: Any, check_ints: bool, max_depth: int | None) -> int:
+    """How many keys the decoded objects kept; checks the nesting against ``max_depth``
+    if given (as the CBOR scan does: msgspec's own guard allows hundreds of levels,
+    which a CBOR client could not read back) and, if asked, integer range on the way."""
     kept = 0
-    stack = [value]
+    stack = [(value, 1)]
     pop, push = stack.pop, stack.append
     while stack:
-        item = pop()
+        item, depth = pop()
+        if max_depth is not None and depth > max_depth and item:  # as the CBOR scan counts
+            raise DecodeError(f"nesting deeper than {max_depth} levels")
         if type(item) is dict:
             kept += len(item)
             children: Any = item.values()
@@ -266,7 +271,7 @@ def _walk_json(value: Any, check_ints: bool) -> int:
         for sub in children:
             kind = type(sub)
             if kind is dict or kind is list:
-                push(sub)
+                push((sub, depth + 1))
             elif check_ints and kind is int and not INT_MIN <= sub <= INT_MAX:
                 raise DecodeError(f"integer {_short(sub)} is outside the signed 64-bit range")
     return kept

@@ -183,11 +183,22 @@ class WalIndex:
     raw: bytes  # the whole index file, to keep beside a damaged WAL
 
     @classmethod
-    def read(cls, path: str) -> WalIndex | None:
+    def read(cls, path: str, keep: list[int] | None = None) -> WalIndex | None:
+        """The index as the file holds it now. Once SQLite has the store open, pass
+        ``keep``: the descriptor read through goes there, to be closed only after
+        SQLite's connection (closing any descriptor of the index file would drop the
+        POSIX locks SQLite holds on it, by which other connections tell it is in use)."""
         try:
-            raw = Path(path + "-shm").read_bytes()
+            fd = os.open(path + "-shm", os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return None  # a clean close removes it (and the WAL)
+        try:
+            raw = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+        finally:
+            if keep is None:
+                os.close(fd)
+            else:
+                keep.append(fd)
         size = _SHM_HEADER.size
         if len(raw) < 2 * size + 4 or raw[:size] != raw[size:2 * size]:
             return None
@@ -212,7 +223,8 @@ class WalDamage:
                 self.committed_frames - self.readable_frames, "wal_copy": self.copy}
 
 
-def check_wal(path: str, before: WalIndex | None, wal_existed: bool) -> WalDamage | None:
+def check_wal(path: str, before: WalIndex | None, wal_existed: bool,
+              keep: list[int]) -> WalDamage | None:
     """Once SQLite has opened a store (and rebuilt the WAL's index from the WAL, which
     it does when no other connection has it open) and before anything is written:
     did it read every frame the index left behind by the last host said was committed?
@@ -224,7 +236,7 @@ def check_wal(path: str, before: WalIndex | None, wal_existed: bool) -> WalDamag
     """
     if before is None or before.committed <= before.backfilled:
         return None  # nothing in the WAL that the database file does not hold
-    after = WalIndex.read(path)
+    after = WalIndex.read(path, keep)  # (``keep``: see WalIndex.read)
     read = after.committed if after is not None and after.salt == before.salt else 0
     readable = max(read, before.backfilled)
     if readable >= before.committed:
@@ -250,6 +262,11 @@ def check_wal(path: str, before: WalIndex | None, wal_existed: bool) -> WalDamag
     return damage
 
 
+def _close(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 class Store:
     """The one connection to one store file. Not safe for concurrent use: the
     saver calls it from one task at a time (on its writer thread)."""
@@ -262,6 +279,7 @@ class Store:
         self.wal_damage: WalDamage | None = None  # what check_wal found before opening
         self.lost: str | None = None  # why the open file is no longer the store at path
         self._watched: list[tuple[str, int, int, int]] = []  # (path, fd, st_dev, st_ino)
+        self._held: list[int] = []  # descriptors to close only after the connection
         self.busy_timeout_ms = 5000
 
     @classmethod
@@ -292,6 +310,7 @@ class Store:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
             raise StoreUnreadable(f"{path}: {exc}") from None
+        held: list[int] = []
         try:
             conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
@@ -306,19 +325,22 @@ class Store:
             if check_rows != [("ok",)]:
                 raise StoreUnreadable(f"{path}: quick_check failed: {check_rows[0][0]}")
             store = cls(conn, path)
+            store._held = held
             store.busy_timeout_ms = int(busy_timeout_ms)
-            store.wal_damage = check_wal(path, index, wal_existed) if check else None
+            store.wal_damage = check_wal(path, index, wal_existed, held) if check else None
             store._check_format()
             if path != ":memory:":
                 store._watch(path, path + "-wal")
             return store
         except sqlite3.Error as exc:
             conn.close()
+            _close(held)
             if is_full(exc):
                 raise full_error(path, exc) from None
             raise StoreUnreadable(f"{path}: {exc}") from None
         except StoreError:
             conn.close()
+            _close(held)
             raise
 
     def _watch(self, *paths: str) -> None:
@@ -359,10 +381,9 @@ class Store:
 
     def _unwatch(self) -> None:
         """After the connection closed (closing another descriptor of the database file
-        first would drop SQLite's POSIX locks on it)."""
-        for _, fd, _, _ in self._watched:
-            os.close(fd)
-        self._watched = []
+        or its index first would drop SQLite's POSIX locks on it)."""
+        _close([fd for _, fd, _, _ in self._watched] + self._held)
+        self._watched, self._held = [], []
 
     def patient(self, patient: bool) -> None:
         """Wait for a busy file (``busy_timeout_ms``) or fail at once: a commit in the

@@ -23,7 +23,7 @@ from host import config as config_mod
 from host.client import CallError, connect
 from host.testing import open_harness, raw_connection
 from serverproc import ServerProcess
-from state.codec import canonical
+from state.codec import INT_MAX, INT_MIN, canonical
 from state.store import JournalEntry, Store
 
 ADMIN = "admin-secret"
@@ -167,6 +167,9 @@ async def test_any_last_seq_is_resumed_or_refused_and_the_store_takes_it(
                 "last_seq": last_seq})
             if 0 <= last_seq <= sent:
                 assert reply["signal"] == "session.resumed" and reply["seq"] == sent + 1
+            elif not INT_MIN <= last_seq <= INT_MAX:  # no frame may carry it (protocol.md)
+                assert_error(reply, "bad_frame")
+                assert "outside the signed 64-bit range" in reply["data"]["message"]
             else:
                 assert_error(reply, "validation_error", "params.last_seq")
         await h.host.saver.checkpoint()  # where a seq past 2**63 used to kill the host

@@ -170,6 +170,19 @@ async def test_request_headers_are_bounded_in_size_and_time(worldhost: Any) -> N
     assert trio.current_time() - started < 2
 
 
+async def test_a_websocket_handshake_is_held_to_the_same_header_bound(worldhost: Any) -> None:
+    """max_http_header_bytes bounds the WebSocket handshake too (as documented), not
+    only plain requests: wsproto's own bound (16 KiB) let a bigger one through."""
+    h = await worldhost.start(listen=True, config={"host": {"limits": {
+        "max_http_header_bytes": 2048}}})
+    with pytest.raises(HandshakeError) as err:
+        async with open_websocket_url(h.url, extra_headers=[(b"X-Big", b"a" * 4000)]):
+            pass
+    assert getattr(err.value, "status_code", None) == 431
+    async with open_websocket_url(h.url, extra_headers=[(b"X-Small", b"a" * 1000)]) as ws:
+        assert json.loads(await ws.get_message())["signal"] == "server.info"
+
+
 async def test_pages_of_the_host_may_connect_without_allowed_origins(worldhost: Any) -> None:
     h = await worldhost.start(listen=True)  # allowed_origins = []
     port = h.host.port
@@ -237,3 +250,16 @@ async def test_every_asset_a_page_names_is_served(worldhost: Any) -> None:
             todo.extend(r for r in ref if r)
     assert {"/static/map.js", "/static/play.js", "/static/inspector.js", "/client/worldhost.js",
             "/static/style.css"} <= seen
+
+
+async def test_metrics_keep_every_digit_of_big_values(worldhost: Any) -> None:
+    """Past a million a counter or gauge is written whole, not rounded to six digits."""
+    h = await worldhost.start(config={"host": {"admin_token": "adm"}}, listen=True)
+    async with h.client("root", token="adm") as root:
+        state = (await root.call("simulation.export_state"))["state_data"]
+        state["metadata"]["tick"] = 1_234_567
+        await root.call("simulation.import_state", state_data=state)
+        status, _, body = await fetch(h.host.port, get("/metrics"))
+    assert status == 200
+    lines = body.decode().splitlines()
+    assert "worldhost_simulation_tick 1234567" in lines, [l for l in lines if "tick" in l]

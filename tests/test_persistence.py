@@ -470,3 +470,19 @@ def test_journal_commits_carry_the_sessions_next_seq(tmp_path: Path) -> None:
     assert [e.id for e in loaded.journal] == [1, 2, 3]
     assert loaded.runtime == {"s1": (9, None), "s2": (3, None)}
     assert loaded.clean_shutdown is False
+
+
+async def test_after_an_unreadable_store_is_moved_aside_broadcasts_reach_everyone(
+        worldhost: Any, tmp_path: Path) -> None:
+    """The fresh world's sessions are the ones the dispatcher routes signals to (it
+    kept the table of the unreadable store, so a broadcast reached nobody)."""
+    db = tmp_path / "w.db"
+    db.write_bytes(b"this is not a database at all " * 200)
+    h = await worldhost.start(db=db, listen=True)
+    assert h.host.recovered is not None and h.host.recovered["fresh"] is True
+    async with h.client("ada", reconnect=False) as ada, \
+            h.client("bob", reconnect=False) as bob:
+        await ada.call("chat.say", text="anyone there?")
+        with trio.fail_after(5):
+            message = await bob.next_signal("chat.message")
+        assert message["data"]["text"] == "anyone there?"

@@ -107,6 +107,9 @@ def test_admin_token_makes_an_admin(server: ServerProcess) -> None:
     ('{"id": 1, "action": "host.ping", "params": {"x": NaN}}', "bad_frame"),
     ('{"id": 1, "action": "host.ping", "params": {"x": Infinity}}', "bad_frame"),
     ("[" * 100_000 + "]" * 100_000, "bad_frame"),
+    # deeper than the 64 levels a CBOR frame may nest (msgspec alone allows ~1,000)
+    ('{"id": 1, "action": "host.ping", "params": {"x": ' + "[" * 70 + "]" * 70 + "}}",
+     "bad_frame"),
     ('{"id": 1}', "bad_request"),
     ('{"id": 1, "action": 5}', "bad_request"),
     ('{"id": 1, "action": "host.ping", "params": [1]}', "bad_request"),
@@ -147,6 +150,25 @@ def test_bad_cbor_frames(server: ServerProcess, frame: bytes) -> None:
     reply = recv(ws)
     assert reply["signal"] == "error" and reply["data"]["code"] == "bad_frame", reply
     assert call(ws, "host.ping", {"ok": 1}, cbor=True)["data"] == {"ok": 1}
+    ws.close()
+
+
+def test_json_and_cbor_frames_nest_to_the_same_depth(server: ServerProcess) -> None:
+    """64 levels in either encoding (the envelope counts one), never more in one of them."""
+    ws, _ = opened(server)
+    for levels, code in ((64, None), (65, "bad_frame")):
+        nested: list = [1]
+        for _ in range(levels - 3):  # the envelope, params and the innermost list count too
+            nested = [nested]
+        for cbor in (False, True):
+            frame = {"id": f"{levels}{cbor}", "action": "host.ping", "params": {"x": nested}}
+            ws.send(cbor2.dumps(frame) if cbor else json.dumps(frame))
+            reply = recv(ws)  # (a refused CBOR frame's id cannot be told)
+            if code is None:
+                assert reply["signal"] == "host.pong", (levels, cbor, reply)
+            else:
+                assert reply["data"]["code"] == code, (levels, cbor, reply)
+                assert "nesting deeper than 64 levels" in reply["data"]["message"]
     ws.close()
 
 

@@ -5,6 +5,7 @@ full disk at restart."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import sqlite3
@@ -332,3 +333,29 @@ def test_a_restart_on_a_full_disk_says_so_in_one_line(tmp_path: Path, tiny_disk:
     finally:
         server.stop()
     shutil.rmtree(tiny_disk, ignore_errors=True)
+
+
+def test_after_a_crash_the_restarted_host_keeps_its_hold_on_the_wal_index(
+        tmp_path: Path) -> None:
+    """The WAL check at startup reads the WAL's index (the -shm file) again once SQLite
+    has opened it. Closing that file dropped every POSIX lock the process held on it,
+    SQLite's too: its lock on the index's "in use" byte, by which another connection
+    (``worldhost inspect``, the sqlite3 shell) tells that it must not reset the index
+    nor take itself for the last user of the WAL."""
+    db = tmp_path / "world.db"
+    server = ServerProcess(db, config=_config(tmp_path)).start()
+    trio.run(_say, server.url, 10)
+    server.kill9()
+    server.start()  # its WAL holds what no checkpoint does yet: the host checks it
+    try:
+        fd = os.open(f"{db}-shm", os.O_RDWR)
+        try:
+            with pytest.raises(OSError):  # SQLite's own: byte 128, "DMS" in os_unix.c
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 128)
+        finally:
+            os.close(fd)
+        trio.run(_say, server.url, 1)
+        lines, _ = trio.run(_chat_and_info, server.url)
+        assert lines == [f"line {i}" for i in range(10)] + ["line 0"]
+    finally:
+        assert server.stop() == 0, server.log()[-2000:]
