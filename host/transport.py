@@ -24,7 +24,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
 from host import chunks
-from host.actions import ActionError, BadRequest, RateLimited
+from host.actions import ActionError, BadRequest, RateLimited, Unauthenticated
 from host.dispatcher import Disconnect, Request
 from host.limits import TokenBucket
 from host.sessions import Session, Signal
@@ -49,6 +49,7 @@ INTERNAL = 1011
 TOO_BIG = 1009
 _FAILED = (1002, 1007)  # wsproto could not parse a frame: a protocol violation, bad UTF-8
 _ENVELOPE_KEYS = frozenset({"id", "action", "params"})
+MAX_ACTION_NAME = 128
 _PIECE_TAKEN = object()
 _JSON_CHUNK = re.compile(r'\s*\{\s*"chunk"\s*:')
 _CBOR_CHUNK = b"\xa1\x65chunk"  # a map of one entry whose key is "chunk"
@@ -150,6 +151,8 @@ def check_envelope(message: Any) -> tuple[str, dict[str, Any]]:
     action = message.get("action")
     if not isinstance(action, str) or not action:
         raise BadRequest("action is required and must be a non-empty string")
+    if len(action) > MAX_ACTION_NAME:  # an unknown name is echoed in its error
+        raise BadRequest(f"action names are at most {MAX_ACTION_NAME} characters")
     params = message.get("params", {})
     if not isinstance(params, dict):
         raise BadRequest(f"params must be an object, not {type(params).__name__}")
@@ -375,6 +378,9 @@ class Connection:
             return message
         self.encoding = "json" if isinstance(message, str) else "cbor"
         chunk = decoded["chunk"]
+        if self.session is None:  # nothing said before a session needs pieces to say it
+            raise Unauthenticated("chunked transfers need an open session: send "
+                                  "session.open or session.resume first")
         if not allowed:
             transfer = chunk.get("transfer") if isinstance(chunk, dict) else None
             if _is_id(transfer):
@@ -401,8 +407,9 @@ class Connection:
             action, params = check_envelope(decoded)
         except ActionError as exc:
             named = decoded.get("action") if isinstance(decoded, dict) else None
-            return Request(named if isinstance(named, str) else "", None, rid, True, self,
-                           self.encoding, error=exc)
+            if not isinstance(named, str) or len(named) > MAX_ACTION_NAME:
+                named = ""
+            return Request(named, None, rid, True, self, self.encoding, error=exc)
         return Request(action, params, rid, has_id, self, self.encoding)
 
     async def _sender(self) -> None:

@@ -219,7 +219,7 @@ def piece(transfer: str, index: int, count: int, payload: str) -> str:
 
 
 def test_a_flood_of_pieces_is_rate_limited_and_disconnected(tight: ServerProcess) -> None:
-    ws = client(tight)
+    ws = client(tight, "pieces")
     for i in range(5000):
         try:
             ws.send(piece("t", i, 1_000_000, "x"))
@@ -236,7 +236,7 @@ def test_a_rate_limited_piece_drops_its_transfer_with_an_error(tmp_path: Path) -
                                         "flood_factor = 1000\n")
     proc = ServerProcess(tmp_path / "w.db", config=tmp_path / "slow.toml").start()
     try:
-        ws = client(proc)
+        ws = client(proc, "slow")
         for i in range(3):
             ws.send(piece("slow", i, 5, "x"))
         reply = recv(ws)
@@ -247,7 +247,7 @@ def test_a_rate_limited_piece_drops_its_transfer_with_an_error(tmp_path: Path) -
 
 
 def test_unfinished_transfers_have_a_byte_budget_and_a_deadline(tight: ServerProcess) -> None:
-    ws = client(tight)
+    ws = client(tight, "pieces")
     ws.send(piece("first", 0, 3, "a" * 40_000))
     ws.send(piece("second", 0, 3, "é" * 20_000))  # 40,000 bytes: over 64 KiB together
     over = recv(ws)
@@ -264,6 +264,22 @@ def test_unfinished_transfers_have_a_byte_budget_and_a_deadline(tight: ServerPro
     assert until_re(ws, "j")["data"] == {"ok": 1}
     ws.close()
 
+
+
+def test_pieces_before_a_session_are_refused_and_long_action_names_are_not_echoed(
+        server: ServerProcess) -> None:
+    """Before a session nothing is held for a transfer; an action name is bounded, so an
+    unknown one cannot draw back a reply twice its size."""
+    ws = client(server)
+    ws.send(piece("early", 0, 4, "x" * 1000))
+    reply = recv(ws)
+    assert reply["data"]["code"] == "unauthenticated" and "chunked" in reply["data"]["message"]
+    ws.close()
+    ws = client(server, "named")
+    reply = call(ws, "x" * 100_000, rid="long")
+    assert reply["data"]["code"] == "bad_request" and "at most 128" in reply["data"]["message"]
+    assert len(json.dumps(reply)) < 1000
+    ws.close()
 
 
 def test_what_unfinished_transfers_held_is_given_back_when_the_connection_goes(
