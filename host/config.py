@@ -38,6 +38,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_connections: int = 0  # open sockets in all; 0: derived from the open-file limit
     max_id_bytes: int = 128  # a request id longer than this (as text) is a bad_request
     max_ping_bytes: int = 65536  # host.ping echoes params up to this size
+    max_frame_bytes_before_session: int = 131072  # a bigger frame without a session: 1009
     max_http_header_bytes: int = 16 * 1024  # an HTTP request's line and headers
     http_timeout_s: float = 10.0  # to send an HTTP request's line and headers
 

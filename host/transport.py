@@ -292,6 +292,12 @@ class Connection:
                 # trio-websocket counted characters; the limit is in bytes
                 self.abort(TOO_BIG, f"frame over {limits.max_frame_bytes} bytes")
                 return
+            if self.session is None and len(message) > limits.max_frame_bytes_before_session:
+                # nothing said before a session is big: close before any decode, so
+                # sockets without a session cannot queue big frames behind one another
+                self.abort(TOO_BIG, f"frame over {limits.max_frame_bytes_before_session} "
+                                    f"bytes before a session")
+                return
             bucket = self.bucket
             allowed = bucket.take(trio.current_time())  # every frame counts: bad ones, pieces
             if bucket.flooding:

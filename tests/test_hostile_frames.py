@@ -139,7 +139,7 @@ def test_a_decode_bomb_is_refused_without_stalling_others_or_keeping_memory(
     else:  # 5.6 Mi empty objects in (just under) 16 MiB of JSON
         bomb = "[" + "{}," * (16 * 1024 * 1024 // 3 - 2) + "{}]"
     bystander = client(server)
-    attacker = client(server)
+    attacker = client(server, "attacker")  # before a session a big frame just closes
     call(bystander, "host.ping", rid="warm")
     baseline = rss_mib(server)
     latencies: list[float] = []
@@ -189,16 +189,30 @@ def test_only_an_admin_may_send_frames_of_many_values(server: ServerProcess) -> 
     """Frames of millions of values are for imports: anyone else is held to a bound whose
     decode cannot stall the host for long."""
     params = {"values": [0] * 150_000}  # over max_player_frame_items (100,000)
-    for ws in (client(server), client(server, "player")):
-        ws.send(json.dumps({"id": "many", "action": "host.ping", "params": params}))
-        reply = until_re(ws, None)  # too big for its id to be read back
-        assert reply["data"]["code"] == "bad_frame", reply
-        assert "host.limits.max_player_frame_items" in reply["data"]["message"]
-        ws.close()
+    ws = client(server, "player")
+    ws.send(json.dumps({"id": "many", "action": "host.ping", "params": params}))
+    reply = until_re(ws, None)  # too big for its id to be read back
+    assert reply["data"]["code"] == "bad_frame", reply
+    assert "host.limits.max_player_frame_items" in reply["data"]["message"]
+    ws.close()
     admin = client(server, "admin", token="adm")
     reply = call(admin, "host.ping", params, rid="many")  # decoded; then too big to echo
     assert reply["data"]["code"] == "validation_error", reply
     admin.close()
+
+
+def test_a_big_frame_before_a_session_closes_the_connection_undecoded(
+        server: ServerProcess) -> None:
+    """Nothing said before a session is big: such a frame closes with 1009 at once, so
+    sockets without a session cannot pile big frames up waiting to be decoded."""
+    ws = client(server)
+    ws.send(json.dumps({"id": "big", "action": "host.ping", "params": {"x": "y" * 200_000}}))
+    code, reason = close_frame(ws)
+    assert code == 1009 and "before a session" in reason
+    ws = client(server, "now")  # with a session the same frame is read and answered
+    reply = call(ws, "host.ping", {"x": "y" * 200_000}, rid="big")
+    assert reply["data"]["code"] == "validation_error"  # over max_ping_bytes, not a close
+    ws.close()
 
 
 def test_a_declared_length_the_frame_cannot_hold_is_refused(server: ServerProcess) -> None:
