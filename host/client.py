@@ -483,11 +483,19 @@ def _connection_failure(group: BaseExceptionGroup) -> BaseException | None:
     return known[0] if known and not others else None
 
 
+def _only_pong_refused(group: BaseExceptionGroup) -> bool:
+    """The group holds nothing but wsproto refusing a pong on a closing connection
+    (raised in trio-websocket's reader task, never by the caller's code)."""
+    refused, rest = group.split(LocalProtocolError)
+    return refused is not None and rest is None
+
+
 @asynccontextmanager
 async def open_client(opener: Opener, *, name: str = "client", token: str | None = None,
                       encoding: str = "json", reconnect: bool = True,
                       open_session: bool = True,
                       timeout: float | None = None) -> AsyncIterator[Client]:
+    client: Client | None = None
     try:
         async with trio.open_nursery() as nursery:
             client = Client(opener, nursery, name=name, token=token, encoding=encoding,
@@ -500,6 +508,8 @@ async def open_client(opener: Opener, *, name: str = "client", token: str | None
                 await client.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
+        if client is not None and client.closed and _only_pong_refused(group):
+            return  # trio-websocket answered a ping while the client closed: nothing lost
         if len(group.exceptions) == 1:  # show the one error, not trio's wrapper
             raise group.exceptions[0] from None
         raise
