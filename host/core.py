@@ -10,7 +10,7 @@ everything else.
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -64,8 +64,12 @@ def ping(ctx: Context, params: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
+ActionName = Annotated[str, msgspec.Meta(max_length=128)]  # as the envelope bounds it
+
+
 class DescribeParams(msgspec.Struct, forbid_unknown_fields=True):
-    actions: list[str] | None = None
+    # bounded: unknown names are echoed back in the not_found details
+    actions: Annotated[list[ActionName], msgspec.Meta(max_length=1000)] | None = None
 
 
 NO_PARAMS_SCHEMA: dict[str, Any] = {"type": "object", "maxProperties": 0}

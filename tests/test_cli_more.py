@@ -262,6 +262,17 @@ async def test_host_describe_takes_any_list_of_names(tmp_path: Path, names: list
             assert await ada.call("host.ping", still="here") == {"still": "here"}
 
 
+async def test_host_describe_bounds_the_names_it_echoes(tmp_path: Path) -> None:
+    async with open_harness(tmp_path) as harness:
+        h = await harness.start(builtins=False, db=Path(":memory:"))
+        async with h.client("ada") as ada:
+            for names in (["x" * 129], ["nope"] * 1001):
+                with pytest.raises(CallError) as err:
+                    await ada.call("host.describe", actions=names)
+                assert err.value.code == "validation_error"
+                assert err.value.details["path"].startswith("params.actions")
+
+
 def test_worldhost_actions_lists_them(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path / "w.db").start()
     try:
