@@ -76,7 +76,6 @@ class Host:
         self.plugin_runtime: dict[str, dict[str, Any]] = {}
         self._lock_handle: Any = None
         self._file_lock: Any = None
-        self._exclusive = True
         self._last_summary: dict[str, Any] | None = None
         self._summary_reads: set[str] | None = None  # None: not computed yet
         self._damaged: dict[str, str] = {}  # session id -> why its stored runtime is unusable
@@ -150,24 +149,18 @@ class Host:
             self._lock_handle.close()
             self._lock_handle = None
 
-    def open(self, quarantine_unreadable: bool = True, exclusive: bool = True) -> None:
-        """Open the store (quarantining an unreadable one), load, migrate, replay.
-
-        ``exclusive=False`` is for a reader beside a running host: it takes no lock
-        and does not check the WAL (which that host may be writing); it must not
-        write, and must not quarantine."""
+    def open(self, quarantine_unreadable: bool = True) -> None:
+        """Open the store (quarantining an unreadable one), load, migrate, replay."""
         self._wall0, self._trio0 = time.time(), trio.current_time()  # the clock's origin
-        self._exclusive = exclusive
         try:
-            if exclusive:
-                self._lock()
+            self._lock()
             try:
                 self._open_and_load()
             except StoreUnreadable as exc:
                 if self.store is not None:
                     self.store.abandon()
                     self.store = None
-                if not quarantine_unreadable or not exclusive:
+                if not quarantine_unreadable:
                     raise
                 self._unlock_file()
                 moved = quarantine(self.db_path)
@@ -183,10 +176,8 @@ class Host:
 
     def _open_and_load(self) -> None:
         sc = self.config.store
-        self.store = Store.open(self.db_path, sc.synchronous, sc.busy_timeout_ms,
-                                check=self._exclusive)
-        if self._exclusive:
-            self._lock_file()  # a store just created
+        self.store = Store.open(self.db_path, sc.synchronous, sc.busy_timeout_ms)
+        self._lock_file()  # a store just created
         damage = self.store.wal_damage
         if damage is not None:
             log.error("store %s: %s: its index says %d WAL frames were committed, %d could "

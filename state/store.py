@@ -284,13 +284,11 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], synchronous: str = "NORMAL",
-             busy_timeout_ms: int = 5000, check: bool = True) -> Store:
+             busy_timeout_ms: int = 5000) -> Store:
         """Open (creating if missing) and check a store.
 
         Raises StoreUnreadable for anything that is not a healthy store of
         ours, StoreTooNew for a newer format, StoreFull when the disk is full.
-        ``check=False`` (a reader beside a running host) skips the WAL check,
-        which reads a WAL its host may be writing.
         """
         path = str(path)
         index, wal_existed = None, False
@@ -303,9 +301,9 @@ class Store:
                 raise
             if os.path.exists(path) and os.path.getsize(path) == 0:
                 raise StoreUnreadable(f"{path} is an empty (zero-byte) file")
-            if check:  # what the last host's WAL index says, before SQLite rebuilds it
-                index = WalIndex.read(path)
-                wal_existed = os.path.exists(path + "-wal")
+            # what the last host's WAL index says, before SQLite rebuilds it
+            index = WalIndex.read(path)
+            wal_existed = os.path.exists(path + "-wal")
         try:
             conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.Error as exc:
@@ -327,7 +325,7 @@ class Store:
             store = cls(conn, path)
             store._held = held
             store.busy_timeout_ms = int(busy_timeout_ms)
-            store.wal_damage = check_wal(path, index, wal_existed, held) if check else None
+            store.wal_damage = check_wal(path, index, wal_existed, held)
             store._check_format()
             if path != ":memory:":
                 store._watch(path, path + "-wal")
