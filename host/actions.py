@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
+from host.messages import Emit as Emit
 from state.slices import KeyedSlice, ValueSlice
 
 if TYPE_CHECKING:
@@ -101,17 +102,6 @@ class NotFound(ActionError):
 
 class RateLimited(ActionError):
     code = "rate_limited"
-
-
-@dataclass
-class Emit:
-    """A signal a handler asked to send: to the requester, everyone, or one session."""
-
-    signal: str
-    data: dict[str, Any]
-    to: str | None = None  # session id; None with broadcast=False means the reply
-    broadcast: bool = False
-    exclude: str | None = None  # a session a broadcast skips (the requester, say)
 
 
 @dataclass

@@ -12,8 +12,6 @@ from __future__ import annotations
 import logging
 import traceback
 from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -29,7 +27,8 @@ from host.actions import (
 )
 from host.api import AppliedAction
 from host.config import error_path
-from host.sessions import Session, SessionTable, Signal
+from host.messages import Disconnect, Effects, Request, Signal
+from host.sessions import Session, SessionTable
 from state.codec import canonical, load_stored
 from state.store import JournalEntry
 
@@ -41,36 +40,7 @@ log = logging.getLogger("worldhost.dispatcher")
 OPEN_ACTIONS = frozenset({"session.open", "session.resume", "host.ping"})
 
 
-@dataclass
-class Request:
-    """One action to apply, from a connection or from inside the host."""
-
-    action: str
-    params: Any
-    id: Any = None
-    has_id: bool = False
-    conn: Any = None  # the transport connection (None for internal actions)
-    encoding: str | None = None
-    error: ActionError | None = None  # refused before it got here (bad frame, envelope)
-    internal: bool = False
-    done: trio.Event | None = None
-    result: Any = None
-    failure: ActionError | None = None
-
-
-@dataclass
-class Disconnect:
-    conn: Any
-
-
-@dataclass
-class Outcome:
-    """What applying one action produced, before it is released."""
-
-    outputs: list[tuple[Any, Signal]] = field(default_factory=list)  # (Session|conn|None, signal)
-    entry: JournalEntry | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-    after: list[Callable[[], None]] = field(default_factory=list)  # run once released
+Outcome = Effects  # the old name
 
 
 def validation_details(exc: msgspec.ValidationError) -> dict[str, str]:

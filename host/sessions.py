@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
+from host.messages import Signal as Signal
 from state.codec import encode_cbor, encode_json
 
 # The highest ``last_seq`` a client may present: the largest integer every JSON
@@ -85,28 +86,6 @@ class Outbox(Protocol):
     def displace(self) -> None: ...
 
     def close_soon(self, code: int, reason: str) -> None: ...
-
-
-@dataclass(slots=True)  # replay buffers hold many: no per-instance dict for the GC to walk
-class Signal:
-    """One signal on its way to a client; ``seq`` is set once it is addressed."""
-
-    signal: str
-    data: dict[str, Any]
-    re: Any = None
-    has_re: bool = False
-    seq: int | None = None
-    encoding: str | None = None  # forced encoding for a reply; None = connection's
-    encoded: dict[str, Any] | None = None  # ``data`` encoded once, shared by a broadcast
-
-    def envelope(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"signal": self.signal}
-        if self.has_re:
-            out["re"] = self.re
-        if self.seq is not None:
-            out["seq"] = self.seq
-        out["data"] = self.data
-        return out
 
 
 def signal_size(sig: Signal, encoding: str) -> int:
