@@ -13,8 +13,9 @@ Run by bench/roundtrip.py, one process per share of the connections:
 
     python bench/rawclient.py URL --conns N --action host.ping [--session] [--line]
 
-It connects (and with ``--session`` opens a session on each connection),
-warms up, prints ``ready`` and waits for a line on stdin; then every
+It connects (and with ``--session`` opens a session on each connection; with
+``--join W1,W2,...`` each then joins one of those worlds in turn), warms up,
+prints ``ready`` and waits for a line on stdin; then every
 connection makes round trips back to back for ``--seconds`` and it prints one
 JSON line: the round-trip times (µs), its own CPU time over that window and
 the time it was running or runnable (``busy``: CPU time plus time spent waiting
@@ -178,6 +179,19 @@ def open_session(conn: Conn, name: str) -> None:
     conn.receive()  # sync_state
 
 
+def join_world(conn: Conn, world_id: str) -> None:
+    """``world.join``: its reply, then the world's ``sync_state`` (skipped later, like
+    any signal that is not a reply)."""
+    conn.send(json.dumps({"id": "join", "action": "world.join",
+                          "params": {"world_id": world_id}}).encode())
+    while True:
+        msg = json.loads(conn.receive())
+        if msg.get("re") == "join":
+            if msg.get("signal") != "world.joined":
+                raise RuntimeError(f"world.join {world_id}: {msg}")
+            return
+
+
 def requester(action: str) -> Callable[[int, int], bytes]:
     """The request payload for (connection index, request id); ``bench.touch``
     writes one key per connection, as bench/roundtrip.py's trio client does."""
@@ -249,6 +263,8 @@ def main() -> None:
     parser.add_argument("--action", default="host.ping")
     parser.add_argument("--session", action="store_true", help="open a session on each connection (the host)")
     parser.add_argument("--line", action="store_true", help="newline-delimited over plain TCP, no WebSocket")
+    parser.add_argument("--join", default="", help="world ids, comma-separated: connection i (counting "
+                        "from --first) joins the (i mod count)th after opening its session")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.3)
     args = parser.parse_args()
@@ -257,6 +273,9 @@ def main() -> None:
     if args.session:
         for i, conn in enumerate(conns):
             open_session(conn, f"raw{args.first + i}")
+            if args.join:
+                worlds = args.join.split(",")
+                join_world(conn, worlds[(args.first + i) % len(worlds)])
     make = requester(args.action)
     run(conns, args.warmup, make, args.session, args.first)
     print("ready", flush=True)
