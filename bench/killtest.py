@@ -6,9 +6,14 @@ actions with unique request ids while the simulation ticks, SIGKILL the host at
 a random moment, run ``PRAGMA quick_check``, restart, and compare the world
 with what the clients were told.
 
-    python bench/killtest.py --cycles 200
+    python bench/killtest.py --cycles 200 [--worlds 3]
 
 prints acknowledged / lost / invented counts; the test suite runs 20 cycles.
+With ``--worlds N`` (N > 1) the clients (N of them, at least three) are spread
+over N worlds (``main`` and ``w1``…), each with its own map and running
+simulation: a resumed session must still be in its world, and each world's
+store is checked on its own (an action that landed in another world counts as
+lost in its own and invented in the other).
 """
 
 from __future__ import annotations
@@ -35,10 +40,17 @@ CLIENTS = 3
 ADMIN = "kill-test-admin"
 
 
+def world_ids(worlds: int) -> list[str]:
+    """``main`` (the default world, the ``--db`` file) and ``w1``… beside it."""
+    return ["main"] + [f"w{i}" for i in range(1, worlds)]
+
+
 @dataclass
 class Ledger:
-    """What the clients sent and what they were told."""
+    """What the clients sent and what they were told; ``homes`` maps each client
+    to the world it joined (empty with one world: no client joins)."""
 
+    homes: dict[str, str] = field(default_factory=dict)
     acked: set[str] = field(default_factory=set)
     sent: set[str] = field(default_factory=set)
     sessions: dict[str, dict[str, object]] = field(default_factory=dict)
@@ -70,18 +82,30 @@ async def _client(url: str, name: str, ledger: Ledger, stop_at: float) -> None:
         async with open_websocket_url(url, message_queue_size=64) as ws:
             await ws.get_message()  # server.info
             known = ledger.sessions.get(name)
+            home = ledger.homes.get(name)
             if known is None:
                 reply = await _call(ws, {"id": f"{name}-open", "action": "session.open",
                                          "params": {"name": name, "token": ADMIN}})
                 data = reply["data"]
                 ledger.sessions[name] = {"session_id": data["session_id"],
                                          "resume_token": data["resume_token"], "last_seq": 0}
+                if home is not None:
+                    reply = await _call(ws, {"id": f"{name}-join", "action": "world.join",
+                                             "params": {"world_id": home}})
+                    if reply["signal"] != "world.joined":
+                        raise RuntimeError(f"{name} could not join {home}: {reply['data']}")
             else:
                 reply = await _call(ws, {"id": f"{name}-resume-{ledger.counter}",
                                          "action": "session.resume", "params": known})
                 if reply["signal"] != "session.resumed":
                     raise RuntimeError(f"{name} could not resume: {reply['data']}")
                 known["resume_token"] = reply["data"]["resume_token"]
+                if home is not None:  # resumed in the world it had joined, not the default
+                    reply = await _call(ws, {"id": f"{name}-where-{ledger.counter}",
+                                             "action": "world.list", "params": {}})
+                    if reply["data"].get("joined") != home:
+                        raise RuntimeError(f"{name} resumed in {reply['data'].get('joined')}, "
+                                           f"not {home}")
                 ledger.resumed += 1
             while trio.current_time() < stop_at:
                 ledger.counter += 1
@@ -99,69 +123,111 @@ async def _client(url: str, name: str, ledger: Ledger, stop_at: float) -> None:
         pass  # the host was killed under us
 
 
-async def _drive(url: str, ledger: Ledger, seconds: float) -> None:
+async def _drive(url: str, ledger: Ledger, seconds: float, clients: int) -> None:
     stop_at = trio.current_time() + seconds + 5
     async with trio.open_nursery() as nursery:
-        for i in range(CLIENTS):
+        for i in range(clients):
             nursery.start_soon(_client, url, f"client{i}", ledger, stop_at)
 
 
-async def _drive_then_kill(server: ServerProcess, ledger: Ledger, seconds: float) -> None:
+async def _drive_then_kill(server: ServerProcess, ledger: Ledger, seconds: float,
+                           clients: int) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drive, server.url, ledger, seconds)
+        nursery.start_soon(_drive, server.url, ledger, seconds, clients)
         await trio.sleep(seconds)
         server.kill9()
 
 
-def _world(url: str) -> dict:
-    async def read() -> dict:
+def _worlds(url: str, worlds: int) -> dict[str, dict]:
+    """Each world's slices, read by a session that joins it (none with one world)."""
+    async def read() -> dict[str, dict]:
         # the project's client: after many cycles the world outgrows one frame, and
         # it reassembles a chunked reply
+        out = {}
         async with connect(url, name="checker", token=ADMIN, reconnect=False) as checker:
-            snap = await checker.call("world.snapshot")
+            if worlds > 1:
+                listed = {w["world_id"] for w in (await checker.call("world.list"))["worlds"]}
+                if not set(world_ids(worlds)) <= listed:
+                    raise RuntimeError(f"worlds missing after the restarts: {sorted(listed)}")
+            for world_id in world_ids(worlds):
+                if worlds > 1:
+                    await checker.call("world.join", world_id=world_id)
+                out[world_id] = (await checker.call("world.snapshot"))["slices"]
             await checker.call("session.close")
-            return snap["slices"]
+        return out
     return trio.run(read)
 
 
-def _setup(url: str) -> None:
+def _setup(url: str, worlds: int) -> None:
+    """Every world gets the same small map, three trucks, 30 packages and a
+    running simulation (so every world is loaded again at each restart)."""
     async def setup() -> None:
         async with open_websocket_url(url) as ws:
             await ws.get_message()
             await _call(ws, {"id": 1, "action": "session.open",
                              "params": {"name": "setup", "token": ADMIN}})
-            nodes = [{"id": f"g{i}", "x": i, "y": 0, "building": None} for i in range(6)]
-            edges = [{"id": f"e{i}{j}", "from": f"g{i}", "to": f"g{j}", "length": 1, "speed": 1}
-                     for i in range(6) for j in range(6) if abs(i - j) == 1]
-            await _call(ws, {"id": 2, "action": "map.import",
-                             "params": {"map_data": {"nodes": nodes, "edges": edges}}})
-            for t in range(3):
-                await _call(ws, {"id": f"t{t}", "action": "simulation.add_agent",
-                                 "params": {"id": f"truck{t}", "kind": "truck", "node": "g0"}})
-            for p in range(30):
-                await _call(ws, {"id": f"p{p}", "action": "simulation.add_package",
-                                 "params": {"id": f"pkg{p}", "origin": f"g{p % 6}",
-                                            "destination": f"g{(p + 3) % 6}"}})
-            await _call(ws, {"id": 3, "action": "simulation.start", "params": {"tick_hz": 50}})
+            for world_id in world_ids(worlds)[1:]:
+                reply = await _call(ws, {"id": f"create-{world_id}", "action": "world.create",
+                                         "params": {"world_id": world_id}})
+                if reply["signal"] != "world.created":
+                    raise RuntimeError(f"world.create {world_id}: {reply['data']}")
+            for world_id in world_ids(worlds):
+                if worlds > 1:
+                    reply = await _call(ws, {"id": f"join-{world_id}", "action": "world.join",
+                                             "params": {"world_id": world_id}})
+                    if reply["signal"] != "world.joined":
+                        raise RuntimeError(f"world.join {world_id}: {reply['data']}")
+                await _populate(ws, world_id)
             await _call(ws, {"id": 4, "action": "session.close"})
     trio.run(setup)
 
 
-def check(world: dict, ledger: Ledger, totals: Totals) -> None:
+async def _populate(ws, world_id: str) -> None:  # type: ignore[no-untyped-def]
+    """The map, trucks, packages and running simulation of the world ``ws`` is in
+    (request ids carry the world's id: a repeated id would get the first reply)."""
+    nodes = [{"id": f"g{i}", "x": i, "y": 0, "building": None} for i in range(6)]
+    edges = [{"id": f"e{i}{j}", "from": f"g{i}", "to": f"g{j}", "length": 1, "speed": 1}
+             for i in range(6) for j in range(6) if abs(i - j) == 1]
+    await _call(ws, {"id": f"{world_id}-map", "action": "map.import",
+                     "params": {"map_data": {"nodes": nodes, "edges": edges}}})
+    for t in range(3):
+        await _call(ws, {"id": f"{world_id}-t{t}", "action": "simulation.add_agent",
+                         "params": {"id": f"truck{t}", "kind": "truck", "node": "g0"}})
+    for p in range(30):
+        await _call(ws, {"id": f"{world_id}-p{p}", "action": "simulation.add_package",
+                         "params": {"id": f"pkg{p}", "origin": f"g{p % 6}",
+                                    "destination": f"g{(p + 3) % 6}"}})
+    await _call(ws, {"id": f"{world_id}-start", "action": "simulation.start",
+                     "params": {"tick_hz": 50}})
+
+
+def _owner(item: str) -> str:
+    """The client that sent an item (``client3-41`` → ``client3``)."""
+    return item.rsplit("-", 1)[0]
+
+
+def check(world: dict, ledger: Ledger, totals: Totals, world_id: str = "main") -> None:
+    """One world against what its clients were told (every client, with one world)."""
+    def here(items: set[str]) -> set[str]:
+        if not ledger.homes:
+            return items
+        return {i for i in items if ledger.homes.get(_owner(i)) == world_id}
+
     present = {k[len("node:"):] for k in world["map"] if k.startswith("node:client")}
     present |= {k[len("package:"):] for k in world["simulation"] if k.startswith("package:")}
     present = {p for p in present if p.startswith("client")}
-    lost = ledger.acked - present
-    invented = present - ledger.sent
+    lost = here(ledger.acked) - present
+    invented = present - here(ledger.sent)
     totals.lost += len(lost)
     totals.invented += len(invented)
+    where = f"{world_id}: " if ledger.homes else ""
     if lost or invented:
-        totals.problems.append(f"lost {sorted(lost)[:5]} invented {sorted(invented)[:5]}")
+        totals.problems.append(f"{where}lost {sorted(lost)[:5]} invented {sorted(invented)[:5]}")
     nodes = {k[5:] for k in world["map"] if k.startswith("node:")}
     for key, edge in world["map"].items():
         if key.startswith("edge:") and not {edge["from"], edge["to"]} <= nodes:
             totals.check_failures += 1
-            totals.problems.append(f"dangling edge {key}")
+            totals.problems.append(f"{where}dangling edge {key}")
     agents = {k[6:]: a for k, a in world["simulation"].items() if k.startswith("agent:")}
     for key, package in world["simulation"].items():
         if not key.startswith("package:"):
@@ -171,19 +237,28 @@ def check(world: dict, ledger: Ledger, totals: Totals) -> None:
         if in_transit != bool(carriers) or len(carriers) > 1 or \
                 (in_transit and carriers[0]["id"] != package["carried_by"]):
             totals.check_failures += 1
-            totals.problems.append(f"package {package['id']} is not in exactly one place")
+            totals.problems.append(f"{where}package {package['id']} is not in exactly one place")
     for agent in agents.values():
         if agent["fuel"] < 0:
             totals.check_failures += 1
-            totals.problems.append(f"agent {agent['id']} has negative fuel")
+            totals.problems.append(f"{where}agent {agent['id']} has negative fuel")
+
+
+def store_files(db: Path, worlds: int) -> list[Path]:
+    """Each world's store: ``main`` is the ``--db`` file, the others are in the
+    default worlds directory beside it."""
+    return [db] + [db.parent / "worlds" / f"{w}.db" for w in world_ids(worlds)[1:]]
 
 
 def run(cycles: int, workdir: Path, seed: int | None = None, verbose: bool = False,
-        synchronous: str = "NORMAL", journal_commits: str = "thread") -> Totals:
+        synchronous: str = "NORMAL", journal_commits: str = "thread", worlds: int = 1,
+        clients: int | None = None) -> Totals:
     """Journal commits on the store's thread (the default), or in the event loop
     (``journal_commits = "loop"``, with NORMAL only; see state/saver.py): every path
-    must lose nothing acknowledged."""
+    must lose nothing acknowledged. ``worlds`` > 1 spreads ``clients`` (default: three,
+    or one per world if more) over that many worlds, client i in world i mod N."""
     rng = random.Random(seed)
+    clients = clients if clients is not None else max(CLIENTS, worlds)
     db = workdir / "kill.db"
     config = workdir / "kill.toml"
     config.write_text(f'[host]\nadmin_token = "{ADMIN}"\n[host.limits]\nrate_per_s = 100000.0\n'
@@ -192,30 +267,37 @@ def run(cycles: int, workdir: Path, seed: int | None = None, verbose: bool = Fal
                       f'journal_commits = "{journal_commits}"\n'
                       '[plugins.session_cleanup]\nmax_sessions = 1000\n')
     ledger = Ledger()
+    if worlds > 1:
+        ids = world_ids(worlds)
+        ledger.homes = {f"client{i}": ids[i % worlds] for i in range(clients)}
     totals = Totals()
     for cycle in range(cycles):
         server = ServerProcess(db, config=config).start()
         if cycle == 0:
-            _setup(server.url)
+            _setup(server.url, worlds)
         seconds = rng.uniform(0.2, 1.2)
 
-        trio.run(_drive_then_kill, server, ledger, seconds)
-        conn = sqlite3.connect(db)
-        result = conn.execute("PRAGMA quick_check").fetchone()[0]
-        conn.close()
-        if result != "ok":
-            totals.check_failures += 1
-            totals.problems.append(f"cycle {cycle}: quick_check {result}")
+        trio.run(_drive_then_kill, server, ledger, seconds, clients)
+        for store in store_files(db, worlds):
+            if not store.exists():  # connect() would create it
+                result = "the store file is missing"
+            else:
+                conn = sqlite3.connect(store)
+                result = conn.execute("PRAGMA quick_check").fetchone()[0]
+                conn.close()
+            if result != "ok":
+                totals.check_failures += 1
+                totals.problems.append(f"cycle {cycle}: {store.name}: quick_check {result}")
         totals.cycles += 1
         if verbose:
             print(f"cycle {cycle + 1}: {len(ledger.acked)} acknowledged so far", flush=True)
     server = ServerProcess(db, config=config).start()
     try:
         expected_resumes = ledger.resumed
-        world = _world(server.url)
-        check(world, ledger, totals)
+        for world_id, world in _worlds(server.url, worlds).items():
+            check(world, ledger, totals, world_id)
         totals.acknowledged = len(ledger.acked)
-        totals.resume_failures = max(0, CLIENTS * (cycles - 1) - expected_resumes)
+        totals.resume_failures = max(0, clients * (cycles - 1) - expected_resumes)
     finally:
         server.stop()
     return totals
@@ -229,13 +311,21 @@ def main() -> int:
                         help="the store's synchronous mode")
     parser.add_argument("--journal-commits", choices=["thread", "loop"], default="thread",
                         help="where journal commits run (loop: NORMAL only)")
+    parser.add_argument("--worlds", type=int, default=1,
+                        help="spread the clients over this many worlds (1: the default world only)")
+    parser.add_argument("--clients", type=int, default=None,
+                        help=f"clients (default {CLIENTS}, or one per world if --worlds is more)")
     args = parser.parse_args()
+    if args.worlds < 1:
+        parser.error("--worlds must be at least 1")
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         totals = run(args.cycles, Path(tmp), args.seed, verbose=True,
-                     synchronous=args.synchronous, journal_commits=args.journal_commits)
-    print(f"cycles {totals.cycles}  acknowledged {totals.acknowledged}  lost {totals.lost}  "
-          f"invented {totals.invented}  resume failures {totals.resume_failures}  "
+                     synchronous=args.synchronous, journal_commits=args.journal_commits,
+                     worlds=args.worlds, clients=args.clients)
+    print(f"cycles {totals.cycles}  worlds {args.worlds}  acknowledged {totals.acknowledged}  "
+          f"lost {totals.lost}  invented {totals.invented}  "
+          f"resume failures {totals.resume_failures}  "
           f"invariant failures {totals.check_failures}  "
           f"({time.monotonic() - started:.0f} s)")
     for problem in totals.problems[:20]:
