@@ -193,7 +193,7 @@ def main() -> None:
                   f"   p99 x{busy.p99 / quiet.p99:.1f}, max x{busy.worst / quiet.worst:.1f}"
                   f" (import {took:.2f} s)", flush=True)
     finally:
-        server.stop()
+        server.stop(timeout=120)  # the shutdown checkpoints every loaded world, big ones too
 
 
 if __name__ == "__main__":
