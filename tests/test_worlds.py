@@ -353,7 +353,7 @@ async def test_only_valid_world_ids_are_taken_and_nothing_lands_outside_the_worl
     anything else is a validation_error at params.world_id from create, join and
     archive alike. (Ids of non-ASCII letters or digits may go either way, but if
     taken they must be a plain file name in the worlds directory.) On disk, the only
-    new files are ``<worlds dir>/<id>.db`` (and SQLite's companions) of created ids."""
+    new files are ``<worlds dir>/<id>.db`` (and its companions) of created ids."""
     with tempfile.TemporaryDirectory() as tmp:
         top = Path(tmp)
         home = top / "data"
@@ -390,8 +390,9 @@ async def test_only_valid_world_ids_are_taken_and_nothing_lands_outside_the_worl
                 assert {w["world_id"] for w in (await root.call("world.list"))["worlds"]} == created
                 assert await root.call("host.ping", alive=True) == {"alive": True}
             new = _files(top) - before
-        companions = ("", "-wal", "-shm", "-journal")
+        companions = ("", "-wal", "-shm", "-journal", ".lock")  # SQLite's, and the host's lock
         allowed = {Path("data", "worlds", f"{wid}.db{c}") for wid in created for c in companions}
+        allowed.add(Path("data", "worlds"))
         assert new <= allowed, sorted(map(str, new - allowed))
 
 
