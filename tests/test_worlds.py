@@ -191,8 +191,10 @@ async def test_archive_moves_the_file_aside_and_sends_its_sessions_out(worldhost
         archived = await root.call("world.archive", world_id="doomed")
         assert archived["world_id"] == "doomed"
         moved = Path(archived["archived_to"])
-        assert moved.is_file() and moved.resolve() != (worlds_dir / "doomed.db").resolve()
-        assert not (worlds_dir / "doomed.db").exists()
+        assert moved.resolve() != (worlds_dir / "doomed.db").resolve()
+        with trio.fail_after(10):  # the world is unloaded (checkpointed) first, then moved
+            while not moved.is_file() or (worlds_dir / "doomed.db").exists():
+                await trio.sleep(0.05)
         left = await ada.next_signal("world.left")
         assert left["data"] == {"world_id": "doomed", "reason": "archived"}
         assert (await listed(ada))["joined"] is None
@@ -589,6 +591,8 @@ async def test_the_readme_scenario_two_worlds_two_clients_kill_and_restart(
             assert after["by_id"]["north"]["name"] == "The North"
             assert after["by_id"]["south"]["name"] == "The South"
             assert after["default"] == "south" and after["by_id"]["south"]["loaded"] is True
+            async with connect(server.url, name="carl") as carl:  # never joins: the default
+                assert (await carl.next_signal("sync_state"))["data"]["world_id"] == "south"
             for c, wid, node in ((ann, "north", "ann-was-here"), (bob, "south", "bob-was-here")):
                 assert (await listed(c))["joined"] == wid
                 assert c.resumes == 1
