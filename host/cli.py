@@ -24,7 +24,7 @@ SERVER_GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from host.server import Host, StartupError
+    from host.server import Server, StartupError
     from state.store import StoreFailed, StoreTooNew
 
     try:
@@ -32,7 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = config_mod.override(cfg, host=args.host, port=args.port,
                                   db=args.db)
         cfg, created = config_mod.with_admin_token(cfg)
-        host = Host(cfg)
+        host = Server(cfg)
     except (config_mod.ConfigError, StartupError) as exc:
         print(f"worldhost: {exc}", file=sys.stderr)
         return 2

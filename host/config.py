@@ -80,6 +80,13 @@ class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     journal_commits: Literal["thread", "loop"] = "thread"
 
 
+class WorldsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    dir: str = ""  # where worlds other than the default one keep their stores; "": beside --db
+    server_db: str = ""  # the server's own store (sessions, the registry); "": DB.server.db
+    idle_unload_s: float = 300.0  # a world with nobody in it and nothing running unloads
+    max_worlds: int = 1000  # worlds the registry may hold (archived ones not counted)
+
+
 class PluginEntry(msgspec.Struct, frozen=True):
     module: str | None = None
     enabled: bool = True
@@ -96,6 +103,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: HostSection = HostSection()
     sessions: SessionsSection = SessionsSection()
     store: StoreSection = StoreSection()
+    worlds: WorldsSection = WorldsSection()
     plugins: dict[str, dict[str, Any]] = msgspec.field(
         default_factory=lambda: {k: dict(v) for k, v in BUILTIN_PLUGINS.items()})
     source: str = "<defaults>"

@@ -136,3 +136,17 @@ def process_resumed(host: HostAPI, process: dict[str, Any]) -> None:
 
     Re-create whatever the plugin had attached to it (timers, spawned runners).
     """
+
+
+@hookspec
+def world_running(host: HostAPI) -> str | None:
+    """Say what keeps this world running with nobody in it, or None.
+
+    A world whose plugins all answer None, and that no session has joined, is
+    checkpointed and unloaded after ``[worlds] idle_unload_s``; one that answers
+    (say ``"simulation"``) stays loaded, and after a stop or a crash it is loaded
+    again at startup, without anyone joining, and resumed.
+
+    :param host: the world asking.
+    :return: a short name of what runs (shown in ``world.list``), or None.
+    """

@@ -35,7 +35,7 @@ import trio_websocket
 from host import config as config_mod
 from host.api import TaskFailure
 from host.client import Client, Opener, open_client, url_opener
-from host.server import Host
+from host.server import Server as Host
 from state.codec import clone
 
 
@@ -102,7 +102,7 @@ class HostHarness:
         mock = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
         self.host = Host(self.config, self.plugins, entry_points=self.entry_points,
                          db=str(self.db), threads=not mock)
-        self.host.api.task_listeners.append(self._failures.append)
+        self.host.task_listeners.append(self._failures.append)
         done = self._done = trio.Event()
         host = self.host
 
@@ -155,16 +155,17 @@ class HostHarness:
         return open_client(self.opener(), name=name, token=token, encoding=encoding,
                            reconnect=reconnect, open_session=open_session)
 
-    def world(self) -> dict[str, Any]:
-        """The committed world, slice by slice: a copy, so a test that changes it
-        (say, drops a field before comparing) cannot corrupt the running host."""
+    def world(self, world_id: str | None = None) -> dict[str, Any]:
+        """The committed world (the default one, or the named loaded one), slice by
+        slice: a copy, so a test that changes it (say, drops a field before
+        comparing) cannot corrupt the running server."""
         self.check()
-        return clone(self.host.world.snapshot())
+        return clone(self.host.world(world_id).slices.snapshot())
 
-    def encoded_world(self) -> bytes:
-        """Canonical CBOR of the world: byte-equal for equal worlds."""
+    def encoded_world(self, world_id: str | None = None) -> bytes:
+        """Canonical CBOR of a world: byte-equal for equal worlds."""
         self.check()
-        return self.host.world.encode()
+        return self.host.world(world_id).slices.encode()
 
 
 class Harness:
@@ -199,7 +200,9 @@ class Harness:
             else:
                 extra.append(plugin)
         cfg = config_mod.from_dict(raw, "<test config>")
-        path = db or self._tmp / f"world-{next(self._count)}.db"
+        # a directory each: a server keeps its own store and its worlds beside the db
+        path = db or self._tmp / f"host-{next(self._count)}" / "world.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
         harness = HostHarness(self._nursery, path, cfg, extra, entry_points, listen)
         self.hosts.append(harness)
         return await harness.start()

@@ -16,7 +16,8 @@ import logging
 import re
 import resource
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
@@ -25,9 +26,10 @@ from wsproto.events import CloseConnection
 
 from host import chunks
 from host.actions import ActionError, BadRequest, RateLimited, Unauthenticated
-from host.dispatcher import Disconnect, Request
+from host.config import Config
 from host.limits import TokenBucket
-from host.sessions import Session, Signal
+from host.messages import Disconnect, Request, Signal, Submitter
+from host.sessions import Session
 from state.codec import (
     DecodeError,
     TooManyItems,
@@ -38,8 +40,6 @@ from state.codec import (
     lenient_json,
 )
 
-if TYPE_CHECKING:
-    from host.server import Host
 
 log = logging.getLogger("worldhost.transport")
 
@@ -162,11 +162,13 @@ def check_envelope(message: Any) -> tuple[str, dict[str, Any]]:
 class Connection:
     """One client connection: its outbox, encoding, session and limits."""
 
-    def __init__(self, host: Host, ws: WebSocketConnection, remote: str) -> None:
-        self.host = host
+    def __init__(self, transport: Transport, ws: WebSocketConnection, remote: str) -> None:
+        self.transport = transport
+        self.config = transport.config
+        self.submit = transport.submit
         self.ws = ws
         self.remote = remote
-        limits = host.config.host.limits
+        limits = self.config.host.limits
         self.session: Session | None = None
         self.encoding = "json"
         self.failed_opens = 0
@@ -199,22 +201,22 @@ class Connection:
     # called by the dispatcher, synchronously -----------------------------------
     def deliver(self, sig: Signal) -> bool:
         if self.close_code is not None:
-            self.host.transport.signals_dropped += 1
+            self.transport.signals_dropped += 1
             return False
         if sig.has_re and self.in_flight:
             self.in_flight -= 1
         now = trio.current_time()
-        limits = self.host.config.host.limits
+        limits = self.config.host.limits
         if self._outbox and now - self._outbox[0][1] > limits.max_lag_s:
             log.warning("disconnecting %s: %.1f s behind", self.remote, now - self._outbox[0][1])
             self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
-            self.host.transport.signals_dropped += 1
+            self.transport.signals_dropped += 1
             return False
         if len(self._outbox) >= self._outbox_size:
             log.warning("disconnecting %s: outbox full (%d signals behind)",
                         self.remote, self._outbox_size)
             self.abort(POLICY, "too slow: outbox full")
-            self.host.transport.signals_dropped += 1
+            self.transport.signals_dropped += 1
             return False
         self._queue(sig, now)
         return True
@@ -223,6 +225,17 @@ class Connection:
         self._outbox.append((sig, now))
         if not (self._sending or self._dispatching):
             self._wake.set()
+
+    def attached(self, session: Session) -> None:
+        """A session now speaks through this connection: it leaves the pre-auth caps."""
+        self.session = session
+        self.ever_had_session = True
+        self.transport.authenticated(self)
+
+    def detached(self) -> None:
+        """The session was closed; the connection stays and counts as pre-auth again."""
+        self.session = None
+        self.transport.unauthenticated(self)
 
     def displace(self) -> None:
         """The session was resumed on another connection."""
@@ -244,7 +257,7 @@ class Connection:
 
     # the connection's tasks --------------------------------------------------------
     async def run(self) -> None:
-        self.deliver(Signal("server.info", self.host.server_info()))
+        self.deliver(Signal("server.info", self.transport.hello()))
         try:
             with self.cancel_scope:
                 async with trio.open_nursery() as nursery:
@@ -256,7 +269,7 @@ class Connection:
         finally:
             with trio.CancelScope(shield=True):
                 try:
-                    await self.host.dispatcher.put(Disconnect(self))
+                    await self.submit.put(Disconnect(self))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the host is gone (crashed or stopped)
                 if self.close_code is not None and not self.ws.closed and not self.torn:
@@ -267,8 +280,8 @@ class Connection:
 
     async def _reader(self) -> None:
         _close_frame_on_parse_failure(self.ws)
-        max_failed = self.host.config.sessions.max_failed_opens
-        limits = self.host.config.host.limits
+        max_failed = self.config.sessions.max_failed_opens
+        limits = self.config.host.limits
         while True:
             while self.in_flight + len(self._outbox) >= self.budget:
                 self._room = trio.Event()
@@ -330,9 +343,9 @@ class Connection:
     async def _dispatch(self, req: Request) -> None:
         """Hand a request to the dispatcher, then send what it produced at once. (If it
         must wait its turn, signals meanwhile are sent by the sender task.)"""
-        self._dispatching = self.host.dispatcher.applies_now
+        self._dispatching = self.submit.applies_now(req)
         try:
-            await self.host.dispatcher.put(req)
+            await self.submit.put(req)
         finally:
             self._dispatching = False
         if self._outbox:
@@ -340,7 +353,7 @@ class Connection:
 
     async def _trim(self) -> None:
         """Give freed heap back to the system, off the loop where threads are allowed."""
-        if self.host.threads:
+        if self.transport.threads:
             await trio.to_thread.run_sync(_trim, limiter=_big_decodes)
         else:
             _trim()
@@ -350,7 +363,7 @@ class Connection:
 
         Only an admin sends frames of millions of values (imports); anyone else is
         held to a bound whose decode cannot stall the loop for long."""
-        limits = self.host.config.host.limits
+        limits = self.config.host.limits
         if self.session is not None and self.session.role == "admin":
             max_items, key = limits.max_frame_items, "max_frame_items"
         else:
@@ -364,7 +377,7 @@ class Connection:
             except TooManyItems as exc:
                 raise DecodeError(f"{exc} (host.limits.{key})") from None
 
-        if len(message) <= THREAD_BYTES or not self.host.threads:
+        if len(message) <= THREAD_BYTES or not self.transport.threads:
             return decode()
         return await trio.to_thread.run_sync(decode, limiter=_big_decodes)
 
@@ -440,7 +453,7 @@ class Connection:
                     self.cancel_scope.cancel()
                     return
                 frame = encode_frame(sig, sig.encoding or self.encoding)
-                if len(frame) <= self.host.config.host.limits.max_frame_bytes:
+                if len(frame) <= self.config.host.limits.max_frame_bytes:
                     await self.ws.send_message(frame)
                     continue
                 self.transfers += 1
@@ -455,7 +468,7 @@ class Connection:
             self._sending = False
 
     async def _pinger(self) -> None:
-        cfg = self.host.config.host
+        cfg = self.config.host
         while True:
             await trio.sleep(cfg.ping_interval_s)
             with trio.move_on_after(cfg.ping_timeout_s) as scope:
@@ -469,7 +482,7 @@ class Connection:
                 return
 
     async def _auth_timer(self) -> None:
-        await trio.sleep(self.host.config.sessions.auth_timeout_s)
+        await trio.sleep(self.config.sessions.auth_timeout_s)
         if self.session is None and not self.ever_had_session:
             self.close_soon(POLICY, "no session opened in time")
 
@@ -528,8 +541,12 @@ class Transport:
     so a pile of idle sockets never locks out a client that opens a session.
     """
 
-    def __init__(self, host: Host) -> None:
-        self.host = host
+    def __init__(self, config: Config, *, submit: Submitter, hello: Callable[[], dict[str, Any]],
+                 threads: bool) -> None:
+        self.config = config
+        self.submit = submit
+        self.hello = hello
+        self.threads = threads  # big decodes and heap trims may use worker threads
         self.connections: set[Connection] = set()
         self.slots: dict[Slot, None] = {}  # oldest first
         self.open = 0  # slots not closing
@@ -537,14 +554,14 @@ class Transport:
         self.pre_auth_by_address: dict[str, dict[Slot, None]] = {}
         self._quiet_until = 0.0
         files = fd_limit()
-        self.max_connections = host.config.host.limits.max_connections or \
+        self.max_connections = config.host.limits.max_connections or \
             connection_budget(files)
         self.signals_dropped = 0  # not delivered: the connection was closing or too slow
 
     def admit(self, address: str) -> Slot | None:
         """A slot for a new socket, closing older unauthenticated ones to make room;
         None when every slot is held by a connection with a session."""
-        limits = self.host.config.host.limits
+        limits = self.config.host.limits
         if self.open >= self.max_connections:
             oldest = next(iter(self.pre_auth), None)
             if oldest is None:
@@ -605,7 +622,7 @@ class Transport:
                 self.open -= 1
 
     async def handle(self, request: WebSocketRequest, slot: Slot | None = None) -> None:
-        cfg = self.host.config.host
+        cfg = self.config.host
         origin = _header(request, b"origin")
         if origin is not None and origin not in cfg.allowed_origins and \
                 "*" not in cfg.allowed_origins and \
@@ -614,12 +631,12 @@ class Transport:
             await request.reject(403, body=b"origin not allowed")
             return
         remote = _address(request)
-        if not self.host.dispatcher.accepting:
+        if not self.submit.accepting:
             await request.reject(503, body=b"shutting down")
             return
         try:
             ws = await request.accept()
-            conn = Connection(self.host, ws, remote)
+            conn = Connection(self, ws, remote)
             conn.slot = slot
             if slot is not None:
                 slot.conn = conn
