@@ -313,21 +313,22 @@ class Dispatcher:
 
     def release(self, req: Request | None, effects: Effects) -> None:
         """Hand an action's effects to the saver: they go out once its journal entry
-        is durable (at once if it has none and nothing of its sessions waits). Each
-        session they reach counts them as held here until then, so the router can
-        keep a session's next request from overtaking them through another world."""
+        is durable (at once if it has none and nothing of its session waits). The
+        requesting session counts them as held here until then, so that the router
+        keeps its next request from overtaking them through another writer."""
         done = req.done if req is not None else None
         saver = self.saver
-        held = {t for t, _ in effects.outputs if isinstance(t, Session)}
-        for s in held:
-            s.hold(saver)
+        conn = req.conn if req is not None else None
+        owner: Session | None = conn.session if conn is not None else None
+        if owner is not None:
+            owner.hold(saver)
 
         def release() -> None:
             for target, sig in effects.outputs:
                 if target is not None:
                     target.deliver(sig)
-            for s in held:
-                s.unhold(saver)
+            if owner is not None:
+                owner.unhold(saver)
             for after in effects.after:
                 after()
             if done is not None:

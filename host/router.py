@@ -8,9 +8,10 @@ knows both the server and its worlds.
 
 A session's signals are numbered as they are released, and each writer releases
 its own after its own commit; so before a session's request goes to one writer,
-the router waits until nothing addressed to that session is still held by
-another. A client's replies then come in the order of its requests, whichever
-worlds (or the server) served them.
+the router waits until no reply to that session's earlier requests is still held
+by another. A client's replies then come in the order of its requests, whichever
+worlds (or the server) served them. (Broadcasts from others are not waited for:
+one world's slow disk never holds a reader of another.)
 """
 
 from __future__ import annotations

@@ -150,8 +150,8 @@ class Session:
     # (signals sent after its last save are not counted) until it is resumed
     seq_exact: bool = True
     world: str | None = None  # the world it has joined (None: none)
-    # signals addressed to it, by the saver (one per world) that holds them until a
-    # commit: its next request waits for those held elsewhere (see host/router.py)
+    # replies to its own requests, by the saver (one per world) that holds them until
+    # a commit: its next request waits for those held elsewhere (see host/router.py)
     holds: dict[Any, int] = field(default_factory=dict)
     released: trio.Event | None = None  # set when a hold ends, for whoever waits
 
@@ -169,7 +169,7 @@ class Session:
             self.released = None
 
     def held_elsewhere(self, holder: Any) -> bool:
-        """Whether signals to this session wait for a commit of another holder."""
+        """Whether replies to this session wait for a commit of another holder."""
         return any(h is not holder for h in self.holds)
 
     async def wait_released(self) -> None:

@@ -162,6 +162,11 @@ class HostHarness:
         self.check()
         return clone(self.host.world(world_id).slices.snapshot())
 
+    def sessions(self) -> dict[str, Any]:
+        """The server's session records (every world's), a copy."""
+        self.check()
+        return clone(self.host.lobby.slices["sessions"].data())
+
     def encoded_world(self, world_id: str | None = None) -> bytes:
         """Canonical CBOR of a world: byte-equal for equal worlds."""
         self.check()

@@ -100,6 +100,7 @@ class World:
         self._lock_handle: Any = None
         self._file_lock: Any = None
         self._saved_runtime: dict[str, int] = {}  # session id -> version written here
+        self.stored: set[str] = set()  # the slices its store held when it was opened
 
     # the world's own meta ------------------------------------------------------
     @property
@@ -257,6 +258,7 @@ class World:
             if "host" in self.slices.slices else None
 
     def _slices(self, loaded: Loaded) -> Slices:
+        self.stored = set(loaded.slices)
         slices = Slices()
         owner = self.registry.slice_owner
         try:

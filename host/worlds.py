@@ -245,8 +245,8 @@ class Worlds:
             await world.run(run_plugins=self.run_plugins, resume=self.resume,
                             task_status=task_status)
         finally:
-            if self.loaded.get(world.id) is world:
-                del self.loaded[world.id]
+            if self.loaded.get(world.id) is world and not world.crashed:
+                del self.loaded[world.id]  # (a crashed one stays, for a test to look at)
 
     async def unload(self, world_id: str, record: bool = True) -> None:
         """Checkpoint a world and close it; the registry keeps what was running."""
@@ -290,17 +290,17 @@ class Worlds:
 
     # startup and shutdown ---------------------------------------------------------------
     async def open_lobby(self) -> None:
-        """Open the server's own store, adopting a single-world store from before
-        worlds (format 2, sessions kept in the world) on the first start."""
+        """Open the server's own store. On the first start (its store holds no
+        registry yet, whatever a crash left of it), adopt a single-world store from
+        before worlds (format 2, sessions kept in the world) as world ``main``."""
         lobby = self.lobby
-        fresh = lobby.path == ":memory:" or not os.path.exists(lobby.path)
-        legacy = None
-        if fresh and self.db != ":memory:" and os.path.exists(self.db):
-            legacy = self._adopt_open()
+        lobby.open()
+        if "worlds" in lobby.stored:
+            return
+        legacy = self._adopt_open() if self.db != ":memory:" and os.path.exists(self.db) \
+            else None
         try:
-            lobby.open()
-            if not self.records():  # a fresh server (or one adopting its first world)
-                self._seed_registry()
+            self._seed_registry()
             if legacy is not None:
                 await self._adopt_finish(legacy)
         finally:
@@ -319,20 +319,20 @@ class Worlds:
 
     def _adopt_open(self) -> World | None:
         """Load a store written before worlds, whose ``sessions`` slice now belongs to
-        the server: load it with the server's slices too and replay its journal."""
-        peek = Store.open(self.db, self.config.store.synchronous,
-                          self.config.store.busy_timeout_ms)
-        try:
-            names = {name for name, *_ in peek.conn.execute("SELECT name FROM slices")}
-        finally:
-            peek.close(truncate=False)
-        if "sessions" not in names:
-            return None
+        the server: with the server's slices and actions too, replaying its journal.
+        It takes the store's locks first, as any world does: a store another server
+        holds is refused before anything reads it. None if it is no such store."""
         legacy = self._build(DEFAULT_WORLD, DEFAULT_WORLD, self.db)
-        legacy.specs = {**self.registry.slices_in("world"), "sessions":
-                        self.registry.slices["sessions"]}
+        legacy.specs = {**self.registry.slices_in("world"),
+                        "sessions": self.registry.slices["sessions"]}
         legacy.actions = dict(self.registry.actions)
-        legacy.open()
+        try:
+            legacy.open(quarantine_unreadable=False)
+        except StoreError:
+            return None  # unreadable or too new: the world's own load says so
+        if "sessions" not in legacy.stored:
+            legacy.release()
+            return None
         log.warning("adopting %s, a store from before worlds, as world %r; its sessions "
                     "move to %s", self.db, DEFAULT_WORLD, self.lobby.path)
         return legacy
@@ -363,7 +363,10 @@ class Worlds:
         if default is not None:
             wanted.add(default)
         for world_id in sorted(wanted, key=lambda w: w != default):
-            await self.ensure(world_id)
+            if world_id == default:
+                await self.load(world_id)  # as a single-world server did: it must come up
+            else:
+                await self.ensure(world_id)  # the others start normally without it
         nursery.start_soon(self.unload_idle)
 
     async def stop_all(self) -> None:

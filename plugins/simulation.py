@@ -722,6 +722,12 @@ def server_info(host: HostAPI) -> dict[str, Any]:
 
 
 @hookimpl
+def world_running(host: HostAPI) -> str | None:
+    meta = host.read("simulation").get("meta") or default_meta()
+    return "simulation" if meta["running"] else None
+
+
+@hookimpl
 def action_applied(host: HostAPI, applied: AppliedAction) -> None:
     rt = _runtime(host)
     pending = rt.pop("pending_index", None)

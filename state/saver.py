@@ -125,13 +125,18 @@ class Saver:
                 self.store.patient(False)
 
     async def _append(self, entries: list[JournalEntry], seqs: dict[str, int]) -> None:
+        """Commit from the writer task. A commit tried in the loop that fails (a busy
+        file, a full disk) is tried once more, on the thread (patiently) when there
+        is one; a second failure stops the world."""
         if self.journal_in_loop:
             try:
                 self.store.append(entries, seqs)
                 return
             except Exception as exc:
-                if not (self.threaded and is_busy(exc)):
+                if isinstance(exc, StoreFailed):
                     raise
+                if not is_busy(exc):
+                    log.warning("journal commit failed (%s); trying it once more", exc)
         await self._io(self.store.append, entries, seqs)
 
     def close(self) -> None:
