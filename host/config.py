@@ -80,6 +80,18 @@ class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     journal_commits: Literal["thread", "loop"] = "thread"
 
 
+class TcpSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    enabled: bool = False
+    host: str = ""  # "": the [host] host
+    port: int = 8766
+    max_line_bytes: int = 16 * 1024 * 1024  # as max_frame_bytes: a line is a frame
+    line_timeout_s: float = 30.0  # to finish a line once its first byte came
+
+
+class TransportsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    tcp: TcpSection = TcpSection()
+
+
 class PluginEntry(msgspec.Struct, frozen=True):
     module: str | None = None
     enabled: bool = True
@@ -96,6 +108,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: HostSection = HostSection()
     sessions: SessionsSection = SessionsSection()
     store: StoreSection = StoreSection()
+    transports: TransportsSection = TransportsSection()
     plugins: dict[str, dict[str, Any]] = msgspec.field(
         default_factory=lambda: {k: dict(v) for k, v in BUILTIN_PLUGINS.items()})
     source: str = "<defaults>"

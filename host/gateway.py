@@ -258,7 +258,7 @@ class Gateway:
         if session is None:
             raise Unauthenticated("no session is open on this connection")
         outcome = self.end(session.id, "closed")
-        self.host.transport.unauthenticated(conn)  # it stays, without a session
+        conn.detached()  # it stays, without a session
         outcome.outputs.append((conn, Signal("session.closed", {"session_id": session.id},
                                              req.id, True, encoding=req.encoding)))
         return outcome
@@ -270,9 +270,7 @@ class Gateway:
     # connections ------------------------------------------------------------------
     def _attach(self, session: Session, conn: Any) -> None:
         session.outbox = conn
-        conn.session = session
-        conn.ever_had_session = True
-        self.host.transport.authenticated(conn)
+        conn.attached(session)
 
     def disconnected(self, conn: Any) -> None:
         """A connection went away: its session stays, resumable, for the window."""

@@ -24,6 +24,8 @@ from host.config import Config
 from host.dispatcher import Dispatcher
 from host.gateway import Gateway
 from host.sessions import SEQ_LIMIT, Session, SessionTable, Signal, State
+from host.lines import serve_tcp
+from host.messages import Disconnect, Request
 from host.transport import Transport, stream_address
 from state.codec import canonical, load_stored
 from state.saver import Saver
@@ -55,13 +57,15 @@ class Host:
         self.sessions = self._session_table()
         self.api = HostAPI(self)
         self.gateway = Gateway(self)
-        self.transport = Transport(self)
         self.dispatcher = Dispatcher(self)
+        self.transport = Transport(config, submit=_Submit(self.dispatcher),
+                                   hello=self.server_info, threads=threads)
         self.world = World.fresh(list(self.registry.slices.values()))
         self.store: Store | None = None
         self.saver: Saver = None  # type: ignore[assignment]  # set by open()
         self.recovered: dict[str, Any] | None = None
         self.port: int | None = None
+        self.tcp_port: int | None = None  # [transports.tcp], when enabled
         self.listen_host = config.host.host
         self._wall0 = time.time()
         self._trio0 = 0.0
@@ -485,6 +489,8 @@ class Host:
             trio.serve_listeners, self._serve_stream, listeners, handler_nursery=nursery))
         self.port = started[0].socket.getsockname()[1]
         self.listen_host = cfg.host
+        if self.config.transports.tcp.enabled:
+            self.tcp_port = await serve_tcp(nursery, self.transport, self.config)
 
     async def _supervise(self, plugin: str, task: Any) -> None:
         while True:
@@ -578,6 +584,23 @@ class Host:
                     await trio.sleep(0.01)
         if scope.cancelled_caught:
             log.error("shutdown took too long; stopping anyway")
+
+
+class _Submit:
+    """The dispatcher as the transport's ``Submitter`` (host/messages.py)."""
+
+    def __init__(self, dispatcher: Dispatcher) -> None:
+        self._dispatcher = dispatcher
+
+    @property
+    def accepting(self) -> bool:
+        return self._dispatcher.accepting
+
+    def applies_now(self, item: Request | Disconnect) -> bool:
+        return self._dispatcher.applies_now
+
+    async def put(self, item: Request | Disconnect) -> None:
+        await self._dispatcher.put(item)
 
 
 def _state(records: dict[str, Any], session: Session) -> str:
