@@ -4,12 +4,19 @@ The bots here are nothing but a TCP socket and ``json``."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import socket
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from host.testing import raw_connection
+from serverproc import ServerProcess, free_port
 
 TCP = {"transports": {"tcp": {"enabled": True}}}
 
@@ -279,3 +286,89 @@ async def test_a_tcp_client_that_never_reads_is_dropped_and_others_carry_on(
         assert (await watcher.next_signal("chat.message"))["data"]["from"] == "talker"
     assert len(h.host.transport.connections) == 0 or all(
         c.session is None or c.session.name != "stuck" for c in h.host.transport.connections)
+
+
+# --- a real `worldhost serve`, and arbitrary lines -----------------------------------
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, int]]:
+    folder = tmp_path_factory.mktemp("lines")
+    port = free_port()
+    (folder / "tcp.toml").write_text(
+        f"[transports.tcp]\nenabled = true\nport = {port}\n"
+        "[host.limits]\nrate_per_s = 100000\nrate_burst = 100000\n")
+    proc = ServerProcess(folder / "world.db", config=folder / "tcp.toml").start()
+    assert proc.proc is not None and proc.proc.stdout is not None
+    yield proc, port
+    assert proc.stop() == 0
+
+
+def test_serve_says_where_it_listens_for_lines(served: tuple[ServerProcess, int]) -> None:
+    proc, port = served
+    assert proc.proc is not None and proc.proc.stdout is not None
+    assert proc.proc.stdout.readline() == f"listening on tcp://127.0.0.1:{port}\n"
+
+
+class SyncLines:
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.file = self.sock.makefile("rb")
+
+    def recv(self) -> dict[str, Any]:
+        line = self.file.readline()
+        assert line.endswith(b"\n"), "the host closed the connection"
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12)
+_lines = st.one_of(
+    st.binary(max_size=200),
+    st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.dictionaries(st.sampled_from(["id", "action", "params", "chunk", "x"]), _json_values,
+                    max_size=4).map(lambda d: json.dumps(d).encode()),
+).map(lambda b: b.replace(b"\n", b" "))
+
+
+@given(line=_lines)
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_line_gets_one_answer_and_the_connection_survives(
+        served: tuple[ServerProcess, int], line: bytes) -> None:
+    conn = _session(served[1])
+    probe = f"probe-{next(_probes)}"
+    conn.sock.sendall(line + b"\n" + json.dumps({"id": probe, "action": "host.ping"}).encode()
+                      + b"\n")
+    answers = []
+    while True:
+        message = conn.recv()
+        if message.get("re") == probe:
+            break
+        if "re" in message:
+            answers.append(message)
+    blank = not line.rstrip(b"\r").strip()
+    assert len(answers) == (0 if blank else 1), (line, answers)
+    if answers and answers[0]["signal"] == "error":
+        assert answers[0]["data"]["code"] in ("bad_frame", "bad_request", "unknown_action",
+                                              "validation_error", "conflict",
+                                              "unauthenticated"), answers
+
+
+_probes = itertools.count()
+_sessions: dict[int, SyncLines] = {}
+
+
+def _session(port: int) -> SyncLines:
+    """One connection with a session for every example (a new one if an example
+    closed the session)."""
+    conn = _sessions.get(port)
+    if conn is None:
+        conn = _sessions[port] = SyncLines(port)
+        assert conn.recv()["signal"] == "server.info"
+        conn.sock.sendall(b'{"id": "open", "action": "session.open", "params": {"name": "h"}}\n')
+        while conn.recv().get("re") != "open":
+            pass
+    return conn
