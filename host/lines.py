@@ -93,7 +93,7 @@ class LineChannel:
         if self._begun is None and self._buffer:
             self._begun = trio.current_time()
         deadline = math.inf if self._begun is None else self._begun + self.line_timeout_s
-        data = b""
+        data: bytes | bytearray = b""
         with trio.move_on_at(deadline):
             try:
                 data = await self.stream.receive_some(_READ)
@@ -135,9 +135,9 @@ class LineChannel:
                             "json")
         with trio.move_on_after(1):
             try:
-                await self.stream.send_all(line.encode() + b"\n")
+                await self.send(line)
                 self.said_why = True
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+            except ChannelClosed:
                 pass
 
     async def linger(self) -> None:
