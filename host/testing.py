@@ -95,8 +95,13 @@ class HostHarness:
         """``async with h.tcp_client("ada") as ada:`` — the same client, over TCP lines
         (it follows restarts, as ``client`` does)."""
         self.check()
-        return open_client(lambda nursery: tcp_opener(self.tcp_url)(nursery), name=name,
-                           token=token, reconnect=reconnect, open_session=open_session)
+
+        async def opener(nursery: trio.Nursery) -> Any:
+            if self.host.tcp_port is None:  # restarting: refused, as a real socket would be
+                raise ConnectionRefusedError("the host is not listening yet")
+            return await tcp_opener(self.tcp_url)(nursery)
+        return open_client(opener, name=name, token=token, reconnect=reconnect,
+                           open_session=open_session)
 
     def task_failures(self) -> list[TaskFailure]:
         """Take the background-task failures recorded so far: a test that expects a

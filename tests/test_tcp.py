@@ -203,6 +203,7 @@ async def test_bad_utf8_and_bad_json_are_answered_and_the_connection_survives(
                       (b'{"action": "host.ping",', "JSON"),
                       (b'{"id": 3, "action": "host.ping", "params": {"x": NaN}}', "JSON"),
                       (b"[1, 2]", "object"),
+                      (b"[" * 1000 + b"]" * 1000, "depth"),
                       (b"[" * 100_000 + b"]" * 100_000, "max_player_frame_items"),
                       (b'{"action": "host.ping", "params": {"a": [' +
                        b",".join([b"0"] * 200_000) + b"]}}", "max_player_frame_items")):
@@ -267,6 +268,10 @@ async def test_hundreds_of_idle_sockets_do_not_hold_up_a_working_client(
             # idle sockets count against max_connections_per_address: the oldest are closed
             transport = h.host.transport
             assert transport.open <= h.config.host.limits.max_connections_per_address + 1
+            oldest = Lines(idle[0])
+            assert (await oldest.recv())["signal"] == "server.info"
+            closed = await oldest.closed()
+            assert closed["code"] == 1008 and "from this address" in closed["reason"]
         finally:
             for stream in idle:
                 await stream.aclose()
@@ -286,6 +291,25 @@ async def test_a_tcp_client_that_never_reads_is_dropped_and_others_carry_on(
         assert (await watcher.next_signal("chat.message"))["data"]["from"] == "talker"
     assert len(h.host.transport.connections) == 0 or all(
         c.session is None or c.session.name != "stuck" for c in h.host.transport.connections)
+
+
+async def test_a_clean_stop_says_so_and_a_tcp_client_resumes_after_a_crash(
+        worldhost: Any) -> None:
+    h = await worldhost.start(listen=True, config=TCP)
+    bot, _ = await opened(h.tcp_port)
+    async with h.tcp_client("ada") as ada:
+        await ada.call("chat.say", text="one")
+        await h.crash()
+        await h.restart()  # on a new port: the client follows the harness
+        await ada.call("chat.say", text="two")
+        assert ada.resumes == 1 and ada.last_resume is not None
+        texts = []
+        while len(texts) < 2:
+            texts.append((await ada.next_signal("chat.message"))["data"]["text"])
+        assert texts == ["one", "two"]
+        bot, _ = await opened(h.tcp_port, "bot")
+        await h.stop()
+        assert await bot.closed() == {"code": 1001, "reason": "server shutting down"}
 
 
 # --- a real `worldhost serve`, and arbitrary lines -----------------------------------
