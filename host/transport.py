@@ -117,7 +117,8 @@ class Connection:
         # a signal longer than this goes in pieces; a piece's JSON escaping (a quote or
         # a backslash doubles, a character is up to 4 bytes) stays under it
         self.max_frame = max_frame or limits.max_frame_bytes
-        self.piece = chunks.PIECE if max_frame is None else max(256, (max_frame - 256) // 8)
+        self.piece = chunks.PIECE if max_frame is None else \
+            max(256, min(chunks.PIECE, (max_frame - 256) // 8))
         self.close_code: int | None = None
         self.close_reason = ""
 
