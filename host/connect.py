@@ -48,9 +48,12 @@ class LineConnection:
             if end >= 0:
                 line = bytes(self._buffer[:end]).rstrip(b"\r").decode("utf-8")
                 del self._buffer[:end + 1]
-                if line.startswith('{"signal":"connection.closed"'):
-                    data = json.loads(line).get("data", {})
-                    raise self._gone(int(data.get("code", 1006)), str(data.get("reason", "")))
+                if '"connection.closed"' in line[:64]:  # cheap test first: most lines are not
+                    message = json.loads(line)
+                    if message.get("signal") == "connection.closed" and "re" not in message:
+                        data = message.get("data", {})
+                        raise self._gone(int(data.get("code", 1006)),
+                                         str(data.get("reason", "")))
                 return line
             if len(self._buffer) > MAX_LINE:
                 await trio.aclose_forcefully(self.stream)
