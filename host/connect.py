@@ -166,14 +166,22 @@ class Terminal:
 
 
 async def run(url: str, *, name: str, token: str | None, history: str | None = None) -> int:
-    """The interactive session; returns the exit code."""
+    """The interactive session; returns the exit code: 0 after Ctrl-D (the session
+    is closed), 1 when the session was lost (it could not be resumed)."""
     terminal = Terminal(history)
+    lost = False
     async with open_client(opener_for(url), name=name, token=token, reconnect=True) as client:
         show(f"connected to {url}: session {client.session_id} ({client.role}); "
              f"type an action and JSON params, e.g. host.ping {{\"n\": 1}}; Ctrl-D ends")
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_print_signals, client)
-            nursery.start_soon(_print_states, client)
+
+            async def watch() -> None:
+                nonlocal lost
+                if await _print_states(client):
+                    lost = True
+                    nursery.cancel_scope.cancel()  # stop reading: nothing can be sent
+            nursery.start_soon(watch)
             try:
                 while True:
                     line = await trio.to_thread.run_sync(terminal.read, abandon_on_cancel=True)
@@ -184,9 +192,12 @@ async def run(url: str, *, name: str, token: str | None, history: str | None = N
             finally:
                 terminal.save()
             with trio.move_on_after(5):
-                await client.close_session()
+                try:
+                    await client.close_session()
+                except (Disconnected, CallError):
+                    pass
             nursery.cancel_scope.cancel()
-    return 0
+    return 1 if lost else 0
 
 
 async def _command(client: Client, line: str) -> None:
@@ -216,7 +227,9 @@ async def _print_signals(client: Client) -> None:
         show(pretty(sig.get("data")))
 
 
-async def _print_states(client: Client) -> None:
+async def _print_states(client: Client) -> bool:
+    """Tell the user when the connection drops and comes back; True once the
+    session is lost for good."""
     async for state in client.state_changes():
         if state == "resuming":
             show("-- connection lost; reconnecting")
@@ -224,5 +237,8 @@ async def _print_states(client: Client) -> None:
             resumed = client.last_resume
             show(f"-- resumed session {client.session_id}: {resumed.get('replayed', 0)} "
                  f"signals replayed")
-        elif state == "offline" and not client.closed:
-            show("-- the session could not be resumed")
+        elif state == "offline" and client.reconnect:  # not closed by us (Ctrl-D)
+            show("-- the session could not be resumed (the host no longer knows it, or its "
+                 "resume window ended)")
+            return True
+    return False

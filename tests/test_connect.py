@@ -108,6 +108,26 @@ def test_connect_types_actions_and_resumes_after_a_restart(server: ServerProcess
             term.proc.kill()
 
 
+def test_connect_ends_with_1_when_the_session_cannot_be_resumed(server: ServerProcess,
+                                                                tmp_path: Path) -> None:
+    term = Terminal(_tcp_url(server))
+    try:
+        term.until("connected to")
+        server.stop()
+        term.until("connection lost")
+        fresh = ServerProcess(tmp_path / "fresh.db", config=server.config,
+                              port=server.fixed_port).start()  # same ports, another store
+        try:
+            term.until("could not be resumed")
+            assert term.proc.wait(20) == 1
+        finally:
+            fresh.stop()
+        server.start()  # for the fixture's stop
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+
+
 def test_connect_admin_uses_the_token_serve_keeps(server: ServerProcess) -> None:
     term = Terminal(_tcp_url(server), "--admin", "--db", str(server.db))
     try:
