@@ -277,6 +277,19 @@ async def test_hundreds_of_idle_sockets_do_not_hold_up_a_working_client(
                 await stream.aclose()
 
 
+async def test_tcp_and_websocket_connections_share_the_connection_caps(worldhost: Any) -> None:
+    h = await worldhost.start(listen=True, config={
+        **TCP, "host": {"limits": {"max_connections_per_address": 2}}})
+    first, second = await Lines.connect(h.tcp_port), await Lines.connect(h.tcp_port)
+    for bot in (first, second):
+        assert (await bot.recv())["signal"] == "server.info"
+    async with raw_connection(h) as ws:  # a third without a session, over WebSocket
+        assert json.loads(await ws.get_message())["signal"] == "server.info"
+        closed = await first.closed()
+        assert closed["code"] == 1008 and "from this address" in closed["reason"]
+        assert (await second.call(1, "host.ping"))["signal"] == "host.pong"
+
+
 async def test_a_tcp_client_that_never_reads_is_dropped_and_others_carry_on(
         worldhost: Any) -> None:
     h = await worldhost.start(listen=True, config={**TCP, "host": {"limits": {
