@@ -23,9 +23,9 @@ from host.api import HostAPI, SessionInfo
 from host.config import Config
 from host.dispatcher import Dispatcher
 from host.gateway import Gateway
-from host.sessions import SEQ_LIMIT, Session, SessionTable, Signal, State
 from host.lines import serve_tcp
 from host.messages import Disconnect, Request
+from host.sessions import SEQ_LIMIT, Session, SessionTable, Signal, State
 from host.transport import Transport, stream_address
 from state.codec import canonical, load_stored
 from state.saver import Saver

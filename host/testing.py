@@ -83,7 +83,8 @@ class HostHarness:
     def tcp_port(self) -> int:
         """The line-delimited JSON TCP port (start with listen=True and
         ``{"transports": {"tcp": {"enabled": True}}}``)."""
-        assert self.host.tcp_port is not None, "start with listen=True and [transports.tcp] enabled"
+        assert self.host.tcp_port is not None, \
+            "start with listen=True and [transports.tcp] enabled"
         return self.host.tcp_port
 
     @property

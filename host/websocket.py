@@ -35,7 +35,8 @@ class WebSocketChannel:
         _close_frame_on_parse_failure(ws)
 
     @classmethod
-    async def accept(cls, request: WebSocketRequest, max_frame_bytes: int) -> WebSocketChannel | None:
+    async def accept(cls, request: WebSocketRequest,
+                     max_frame_bytes: int) -> WebSocketChannel | None:
         """Complete the handshake; None if the client went away meanwhile."""
         try:
             return cls(await request.accept(), max_frame_bytes)

@@ -48,8 +48,10 @@ class Terminal:
             except queue.Empty:
                 raise AssertionError(f"no {text!r} within {timeout}s; printed: "
                                      f"{self.seen[-30:]}") from None
-            assert line is not None, f"connect exited; printed: {self.seen[-30:]}; " \
-                                     f"stderr: {self.proc.stderr.read() if self.proc.stderr else ''}"
+            if line is None:
+                stderr = self.proc.stderr.read() if self.proc.stderr else ""
+                raise AssertionError(f"connect exited; printed: {self.seen[-30:]}; "
+                                     f"stderr: {stderr}")
             self.seen.append(line)
             got.append(line)
             if text in line:
