@@ -222,6 +222,10 @@ class Connection:
                     self.abort(exc.code, exc.reason)
                     return
                 await self._refuse(exc.answer)
+                with trio.move_on_after(self.config.host.ping_timeout_s):
+                    while self.in_flight:  # the answer may wait its turn: close after it
+                        self._room = trio.Event()
+                        await self._room.wait()
                 self.close_soon(exc.code, exc.reason)
                 await trio.sleep_forever()  # the sender closes it once the answer is out
             except Unreadable as exc:

@@ -186,6 +186,23 @@ async def test_an_overlong_line_is_answered_then_closed_and_others_carry_on(
     assert (await other.call(1, "host.ping", n=1))["data"] == {"n": 1}
 
 
+async def test_an_overlong_line_behind_a_durable_action_is_still_answered(
+        worldhost: Any) -> None:
+    """The refusal waits its turn behind a reply held for its journal commit; the
+    connection closes only after both are sent."""
+    h = await worldhost.start(listen=True, config=tcp(max_line_bytes=4096))
+    bot, _ = await opened(h.tcp_port)
+    await bot.send(json.dumps({"id": 1, "action": "chat.say", "params": {"text": "hi"}})
+                   .encode() + b"\n" + b'{"id": 2, "action": "' + b"x" * 8000 + b'"}\n')
+    got = []
+    while True:
+        message = await bot.recv()
+        got.append(message["signal"])
+        if message["signal"] == "connection.closed":
+            break
+    assert got[-4:] == ["chat.said", "chat.message", "error", "connection.closed"], got
+
+
 async def test_a_big_line_before_a_session_closes_unread(worldhost: Any) -> None:
     h = await worldhost.start(listen=True, config={
         **tcp(), "host": {"limits": {"max_frame_bytes_before_session": 1024}}})
