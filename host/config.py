@@ -85,6 +85,16 @@ class WorldsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     server_db: str = ""  # the server's own store (sessions, the registry); "": DB.server.db
     idle_unload_s: float = 300.0  # a world with nobody in it and nothing running unloads
     max_worlds: int = 1000  # worlds the registry may hold (archived ones not counted)
+class TcpSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    enabled: bool = False
+    host: str = ""  # "": the [host] host
+    port: int = 8766
+    max_line_bytes: int = 16 * 1024 * 1024  # as max_frame_bytes: a line is a frame
+    line_timeout_s: float = 30.0  # to finish a line once its first byte came
+
+
+class TransportsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    tcp: TcpSection = TcpSection()
 
 
 class PluginEntry(msgspec.Struct, frozen=True):
@@ -104,6 +114,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     sessions: SessionsSection = SessionsSection()
     store: StoreSection = StoreSection()
     worlds: WorldsSection = WorldsSection()
+    transports: TransportsSection = TransportsSection()
     plugins: dict[str, dict[str, Any]] = msgspec.field(
         default_factory=lambda: {k: dict(v) for k, v in BUILTIN_PLUGINS.items()})
     source: str = "<defaults>"

@@ -23,6 +23,7 @@ from host import http, plugins
 from host.actions import ActionError
 from host.config import Config
 from host.gate import SessionGate
+from host.lines import serve_tcp
 from host.messages import Effects
 from host.router import Router
 from host.sessions import SessionTable, State
@@ -68,6 +69,7 @@ class Server:
         self.transport = Transport(config, submit=self.router, hello=self.view.server_info,
                                    threads=threads)
         self.port: int | None = None
+        self.tcp_port: int | None = None  # [transports.tcp], when enabled
         self.listen_host = config.host.host
         self._nursery: trio.Nursery | None = None
         self._stopping = trio.Event()
@@ -189,6 +191,8 @@ class Server:
             trio.serve_listeners, self._serve_stream, listeners, handler_nursery=nursery))
         self.port = started[0].socket.getsockname()[1]
         self.listen_host = cfg.host
+        if self.config.transports.tcp.enabled:
+            self.tcp_port = await serve_tcp(nursery, self.transport, self.config)
 
     def accept_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection over any trio stream (in-memory in tests)."""

@@ -35,6 +35,7 @@ import trio_websocket
 from host import config as config_mod
 from host.api import TaskFailure
 from host.client import Client, Opener, open_client, url_opener
+from host.connect import tcp_opener
 from host.server import Server as Host
 from state.codec import clone
 
@@ -77,6 +78,31 @@ class HostHarness:
     def url(self) -> str:
         assert self.host.port is not None, "start with listen=True for a real port"
         return f"ws://127.0.0.1:{self.host.port}/"
+
+    @property
+    def tcp_port(self) -> int:
+        """The line-delimited JSON TCP port (start with listen=True and
+        ``{"transports": {"tcp": {"enabled": True}}}``)."""
+        assert self.host.tcp_port is not None, \
+            "start with listen=True and [transports.tcp] enabled"
+        return self.host.tcp_port
+
+    @property
+    def tcp_url(self) -> str:
+        return f"tcp://127.0.0.1:{self.tcp_port}"
+
+    def tcp_client(self, name: str = "tester", *, token: str | None = None,
+                   reconnect: bool = True, open_session: bool = True) -> Any:
+        """``async with h.tcp_client("ada") as ada:`` — the same client, over TCP lines
+        (it follows restarts, as ``client`` does)."""
+        self.check()
+
+        async def opener(nursery: trio.Nursery) -> Any:
+            if self.host.tcp_port is None:  # restarting: refused, as a real socket would be
+                raise ConnectionRefusedError("the host is not listening yet")
+            return await tcp_opener(self.tcp_url)(nursery)
+        return open_client(opener, name=name, token=token, reconnect=reconnect,
+                           open_session=open_session)
 
     def task_failures(self) -> list[TaskFailure]:
         """Take the background-task failures recorded so far: a test that expects a
@@ -190,7 +216,7 @@ class Harness:
         over the harness's own (``port = 0``); ``builtins=False`` leaves the built-in
         plugins out (only the core and yours)."""
         config = config or {}
-        raw: dict[str, Any] = {"host": {"port": 0}}
+        raw: dict[str, Any] = {"host": {"port": 0}, "transports": {"tcp": {"port": 0}}}
         if not builtins:  # a built-in the config names stays in
             raw["plugins"] = {name: {"enabled": False} for name in config_mod.BUILTIN_PLUGINS
                               if name not in config.get("plugins", {})}

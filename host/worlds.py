@@ -30,7 +30,7 @@ from host.messages import Effects
 from host.plugins import Registry
 from host.sessions import SessionTable
 from host.world import StartupError, World
-from state.store import Store, StoreError
+from state.store import StoreError
 
 log = logging.getLogger("worldhost.worlds")
 
