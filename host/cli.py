@@ -165,7 +165,7 @@ def _run_call(args: argparse.Namespace, action: str, params: dict[str, Any]) -> 
     try:
         if args.url is None:
             cfg = config_mod.load(args.config)
-            args.url = f"ws://{cfg.host.host}:{cfg.host.port}/"
+            args.url = f"ws://{cfg.host.bind}:{cfg.host.port}/"
         return trio.run(_call_once, args, _client_token(args), action, params)
     except (_Usage, config_mod.ConfigError) as exc:
         print(f"worldhost {args.command}: {exc}", file=sys.stderr)
@@ -216,7 +216,7 @@ def _connect(args: argparse.Namespace) -> int:
     try:
         if args.url is None:
             cfg = config_mod.load(args.config)
-            args.url = f"ws://{cfg.host.host}:{cfg.host.port}/"
+            args.url = f"ws://{cfg.host.bind}:{cfg.host.port}/"
         connect.opener_for(args.url)  # a bad URL is told before anything else
         token = _client_token(args)
         return trio.run(partial(connect.run, args.url, name=args.name, token=token,

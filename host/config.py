@@ -44,7 +44,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    host: str = "127.0.0.1"
+    bind: str = "127.0.0.1"  # the address to listen on (``host``: its old, deprecated name)
     port: int = 8765
     db: str = "data/world.db"
     auth: Literal["open", "token"] = "open"
@@ -166,8 +166,27 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     return from_dict(raw, source)
 
 
+DEPRECATED_KEYS = {("host", "host"): "bind"}  # (table, old key) -> the key it is now
+
+
+def _renamed(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Old spellings of renamed keys, read as the new ones (both at once: an error)."""
+    for (table, old), new in DEPRECATED_KEYS.items():
+        values = raw.get(table)
+        if isinstance(values, dict) and old in values:
+            if new in values:
+                raise ConfigError(f"{source}: keys '{table}.{old}' and '{table}.{new}' are "
+                                  f"the same setting ('{old}' is its deprecated name): "
+                                  f"keep '{new}'")
+            values = dict(values)
+            values[new] = values.pop(old)
+            raw = {**raw, table: values}
+    return raw
+
+
 def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     """Check a config given as tables; plugin tables are laid over the built-in ones."""
+    raw = _renamed(raw, source)
     plugins = raw.get("plugins", {})
     if isinstance(plugins, dict):
         merged = {k: dict(v) for k, v in BUILTIN_PLUGINS.items()}
@@ -192,7 +211,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
 
 def override(config: Config, **changes: Any) -> Config:
     """Apply CLI flags (None means not given) to the [host] table."""
-    given = {k: v for k, v in changes.items() if v is not None}
+    given = {("bind" if k == "host" else k): v for k, v in changes.items() if v is not None}
     if not given:
         return config
     return msgspec.structs.replace(config, host=msgspec.structs.replace(config.host, **given))

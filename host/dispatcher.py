@@ -275,6 +275,12 @@ class Dispatcher:
             self.hooks.action_applied(host=self.api, applied=applied)
         return outcome
 
+    def apply_internal(self, name: str, params: dict[str, Any]) -> Effects:
+        """Apply an internal action here and now, from code already applying one
+        (the session gate serving ``session.*``): checked, journaled, not yet sent."""
+        action = self.registry.actions[name]
+        return self.apply(action, self.check_params(action, params), None, None)
+
     def _take_id(self) -> int:
         taken = self.next_id
         self.next_id += 1

@@ -130,17 +130,15 @@ class SessionGate:
     def _records(self) -> dict[str, dict[str, Any]]:
         return self._lobby.slices["sessions"].data()  # type: ignore[no-any-return]
 
-    def _internal(self, name: str, params: dict[str, Any]) -> Effects:
+    def apply_internal(self, name: str, params: dict[str, Any]) -> Effects:
         """Apply one of the server's internal actions (journaled in its store), and
         bring the session table in step with the records."""
-        dispatcher = self._lobby.dispatcher
-        action = self.registry.actions[name]
-        effects: Effects = dispatcher.apply(action, dispatcher.check_params(action, params),
-                                            None, None)
+        effects: Effects = self._lobby.dispatcher.apply_internal(name, params)
         self.sessions.sync(self._records())
         return effects
 
-    def _release(self, effects: Effects) -> None:
+    def release(self, effects: Effects) -> None:
+        """Send effects applied outside a request (after their commit)."""
         self._lobby.dispatcher.release(None, effects)
 
     def session_info(self, s: Session, resumed: bool = False) -> SessionInfo:
@@ -181,7 +179,7 @@ class SessionGate:
         self._make_room(role, credential, address, world)
         session_id = "s-" + secrets.token_urlsafe(12)
         token = new_token()
-        effects = self._internal("sessions.create", {
+        effects = self.apply_internal("sessions.create", {
             "session_id": session_id, "name": name, "role": role, "token_hash": token_hash(token),
             "credential": credential, "address": address, "world": world})
         session = self.sessions.get(session_id)
@@ -259,7 +257,7 @@ class SessionGate:
     def _end_for_room(self, victim: dict[str, Any], role: str) -> None:
         log.info("ending session %s (%s, %s) to make room for a new %s session",
                  victim["id"], victim["role"], victim["state"], role)
-        self._release(self.end(victim["id"], "evicted"))
+        self.release(self.end(victim["id"], "evicted"))
 
     def _last_active(self, record: dict[str, Any]) -> float:
         session = self.sessions.get(record["id"])
@@ -288,7 +286,7 @@ class SessionGate:
             session.outbox.displace()
             session.outbox = None
         token = new_token()
-        effects = self._internal("sessions.attach", {"session_id": session.id,
+        effects = self.apply_internal("sessions.attach", {"session_id": session.id,
                                                      "token_hash": token_hash(token)})
         if last_seq >= session.next_seq:
             # restored from the store, whose seq can lag what was sent before a
@@ -328,7 +326,7 @@ class SessionGate:
 
     def end(self, session_id: str, reason: str) -> Effects:
         """End a session for good; the dispatcher drops it once applied."""
-        return self._internal("sessions.end", {"session_id": session_id, "reason": reason})
+        return self.apply_internal("sessions.end", {"session_id": session_id, "reason": reason})
 
     def session_ended(self, session_id: str, reason: str, effects: Effects) -> None:
         """A handler ended a session: drop it now, tell and close its connection on release."""
@@ -363,10 +361,10 @@ class SessionGate:
         if session.id not in self._records() or not self._lobby.dispatcher.accepting:
             return  # shutting down: startup marks every open session disconnected
         try:
-            effects = self._internal("sessions.detach", {"session_id": session.id})
+            effects = self.apply_internal("sessions.detach", {"session_id": session.id})
         except ActionError:
             return
-        self._release(effects)
+        self.release(effects)
 
     # worlds -------------------------------------------------------------------------
     def list_worlds(self, req: Request, params: None) -> Effects:
@@ -399,7 +397,7 @@ class SessionGate:
         session = self._session(req)
         world_id = check_world_id(params.world_id)
         world = self.worlds.require_loaded(world_id)
-        effects = self._internal("sessions.join", {"session_id": session.id,
+        effects = self.apply_internal("sessions.join", {"session_id": session.id,
                                                    "world_id": world_id})
         self.worlds.touched(world_id)
         effects = self._reply(req, "world.joined", {"world_id": world_id, "name": world.name},
@@ -412,7 +410,7 @@ class SessionGate:
         if session.world is None:
             raise Conflict("this session is in no world; send world.join to enter one")
         world_id = session.world
-        effects = self._internal("sessions.join", {"session_id": session.id, "world_id": None})
+        effects = self.apply_internal("sessions.join", {"session_id": session.id, "world_id": None})
         self.worlds.touched(world_id)
         effects = self._reply(req, "world.left", {"world_id": world_id}, effects)
         effects.outputs.append((session, self.sync_state(session)))

@@ -17,14 +17,30 @@ from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import h11
 import trio
 
-if TYPE_CHECKING:
-    from host.server import Server
+
+
+class Served(Protocol):
+    """What the HTTP face reads of the server it fronts (host.server.Server)."""
+
+    config: Any
+    port: int | None
+    started: bool
+    router: Any
+    worlds: Any
+    sessions: Any
+    transport: Any
+
+    @property
+    def lobby(self) -> Any: ...
+
+    @property
+    def stopping(self) -> bool: ...
 
 log = logging.getLogger("worldhost.http")
 
@@ -113,7 +129,7 @@ def unread(stream: trio.abc.Stream, data: bytes) -> None:
     stream.receive_some = receive_some  # type: ignore[method-assign]
 
 
-async def serve(host: Server, stream: trio.abc.Stream, head: bytes) -> None:
+async def serve(host: Served, stream: trio.abc.Stream, head: bytes) -> None:
     """Answer the one HTTP request in ``head`` (it came within the time allowed). A peer
     gone before the answer is sent is no error of the host's."""
     try:
@@ -138,7 +154,7 @@ async def _linger(stream: trio.abc.Stream) -> None:
             drained += len(data)
 
 
-async def _serve(host: Server, stream: trio.abc.Stream, head: bytes) -> None:
+async def _serve(host: Served, stream: trio.abc.Stream, head: bytes) -> None:
     limits = host.config.host.limits
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_http_header_bytes)
     if too_large(head, limits.max_http_header_bytes):
@@ -163,7 +179,7 @@ async def _serve(host: Server, stream: trio.abc.Stream, head: bytes) -> None:
     await _send(stream, conn, response, method=event.method)
 
 
-def respond(host: Server, request: h11.Request) -> Response:
+def respond(host: Served, request: h11.Request) -> Response:
     """The response to one request, by its method and path."""
     target = request.target.decode("latin-1")
     path, _, _query = target.partition("?")
@@ -223,7 +239,7 @@ def not_found(path: str) -> Response:
     return Response(404, text.encode())
 
 
-def healthz(host: Server) -> Response:
+def healthz(host: Served) -> Response:
     if host.port is None or not host.started:
         status = "starting"
     elif host.stopping or not host.router.accepting:
@@ -239,7 +255,7 @@ def healthz(host: Server) -> Response:
                     "application/json")
 
 
-def metrics(host: Server) -> str:
+def metrics(host: Served) -> str:
     """Prometheus text format: counters since this process started, gauges now."""
     worlds = [host.lobby, *host.worlds.loaded.values()]
     sessions = list(host.sessions)

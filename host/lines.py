@@ -160,7 +160,7 @@ async def serve_tcp(nursery: trio.Nursery, transport: Transport, config: Config)
     """Listen for line connections (``[transports.tcp]``) and return the bound port.
     Each connection runs in ``nursery``, so it ends with the server."""
     tcp = config.transports.tcp
-    listeners = await trio.open_tcp_listeners(tcp.port, host=tcp.host or config.host.host)
+    listeners = await trio.open_tcp_listeners(tcp.port, host=tcp.host or config.host.bind)
     for listener in listeners:
         # as for WebSocket: a client that stops reading fills its buffers within
         # seconds, so its outbox lag shows and it is dropped

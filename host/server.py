@@ -70,7 +70,7 @@ class Server:
                                    threads=threads)
         self.port: int | None = None
         self.tcp_port: int | None = None  # [transports.tcp], when enabled
-        self.listen_host = config.host.host
+        self.listen_host = config.host.bind
         self._nursery: trio.Nursery | None = None
         self._stopping = trio.Event()
         self.stopped = trio.Event()
@@ -118,7 +118,7 @@ class Server:
             log.error("session %s: stored runtime is damaged (%s); ending the session", sid,
                       problem)
             if sid in records:
-                gate._release(gate.end(sid, "repaired"))
+                gate.release(gate.end(sid, "repaired"))
             else:
                 self.sessions.ended.append(sid)  # an orphan row: the checkpoint drops it
         if world.damaged:
@@ -133,10 +133,10 @@ class Server:
                 log.warning("session %s (%s): the credential that made it %s %s; ending it",
                             sid, record["name"], record["role"],
                             "is gone" if role is None else f"now grants {role}")
-                gate._release(gate.end(sid, "revoked"))
+                gate.release(gate.end(sid, "revoked"))
         for s in list(self.sessions):
             if s.state == State.OPEN:
-                gate._release(gate._internal("sessions.detach", {"session_id": s.id}))
+                gate.release(gate.apply_internal("sessions.detach", {"session_id": s.id}))
 
     # life ----------------------------------------------------------------------
     async def run(self, *, listen: bool = True, run_plugins: bool = True,
@@ -181,7 +181,7 @@ class Server:
 
     async def _listen(self, nursery: trio.Nursery) -> None:
         cfg = self.config.host
-        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host)
+        listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.bind)
         for listener in listeners:
             # Accepted sockets inherit this: a client that stops reading fills its
             # buffers within seconds, so its outbox lag shows and it is dropped.
@@ -190,7 +190,7 @@ class Server:
         started = await nursery.start(partial(
             trio.serve_listeners, self._serve_stream, listeners, handler_nursery=nursery))
         self.port = started[0].socket.getsockname()[1]
-        self.listen_host = cfg.host
+        self.listen_host = cfg.bind
         if self.config.transports.tcp.enabled:
             self.tcp_port = await serve_tcp(nursery, self.transport, self.config)
 

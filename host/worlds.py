@@ -125,6 +125,8 @@ class Worlds:
                             running=world.running() if world is not None else record["running"])
                 if world_id in self.quarantined:
                     item["quarantined"] = self.quarantined[world_id]
+                if world is None and world_id in self.failed:
+                    item["error"] = self.failed[world_id]  # why it could not be loaded
             out.append(item)
         return out
 
@@ -136,13 +138,6 @@ class Worlds:
                 phase = extra["phase"]
         return phase
 
-    def _internal(self, name: str, params: dict[str, Any]) -> Effects:
-        dispatcher = self.lobby.dispatcher
-        action = self.registry.actions[name]
-        effects: Effects = dispatcher.apply(action, dispatcher.check_params(action, params),
-                                            None, None)
-        return effects
-
     def create(self, world_id: str, name: str) -> Effects:
         """Register a new world (its store is made when it first loads)."""
         if world_id in self.live():
@@ -150,7 +145,7 @@ class Worlds:
         if len(self.live()) >= self.config.worlds.max_worlds:
             raise Conflict(f"this server holds {self.config.worlds.max_worlds} worlds "
                            f"(worlds.max_worlds); archive one first")
-        return self._internal("worlds.register", {"world_id": world_id, "name": name,
+        return self.lobby.dispatcher.apply_internal("worlds.register", {"world_id": world_id, "name": name,
                                                   "path": self.path_of(world_id)})
 
     def archive(self, world_id: str) -> tuple[Effects, str]:
@@ -161,7 +156,7 @@ class Worlds:
             raise NotFound(f"no world {world_id!r}")
         stamp = int(self.clock())
         archived_to = f"{record['path']}.archived-{stamp}"
-        effects = self._internal("worlds.archive", {"world_id": world_id,
+        effects = self.lobby.dispatcher.apply_internal("worlds.archive", {"world_id": world_id,
                                                     "archived_to": archived_to})
         effects.after.append(lambda: self._soon(self._archive, world_id))
         return effects, archived_to
