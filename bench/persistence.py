@@ -70,16 +70,16 @@ async def stalls_and_restore(seconds: float) -> None:
 
             async with h.client("root", token=ADMIN) as root, trio.open_nursery() as nursery:
                 await root.call("simulation.import_state", state_data=STATE)
-                await h.host.saver.checkpoint()
-                h.host.saver.longest_stall_s = 0.0
+                await h.host.world().saver.checkpoint()
+                h.host.world().saver.longest_stall_s = 0.0
                 nursery.start_soon(watchdog)
                 await root.call("simulation.start", tick_hz=20)
                 await trio.sleep(max(seconds, 11))  # at least two max_delay_s checkpoints
                 nursery.cancel_scope.cancel()
-            print(f"longest event-loop hold by a save: {h.host.saver.longest_stall_s * 1000:.1f} ms "
+            print(f"longest event-loop hold by a save: {h.host.world().saver.longest_stall_s * 1000:.1f} ms "
                   f"(target < 10 ms); longest loop stall overall: {worst * 1000:.1f} ms "
-                  f"(ticks of 1,000 trucks included); {h.host.saver.checkpoints} checkpoints, "
-                  f"{h.host.saver.commits} journal commits")
+                  f"(ticks of 1,000 trucks included); {h.host.world().saver.checkpoints} checkpoints, "
+                  f"{h.host.world().saver.commits} journal commits")
             # now 10 s of journal with no checkpoint, then a crash
             await h.stop()
             h.config = config_mod.from_dict({"host": {"admin_token": ADMIN, "port": 0},

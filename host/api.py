@@ -7,10 +7,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from host.server import Host
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -46,7 +43,9 @@ class TaskFailure:
 
 
 class HostAPI:
-    """The host, as lifecycle hooks and background tasks use it.
+    """A world, as its plugins' lifecycle hooks and background tasks use it (the
+    server's own plugins get the server's, whose slices are the sessions and the
+    registry of worlds).
 
     Background tasks change the world only through ``submit``; reads through
     ``read`` see the committed world (treat it as read-only).
@@ -54,26 +53,26 @@ class HostAPI:
 
     restart_delay_s = 1.0
 
-    def __init__(self, host: Host) -> None:
-        self._host = host
+    def __init__(self, world: Any) -> None:
+        self._world = world  # host.world.World: this facade's one collaborator
         self.log = logging.getLogger("worldhost.plugins")
         self.reads: set[str] | None = None  # when a set: the slices read go into it
         self.task_listeners: list[Callable[[TaskFailure], None]] = []
 
     async def submit(self, action: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Apply an action through the dispatcher (journaled like any other) and
-        return its reply data once durable; raises ActionError if refused."""
-        return await self._host.dispatcher.submit(action, params or {})
+        """Apply an action through this world's dispatcher (journaled like any other)
+        and return its reply data once durable; raises ActionError if refused."""
+        return await self._world.dispatcher.submit(action, params or {})
 
     def read(self, slice_name: str) -> Any:
         """The committed value of a slice (a dict of records for keyed slices)."""
         if self.reads is not None:
             self.reads.add(slice_name)
-        return self._host.world[slice_name].data()
+        return self._world.slices[slice_name].data()
 
     def now(self) -> float:
-        """The host clock, in seconds since the epoch (virtual under a mock clock)."""
-        return self._host.clock()
+        """The server clock, in seconds since the epoch (virtual under a mock clock)."""
+        return float(self._world.clock())
 
     def settings(self, plugin: str | None = None) -> Any:
         """A plugin's checked settings (its ``Settings`` struct, or None if it has none).
@@ -85,14 +84,14 @@ class HostAPI:
         """
         if plugin is None:
             plugin = self.plugin_of(sys._getframe(1).f_globals.get("__name__", ""))
-        return self._host.registry.settings.get(plugin)
+        return self._world.registry.settings.get(plugin)
 
     def plugin_of(self, module: str) -> str:
         """The registered name of the plugin whose code is in ``module`` (its own
         module, or a module of its package; the innermost wins). LookupError if no
         plugin's, or if the module holds several plugin objects."""
         found: dict[str, list[str]] = {}
-        for name, plugin in self._host.registry.pm.list_name_plugin():
+        for name, plugin in self._world.registry.pm.list_name_plugin():
             home = plugin.__name__ if isinstance(plugin, ModuleType) else type(plugin).__module__
             if module == home or module.startswith(home + "."):
                 found.setdefault(home, []).append(name)
@@ -114,34 +113,37 @@ class HostAPI:
 
     @property
     def config(self) -> Any:
-        return self._host.config
+        return self._world.config
 
     @property
     def world_id(self) -> str:
-        return self._host.world_id
+        """This world's id (``"server"`` for the server's own plugins)."""
+        return str(self._world.id)
 
     def sessions(self) -> list[dict[str, Any]]:
-        """Every session with live figures: connected, last activity, actions, signals."""
-        return self._host.sessions_overview()
+        """The sessions in this world (every session, for the server's plugins), with
+        live figures: connected, last activity, actions, signals."""
+        return [s.overview() for s in list(self._world.audience.values())]
 
     @property
     def hook(self) -> Any:
-        """pluggy's hook caller: ``host.hook.agent_removed(ctx=ctx, agent_id=...)``."""
-        return self._host.registry.pm.hook
+        """pluggy's hook caller over this world's plugins:
+        ``host.hook.agent_removed(ctx=ctx, agent_id=...)``."""
+        return self._world.hooks
 
     def collect(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call a hook on every plugin; (plugin name, result) pairs, None results left out."""
-        return self._host.registry.collect(hook, **kwargs)
+        return list(self._world.registry.collect(hook, **kwargs))
 
     def runtime(self, plugin: str) -> dict[str, Any]:
-        """A plugin's scratch space for this host run (caches, events); never saved."""
-        return self._host.plugin_runtime.setdefault(plugin, {})
+        """A plugin's scratch space for this world while it is loaded; never saved."""
+        return self._world.runtime.setdefault(plugin, {})  # type: ignore[no-any-return]
 
     @property
     def generation(self) -> int:
         """The store generation of the last checkpoint."""
-        return self._host.generation
+        return int(self._world.generation)
 
     @property
     def replaying(self) -> bool:
-        return self._host.dispatcher.replaying
+        return bool(self._world.dispatcher.replaying)

@@ -12,6 +12,7 @@ import secrets
 import shlex
 import signal
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ SERVER_GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from host.server import Host, StartupError
+    from host.server import Server, StartupError
     from state.store import StoreFailed, StoreTooNew
 
     try:
@@ -32,7 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
         cfg = config_mod.override(cfg, host=args.host, port=args.port,
                                   db=args.db)
         cfg, created = config_mod.with_admin_token(cfg)
-        host = Host(cfg)
+        host = Server(cfg)
     except (config_mod.ConfigError, StartupError) as exc:
         print(f"worldhost: {exc}", file=sys.stderr)
         return 2
@@ -51,6 +52,9 @@ def _serve(args: argparse.Namespace) -> int:
             async with trio.open_nursery() as nursery:
                 started = await nursery.start(host.run)
                 print(f"listening on ws://{started.listen_host}:{started.port}/", flush=True)
+                if started.tcp_port is not None:
+                    tcp_host = cfg.transports.tcp.host or started.listen_host
+                    print(f"listening on tcp://{tcp_host}:{started.tcp_port}", flush=True)
 
                 async def on_signals() -> None:
                     async for signum in signals:
@@ -161,7 +165,7 @@ def _run_call(args: argparse.Namespace, action: str, params: dict[str, Any]) -> 
     try:
         if args.url is None:
             cfg = config_mod.load(args.config)
-            args.url = f"ws://{cfg.host.host}:{cfg.host.port}/"
+            args.url = f"ws://{cfg.host.bind}:{cfg.host.port}/"
         return trio.run(_call_once, args, _client_token(args), action, params)
     except (_Usage, config_mod.ConfigError) as exc:
         print(f"worldhost {args.command}: {exc}", file=sys.stderr)
@@ -203,6 +207,31 @@ def _actions(args: argparse.Namespace) -> int:
         world = "changes" if a["changes_world"] else "reads"
         print(f"{a['name']:<{width}}  {a['role']:<6}  {world:<7}  {a['description']}")
     return 0
+
+
+def _connect(args: argparse.Namespace) -> int:
+    from host import connect
+    from host.client import CallError
+
+    try:
+        if args.url is None:
+            cfg = config_mod.load(args.config)
+            args.url = f"ws://{cfg.host.bind}:{cfg.host.port}/"
+        connect.opener_for(args.url)  # a bad URL is told before anything else
+        token = _client_token(args)
+        return trio.run(partial(connect.run, args.url, name=args.name, token=token,
+                                history=args.history))
+    except (_Usage, config_mod.ConfigError, ValueError) as exc:
+        print(f"worldhost connect: {exc}", file=sys.stderr)
+        return 2
+    except CallError as exc:
+        print(f"worldhost connect: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"worldhost connect: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -287,6 +316,25 @@ def build_parser() -> argparse.ArgumentParser:
                          help="everything, with each action's params as JSON Schema")
     _client_options(actions)
     actions.set_defaults(func=_actions)
+
+    conn = sub.add_parser(
+        "connect", help="an interactive session over ws:// or tcp://",
+        description="Open a session and type actions: a name, then JSON params "
+                    "(chat.say {\"text\": \"hi\"}). Replies and signals are printed "
+                    "pretty; after a server restart the session resumes by itself.")
+    conn.add_argument("url", nargs="?", default=None,
+                      help="ws://HOST:PORT/ or tcp://HOST:PORT (default: from --config, "
+                           "else ws://127.0.0.1:8765/)")
+    conn.add_argument("--name", default="terminal", help="the session's name")
+    conn.add_argument("--token", default=None,
+                      help="token to open the session with (default: WORLDHOST_TOKEN)")
+    conn.add_argument("--admin", action="store_true",
+                      help="open an admin session, with the token `call --admin` uses")
+    conn.add_argument("--config", default=None, help="serve's config file")
+    conn.add_argument("--db", default=None, help="with --admin: serve's store file")
+    conn.add_argument("--history", default=str(Path.home() / ".worldhost_history"),
+                      help="readline history file (on a terminal)")
+    conn.set_defaults(func=_connect)
 
     token = sub.add_parser("token", help="tokens for auth = \"token\"")
     token_sub = token.add_subparsers(dest="token_command", required=True)

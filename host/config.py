@@ -44,7 +44,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    host: str = "127.0.0.1"
+    bind: str = "127.0.0.1"  # the address to listen on (``host``: its old, deprecated name)
     port: int = 8765
     db: str = "data/world.db"
     auth: Literal["open", "token"] = "open"
@@ -80,6 +80,23 @@ class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     journal_commits: Literal["thread", "loop"] = "thread"
 
 
+class WorldsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    dir: str = ""  # where worlds other than the default one keep their stores; "": beside --db
+    server_db: str = ""  # the server's own store (sessions, the registry); "": DB.server.db
+    idle_unload_s: float = 300.0  # a world with nobody in it and nothing running unloads
+    max_worlds: int = 1000  # worlds the registry may hold (archived ones not counted)
+class TcpSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    enabled: bool = False
+    host: str = ""  # "": the [host] host
+    port: int = 8766
+    max_line_bytes: int = 16 * 1024 * 1024  # as max_frame_bytes: a line is a frame
+    line_timeout_s: float = 30.0  # to finish a line once its first byte came
+
+
+class TransportsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    tcp: TcpSection = TcpSection()
+
+
 class PluginEntry(msgspec.Struct, frozen=True):
     module: str | None = None
     enabled: bool = True
@@ -96,6 +113,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     host: HostSection = HostSection()
     sessions: SessionsSection = SessionsSection()
     store: StoreSection = StoreSection()
+    worlds: WorldsSection = WorldsSection()
+    transports: TransportsSection = TransportsSection()
     plugins: dict[str, dict[str, Any]] = msgspec.field(
         default_factory=lambda: {k: dict(v) for k, v in BUILTIN_PLUGINS.items()})
     source: str = "<defaults>"
@@ -147,8 +166,27 @@ def load(path: str | os.PathLike[str] | None) -> Config:
     return from_dict(raw, source)
 
 
+DEPRECATED_KEYS = {("host", "host"): "bind"}  # (table, old key) -> the key it is now
+
+
+def _renamed(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Old spellings of renamed keys, read as the new ones (both at once: an error)."""
+    for (table, old), new in DEPRECATED_KEYS.items():
+        values = raw.get(table)
+        if isinstance(values, dict) and old in values:
+            if new in values:
+                raise ConfigError(f"{source}: keys '{table}.{old}' and '{table}.{new}' are "
+                                  f"the same setting ('{old}' is its deprecated name): "
+                                  f"keep '{new}'")
+            values = dict(values)
+            values[new] = values.pop(old)
+            raw = {**raw, table: values}
+    return raw
+
+
 def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     """Check a config given as tables; plugin tables are laid over the built-in ones."""
+    raw = _renamed(raw, source)
     plugins = raw.get("plugins", {})
     if isinstance(plugins, dict):
         merged = {k: dict(v) for k, v in BUILTIN_PLUGINS.items()}
@@ -173,7 +211,7 @@ def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
 
 def override(config: Config, **changes: Any) -> Config:
     """Apply CLI flags (None means not given) to the [host] table."""
-    given = {k: v for k, v in changes.items() if v is not None}
+    given = {("bind" if k == "host" else k): v for k, v in changes.items() if v is not None}
     if not given:
         return config
     return msgspec.structs.replace(config, host=msgspec.structs.replace(config.host, **given))

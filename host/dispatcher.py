@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import traceback
 from collections import Counter
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 import trio
@@ -30,17 +31,15 @@ from host.config import error_path
 from host.messages import Disconnect, Effects, Request, Signal
 from host.sessions import Session, SessionTable
 from state.codec import canonical, load_stored
+from state.slices import Slices
 from state.store import JournalEntry
 
 if TYPE_CHECKING:
-    from host.server import Host
+    from host.plugins import Registry
+    from state.saver import Saver
 
 log = logging.getLogger("worldhost.dispatcher")
 
-OPEN_ACTIONS = frozenset({"session.open", "session.resume", "host.ping"})
-
-
-Outcome = Effects  # the old name
 
 
 def validation_details(exc: msgspec.ValidationError) -> dict[str, str]:
@@ -52,13 +51,41 @@ def validation_details(exc: msgspec.ValidationError) -> dict[str, str]:
     return {"path": path, "message": message}
 
 
+class Gate(Protocol):
+    """What the dispatcher asks of the session gate (host/gate.py)."""
+
+    def check(self, req: Request, action: Action, session: Session | None) -> None: ...
+
+    def disconnected(self, conn: Any) -> None: ...
+
+    def session_ended(self, session_id: str, reason: str, effects: Effects) -> None: ...
+
+    def max_failed_opens(self) -> int: ...
+
+
 class Dispatcher:
-    def __init__(self, host: Host) -> None:
-        self.host = host
-        self.registry = host.registry
-        self.sessions: SessionTable = host.sessions
-        size = host.config.host.limits.dispatch_queue
-        self.send_channel, self.receive_channel = trio.open_memory_channel[Any](size)
+    """The one writer of one world (or of the server's own state: sessions and the
+    registry of worlds). It receives everything it works with when built; the
+    world that owns it sets ``saver`` and ``slices`` once its store is loaded."""
+
+    def __init__(self, *, registry: Registry, sessions: SessionTable,
+                 audience: Mapping[str, Session], gate: Gate, api: Any,
+                 clock: Callable[[], float], hooks: Any, queue_size: int,
+                 on_changed: Callable[[Effects, list[str]], None] | None = None,
+                 settle_heap: Callable[[], None] = lambda: None) -> None:
+        self.registry = registry
+        self.sessions = sessions  # every session: a journaled one may name any
+        self.audience = audience  # the sessions this world's broadcasts reach
+        self.gate = gate
+        self.api = api
+        self.clock = clock
+        self.hooks = hooks  # the pluggy hook caller of this world's plugins
+        self.on_changed = on_changed
+        self.settle_heap = settle_heap
+        self.slices: Slices = Slices()
+        self.saver: Saver = None  # type: ignore[assignment]  # set once the store is open
+        self.seed = ""
+        self.send_channel, self.receive_channel = trio.open_memory_channel[Any](queue_size)
         self.next_id = 1
         self.replaying = False
         self.accepting = True
@@ -66,6 +93,7 @@ class Dispatcher:
         self.errors: Counter[str] = Counter()  # error replies by code, for /metrics
         self.idle = True  # no item is being applied right now
         self.queued = 0  # items in the channel, not yet taken by the dispatcher task
+        self.last_request_at = 0.0  # when a session's action last applied here
 
     # submission -----------------------------------------------------------
     async def put(self, item: Request | Disconnect) -> None:
@@ -83,7 +111,7 @@ class Dispatcher:
                 self._apply_item(item)
             finally:
                 self.idle = True
-            saver = self.host.saver
+            saver = self.saver
             if saver.due_in_loop:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 saver.commit_now()
@@ -126,11 +154,11 @@ class Dispatcher:
                             break
                 finally:
                     self.idle = True
-                self.host.saver.commit_now()
+                self.saver.commit_now()
 
     def _apply_item(self, item: Request | Disconnect) -> None:
         if isinstance(item, Disconnect):
-            self.host.gateway.disconnected(item.conn)
+            self.gate.disconnected(item.conn)
         else:
             self.handle(item)
 
@@ -146,26 +174,26 @@ class Dispatcher:
             if action is None or (action.internal and not req.internal):
                 raise UnknownAction(f"no plugin handles the action {req.action!r}")
             if not req.internal:
-                self.host.gateway.check(req, action, session)
+                self.gate.check(req, action, session)
                 if session is not None and req.has_id and req.id is not None:
                     remembered = session.recall(req.id)
                     if remembered is not None:
                         sig = Signal(remembered[0], remembered[1], req.id, True, encoding=req.encoding)
-                        self._finish(req, Outcome([(session, sig)]))
+                        self.release(req, Effects([(session, sig)]))
                         return
-            params = self._check_params(action, req.params)
+            params = self.check_params(action, req.params)
             if action.gateway:
-                outcome: Outcome = action.handler(self.host.gateway, req, params)  # type: ignore[call-arg, arg-type, assignment]
+                effects: Effects = action.handler(self.gate, req, params)  # type: ignore[call-arg, arg-type, assignment]
             else:
-                outcome = self.apply(action, params, session, req)
+                effects = self.apply(action, params, session, req)
         except ActionError as exc:
-            outcome = self._error(req, session, exc)
-        self._finish(req, outcome)
+            effects = self._error(req, session, exc)
+        self.release(req, effects)
 
     def _session_of(self, conn: Any) -> Session | None:
         return None if conn is None else conn.session
 
-    def _check_params(self, action: Action, params: Any) -> Any:
+    def check_params(self, action: Action, params: Any) -> Any:
         if action.params is None:
             if params:
                 raise Invalid(f"{action.name} takes no params",
@@ -180,17 +208,17 @@ class Dispatcher:
 
     def apply(self, action: Action, params: Any, session: Session | None, req: Request | None,
               *, at: float | None = None, entry_id: int | None = None,
-              memo: dict[str, Any] | None = None) -> Outcome:
+              memo: dict[str, Any] | None = None) -> Effects:
         """Run one handler in a transaction. Raises ActionError with the world unchanged."""
-        world = self.host.world
+        world = self.slices
         if action.changes_world:
             seed_id = entry_id if entry_id is not None else self.next_id
         else:
             seed_id = 0
-        now = self.host.clock() if at is None else at
+        now = self.clock() if at is None else at
         ctx = Context(world=world, now=now, session=session,
                       settings=self.registry.settings.get(self.registry.action_owner[action.name]),
-                      seed=f"{self.host.world_seed}:{seed_id}", host=self.host.api,
+                      seed=f"{self.seed}:{seed_id}", host=self.api,
                       memo=memo if memo is not None else {})
         if action.changes_world:  # slices are read-only between transactions
             world.begin()
@@ -208,9 +236,9 @@ class Dispatcher:
         replacements = world.replacements
         changed = world.commit() if action.changes_world else []
         if world.replacements != replacements and not self.replaying:
-            self.host.settle_heap()
+            self.settle_heap()
         data = result if result is not None else {}
-        outcome = Outcome(data=data)
+        outcome = Effects(data=data)
         if req is not None and not req.internal:
             reply = Signal(action.reply_signal, data, req.id, True, encoding=req.encoding)
             outcome.outputs.append((session if session is not None else req.conn, reply))
@@ -219,11 +247,13 @@ class Dispatcher:
                                  durable=action.changes_world)
                 session.actions_applied += 1
                 session.last_active = now
+                if action.changes_world:
+                    self.last_request_at = now
         self._route(ctx.emitted, outcome)
         for session_id, reason in ctx.ended:
-            self.host.session_ended(session_id, reason, outcome)
-        if changed and not self.replaying:
-            self.host.sync_if_changed(outcome, changed)
+            self.gate.session_ended(session_id, reason, outcome)
+        if changed and not self.replaying and self.on_changed is not None:
+            self.on_changed(outcome, changed)
         plain = msgspec.to_builtins(params) if changed and params is not None else {}
         if action.changes_world and changed:
             entry_id = entry_id if entry_id is not None else self._take_id()
@@ -232,7 +262,7 @@ class Dispatcher:
                 session.id if session is not None else None,
                 canonical(req.id) if req is not None and req.has_id else None,
                 canonical(ctx.memo) if ctx.memo else None)
-            self.host.saver.changed()
+            self.saver.changed()
         elif action.changes_world and entry_id is None:
             self._take_id()
         if req is not None and req.internal:
@@ -242,31 +272,37 @@ class Dispatcher:
             applied = AppliedAction(action.name, plain,
                                     session.id if session is not None else None, data, now,
                                     replayed=self.replaying, slices=tuple(changed))
-            self.registry.pm.hook.action_applied(host=self.host.api, applied=applied)
+            self.hooks.action_applied(host=self.api, applied=applied)
         return outcome
+
+    def apply_internal(self, name: str, params: dict[str, Any]) -> Effects:
+        """Apply an internal action here and now, from code already applying one
+        (the session gate serving ``session.*``): checked, journaled, not yet sent."""
+        action = self.registry.actions[name]
+        return self.apply(action, self.check_params(action, params), None, None)
 
     def _take_id(self) -> int:
         taken = self.next_id
         self.next_id += 1
         return taken
 
-    def _route(self, emitted: list[Emit], outcome: Outcome) -> None:
+    def _route(self, emitted: list[Emit], outcome: Effects) -> None:
         for emit in emitted:
             if emit.broadcast:
                 shared: dict[str, bytes] = {}  # each encoding of data, made once for all
-                for s in self.sessions:
+                for s in self.audience.values():
                     if s.id != emit.exclude:
                         outcome.outputs.append((s, Signal(emit.signal, emit.data,
                                                           encoded=shared)))
             elif emit.to is not None:
-                target = self.sessions.get(emit.to)
+                target = self.audience.get(emit.to)
                 if target is not None:
                     outcome.outputs.append((target, Signal(emit.signal, emit.data)))
 
-    def _error(self, req: Request, session: Session | None, exc: ActionError) -> Outcome:
+    def _error(self, req: Request, session: Session | None, exc: ActionError) -> Effects:
         if req.internal:
             req.failure = exc
-            return Outcome()
+            return Effects()
         self.errors[exc.code] += 1
         data: dict[str, Any] = {"code": exc.code, "message": exc.message, "action": req.action}
         if exc.details is not None:
@@ -275,26 +311,37 @@ class Dispatcher:
         target = session if session is not None else req.conn
         if session is not None and req.has_id and exc.code not in ("rate_limited", "internal_error"):
             session.remember(req.id, "error", data)
-        outcome = Outcome([(target, sig)])
+        outcome = Effects([(target, sig)])
         conn = req.conn
-        if conn is not None and conn.failed_opens >= self.host.config.sessions.max_failed_opens:
+        if conn is not None and conn.failed_opens >= self.gate.max_failed_opens():
             outcome.after.append(lambda: conn.close_soon(1008, "too many failed session attempts"))
         return outcome
 
-    def _finish(self, req: Request | None, outcome: Outcome) -> None:
+    def release(self, req: Request | None, effects: Effects) -> None:
+        """Hand an action's effects to the saver: they go out once its journal entry
+        is durable (at once if it has none and nothing of its session waits). The
+        requesting session counts them as held here until then, so that the router
+        keeps its next request from overtaking them through another writer."""
         done = req.done if req is not None else None
+        saver = self.saver
+        conn = req.conn if req is not None else None
+        owner: Session | None = conn.session if conn is not None else None
+        if owner is not None:
+            owner.hold(saver)
 
         def release() -> None:
-            for target, sig in outcome.outputs:
+            for target, sig in effects.outputs:
                 if target is not None:
                     target.deliver(sig)
-            for after in outcome.after:
+            if owner is not None:
+                owner.unhold(saver)
+            for after in effects.after:
                 after()
             if done is not None:
                 done.set()
 
-        self.host.saver.record(outcome.entry, release,
-                               [t.id for t, _ in outcome.outputs if isinstance(t, Session)])
+        saver.record(effects.entry, release,
+                     [t.id for t, _ in effects.outputs if isinstance(t, Session)])
 
     # replay ----------------------------------------------------------------
     def replay(self, entry: JournalEntry) -> None:
@@ -305,13 +352,13 @@ class Dispatcher:
                                f"which no loaded plugin serves")
         session = self.sessions.get(entry.session)
         request_id = load_stored(entry.request_id) if entry.request_id is not None else None
-        params = self._check_params(action, load_stored(entry.params))
+        params = self.check_params(action, load_stored(entry.params))
         memo = load_stored(entry.memo) if entry.memo is not None else None
         outcome = self.apply(action, params, session, None, at=entry.at, entry_id=entry.id,
                              memo=memo)
         if session is not None and entry.request_id is not None:
             session.remember(request_id, action.reply_signal, outcome.data, durable=True)
-        if entry.action.startswith("sessions."):
-            self.sessions.sync(self.host.world["sessions"].data())
+        if entry.action.startswith("sessions.") and "sessions" in self.slices.slices:
+            self.sessions.sync(self.slices["sessions"].data())
         self.next_id = max(self.next_id, entry.id + 1)
 

@@ -1,5 +1,13 @@
 """The hooks a worldhost plugin may implement.
 
+A plugin lives in every world (the default) or once in the server (``scope =
+"server"`` on its module or class: the session housekeeping). Lifecycle hooks
+are called per world, with that world's ``host``: ``startup`` and
+``background_tasks`` when a world loads (at startup, on a join, after an idle
+unload), ``shutdown`` when it unloads or the server stops. A server plugin's
+are called once, with the server's ``host`` (whose slices are the sessions and
+the registry of worlds).
+
 Mark implementations with ``host.hookimpl`` (``host.plugins.hookimpl`` is the
 same marker). Registration hooks are plain
 functions returning lists; lifecycle hooks may return an awaitable, which the
@@ -43,7 +51,8 @@ def register_slices() -> list[SliceSpec]:
 
 @hookspec
 def startup(host: HostAPI) -> Awaitable[None] | None:
-    """Called once the world is loaded and before clients are served.
+    """Called once a world is loaded (each world, each time it loads) and before its
+    clients are served.
 
     May return an awaitable. A plugin that raises here stops startup.
     """
@@ -59,7 +68,7 @@ def shutdown(host: HostAPI) -> Awaitable[None] | None:
 
 @hookspec
 def background_tasks(host: HostAPI) -> list[Callable[[], Awaitable[None]]]:
-    """Return async callables the host runs in its nursery for its lifetime.
+    """Return async callables the host runs for as long as the world is loaded.
 
     They change the world only through ``host.submit``. A task that raises is
     logged and restarted after ``host.restart_delay_s`` (under the test harness
@@ -69,12 +78,18 @@ def background_tasks(host: HostAPI) -> list[Callable[[], Awaitable[None]]]:
 
 @hookspec
 def session_opened(host: HostAPI, session: SessionInfo) -> None:
-    """A session was opened or resumed (``session.resumed`` tells which)."""
+    """A session was opened or resumed (``session.resumed`` tells which).
+
+    Server plugins hear of every session; a world's plugins of the sessions that
+    open or resume into that world (``host`` is that world's).
+    """
 
 
 @hookspec
 def session_closed(host: HostAPI, session: SessionInfo, reason: str) -> None:
-    """A session ended for good: ``closed``, ``expired``, ``kicked``."""
+    """A session ended for good: ``closed``, ``expired``, ``kicked``, ``timeout``,
+    ``evicted``, ``revoked`` or ``repaired``; to the server plugins and to the
+    plugins of the world it was in."""
 
 
 @hookspec
@@ -135,4 +150,18 @@ def process_resumed(host: HostAPI, process: dict[str, Any]) -> None:
     """A running or paused process was found at startup, after a restart or crash.
 
     Re-create whatever the plugin had attached to it (timers, spawned runners).
+    """
+
+
+@hookspec
+def world_running(host: HostAPI) -> str | None:
+    """Say what keeps this world running with nobody in it, or None.
+
+    A world whose plugins all answer None, and that no session has joined, is
+    checkpointed and unloaded after ``[worlds] idle_unload_s``; one that answers
+    (say ``"simulation"``) stays loaded, and after a stop or a crash it is loaded
+    again at startup, without anyone joining, and resumed.
+
+    :param host: the world asking.
+    :return: a short name of what runs (shown in ``world.list``), or None.
     """

@@ -17,14 +17,30 @@ from collections import Counter
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 import h11
 import trio
 
-if TYPE_CHECKING:
-    from host.server import Host
+
+
+class Served(Protocol):
+    """What the HTTP face reads of the server it fronts (host.server.Server)."""
+
+    config: Any
+    port: int | None
+    started: bool
+    router: Any
+    worlds: Any
+    sessions: Any
+    transport: Any
+
+    @property
+    def lobby(self) -> Any: ...
+
+    @property
+    def stopping(self) -> bool: ...
 
 log = logging.getLogger("worldhost.http")
 
@@ -113,7 +129,7 @@ def unread(stream: trio.abc.Stream, data: bytes) -> None:
     stream.receive_some = receive_some  # type: ignore[method-assign]
 
 
-async def serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:
+async def serve(host: Served, stream: trio.abc.Stream, head: bytes) -> None:
     """Answer the one HTTP request in ``head`` (it came within the time allowed). A peer
     gone before the answer is sent is no error of the host's."""
     try:
@@ -138,7 +154,7 @@ async def _linger(stream: trio.abc.Stream) -> None:
             drained += len(data)
 
 
-async def _serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:
+async def _serve(host: Served, stream: trio.abc.Stream, head: bytes) -> None:
     limits = host.config.host.limits
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_http_header_bytes)
     if too_large(head, limits.max_http_header_bytes):
@@ -163,7 +179,7 @@ async def _serve(host: Host, stream: trio.abc.Stream, head: bytes) -> None:
     await _send(stream, conn, response, method=event.method)
 
 
-def respond(host: Host, request: h11.Request) -> Response:
+def respond(host: Served, request: h11.Request) -> Response:
     """The response to one request, by its method and path."""
     target = request.target.decode("latin-1")
     path, _, _query = target.partition("?")
@@ -223,15 +239,15 @@ def not_found(path: str) -> Response:
     return Response(404, text.encode())
 
 
-def healthz(host: Host) -> Response:
-    if host.port is None or host.store is None:
+def healthz(host: Served) -> Response:
+    if host.port is None or not host.started:
         status = "starting"
-    elif host._stopping.is_set() or not host.dispatcher.accepting:
+    elif host.stopping or not host.router.accepting:
         status = "stopping"
     else:
         status = "up"
-    body = {"status": status, "up": status == "up", "worlds": 1 if host.store else 0,
-            "world_id": host.world_id if host.store else None,
+    body = {"status": status, "up": status == "up", "worlds": len(host.worlds.loaded),
+            "world_id": host.worlds.default_id(),
             "sessions": len(host.sessions),
             "connected": sum(1 for s in host.sessions if s.connected),
             "connections": len(host.transport.connections)}
@@ -239,10 +255,14 @@ def healthz(host: Host) -> Response:
                     "application/json")
 
 
-def metrics(host: Host) -> str:
+def metrics(host: Served) -> str:
     """Prometheus text format: counters since this process started, gauges now."""
-    saver, dispatcher = host.saver, host.dispatcher
+    worlds = [host.lobby, *host.worlds.loaded.values()]
     sessions = list(host.sessions)
+    errors: Counter[str] = Counter()
+    for world in worlds:
+        errors.update(world.dispatcher.errors)
+    savers = [w.saver for w in worlds if w.saver is not None]
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -253,22 +273,24 @@ def metrics(host: Host) -> str:
             lines.append(f"worldhost_{name}{labels} {text}")
 
     metric("up", "gauge", "1 while the host takes actions.",
-           [("", 1 if dispatcher.accepting and not host._stopping.is_set() else 0)])
+           [("", 1 if host.router.accepting and not host.stopping else 0)])
+    metric("worlds_loaded", "gauge", "Worlds loaded now.", [("", len(host.worlds.loaded))])
     metric("connections", "gauge", "Open WebSocket connections.",
            [("", len(host.transport.connections))])
     by_state = Counter("connected" if s.connected else "disconnected" for s in sessions)
     metric("sessions", "gauge", "Sessions, connected or resumable.",
            [(f'{{state="{k}"}}', by_state[k]) for k in ("connected", "disconnected")])
     metric("actions_total", "counter", "Actions applied (replayed ones excluded).",
-           [("", dispatcher.applied)])
+           [("", sum(w.dispatcher.applied for w in worlds))])
     metric("errors_total", "counter", "Error replies, by code.",
-           [(f'{{code="{code}"}}', n) for code, n in sorted(dispatcher.errors.items())])
-    if saver is not None:
-        metric("journal_commits_total", "counter", "Journal commits.", [("", saver.commits)])
-        metric("journal_commit_seconds", "summary", "Time to commit to the journal.",
-               [("_sum", saver.commit_seconds), ("_count", saver.commits)])
-        metric("checkpoint_seconds", "summary", "Time to write a checkpoint.",
-               [("_sum", saver.checkpoint_seconds), ("_count", saver.checkpoints)])
+           [(f'{{code="{code}"}}', n) for code, n in sorted(errors.items())])
+    commits = sum(s.commits for s in savers)
+    metric("journal_commits_total", "counter", "Journal commits.", [("", commits)])
+    metric("journal_commit_seconds", "summary", "Time to commit to the journal.",
+           [("_sum", sum(s.commit_seconds for s in savers)), ("_count", commits)])
+    metric("checkpoint_seconds", "summary", "Time to write a checkpoint.",
+           [("_sum", sum(s.checkpoint_seconds for s in savers)),
+            ("_count", sum(s.checkpoints for s in savers))])
     # a gauge: it is the sum over the sessions there are now, which come and go
     metric("session_signals_sent", "gauge",
            "Signals sent to the sessions there are now, over their lives.",
@@ -276,7 +298,8 @@ def metrics(host: Host) -> str:
     metric("signals_dropped_total", "counter",
            "Signals not sent: the connection was closing or too slow.",
            [("", host.transport.signals_dropped)])
-    sim = host.world.slices.get("simulation")
+    default = host.worlds.loaded.get(host.worlds.default_id() or "")
+    sim = default.slices.slices.get("simulation") if default is not None else None
     if sim is not None:
         meta = sim.data().get("meta", {})
         metric("simulation_tick", "gauge", "The simulation's tick.",

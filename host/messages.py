@@ -11,14 +11,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import trio
-
-if TYPE_CHECKING:  # names for annotations only: this module imports nothing at run time
-    from host.actions import ActionError
-    from host.sessions import Session
-    from state.store import JournalEntry
 
 
 @dataclass(slots=True)  # replay buffers hold many: no per-instance dict for the GC to walk
@@ -53,11 +48,11 @@ class Request:
     has_id: bool = False
     conn: Any = None  # the Peer it came on (None for internal actions)
     encoding: str | None = None
-    error: ActionError | None = None  # refused before it got here (bad frame, envelope)
+    error: Any = None  # an ActionError: refused before it got here (bad frame, envelope)
     internal: bool = False
     done: trio.Event | None = None
     result: Any = None
-    failure: ActionError | None = None
+    failure: Any = None  # the ActionError an internal action was refused with
 
 
 @dataclass
@@ -83,7 +78,7 @@ class Effects:
     """What applying one action produced, held until its journal entry is durable."""
 
     outputs: list[tuple[Any, Signal]] = field(default_factory=list)  # (Session | Peer, signal)
-    entry: JournalEntry | None = None
+    entry: Any = None  # its state.store.JournalEntry, if it changed the world
     data: dict[str, Any] = field(default_factory=dict)
     after: list[Callable[[], None]] = field(default_factory=list)  # run once released
 
@@ -95,7 +90,7 @@ class Peer(Protocol):
     the transport owns everything else about it (its socket, framing, counters).
     """
 
-    session: Session | None
+    session: Any  # its host.sessions.Session, or None
     encoding: str
     remote: str
     failed_opens: int
@@ -104,7 +99,7 @@ class Peer(Protocol):
         """Queue a signal to send; False if the connection refused it (closed, too slow)."""
         ...
 
-    def attached(self, session: Session) -> None:
+    def attached(self, session: Any) -> None:
         """A session now speaks through this connection."""
         ...
 

@@ -24,7 +24,9 @@ import trio
 
 from host import config as config_mod
 from host.actions import ActionError
-from host.server import Host, StartupError
+from host.server import Server, StartupError
+from host.world import World
+from host.worlds import server_db_path
 from state.codec import decode_cbor, decode_json, encode_cbor, encode_json
 from state.store import FORMAT_VERSION, Store, StoreError
 
@@ -43,18 +45,25 @@ def run(args: argparse.Namespace) -> int:
     return {"inspect": inspect, "export": export, "import": import_}[args.command](args)
 
 
-def _host(db: str, config_path: str | None = None) -> Host:
+def _server(db: str, config_path: str | None = None) -> Server:
     cfg = config_mod.load(config_path) if config_path else config_mod.Config()
-    return Host(cfg, db=db)
+    return Server(cfg, db=db)
 
 
 @contextmanager
-def _reading(db: str) -> Iterator[Host]:
-    """A host with the store at ``db`` loaded as ``Host.open`` loads it, but read-only
-    and without the lock: the connection is ``mode=ro`` and holds one read
-    transaction for the whole use, so every read sees the same commit even while a
-    running host appends to the journal."""
-    host = _host(db)
+def _reading(db: str, scope: str = "world") -> Iterator[World]:
+    """The world (or, with scope "server", the server's own store) at ``db`` loaded
+    as ``World.open`` loads it, but read-only and without the lock: the connection
+    is ``mode=ro`` and holds one read transaction for the whole use, so every read
+    sees the same commit even while a running server appends to the journal."""
+    server = _server(db)
+    registry = server.registry
+    host = World("main", "main", db, scope=scope, config=server.config, registry=registry,
+                 sessions=server.sessions, gate=server.gate, clock=server.clock,
+                 threads=False)
+    # a store from before worlds keeps the sessions too: read them as they are
+    host.specs = {**host.specs, "sessions": registry.slices["sessions"]}
+    host.actions = dict(registry.actions)
     uri = "file:" + urllib.parse.quote(str(Path(db).resolve())) + "?mode=ro"
     try:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
@@ -66,7 +75,7 @@ def _reading(db: str) -> Iterator[Host]:
         store = Store(conn, db)
         _check_readable(store)
         host.store = store
-        # Host.open without the lock, the quick_check and the format upgrade (writes)
+        # World.open without the lock, the quick_check and the format upgrade (writes)
         host._load(store.load())
         yield host
     except sqlite3.Error as exc:
@@ -101,6 +110,7 @@ def inspect(args: argparse.Namespace) -> int:
 
 
 async def _inspect(db: str) -> dict[str, Any]:
+    sessions = _sessions_of(db)
     with _reading(db) as host:  # in trio.run: replaying the journal reads trio's clock
         store = host.store
         assert store is not None
@@ -117,14 +127,28 @@ async def _inspect(db: str) -> dict[str, Any]:
             "format_version": store.meta("format_version"),
             "reads_format": FORMAT_VERSION,
             "generation": store.meta("generation"),
-            "world_id": host.world_id,
+            "world_id": host.slices["host"].data()["world_id"],
             "journal_length": store.journal_length(),
             "replayed": host.replayed,
             "slices": slices,
-            "sessions": [{"id": s["id"], "name": s["name"], "role": s["role"],
-                          "state": s["state"]}
-                         for s in host.world["sessions"].data().values()],
+            "sessions": sessions if sessions is not None else _session_list(host),
         }
+
+
+def _session_list(world: World) -> list[dict[str, Any]]:
+    records = world.slices["sessions"].data() if "sessions" in world.slices.slices else {}
+    return [{"id": s["id"], "name": s["name"], "role": s["role"], "state": s["state"]}
+            for s in records.values()]
+
+
+def _sessions_of(db: str) -> list[dict[str, Any]] | None:
+    """The sessions, from the server's own store beside ``db`` (None if it has none yet:
+    a store from before worlds keeps them itself)."""
+    path = server_db_path(config_mod.Config(), db)
+    if path == db or not Path(path).exists():
+        return None
+    with _reading(path, scope="server") as server:
+        return _session_list(server)
 
 
 def export(args: argparse.Namespace) -> int:
@@ -141,12 +165,12 @@ def export(args: argparse.Namespace) -> int:
     return 0
 
 
-def world_document(host: Host) -> dict[str, Any]:
+def world_document(world: World) -> dict[str, Any]:
     """The whole world, as ``worldhost export`` writes it."""
     slices = {name: {"version": s.spec.version, "keyed": s.spec.keyed, "data": s.data()}
-              for name, s in host.world.slices.items() if name not in HOST_OWNED}
-    return {"format": FORMAT, "version": 1, "world_id": host.world_id,
-            "generation": host.generation, "slices": slices}
+              for name, s in world.slices.slices.items() if name not in HOST_OWNED}
+    return {"format": FORMAT, "version": 1, "world_id": world.slices["host"].data()["world_id"],
+            "generation": world.generation, "slices": slices}
 
 
 def _read(path: Path) -> Any:
@@ -164,7 +188,7 @@ def import_(args: argparse.Namespace) -> int:
     document = _read(Path(args.file))
 
     async def main() -> dict[str, Any]:
-        host = _host(args.db, args.config)
+        host = _server(args.db, args.config)
         async with trio.open_nursery() as nursery:
             try:
                 await nursery.start(_serve_offline, host)
@@ -183,13 +207,15 @@ def import_(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve_offline(host: Host, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+async def _serve_offline(host: Server, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     await host.run(listen=False, run_plugins=False, task_status=task_status)
 
 
-async def apply_document(host: Host, document: Any) -> dict[str, Any]:
-    """Apply an export through the live import actions (all or nothing each)."""
-    submit = host.dispatcher.submit
+async def apply_document(host: Server, document: Any,
+                         world_id: str | None = None) -> dict[str, Any]:
+    """Apply an export to a world (the default one) through the live import actions
+    (all or nothing each)."""
+    submit = host.world(world_id).dispatcher.submit
     if isinstance(document, dict) and document.get("format") == FORMAT:
         slices = document.get("slices")
         if not isinstance(slices, dict):

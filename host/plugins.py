@@ -22,8 +22,10 @@ from host.actions import Action
 from host.config import Config, ConfigError, error_path
 from state.slices import SliceSpec
 
-hookimpl = pluggy.HookimplMarker("worldhost")
-CORE = "host.core"
+hookimpl = hookspecs.hookimpl
+CORE = "host.core"  # the core of every world: its meta slice, world.snapshot
+LOBBY = "host.lobby"  # the server's own plugin: sessions, the registry of worlds
+SCOPES = ("world", "server")
 
 
 class PluginError(Exception):
@@ -41,15 +43,52 @@ class Registry:
     slice_owner: dict[str, str] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     plugin_names: list[str] = field(default_factory=list)
+    scope: dict[str, str] = field(default_factory=dict)  # plugin name -> "world" | "server"
+    _hooks: dict[str, ScopedHooks] = field(default_factory=dict)
 
-    def collect(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
-        """Call one hook on every plugin; pairs of (plugin name, result)."""
+    def collect(self, hook: str, scope: str | None = None, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call one hook on every plugin (of one scope); pairs of (plugin name, result)."""
         out = []
         for impl in reversed(getattr(self.pm.hook, hook).get_hookimpls()):
+            if scope is not None and self.scope.get(impl.plugin_name, "world") != scope:
+                continue
             result = impl.function(**{k: kwargs[k] for k in impl.argnames})
             if result is not None:
                 out.append((impl.plugin_name, result))
         return out
+
+    def hooks(self, scope: str) -> ScopedHooks:
+        """pluggy's hook caller over the plugins of one scope: a world's hooks reach
+        the world plugins (each call with that world's ``host``), the server's the
+        server plugins."""
+        found = self._hooks.get(scope)
+        if found is None:
+            others = [self.pm.get_plugin(n) for n, s in self.scope.items() if s != scope]
+            found = self._hooks[scope] = ScopedHooks(self.pm, [p for p in others if p is not None])
+        return found
+
+    def actions_in(self, scope: str) -> dict[str, Action]:
+        return {n: a for n, a in self.actions.items() if self.scope[self.action_owner[n]] == scope}
+
+    def slices_in(self, scope: str) -> dict[str, SliceSpec]:
+        return {n: s for n, s in self.slices.items() if self.scope[self.slice_owner[n]] == scope}
+
+
+class ScopedHooks:
+    """``pm.hook`` restricted to some plugins, through pluggy's own call machinery."""
+
+    def __init__(self, pm: pluggy.PluginManager, removed: list[Any]) -> None:
+        self._pm = pm
+        self._removed = removed
+        self._callers: dict[str, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        caller = self._callers.get(name)
+        if caller is None:
+            caller = self._callers[name] = (
+                self._pm.subset_hook_caller(name, self._removed) if self._removed
+                else getattr(self._pm.hook, name))
+        return caller
 
 
 def _import(module: str, owner: str) -> ModuleType:
@@ -82,7 +121,7 @@ def load(config: Config, extra: list[Any] | None = None, entry_points: bool = Tr
     pm.add_hookspecs(hookspecs)
     registry = Registry(pm)
     entries = config.plugin_entries()
-    wanted: dict[str, str] = {"core": CORE}
+    wanted: dict[str, str] = {"core": CORE, "lobby": LOBBY}
     for name, (entry, _) in entries.items():
         if entry.module and entry.enabled:
             wanted[name] = entry.module
@@ -101,16 +140,27 @@ def load(config: Config, extra: list[Any] | None = None, entry_points: bool = Tr
         registry.settings[name] = _settings(name, module, table, config.source)
         pm.register(module, name=name)
         registry.plugin_names.append(name)
+        registry.scope[name] = _scope(name, module)
     for obj in extra or []:
         if pm.is_registered(obj):
             continue
         name = getattr(obj, "__name__", None) or type(obj).__name__
         pm.register(obj, name=name)
         registry.plugin_names.append(name)
+        registry.scope[name] = _scope(name, obj)
         if isinstance(obj, ModuleType) and getattr(obj, "Settings", None) is not None:
             registry.settings[name] = _settings(name, obj, {}, config.source)
     _merge(registry)
     return registry
+
+
+def _scope(name: str, plugin: Any) -> str:
+    """Where a plugin lives: in every world (the default), or once in the server
+    (``scope = "server"`` on the module or class: sessions, housekeeping)."""
+    scope = getattr(plugin, "scope", "world")
+    if scope not in SCOPES:
+        raise PluginError(f"plugin {name!r}: scope must be 'world' or 'server', not {scope!r}")
+    return str(scope)
 
 
 def _entry_point_names() -> set[str]:

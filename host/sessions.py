@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
+import trio
+
 from host.messages import Signal as Signal
 from state.codec import encode_cbor, encode_json
 
@@ -114,7 +116,7 @@ def _id_size(request_id: Any) -> int:
     return 8 if request_id is None else len(str(request_id))
 
 
-@dataclass
+@dataclass(eq=False)  # a session is itself: compared and hashed by identity
 class Session:
     """A session's live delivery state: seq, replay buffer, remembered replies.
 
@@ -142,10 +144,38 @@ class Session:
     last_active: float = 0.0
     actions_applied: int = 0
     signals_sent: int = 0
-    dirty: bool = True  # runtime state changed since it was last saved
+    version: int = 1  # moves on with every change of its runtime state (stores save by it)
+    record: dict[str, Any] = field(default_factory=dict)  # its journaled record, as last synced
     # next_seq is exactly what was sent: false for a session loaded from the store
     # (signals sent after its last save are not counted) until it is resumed
     seq_exact: bool = True
+    world: str | None = None  # the world it has joined (None: none)
+    # replies to its own requests, by the saver (one per world) that holds them until
+    # a commit: its next request waits for those held elsewhere (see host/router.py)
+    holds: dict[Any, int] = field(default_factory=dict)
+    released: trio.Event | None = None  # set when a hold ends, for whoever waits
+
+    def hold(self, holder: Any) -> None:
+        self.holds[holder] = self.holds.get(holder, 0) + 1
+
+    def unhold(self, holder: Any) -> None:
+        left = self.holds[holder] - 1
+        if left:
+            self.holds[holder] = left
+        else:
+            del self.holds[holder]
+        if self.released is not None:
+            self.released.set()
+            self.released = None
+
+    def held_elsewhere(self, holder: Any) -> bool:
+        """Whether replies to this session wait for a commit of another holder."""
+        return any(h is not holder for h in self.holds)
+
+    async def wait_released(self) -> None:
+        if self.released is None:
+            self.released = trio.Event()
+        await self.released.wait()
 
     @property
     def state(self) -> State:
@@ -160,7 +190,7 @@ class Session:
         sig.seq = self.next_seq
         self.next_seq += 1
         self.signals_sent += 1
-        self.dirty = True
+        self.version += 1
         encoding: str = sig.encoding or getattr(self.outbox, "encoding", None) or "json"
         size = signal_size(sig, encoding)
         self.buffer.append(sig)
@@ -178,6 +208,17 @@ class Session:
                 self._trim_replies()
         if self.outbox is not None and not self.outbox.deliver(sig):
             self.outbox = None  # the connection dropped it; the session stays resumable
+
+    def overview(self) -> dict[str, Any]:
+        """Its journaled record (the one source of truth for its state) with live figures."""
+        record = self.record
+        state = record.get("state", State.CLOSED.value)
+        return {"id": self.id, "name": self.name, "role": self.role,
+                "connected": state == State.OPEN.value, "state": state,
+                "created_at": record.get("created_at"),
+                "disconnected_at": record.get("disconnected_at"), "world": self.world,
+                "last_active": self.last_active, "actions_applied": self.actions_applied,
+                "signals_sent": self.signals_sent, "held_bytes": self.held_bytes}
 
     def missed(self, last_seq: int) -> tuple[list[Signal], bool]:
         """Signals after last_seq still held, and whether that is all of them."""
@@ -198,7 +239,7 @@ class Session:
             self.replies_bytes -= old[3]
         self.replies[key] = [signal, data, durable, None]
         self._trim_replies()
-        self.dirty = True
+        self.version += 1
 
     def _trim_replies(self) -> None:
         """Forget the oldest replies past the count or the bytes; the newest reply of
@@ -270,6 +311,7 @@ class SessionTable:
     def __init__(self, buffer_size: int = 1000, replies_size: int = 1000,
                  buffer_bytes: int = 4 * 1024 * 1024, replies_bytes: int = 1024 * 1024) -> None:
         self.by_id: dict[str, Session] = {}
+        self.by_world: dict[str, dict[str, Session]] = {}  # world id -> its sessions
         self.buffer_size = buffer_size
         self.replies_size = replies_size
         self.buffer_bytes = buffer_bytes
@@ -302,12 +344,29 @@ class SessionTable:
                 state = State(rec["state"])
                 if s.state != state:
                     s.machine.move(state)
+            s.record = rec
+            self.place(s, rec.get("world"))
         for sid in [sid for sid in self.by_id if sid not in records]:
             self.drop(sid)
+
+    def members(self, world_id: str) -> dict[str, Session]:
+        """The sessions joined to a world: a live view, kept in step by the table."""
+        return self.by_world.setdefault(world_id, {})
+
+    def place(self, s: Session, world_id: str | None) -> None:
+        """Move a session to the world its record names."""
+        if s.world == world_id:
+            return
+        if s.world is not None:
+            self.by_world.get(s.world, {}).pop(s.id, None)
+        s.world = world_id
+        if world_id is not None:
+            self.members(world_id)[s.id] = s
 
     def drop(self, session_id: str) -> Session | None:
         s = self.by_id.pop(session_id, None)
         if s is not None:
+            self.place(s, None)
             if s.machine.can(State.CLOSED):
                 s.machine.move(State.CLOSED)
             s.outbox = None

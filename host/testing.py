@@ -35,7 +35,8 @@ import trio_websocket
 from host import config as config_mod
 from host.api import TaskFailure
 from host.client import Client, Opener, open_client, url_opener
-from host.server import Host
+from host.connect import tcp_opener
+from host.server import Server as Host
 from state.codec import clone
 
 
@@ -78,6 +79,31 @@ class HostHarness:
         assert self.host.port is not None, "start with listen=True for a real port"
         return f"ws://127.0.0.1:{self.host.port}/"
 
+    @property
+    def tcp_port(self) -> int:
+        """The line-delimited JSON TCP port (start with listen=True and
+        ``{"transports": {"tcp": {"enabled": True}}}``)."""
+        assert self.host.tcp_port is not None, \
+            "start with listen=True and [transports.tcp] enabled"
+        return self.host.tcp_port
+
+    @property
+    def tcp_url(self) -> str:
+        return f"tcp://127.0.0.1:{self.tcp_port}"
+
+    def tcp_client(self, name: str = "tester", *, token: str | None = None,
+                   reconnect: bool = True, open_session: bool = True) -> Any:
+        """``async with h.tcp_client("ada") as ada:`` — the same client, over TCP lines
+        (it follows restarts, as ``client`` does)."""
+        self.check()
+
+        async def opener(nursery: trio.Nursery) -> Any:
+            if self.host.tcp_port is None:  # restarting: refused, as a real socket would be
+                raise ConnectionRefusedError("the host is not listening yet")
+            return await tcp_opener(self.tcp_url)(nursery)
+        return open_client(opener, name=name, token=token, reconnect=reconnect,
+                           open_session=open_session)
+
     def task_failures(self) -> list[TaskFailure]:
         """Take the background-task failures recorded so far: a test that expects a
         task to fail takes them, and the harness no longer fails the test for them."""
@@ -102,7 +128,7 @@ class HostHarness:
         mock = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
         self.host = Host(self.config, self.plugins, entry_points=self.entry_points,
                          db=str(self.db), threads=not mock)
-        self.host.api.task_listeners.append(self._failures.append)
+        self.host.task_listeners.append(self._failures.append)
         done = self._done = trio.Event()
         host = self.host
 
@@ -155,16 +181,22 @@ class HostHarness:
         return open_client(self.opener(), name=name, token=token, encoding=encoding,
                            reconnect=reconnect, open_session=open_session)
 
-    def world(self) -> dict[str, Any]:
-        """The committed world, slice by slice: a copy, so a test that changes it
-        (say, drops a field before comparing) cannot corrupt the running host."""
+    def world(self, world_id: str | None = None) -> dict[str, Any]:
+        """The committed world (the default one, or the named loaded one), slice by
+        slice: a copy, so a test that changes it (say, drops a field before
+        comparing) cannot corrupt the running server."""
         self.check()
-        return clone(self.host.world.snapshot())
+        return clone(self.host.world(world_id).slices.snapshot())
 
-    def encoded_world(self) -> bytes:
-        """Canonical CBOR of the world: byte-equal for equal worlds."""
+    def sessions(self) -> dict[str, Any]:
+        """The server's session records (every world's), a copy."""
         self.check()
-        return self.host.world.encode()
+        return clone(self.host.lobby.slices["sessions"].data())
+
+    def encoded_world(self, world_id: str | None = None) -> bytes:
+        """Canonical CBOR of a world: byte-equal for equal worlds."""
+        self.check()
+        return self.host.world(world_id).slices.encode()
 
 
 class Harness:
@@ -184,7 +216,7 @@ class Harness:
         over the harness's own (``port = 0``); ``builtins=False`` leaves the built-in
         plugins out (only the core and yours)."""
         config = config or {}
-        raw: dict[str, Any] = {"host": {"port": 0}}
+        raw: dict[str, Any] = {"host": {"port": 0}, "transports": {"tcp": {"port": 0}}}
         if not builtins:  # a built-in the config names stays in
             raw["plugins"] = {name: {"enabled": False} for name in config_mod.BUILTIN_PLUGINS
                               if name not in config.get("plugins", {})}
@@ -199,7 +231,9 @@ class Harness:
             else:
                 extra.append(plugin)
         cfg = config_mod.from_dict(raw, "<test config>")
-        path = db or self._tmp / f"world-{next(self._count)}.db"
+        # a directory each: a server keeps its own store and its worlds beside the db
+        path = db or self._tmp / f"host-{next(self._count)}" / "world.db"
+        path.parent.mkdir(parents=True, exist_ok=True)
         harness = HostHarness(self._nursery, path, cfg, extra, entry_points, listen)
         self.hosts.append(harness)
         return await harness.start()

@@ -1,45 +1,48 @@
-"""The WebSocket transport: one trio task group per connection.
+"""The transport: connections of every protocol, and the caps on them.
 
-A connection reads frames, decodes them (JSON text or CBOR binary, hardened),
-checks the envelope and hands requests to the dispatcher. It sends through a
-bounded outbox: a client that falls that far behind is disconnected and its
-session stays resumable. A failure in one connection closes only that
-connection, with 1011.
+A connection reads messages from its channel (host/websocket.py: WebSocket
+frames; host/lines.py: lines of JSON over TCP), decodes them (JSON text or CBOR
+binary, hardened), checks the envelope and hands requests to the submitter. It
+sends through a bounded outbox: a client that falls that far behind is
+disconnected and its session stays resumable. A failure in one connection closes
+only that connection, with 1011. Nothing here knows the server: a connection is
+built with the config, the submitter, the ``server.info`` payload and whether
+worker threads may be used.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import ipaddress
 import logging
-import re
 import resource
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
-from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection
+from trio_websocket import WebSocketRequest
 
 from host import chunks
 from host.actions import ActionError, BadRequest, RateLimited, Unauthenticated
-from host.dispatcher import Disconnect, Request
-from host.limits import TokenBucket
-from host.sessions import Session, Signal
-from state.codec import (
-    DecodeError,
-    TooManyItems,
-    decode_cbor,
-    decode_json,
-    encode_cbor,
-    encode_json,
-    lenient_json,
+from host.channel import Channel, ChannelClosed, Refused, Unreadable
+from host.config import Config
+from host.framing import (
+    CBOR_CHUNK,
+    JSON_CHUNK,
+    MAX_ACTION_NAME,
+    check_envelope,
+    encode_frame,
+    is_id,
+    parse_envelope,
 )
+from host.limits import TokenBucket
+from host.messages import Disconnect, Request, Signal, Submitter
+from host.sessions import Session
+from host.websocket import WebSocketChannel, address, origin_allowed, same_origin
+from state.codec import DecodeError, TooManyItems, decode_cbor, decode_json, lenient_json
 
-if TYPE_CHECKING:
-    from host.server import Host
+__all__ = ["Connection", "Slot", "Transport", "encode_frame", "same_origin", "stream_address"]
 
 log = logging.getLogger("worldhost.transport")
 
@@ -47,12 +50,7 @@ POLICY = 1008
 GOING_AWAY = 1001
 INTERNAL = 1011
 TOO_BIG = 1009
-_FAILED = (1002, 1007)  # wsproto could not parse a frame: a protocol violation, bad UTF-8
-_ENVELOPE_KEYS = frozenset({"id", "action", "params"})
-MAX_ACTION_NAME = 128
 _PIECE_TAKEN = object()
-_JSON_CHUNK = re.compile(r'\s*\{\s*"chunk"\s*:')
-_CBOR_CHUNK = b"\xa1\x65chunk"  # a map of one entry whose key is "chunk"
 # Frames above this are decoded in a worker thread, one at a time across the host: the
 # checks that walk them are Python, so the event loop keeps its turns meanwhile, and
 # however many connections send big frames, one big decode holds memory at a time.
@@ -76,97 +74,20 @@ def _trim() -> None:
         _malloc_trim(0)
 
 
-def _close_frame_on_parse_failure(ws: WebSocketConnection) -> None:
-    """Send a close frame when wsproto cannot parse the client's frames.
-
-    wsproto reports an unparseable frame (invalid UTF-8 in a text frame: 1007, any
-    other protocol violation: 1002) as a close event with that code; trio-websocket
-    takes it for the peer's close and, being the server, drops the TCP connection
-    without a close frame. This sends one first, so the client learns the code.
-    """
-    drop_tcp = ws._close_stream  # noqa: SLF001 -- trio-websocket has no hook for this
-
-    async def close_stream() -> None:
-        reason = ws.closed
-        if reason is not None and reason.code in _FAILED and \
-                ws._wsproto.state is ConnectionState.OPEN:  # noqa: SLF001
-            with trio.move_on_after(1):
-                try:
-                    await ws._send(CloseConnection(reason.code, reason.reason or ""))  # noqa: SLF001
-                except ConnectionClosed:
-                    pass
-        await drop_tcp()
-
-    ws._close_stream = close_stream  # type: ignore[method-assign]  # noqa: SLF001
-
-
-def encode_frame(sig: Signal, encoding: str) -> str | bytes:
-    """The frame for one signal. ``data`` is encoded once per encoding and spliced
-    into each session's envelope, so a broadcast is not re-encoded per client."""
-    cache = sig.encoded if sig.encoded is not None else {}
-    if encoding == "cbor":
-        data: bytes | None = cache.get("cbor")
-        if data is None:
-            data = cache["cbor"] = encode_cbor(sig.data)
-        parts = [b"\x66signal", encode_cbor(sig.signal)]
-        if sig.has_re:
-            parts += [b"\x62re", encode_cbor(sig.re)]
-        if sig.seq is not None:
-            parts += [b"\x63seq", encode_cbor(sig.seq)]
-        parts += [b"\x64data", data]
-        return bytes([0xA0 + len(parts) // 2]) + b"".join(parts)
-    text: str | None = cache.get("json")
-    if text is None:  # kept as text: a broadcast's data is decoded once, not per client
-        text = cache["json"] = encode_json(sig.data).decode("utf-8")
-    head = '{"signal":' + encode_json(sig.signal).decode("utf-8")
-    if sig.has_re:
-        head += ',"re":' + encode_json(sig.re).decode("utf-8")
-    if sig.seq is not None:
-        head += ',"seq":%d' % sig.seq
-    return head + ',"data":' + text + "}"
-
-
-def _is_id(value: Any) -> bool:
-    return isinstance(value, (str, int)) and not isinstance(value, bool)
-
-
-def parse_envelope(message: Any) -> tuple[Any, bool]:
-    """The request id (and whether one was given) if it can be told, for the reply."""
-    if isinstance(message, dict) and "id" in message:
-        rid = message["id"]
-        return (rid if _is_id(rid) else None), True
-    return None, False
-
-
-def check_envelope(message: Any) -> tuple[str, dict[str, Any]]:
-    if not isinstance(message, dict):
-        raise ActionError(f"a frame must hold one object, not {type(message).__name__}",
-                          code="bad_frame")
-    extra = set(message) - _ENVELOPE_KEYS
-    if extra:
-        raise BadRequest(f"unknown envelope fields: {sorted(extra)}; "
-                         f"a request has only id, action and params")
-    if "id" in message and not _is_id(message["id"]):
-        raise BadRequest("id must be a string or an integer")
-    action = message.get("action")
-    if not isinstance(action, str) or not action:
-        raise BadRequest("action is required and must be a non-empty string")
-    if len(action) > MAX_ACTION_NAME:  # an unknown name is echoed in its error
-        raise BadRequest(f"action names are at most {MAX_ACTION_NAME} characters")
-    params = message.get("params", {})
-    if not isinstance(params, dict):
-        raise BadRequest(f"params must be an object, not {type(params).__name__}")
-    return action, params
-
-
 class Connection:
     """One client connection: its outbox, encoding, session and limits."""
 
-    def __init__(self, host: Host, ws: WebSocketConnection, remote: str) -> None:
-        self.host = host
-        self.ws = ws
+    def __init__(self, channel: Channel, remote: str, *, config: Config, submit: Submitter,
+                 hello: Callable[[], dict[str, Any]], threads: bool,
+                 transport: Transport, max_frame: int | None = None) -> None:
+        self.channel = channel
         self.remote = remote
-        limits = host.config.host.limits
+        self.config = config
+        self.submit = submit
+        self.hello = hello
+        self.threads = threads
+        self.transport = transport
+        limits = config.host.limits
         self.session: Session | None = None
         self.encoding = "json"
         self.failed_opens = 0
@@ -193,28 +114,33 @@ class Connection:
         self._room = trio.Event()
         self.transfers = 0
         self.torn = False  # a frame was cut off mid-send: no close frame may follow it
+        # a signal longer than this goes in pieces; a piece's JSON escaping (a quote or
+        # a backslash doubles, a character is up to 4 bytes) stays under it
+        self.max_frame = max_frame or limits.max_frame_bytes
+        self.piece = chunks.PIECE if max_frame is None else \
+            max(256, min(chunks.PIECE, (max_frame - 256) // 8))
         self.close_code: int | None = None
         self.close_reason = ""
 
     # called by the dispatcher, synchronously -----------------------------------
     def deliver(self, sig: Signal) -> bool:
         if self.close_code is not None:
-            self.host.transport.signals_dropped += 1
+            self.transport.signals_dropped += 1
             return False
         if sig.has_re and self.in_flight:
             self.in_flight -= 1
         now = trio.current_time()
-        limits = self.host.config.host.limits
+        limits = self.config.host.limits
         if self._outbox and now - self._outbox[0][1] > limits.max_lag_s:
             log.warning("disconnecting %s: %.1f s behind", self.remote, now - self._outbox[0][1])
             self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
-            self.host.transport.signals_dropped += 1
+            self.transport.signals_dropped += 1
             return False
         if len(self._outbox) >= self._outbox_size:
             log.warning("disconnecting %s: outbox full (%d signals behind)",
                         self.remote, self._outbox_size)
             self.abort(POLICY, "too slow: outbox full")
-            self.host.transport.signals_dropped += 1
+            self.transport.signals_dropped += 1
             return False
         self._queue(sig, now)
         return True
@@ -223,6 +149,18 @@ class Connection:
         self._outbox.append((sig, now))
         if not (self._sending or self._dispatching):
             self._wake.set()
+
+    def attached(self, session: Session) -> None:
+        """A session now speaks through this connection: it no longer counts against
+        the caps on connections without one."""
+        self.session = session
+        self.ever_had_session = True
+        self.transport.authenticated(self)
+
+    def detached(self) -> None:
+        """The session was closed and the connection stays: it counts as one without
+        a session again."""
+        self.transport.unauthenticated(self)
 
     def displace(self) -> None:
         """The session was resumed on another connection."""
@@ -244,31 +182,31 @@ class Connection:
 
     # the connection's tasks --------------------------------------------------------
     async def run(self) -> None:
-        self.deliver(Signal("server.info", self.host.server_info()))
+        self.deliver(Signal("server.info", self.hello()))
         try:
             with self.cancel_scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._sender)
-                    nursery.start_soon(self._pinger)
+                    if self.channel.pings:
+                        nursery.start_soon(self._pinger)
                     nursery.start_soon(self._auth_timer)
                     await self._reader()
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 try:
-                    await self.host.dispatcher.put(Disconnect(self))
+                    await self.submit.put(Disconnect(self))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass  # the host is gone (crashed or stopped)
-                if self.close_code is not None and not self.ws.closed and not self.torn:
+                if self.close_code is not None and not self.channel.closed and not self.torn:
                     with trio.move_on_after(1):
-                        await self.ws.aclose(self.close_code, self.close_reason)
+                        await self.channel.close(self.close_code, self.close_reason)
                 if self.reassembler.clear() > THREAD_BYTES:  # big pieces held to the end
                     await self._trim()
 
     async def _reader(self) -> None:
-        _close_frame_on_parse_failure(self.ws)
-        max_failed = self.host.config.sessions.max_failed_opens
-        limits = self.host.config.host.limits
+        max_failed = self.config.sessions.max_failed_opens
+        limits = self.config.host.limits
         while True:
             while self.in_flight + len(self._outbox) >= self.budget:
                 self._room = trio.Event()
@@ -276,9 +214,27 @@ class Connection:
             message: str | bytes | None = None
             try:
                 with trio.move_on_at(self.reassembler.next_deadline()):
-                    message = await self.ws.get_message()
-            except ConnectionClosed:
+                    message = await self.channel.receive()
+            except ChannelClosed:
                 return
+            except Refused as exc:
+                if exc.answer is None:
+                    self.abort(exc.code, exc.reason)
+                    return
+                await self._refuse(exc.answer)
+                with trio.move_on_after(self.config.host.ping_timeout_s):
+                    while self.in_flight:  # the answer may wait its turn: close after it
+                        self._room = trio.Event()
+                        await self._room.wait()
+                self.close_soon(exc.code, exc.reason)
+                await trio.sleep_forever()  # the sender closes it once the answer is out
+            except Unreadable as exc:
+                self.bucket.take(trio.current_time())  # counted as any message is
+                if self.bucket.flooding:
+                    self.abort(POLICY, "flooding past the rate limit")
+                    return
+                await self._refuse(exc.error)
+                continue
             if message is None:  # a transfer ran out of time
                 for transfer in self.reassembler.expire(trio.current_time()):
                     await self._refuse(BadRequest(
@@ -288,10 +244,6 @@ class Connection:
                 continue
             if self.failed_opens >= max_failed:
                 return  # closing: the dispatcher closes it after the last refusal is sent
-            if isinstance(message, str) and chunks.size_of(message) > limits.max_frame_bytes:
-                # trio-websocket counted characters; the limit is in bytes
-                self.abort(TOO_BIG, f"frame over {limits.max_frame_bytes} bytes")
-                return
             if self.session is None and len(message) > limits.max_frame_bytes_before_session:
                 # nothing said before a session is big: close before any decode, so
                 # sockets without a session cannot queue big frames behind one another
@@ -330,9 +282,9 @@ class Connection:
     async def _dispatch(self, req: Request) -> None:
         """Hand a request to the dispatcher, then send what it produced at once. (If it
         must wait its turn, signals meanwhile are sent by the sender task.)"""
-        self._dispatching = self.host.dispatcher.applies_now
+        self._dispatching = self.submit.applies_now(req)
         try:
-            await self.host.dispatcher.put(req)
+            await self.submit.put(req)
         finally:
             self._dispatching = False
         if self._outbox:
@@ -340,7 +292,7 @@ class Connection:
 
     async def _trim(self) -> None:
         """Give freed heap back to the system, off the loop where threads are allowed."""
-        if self.host.threads:
+        if self.threads:
             await trio.to_thread.run_sync(_trim, limiter=_big_decodes)
         else:
             _trim()
@@ -350,7 +302,7 @@ class Connection:
 
         Only an admin sends frames of millions of values (imports); anyone else is
         held to a bound whose decode cannot stall the loop for long."""
-        limits = self.host.config.host.limits
+        limits = self.config.host.limits
         if self.session is not None and self.session.role == "admin":
             max_items, key = limits.max_frame_items, "max_frame_items"
         else:
@@ -364,7 +316,7 @@ class Connection:
             except TooManyItems as exc:
                 raise DecodeError(f"{exc} (host.limits.{key})") from None
 
-        if len(message) <= THREAD_BYTES or not self.host.threads:
+        if len(message) <= THREAD_BYTES or not self.threads:
             return decode()
         return await trio.to_thread.run_sync(decode, limiter=_big_decodes)
 
@@ -372,9 +324,9 @@ class Connection:
         """A piece of a chunked request is taken aside; a whole frame passes through.
         A piece over the rate limit drops its transfer."""
         if isinstance(message, str):
-            if not _JSON_CHUNK.match(message[:64]):
+            if not JSON_CHUNK.match(message[:64]):
                 return message
-        elif not message.startswith(_CBOR_CHUNK):
+        elif not message.startswith(CBOR_CHUNK):
             return message
         try:
             decoded = await self._decode(message, plain=False)
@@ -389,7 +341,7 @@ class Connection:
                                   "session.open or session.resume first")
         if not allowed:
             transfer = chunk.get("transfer") if isinstance(chunk, dict) else None
-            if _is_id(transfer):
+            if is_id(transfer):
                 self.reassembler.drop(transfer)
             bucket = self.bucket
             raise RateLimited(f"more than {bucket.rate:g} frames/s (burst {bucket.burst}); "
@@ -436,17 +388,17 @@ class Connection:
                 sig, _ = self._outbox.popleft()
                 self._room.set()
                 if sig is None:
-                    await self.ws.aclose(self.close_code or 1000, self.close_reason)
+                    await self.channel.close(self.close_code or 1000, self.close_reason)
                     self.cancel_scope.cancel()
                     return
                 frame = encode_frame(sig, sig.encoding or self.encoding)
-                if len(frame) <= self.host.config.host.limits.max_frame_bytes:
-                    await self.ws.send_message(frame)
+                if len(frame) <= self.max_frame:
+                    await self.channel.send(frame)
                     continue
                 self.transfers += 1
-                for piece in chunks.split(frame, f"h{self.transfers}"):
-                    await self.ws.send_message(piece)
-        except ConnectionClosed:
+                for piece in chunks.split(frame, f"h{self.transfers}", piece=self.piece):
+                    await self.channel.send(piece)
+        except ChannelClosed:
             self.cancel_scope.cancel()
         except trio.Cancelled:
             self.torn = True  # (perhaps) part of a frame went out; the stream is unusable
@@ -455,13 +407,13 @@ class Connection:
             self._sending = False
 
     async def _pinger(self) -> None:
-        cfg = self.host.config.host
+        cfg = self.config.host
         while True:
             await trio.sleep(cfg.ping_interval_s)
             with trio.move_on_after(cfg.ping_timeout_s) as scope:
                 try:
-                    await self.ws.ping()
-                except ConnectionClosed:
+                    await self.channel.ping()
+                except ChannelClosed:
                     return
             if scope.cancelled_caught:
                 log.info("dropping %s: no pong within %gs", self.remote, cfg.ping_timeout_s)
@@ -469,7 +421,7 @@ class Connection:
                 return
 
     async def _auth_timer(self) -> None:
-        await trio.sleep(self.host.config.sessions.auth_timeout_s)
+        await trio.sleep(self.config.sessions.auth_timeout_s)
         if self.session is None and not self.ever_had_session:
             self.close_soon(POLICY, "no session opened in time")
 
@@ -519,17 +471,22 @@ def connection_budget(fd_soft_limit: int) -> int:
 
 
 class Transport:
-    """Accepts sockets and handshakes, applies the connection caps, runs connections.
+    """Runs connections of every protocol and applies the connection caps.
 
-    Every accepted socket holds a slot. At ``max_connections`` the oldest socket
-    without a session is closed to make room (a new one is closed at once when
-    every slot has a session). Sockets without a session count against
-    ``max_connections_per_address``; past it the oldest of that address is closed,
-    so a pile of idle sockets never locks out a client that opens a session.
+    Every accepted socket holds a slot, whatever its protocol. At
+    ``max_connections`` the oldest socket without a session is closed to make room
+    (a new one is closed at once when every slot has a session). Sockets without a
+    session count against ``max_connections_per_address``; past it the oldest of
+    that address is closed, so a pile of idle sockets never locks out a client
+    that opens a session.
     """
 
-    def __init__(self, host: Host) -> None:
-        self.host = host
+    def __init__(self, config: Config, *, submit: Submitter,
+                 hello: Callable[[], dict[str, Any]], threads: bool) -> None:
+        self.config = config
+        self.submit = submit
+        self.hello = hello
+        self.threads = threads
         self.connections: set[Connection] = set()
         self.slots: dict[Slot, None] = {}  # oldest first
         self.open = 0  # slots not closing
@@ -537,14 +494,14 @@ class Transport:
         self.pre_auth_by_address: dict[str, dict[Slot, None]] = {}
         self._quiet_until = 0.0
         files = fd_limit()
-        self.max_connections = host.config.host.limits.max_connections or \
+        self.max_connections = config.host.limits.max_connections or \
             connection_budget(files)
         self.signals_dropped = 0  # not delivered: the connection was closing or too slow
 
     def admit(self, address: str) -> Slot | None:
         """A slot for a new socket, closing older unauthenticated ones to make room;
         None when every slot is held by a connection with a session."""
-        limits = self.host.config.host.limits
+        limits = self.config.host.limits
         if self.open >= self.max_connections:
             oldest = next(iter(self.pre_auth), None)
             if oldest is None:
@@ -604,39 +561,45 @@ class Transport:
             if not slot.closing:
                 self.open -= 1
 
+    def connection(self, channel: Channel, remote: str, slot: Slot | None,
+                   max_frame: int | None = None) -> Connection:
+        """A connection over ``channel``, in its slot (closed at once if the slot was
+        taken back while the socket was being set up)."""
+        conn = Connection(channel, remote, config=self.config, submit=self.submit,
+                          hello=self.hello, threads=self.threads, transport=self,
+                          max_frame=max_frame)
+        conn.slot = slot
+        if slot is not None:
+            slot.conn = conn
+            if slot.closing:
+                conn.abort(POLICY, "too many connections")
+        return conn
+
+    async def run(self, conn: Connection) -> None:
+        """Run a connection to its end; a failure closes it alone, with 1011."""
+        self.connections.add(conn)
+        try:
+            await conn.run()
+        except Exception:
+            log.exception("connection %s failed; closing it with 1011", conn.remote)
+            if not conn.torn and not conn.channel.closed:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await conn.channel.close(INTERNAL, "internal error")
+        finally:
+            self.connections.discard(conn)
+
     async def handle(self, request: WebSocketRequest, slot: Slot | None = None) -> None:
-        cfg = self.host.config.host
-        origin = _header(request, b"origin")
-        if origin is not None and origin not in cfg.allowed_origins and \
-                "*" not in cfg.allowed_origins and \
-                not same_origin(origin, _host(request)):
-            log.info("refused handshake from origin %r", origin)
+        """A WebSocket handshake, then its connection."""
+        cfg = self.config.host
+        if not origin_allowed(request, cfg.allowed_origins):
             await request.reject(403, body=b"origin not allowed")
             return
-        remote = _address(request)
-        if not self.host.dispatcher.accepting:
+        if not self.submit.accepting:
             await request.reject(503, body=b"shutting down")
             return
-        try:
-            ws = await request.accept()
-            conn = Connection(self.host, ws, remote)
-            conn.slot = slot
-            if slot is not None:
-                slot.conn = conn
-                if slot.closing:  # evicted during the handshake
-                    conn.abort(POLICY, "too many connections")
-            self.connections.add(conn)
-            try:
-                await conn.run()
-            except Exception:
-                log.exception("connection %s failed; closing it with 1011", remote)
-                if not conn.torn:
-                    with trio.CancelScope(shield=True), trio.move_on_after(1):
-                        await ws.aclose(INTERNAL, "internal error")
-            finally:
-                self.connections.discard(conn)
-        except ConnectionClosed:
-            pass
+        channel = await WebSocketChannel.accept(request, cfg.limits.max_frame_bytes)
+        if channel is not None:
+                await self.run(self.connection(channel, address(request), slot))
 
     def close_all(self, code: int = GOING_AWAY, reason: str = "server shutting down") -> None:
         for conn in list(self.connections):
@@ -653,41 +616,3 @@ def stream_address(stream: Any) -> str:
     except OSError:
         return "unknown"
     return str(peer[0]) if isinstance(peer, tuple) else str(peer)
-
-
-def same_origin(origin: str, host: str | None) -> bool:
-    """A page the host served itself: the Origin names the Host the browser connected
-    to. Only for an IP address or localhost: a DNS name could be rebound to this
-    machine by a foreign page, which would then be "same-origin" with it."""
-    if host is None:
-        return False
-    scheme, _, netloc = origin.partition("://")
-    if scheme not in ("http", "https") or netloc.lower() != host.lower():
-        return False
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    name = name.strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True
-
-
-def _host(request: WebSocketRequest) -> str | None:
-    """The Host header (wsproto keeps it apart from the other headers)."""
-    host = getattr(getattr(request, "_event", None), "host", None)
-    return host if isinstance(host, str) else None
-
-
-def _header(request: WebSocketRequest, name: bytes) -> str | None:
-    for key, value in request.headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return None
-
-
-def _address(request: WebSocketRequest) -> str:
-    remote = request.remote
-    return getattr(remote, "address", None) or str(remote)

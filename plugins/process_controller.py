@@ -538,6 +538,12 @@ def action_applied(host: HostAPI, applied: AppliedAction) -> None:
 
 
 @hookimpl
+def world_running(host: HostAPI) -> str | None:
+    active = any(p["status"] in ACTIVE for p in host.read("process").values())
+    return "processes" if active else None
+
+
+@hookimpl
 def server_info(host: HostAPI) -> dict[str, Any]:
     known = _templates(host)
     processes = host.read("process").values()

@@ -15,9 +15,10 @@ import trio
 
 from host.actions import Action, ActionError, Conflict, Context, NotFound, Role
 from host.api import HostAPI
-from host.core import end_session
+from host.lobby import end_session
 from host.plugins import hookimpl
 
+scope = "server"  # sessions belong to the server, not to one world
 RECENT = 15
 
 
@@ -70,9 +71,16 @@ def stats(ctx: Context, p: None) -> dict[str, Any]:
             "sessions": sorted(sessions, key=lambda s: s["last_active"], reverse=True)}
 
 
+def recent(host: HostAPI, limit: int = RECENT, with_ids: bool = False) -> list[dict[str, Any]]:
+    """The most recently active sessions: name, role, last activity, connected."""
+    keys = ("name", "role", "last_active", "connected") + (("id",) if with_ids else ())
+    ordered = sorted(host.sessions(), key=lambda s: s["last_active"], reverse=True)[:limit]
+    return [{k: s[k] for k in keys} for s in ordered]
+
+
 def list_(ctx: Context, p: None) -> dict[str, Any]:
     admin = ctx.session is not None and ctx.session.role == "admin"
-    return {"sessions": ctx.host._host.recent_sessions(RECENT, with_ids=admin)}
+    return {"sessions": recent(ctx.host, with_ids=admin)}
 
 
 def due(host: HostAPI, settings: Settings) -> list[dict[str, str]]:

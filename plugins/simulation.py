@@ -95,7 +95,7 @@ def bad(path: str, message: str) -> Invalid:
     return Invalid(f"{message} at {path}", details={"path": path, "message": message})
 
 
-def _number(data: dict[str, Any], field: str, path: str, default: float,
+def number(data: dict[str, Any], field: str, path: str, default: float,
             minimum: float | None = 0.0, positive: bool = False,
             maximum: float | None = None) -> float:
     value = data.get(field, default)
@@ -464,7 +464,7 @@ def package_record(data: Any, path: str, tick_now: int, has_node: Callable[[str]
         raise bad(f"{path}.status", f"status must be one of {', '.join(STATUSES)}")
     record = {
         "id": data["id"], "origin": data["origin"], "destination": data["destination"],
-        "weight": _number(data, "weight", path, 1.0, positive=True, maximum=MAX_WEIGHT),
+        "weight": number(data, "weight", path, 1.0, positive=True, maximum=MAX_WEIGHT),
         "status": status,
         "created_tick": _int(data, "created_tick", path, tick_now) if full else tick_now,
         "deadline_tick": _int(data, "deadline_tick", path, None),
@@ -719,6 +719,12 @@ def server_info(host: HostAPI) -> dict[str, Any]:
     return {"simulation": {"running": meta["running"], "tick": meta["tick"],
                            "tick_hz": meta["tick_hz"], "current_day": meta["current_day"],
                            "agents": agents, "packages": len(records) - agents - 1}}
+
+
+@hookimpl
+def world_running(host: HostAPI) -> str | None:
+    meta = host.read("simulation").get("meta") or default_meta()
+    return "simulation" if meta["running"] else None
 
 
 @hookimpl

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from host.actions import bounded
-from plugins.simulation import AgentKind, Sim, _number, bad
+from plugins.simulation import AgentKind, Sim, bad, number
 
 DEFAULTS: dict[str, Any] = {
     "capacity": 10.0, "speed": 1.0, "fuel": 100.0, "fuel_capacity": 100.0, "fuel_per_km": 0.1,
@@ -30,18 +30,18 @@ def from_plain(sim: Sim, data: dict[str, Any], path: str) -> dict[str, Any]:
         raise bad(f"{path}.{extra[0]}", f"unknown truck field {extra[0]!r}")
     record = {"id": data["id"], "kind": "truck", "node": data["node"]}
     for field in ("capacity", "speed", "fuel_capacity"):
-        record[field] = _number(data, field, path, DEFAULTS[field], positive=True,
+        record[field] = number(data, field, path, DEFAULTS[field], positive=True,
                                 maximum=MAX_AMOUNT)
     if record["speed"] < MIN_SPEED:
         raise bad(f"{path}.speed", f"speed must be at least {MIN_SPEED:g}")
-    record["fuel_per_km"] = _number(data, "fuel_per_km", path, DEFAULTS["fuel_per_km"],
+    record["fuel_per_km"] = number(data, "fuel_per_km", path, DEFAULTS["fuel_per_km"],
                                     maximum=MAX_AMOUNT)
-    record["fuel"] = _number(data, "fuel", path, record["fuel_capacity"])
+    record["fuel"] = number(data, "fuel", path, record["fuel_capacity"])
     if record["fuel"] > record["fuel_capacity"]:
         raise bad(f"{path}.fuel", "fuel is more than fuel_capacity")
-    record["progress"] = _number(data, "progress", path, 0.0, maximum=MAX_PROGRESS)
+    record["progress"] = number(data, "progress", path, 0.0, maximum=MAX_PROGRESS)
     for field in ("odometer", "fuel_cost"):
-        record[field] = _number(data, field, path, DEFAULTS[field], maximum=MAX_TOTAL)
+        record[field] = number(data, field, path, DEFAULTS[field], maximum=MAX_TOTAL)
     delivered = data.get("delivered", 0)
     if isinstance(delivered, bool) or not isinstance(delivered, int) or not 0 <= delivered <= 2**53:
         raise bad(f"{path}.delivered", "delivered must be a whole number from 0 to 2**53")

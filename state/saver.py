@@ -37,7 +37,7 @@ from typing import Any
 import trio
 
 from state.codec import canonical
-from state.slices import KeyedSlice, ValueSlice, World
+from state.slices import KeyedSlice, Slices, ValueSlice
 from state.store import JournalEntry, SliceChange, Store, StoreFailed, is_busy
 from state.writer import WriterThread
 
@@ -65,11 +65,12 @@ class Saver:
     """Owns the store while the host runs. ``record`` is called by the dispatcher
     after each action; ``run`` is the writer task."""
 
-    def __init__(self, store: Store, world: World, *, durability: str = "journal",
+    def __init__(self, store: Store, world: Slices, *, durability: str = "journal",
                  debounce_s: float = 1.0, max_delay_s: float = 5.0,
                  seq_source: SeqSource | None = None,
                  runtime_source: RuntimeSource | None = None,
                  world_id: str | None = None, last_id: int = 0, threaded: bool = True,
+                 meta_source: Callable[[], dict[str, Any]] | None = None,
                  journal_in_loop: bool = False) -> None:
         self.store = store
         self.world = world
@@ -79,6 +80,7 @@ class Saver:
         self.seq_source = seq_source or (lambda counts: {})
         self.runtime_source = runtime_source or (lambda: ({}, []))
         self.world_id = world_id
+        self.meta_source = meta_source or dict  # more meta keys written with each checkpoint
         self.last_id = last_id
         self.current = Batch()
         self.in_flight = False
@@ -123,13 +125,18 @@ class Saver:
                 self.store.patient(False)
 
     async def _append(self, entries: list[JournalEntry], seqs: dict[str, int]) -> None:
+        """Commit from the writer task. A commit tried in the loop that fails (a busy
+        file, a full disk) is tried once more, on the thread (patiently) when there
+        is one; a second failure stops the world."""
         if self.journal_in_loop:
             try:
                 self.store.append(entries, seqs)
                 return
             except Exception as exc:
-                if not (self.threaded and is_busy(exc)):
+                if isinstance(exc, StoreFailed):
                     raise
+                if not is_busy(exc):
+                    log.warning("journal commit failed (%s); trying it once more", exc)
         await self._io(self.store.append, entries, seqs)
 
     def close(self) -> None:
@@ -259,7 +266,8 @@ class Saver:
             changes = await self._encode(taken)
             self.in_flight = True
             self.generation = await self._io(
-                self.store.checkpoint, changes, last_id, runtime, ended, self.world_id, clean)
+                self.store.checkpoint, changes, last_id, runtime, ended,
+                {"world_id": self.world_id, **self.meta_source()}, clean)
         except BaseException:
             restore()
             raise

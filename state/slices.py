@@ -247,7 +247,7 @@ def _writing(s: Slice) -> None:
 
 
 @dataclass
-class World:
+class Slices:
     """Every slice, by name, and the transaction that spans them."""
 
     slices: dict[str, Slice] = field(default_factory=dict)
@@ -255,7 +255,7 @@ class World:
     txn: Transaction = field(default_factory=Transaction)
 
     @classmethod
-    def fresh(cls, specs: list[SliceSpec]) -> World:
+    def fresh(cls, specs: list[SliceSpec]) -> Slices:
         world = cls()
         for spec in specs:
             world.add(spec, spec.initial())

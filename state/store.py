@@ -461,6 +461,20 @@ class Store:
         except (ValueError, TypeError) as exc:
             raise StoreUnreadable(f"{self.path}: {exc}") from None
 
+    def drop_slices(self, names: list[str]) -> None:
+        """Delete slices (rows and records) this store no longer keeps, at once."""
+        c = self.conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            for name in names:
+                c.execute("DELETE FROM slices WHERE name = ?", (name,))
+                c.execute("DELETE FROM records WHERE slice = ?", (name,))
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+
     def journal_length(self) -> int:
         return self.conn.execute("SELECT count(*) FROM journal").fetchone()[0]
 
@@ -504,11 +518,12 @@ class Store:
 
     def checkpoint(self, changes: dict[str, SliceChange], last_id: int,
                    runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
-                   world_id: str | None = None, clean: bool = False) -> int:
-        """Write what changed, move the generation on, drop the covered journal."""
+                   meta: dict[str, Any] | None = None, clean: bool = False) -> int:
+        """Write what changed, move the generation on, drop the covered journal;
+        ``meta`` keys (the world id, what was running) are written with it."""
         self.check_identity(by_path=True)
         try:
-            generation = self._checkpoint(changes, last_id, runtime, ended_sessions, world_id,
+            generation = self._checkpoint(changes, last_id, runtime, ended_sessions, meta or {},
                                           clean)
         except sqlite3.Error as exc:
             if is_full(exc):
@@ -519,7 +534,7 @@ class Store:
 
     def _checkpoint(self, changes: dict[str, SliceChange], last_id: int,
                     runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
-                    world_id: str | None, clean: bool) -> int:
+                    meta: dict[str, Any], clean: bool) -> int:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
@@ -550,8 +565,7 @@ class Store:
             generation = int(self.meta("generation", 0)) + 1
             updates: list[tuple[str, Any]] = [("generation", generation), ("checkpoint_id", last_id),
                        ("clean_shutdown", int(clean))]
-            if world_id is not None:
-                updates.append(("world_id", world_id))
+            updates += [(k, v) for k, v in meta.items() if v is not None]
             c.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?) "
                 "ON CONFLICT (key) DO UPDATE SET value = excluded.value", updates)

@@ -61,7 +61,7 @@ def test_a_plugin_that_cannot_be_imported_stops_startup(tmp_path: Path) -> None:
 def test_cli_flags_override_the_file(tmp_path: Path) -> None:
     cfg = config.override(config.load(write(tmp_path, "[host]\nport = 1\n")), port=0,
                           db="x.db", host=None)
-    assert cfg.host.port == 0 and cfg.host.db == "x.db" and cfg.host.host == "127.0.0.1"
+    assert cfg.host.port == 0 and cfg.host.db == "x.db" and cfg.host.bind == "127.0.0.1"
 
 
 def test_serve_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
@@ -71,3 +71,10 @@ def test_serve_refuses_a_bad_config_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "host.port" in lines[0] and str(path) in lines[0]
+
+
+def test_the_old_name_of_bind_is_still_read_and_both_at_once_refused() -> None:
+    assert config.from_dict({"host": {"host": "0.0.0.0"}}).host.bind == "0.0.0.0"
+    assert config.from_dict({"host": {"bind": "::1"}}).host.bind == "::1"
+    with pytest.raises(config.ConfigError, match="'host.host' and 'host.bind'"):
+        config.from_dict({"host": {"host": "0.0.0.0", "bind": "::1"}}, "x.toml")

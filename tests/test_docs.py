@@ -36,6 +36,14 @@ def test_every_config_key_is_documented() -> None:
         assert f"`{key}`" in text, f"host.limits.{key} is not in docs/configuration.md"
 
 
+def test_every_transport_key_is_documented() -> None:
+    text = (DOCS / "configuration.md").read_text()
+    assert "## `[transports.tcp]`" in text
+    for key in config_mod.Config().transports.tcp.__struct_fields__:
+        assert f"| `{key}` |" in text.split("## `[transports.tcp]`")[1], \
+            f"transports.tcp.{key} is not in docs/configuration.md"
+
+
 def test_the_readme_has_the_two_commands() -> None:
     readme = (DOCS.parent / "README.md").read_text()
     assert "make serve" in readme and "make test" in readme

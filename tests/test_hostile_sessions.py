@@ -104,6 +104,7 @@ async def test_a_resume_past_every_seq_is_refused_and_the_host_keeps_running(
 async def test_damaged_session_rows_end_those_sessions_and_the_host_starts(
         tmp_path: Path) -> None:
     db = tmp_path / "w.db"
+    sessions_db = tmp_path / "w.server.db"  # the server's own store keeps the sessions
     server = ServerProcess(db).start()
     damage = {
         "seq": canonical({"next_seq": 2**63 + 5}),  # as a host without the bound saved it
@@ -113,14 +114,14 @@ async def test_damaged_session_rows_end_those_sessions_and_the_host_starts(
         victims = {kind: await open_raw(server.url, kind) for kind in [*damage, "journal"]}
         keeper = await open_raw(server.url, "keeper")
         assert server.stop() == 0
-        with sqlite3.connect(db) as conn:
+        with sqlite3.connect(sessions_db) as conn:
             for kind, blob in damage.items():
                 assert conn.execute("UPDATE session_runtime SET value = ? WHERE id = ?",
                                     (blob, victims[kind]["session_id"])).rowcount == 1
         conn.close()
         # what the attack left behind in an older host's store: the resume, journaled
         # with the session's next seq past 2**63
-        store = Store.open(db)
+        store = Store.open(sessions_db)
         last = int(store.meta("checkpoint_id"))
         sid = victims["journal"]["session_id"]
         store.append([JournalEntry(last + 1, "sessions.attach", canonical(
@@ -140,7 +141,7 @@ async def test_damaged_session_rows_end_those_sessions_and_the_host_starts(
         async with open_websocket_url(server.url) as ws:
             assert "recovered" not in json.loads(await ws.get_message())["data"]
         assert server.stop() == 0
-        with sqlite3.connect(db) as conn:
+        with sqlite3.connect(sessions_db) as conn:
             ids = {r[0] for r in conn.execute("SELECT id FROM session_runtime")}
         conn.close()
         assert ids == {keeper["session_id"]}
@@ -172,7 +173,7 @@ async def test_any_last_seq_is_resumed_or_refused_and_the_store_takes_it(
                 assert "outside the signed 64-bit range" in reply["data"]["message"]
             else:
                 assert_error(reply, "validation_error", "params.last_seq")
-        await h.host.saver.checkpoint()  # where a seq past 2**63 used to kill the host
+        await h.host.world().saver.checkpoint()  # where a seq past 2**63 used to kill the host
 
 
 # #11.2: one source of truth for a session's state -----------------------------------
@@ -205,11 +206,11 @@ async def test_dropped_sessions_do_not_lock_anyone_out(worldhost: Any) -> None:
         await open_raw(h.url, f"eve{i}")
     async with h.client("ada") as ada, h.client("root", token=ADMIN) as root:
         assert ada.role == "player" and root.role == "admin"
-    assert len(h.world()["sessions"]) <= 10
-    names = {r["name"] for r in h.world()["sessions"].values()}
+    assert len(h.sessions()) <= 10
+    names = {r["name"] for r in h.sessions().values()}
     await h.crash()  # the evictions were journaled
     await h.restart()
-    assert {r["name"] for r in h.world()["sessions"].values()} == names
+    assert {r["name"] for r in h.sessions().values()} == names
 
 
 async def test_an_admin_gets_in_when_connected_players_hold_every_slot(worldhost: Any) -> None:
@@ -240,9 +241,9 @@ async def test_sessions_per_address_are_capped(worldhost: Any) -> None:
         "host": {"admin_token": ADMIN, "port": 0}, "sessions": {"max_sessions_per_address": 3}})
     for i in range(10):
         await open_raw(h.url, f"eve{i}")
-    assert len(h.world()["sessions"]) == 3  # its own oldest dropped ones made room
+    assert len(h.sessions()) == 3  # its own oldest dropped ones made room
     async with h.client("a") as a, h.client("b") as b, h.client("c") as c:
-        assert len(h.world()["sessions"]) == 3
+        assert len(h.sessions()) == 3
         with pytest.raises(CallError) as err:
             async with h.client("d"):
                 pass
@@ -322,7 +323,7 @@ async def test_a_changed_admin_token_ends_the_admin_sessions(worldhost: Any) -> 
         root_id, ada_id = root.session_id, ada.session_id
     h.config = config_mod.with_sections(h.config, host={"admin_token": "new-admin"})
     await h.restart()
-    sessions = h.world()["sessions"]
+    sessions = h.sessions()
     assert root_id not in sessions and ada_id in sessions  # anonymous players stay
 
 

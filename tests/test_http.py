@@ -116,10 +116,10 @@ async def test_health_reports_up_worlds_and_sessions(worldhost: Any) -> None:
     async with h.client("ada"):
         _, _, body = await fetch(h.host.port, get("/healthz"))
         assert json.loads(body)["sessions"] == 1 and json.loads(body)["connected"] == 1
-    h.host.dispatcher.accepting = False  # as during a shutdown
+    h.host.lobby.dispatcher.accepting = False  # as during a shutdown
     status, _, body = await fetch(h.host.port, get("/healthz"))
     assert status == 503 and json.loads(body)["status"] == "stopping"
-    h.host.dispatcher.accepting = True
+    h.host.lobby.dispatcher.accepting = True
 
 
 async def test_metrics_count_actions_errors_commits_and_connections(worldhost: Any) -> None:

@@ -242,5 +242,5 @@ async def test_random_edits_keep_the_map_within_its_budget(tmp_path: Path, steps
                         assert err.details["budget"] in limits
                 usage = count(h.world()["map"])
                 assert usage["nodes"] <= 5 and usage["edges"] <= 6 and usage["bytes"] <= 700
-                kept = h.host.api.runtime("map").get("usage")  # made by the first edit
+                kept = h.host.world().api.runtime("map").get("usage")  # made by the first edit
                 assert kept is None or kept.current(h.world()["map"]) == usage

@@ -80,14 +80,14 @@ async def test_every_acknowledged_action_survives_a_crash(worldhost: Any, synchr
                                                           commits: str) -> None:
     h = await worldhost.start(config={"store": {"synchronous": synchronous,
                                                 "journal_commits": commits}})
-    assert h.host.saver.journal_in_loop is (commits == "loop")
+    assert h.host.world().saver.journal_in_loop is (commits == "loop")
     async with h.client("ada", reconnect=False) as ada:
         for i in range(50):
             await ada.call("map.add_node", id=f"n{i}", x=i, y=0)
         await h.crash()
-    assert h.host.saver.checkpoints == 1  # only the startup checkpoint: the rest is journal
+    assert h.host.world().saver.checkpoints == 1  # only the startup checkpoint: the rest is journal
     await h.start()
-    assert h.host.replayed >= 50
+    assert h.host.world().replayed >= 50
     nodes = {k for k in h.world()["map"]}
     assert nodes == {f"node:n{i}" for i in range(50)}
 
@@ -97,14 +97,14 @@ async def test_requests_ready_together_share_one_journal_commit(worldhost: Any) 
     its commit, so the others ready with it share the commit."""
     h = await worldhost.start(config={"host": {"limits": {"rate_per_s": 0}},
                                       "store": {"journal_commits": "loop"}})
-    saver = h.host.saver
+    saver = h.host.world().saver
     async with trio.open_nursery() as nursery:
         clients = [await nursery.start(_client, h, f"c{i}") for i in range(8)]
-        commits, applied = saver.commits, h.host.dispatcher.applied
+        commits, applied = saver.commits, h.host.world().dispatcher.applied
         async with trio.open_nursery() as calls:
             for i, c in enumerate(clients):
                 calls.start_soon(_add_nodes, c, i)
-        actions, commits = h.host.dispatcher.applied - applied, saver.commits - commits
+        actions, commits = h.host.world().dispatcher.applied - applied, saver.commits - commits
         nursery.cancel_scope.cancel()
     assert actions == 8 * 20
     assert commits < actions / 2  # most commits covered several requests
@@ -126,7 +126,7 @@ async def test_a_failed_journal_commit_is_retried_before_the_reply(worldhost: An
     """A commit in the loop that fails (a full disk, say) is not lost: the writer task
     tries it again, and the reply waits for it."""
     h = await worldhost.start(config={"store": {"journal_commits": "loop"}})
-    store = h.host.store
+    store = h.host.world().store
     real_append = store.append
     failures = []
 
@@ -158,7 +158,7 @@ async def test_a_journal_that_cannot_be_written_stops_the_host(tmp_path: Path) -
 
     async def call(h: HostHarness) -> None:
         async with h.client("ada", reconnect=False) as ada:
-            h.host.store.append = full_disk  # type: ignore[method-assign]
+            h.host.world().store.append = full_disk  # type: ignore[method-assign]
             answered.append(await ada.call("map.add_node", id="lost", x=0, y=0))
 
     with pytest.raises(BaseException) as info:
@@ -185,7 +185,7 @@ async def test_the_wal_is_folded_back_and_kept_small_by_checkpoints(worldhost: A
         for i in range(2500):  # a commit each: 2,500 WAL frames of 4 KiB
             await ada.call("map.add_node", id=f"n{i}", x=i, y=0)
         assert wal.stat().st_size > WAL_SIZE_LIMIT
-        await h.host.saver.checkpoint()
+        await h.host.world().saver.checkpoint()
         await ada.call("map.add_node", id="after", x=0, y=0)  # starts the WAL afresh
         assert wal.stat().st_size <= WAL_SIZE_LIMIT
 
@@ -259,10 +259,10 @@ async def test_only_what_changed_is_encoded(worldhost: Any) -> None:
     async with h.client("ada") as ada:
         for i in range(30):
             await ada.call("map.add_node", id=f"n{i}", x=i, y=0)
-        await h.host.saver.checkpoint()
+        await h.host.world().saver.checkpoint()
         await ada.call("map.update_node", id="n7", x=70)
-        taken, _ = h.host.saver._take()
-        changes = await h.host.saver._encode(taken)
+        taken, _ = h.host.world().saver._take()
+        changes = await h.host.world().saver._encode(taken)
         assert list(changes["map"].upserts) == ["node:n7"]
         assert "chat" not in changes
 
@@ -289,7 +289,7 @@ async def test_a_big_checkpoint_yields_to_the_loop_and_keeps_later_actions(
         async with trio.open_nursery() as nursery:
             counting = await nursery.start(count)
             nursery.start_soon(root.call, "map.add_node", {"id": "late", "x": -1, "y": -1})
-            await h.host.saver.checkpoint()  # the store runs in the loop under a mock clock:
+            await h.host.world().saver.checkpoint()  # the store runs in the loop under a mock clock:
             assert turns > 2                 # only the encoding's slices let others run
             assert "node:late" in h.world()["map"]  # applied while the checkpoint encoded
             counting.cancel()
@@ -300,7 +300,7 @@ async def test_a_big_checkpoint_yields_to_the_loop_and_keeps_later_actions(
 
 async def test_debounce_and_max_delay(worldhost: Any, autojump_clock: Any) -> None:
     h = await worldhost.start(config={"store": {"debounce_s": 1.0, "max_delay_s": 5.0}})
-    saver = h.host.saver
+    saver = h.host.world().saver
     async with h.client("ada") as ada:
         start = saver.checkpoints
         t0 = trio.current_time()
@@ -336,7 +336,13 @@ async def test_a_second_host_on_the_same_file_is_refused(worldhost: Any, tmp_pat
     await worldhost.start(db=db)
     second = Host(config_mod.Config(), db=str(db))
     with pytest.raises(Exception, match="in use by another worldhost"):
-        second.open()
+        await second.run(listen=False)
+    # and its world, too, when only the server's own store is told apart
+    third = Host(config_mod.with_sections(config_mod.Config(), worlds={
+        "server_db": str(tmp_path / "other.server.db")}), db=str(db))
+    with pytest.raises(BaseException) as refused:
+        await third.run(listen=False)
+    assert "one.db is in use by another worldhost" in _messages(refused.value)
 
 
 def _stopped_store(tmp_path: Path) -> Path:
@@ -356,7 +362,7 @@ def _start_and_info(db: Path) -> dict[str, Any]:
         async with trio.open_nursery() as nursery:
             await nursery.start(lambda task_status: host.run(listen=False,
                                                              task_status=task_status))
-            info = host.server_info()
+            info = host.view.server_info()
             host.stop()
         return info
     return trio.run(run)
@@ -479,7 +485,7 @@ async def test_after_an_unreadable_store_is_moved_aside_broadcasts_reach_everyon
     db = tmp_path / "w.db"
     db.write_bytes(b"this is not a database at all " * 200)
     h = await worldhost.start(db=db, listen=True)
-    assert h.host.recovered is not None and h.host.recovered["fresh"] is True
+    assert h.host.world().recovered is not None and h.host.world().recovered["fresh"] is True
     async with h.client("ada", reconnect=False) as ada, \
             h.client("bob", reconnect=False) as bob:
         await ada.call("chat.say", text="anyone there?")

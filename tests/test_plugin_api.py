@@ -112,7 +112,7 @@ async def test_a_module_plugin_gets_its_own_settings_without_its_name(
         while h.world()["scoreboard"]["score"] == 0:
             await trio.sleep(0.01)
     assert h.world()["scoreboard"] == {"score": 2}
-    assert h.host.api.runtime("seen") == {"step at startup": 2}
+    assert h.host.world().api.runtime("seen") == {"step at startup": 2}
 
 
 async def test_a_module_plugin_named_in_the_config_gets_that_table(
@@ -129,10 +129,10 @@ async def test_a_module_plugin_named_in_the_config_gets_that_table(
 async def test_settings_by_name_still_work(worldhost: Any, scoreboard: Any) -> None:
     h = await worldhost.start(scoreboard, config={"plugins": {
         "scores": {"module": "worldhost_scoreboard", "step": 3}}}, builtins=False)
-    assert h.host.api.settings("scores").step == 3
-    assert h.host.api.plugin_of("worldhost_scoreboard") == "scores"
+    assert h.host.world().api.settings("scores").step == 3
+    assert h.host.world().api.plugin_of("worldhost_scoreboard") == "scores"
     with pytest.raises(LookupError, match="no registered plugin"):
-        h.host.api.settings()  # called from this test module, which is no plugin
+        h.host.world().api.settings()  # called from this test module, which is no plugin
 
 
 class Crasher:
@@ -285,7 +285,7 @@ async def test_settings_without_a_name_refuse_to_guess(worldhost: Any) -> None:
     is calling, and says so instead of answering for the wrong one."""
     h = await worldhost.start(NeedyPlugin(), Recorderless(), builtins=False)
     with pytest.raises(LookupError, match=r"holds the plugins \['needy', 'recorderless'\]"):
-        h.host.api.plugin_of(__name__)
+        h.host.world().api.plugin_of(__name__)
 
 
 class Recorderless:

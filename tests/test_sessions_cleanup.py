@@ -41,7 +41,7 @@ async def test_sweeps_end_idle_and_abandoned_sessions(worldhost: Any, autojump_c
         assert gone["data"]["name"] == "idler" and gone["data"]["reason"] == "timeout"
         ended = await idler.next_signal("session.ended")
         assert ended["data"]["reason"] == "timeout"
-    names = {r["name"] for r in h.world()["sessions"].values()}
+    names = {r["name"] for r in h.sessions().values()}
     assert "leaver" not in names and "idler" not in names
 
 
@@ -64,7 +64,7 @@ async def test_stats_list_and_kick(worldhost: Any) -> None:
         assert kicked["reason"] == "kicked"
         ended = await bob.next_signal("session.ended")
         assert ended["data"]["reason"] == "kicked"
-    assert [r["name"] for r in h.world()["sessions"].values()] == ["root"]
+    assert [r["name"] for r in h.sessions().values()] == ["root"]
 
 
 async def test_sync_state_follows_the_phase(worldhost: Any) -> None:

@@ -308,9 +308,10 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 def test_a_restart_on_a_full_disk_says_so_in_one_line(tmp_path: Path, tiny_disk: Path) -> None:
     db = tiny_disk / "world.db"
     server = ServerProcess(db, config=_config(tmp_path)).start()
-    trio.run(_say, server.url, 5)
+    # lines enough that the checkpoint after the restart needs pages the store lacks
+    trio.run(_say, server.url, 60)
     server.kill9()
-    with open(tiny_disk / "filler", "wb") as filler:
+    with open(tiny_disk / "filler", "wb", buffering=0) as filler:
         try:
             while True:
                 filler.write(b"\0" * 65536)
@@ -324,12 +325,13 @@ def test_a_restart_on_a_full_disk_says_so_in_one_line(tmp_path: Path, tiny_disk:
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1, done.stderr
-    assert "disk is full" in lines[0] and str(db) in lines[0]
+    # it names the store it could not write: the server's own, or the world's
+    assert "disk is full" in lines[0] and str(tiny_disk / "world.") in lines[0]
     (tiny_disk / "filler").unlink()
     server.start()  # with room again, everything acknowledged is there
     try:
         lines, _ = trio.run(_chat_and_info, server.url)
-        assert lines == [f"line {i}" for i in range(5)]
+        assert lines == [f"line {i}" for i in range(60)]
     finally:
         server.stop()
     shutil.rmtree(tiny_disk, ignore_errors=True)

@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from host.actions import (
@@ -25,11 +26,16 @@ from host.actions import (
     Role,
     Unauthenticated,
 )
-from host.dispatcher import OPEN_ACTIONS, Outcome, Request
-from host.sessions import MAX_SEQ, Session, Signal, State, hash_matches, new_token, token_hash
+from host.api import SessionInfo
+from host.config import Config
+from host.lobby import check_world_id
+from host.messages import Effects, Request, Signal
+from host.plugins import Registry
+from host.sessions import MAX_SEQ, Session, SessionTable, State, hash_matches, new_token, token_hash
 
 if TYPE_CHECKING:
-    from host.server import Host
+    from host.sync import ClientView
+    from host.worlds import Worlds
 
 log = logging.getLogger("worldhost.sessions")
 
@@ -45,10 +51,28 @@ def credential_of(token_sha256: str) -> str:
     return hashlib.sha256(b"worldhost credential\0" + token_sha256.lower().encode()).hexdigest()[:32]
 
 
-class Gateway:
-    def __init__(self, host: Host) -> None:
-        self.host = host
-        self.config = host.config
+# what a connection without a session may send
+OPEN_ACTIONS = frozenset({"session.open", "session.resume", "host.ping", "world.list"})
+
+
+class SessionGate:
+    """The session gate: who may send what, and the ``session.*`` and ``world.*``
+    actions, which need the connection and so are served here rather than by a
+    handler. It changes sessions and the registry only through the server's
+    internal actions, applied by the server's own dispatcher."""
+
+    def __init__(self, config: Config, registry: Registry, sessions: SessionTable,
+                 clock: Callable[[], float]) -> None:
+        self.config = config
+        self.registry = registry
+        self.sessions = sessions
+        self.clock = clock
+        # wired by the server, which builds these with the gate in hand
+        self.worlds: Worlds = None  # type: ignore[assignment]
+        self.view: ClientView = None  # type: ignore[assignment]
+
+    def max_failed_opens(self) -> int:
+        return self.config.sessions.max_failed_opens
 
     # the gate ---------------------------------------------------------------
     def check(self, req: Request, action: Action, session: Session | None) -> None:
@@ -98,7 +122,45 @@ class Gateway:
                 return role
         return None
 
-    def open(self, req: Request, params: Any) -> Outcome:
+    # the server's records -------------------------------------------------------
+    @property
+    def _lobby(self) -> Any:
+        return self.worlds.lobby
+
+    def _records(self) -> dict[str, dict[str, Any]]:
+        return self._lobby.slices["sessions"].data()  # type: ignore[no-any-return]
+
+    def apply_internal(self, name: str, params: dict[str, Any]) -> Effects:
+        """Apply one of the server's internal actions (journaled in its store), and
+        bring the session table in step with the records."""
+        effects: Effects = self._lobby.dispatcher.apply_internal(name, params)
+        self.sessions.sync(self._records())
+        return effects
+
+    def release(self, effects: Effects) -> None:
+        """Send effects applied outside a request (after their commit)."""
+        self._lobby.dispatcher.release(None, effects)
+
+    def session_info(self, s: Session, resumed: bool = False) -> SessionInfo:
+        return SessionInfo(s.id, s.name, s.role, resumed)
+
+    def _session_hook(self, hook: str, subject: Session, **kwargs: Any) -> None:
+        """A session hook reaches the server's plugins with the server's ``host``,
+        and the world plugins with the ``host`` of the session's world."""
+        getattr(self._lobby.hooks, hook)(host=self._lobby.api, **kwargs)
+        world = self.worlds.loaded.get(subject.world) if subject.world else None
+        if world is not None:
+            getattr(world.hooks, hook)(host=world.api, **kwargs)
+
+    def _session_limit(self, world_id: str | None) -> ActionError | None:
+        errors = list(self._lobby.hooks.session_limit(host=self._lobby.api))
+        world = self.worlds.loaded.get(world_id) if world_id else None
+        if world is not None:
+            errors += world.hooks.session_limit(host=world.api)
+        return next((e for e in errors if e is not None), None)
+
+    # session.open -------------------------------------------------------------
+    def open(self, req: Request, params: Any) -> Effects:
         conn = req.conn
         if conn.session is not None:
             raise Conflict("this connection already has a session; close it first")
@@ -113,27 +175,27 @@ class Gateway:
             conn.failed_opens += 1
             raise
         address = str(conn.remote)
-        self._make_room(role, credential, address)
+        world = self.worlds.default_id()
+        self._make_room(role, credential, address, world)
         session_id = "s-" + secrets.token_urlsafe(12)
         token = new_token()
-        outcome = self._internal("sessions.create", {
+        effects = self.apply_internal("sessions.create", {
             "session_id": session_id, "name": name, "role": role, "token_hash": token_hash(token),
-            "credential": credential, "address": address})
-        self.host.sessions.sync(self.host.world["sessions"].data())
-        session = self.host.sessions.get(session_id)
+            "credential": credential, "address": address, "world": world})
+        session = self.sessions.get(session_id)
         assert session is not None
-        session.last_active = self.host.clock()
+        session.last_active = self.clock()
         self._attach(session, conn)
         reply = Signal("session.opened", {"session_id": session_id, "resume_token": token,
                                           "role": role, "resumed": False},
                        req.id, True, encoding=req.encoding)
-        outcome.outputs = [(session, reply), (session, self.sync_state(session))]
-        self.host.registry.pm.hook.session_opened(host=self.host.api,
-                                                  session=self.host.session_info(session))
-        return outcome
+        effects.outputs = [(session, reply), (session, self.sync_state(session))]
+        self._session_hook("session_opened", session, session=self.session_info(session))
+        return effects
 
     # making room --------------------------------------------------------------------
-    def _make_room(self, role: str, credential: str | None, address: str) -> None:
+    def _make_room(self, role: str, credential: str | None, address: str,
+                   world: str | None) -> None:
         """Apply the per-token and per-address limits and the plugins' session limit,
         ending disconnected sessions (oldest and least trusted first) to make room:
         sessions nobody is connected to never lock out someone who is. An admin's
@@ -141,7 +203,7 @@ class Gateway:
         admins hold every slot. A refusal by the per-token or per-address limit ends
         nothing."""
         sc = self.config.sessions
-        records = list(self.host.world["sessions"].data().values())
+        records = list(self._records().values())
         victims: list[dict[str, Any]] = []
         limits = []
         if credential is not None and sc.max_sessions_per_token:
@@ -163,16 +225,16 @@ class Gateway:
             victims.append(victim)
         for victim in victims:
             self._end_for_room(victim, role)
-        error = self.host.check_session_limit()
+        error = self._session_limit(world)
         if error is None:
             return
         # a slot for this open: one session ended at most, so a plugin that refuses
         # for another reason does not cost every disconnected session
-        records = list(self.host.world["sessions"].data().values())
+        records = list(self._records().values())
         victim = self._pick(records, role, connected_too=role == "admin")
         if victim is not None:
             self._end_for_room(victim, role)
-            error = self.host.check_session_limit()
+            error = self._session_limit(world)
         if error is not None:
             raise error
 
@@ -195,19 +257,19 @@ class Gateway:
     def _end_for_room(self, victim: dict[str, Any], role: str) -> None:
         log.info("ending session %s (%s, %s) to make room for a new %s session",
                  victim["id"], victim["role"], victim["state"], role)
-        self.host.dispatcher._finish(None, self.end(victim["id"], "evicted"))
+        self.release(self.end(victim["id"], "evicted"))
 
     def _last_active(self, record: dict[str, Any]) -> float:
-        session = self.host.sessions.get(record["id"])
+        session = self.sessions.get(record["id"])
         return session.last_active if session is not None else 0.0
 
     # session.resume -------------------------------------------------------------
-    def resume(self, req: Request, params: Any) -> Outcome:
+    def resume(self, req: Request, params: Any) -> Effects:
         conn = req.conn
         if conn.session is not None:
             raise Conflict("this connection already has a session")
-        record = self.host.world["sessions"].data().get(params.session_id)
-        session = self.host.sessions.get(params.session_id)
+        record = self._records().get(params.session_id)
+        session = self.sessions.get(params.session_id)
         ok = hash_matches(params.resume_token, record["token_hash"] if record else _DUMMY_HASH)
         if record is None or session is None or not ok or not self._within_window(record):
             conn.failed_opens += 1
@@ -224,55 +286,68 @@ class Gateway:
             session.outbox.displace()
             session.outbox = None
         token = new_token()
-        outcome = self._internal("sessions.attach", {"session_id": session.id,
+        effects = self.apply_internal("sessions.attach", {"session_id": session.id,
                                                      "token_hash": token_hash(token)})
-        self.host.sessions.sync(self.host.world["sessions"].data())
         if last_seq >= session.next_seq:
             # restored from the store, whose seq can lag what was sent before a
             # crash: the client saw signals we did not count; never reuse their seqs
             session.next_seq = last_seq + 1
         session.seq_exact = True
         missed, complete = session.missed(last_seq)
-        session.last_active = self.host.clock()
+        session.last_active = self.clock()
         self._attach(session, conn)
         reply = Signal("session.resumed", {
             "session_id": session.id, "role": session.role, "replayed": len(missed),
             "complete": complete, "resume_token": token}, req.id, True, encoding=req.encoding)
-        outcome.outputs = [(session, reply)]
-        outcome.outputs += [(conn, sig) for sig in missed]
-        outcome.outputs.append((session, self.sync_state(session)))
-        self.host.registry.pm.hook.session_opened(
-            host=self.host.api, session=self.host.session_info(session, resumed=True))
-        return outcome
+        effects.outputs = [(session, reply)]
+        effects.outputs += [(conn, sig) for sig in missed]
+        effects.outputs.append((session, self.sync_state(session)))
+        self._session_hook("session_opened", session,
+                           session=self.session_info(session, resumed=True))
+        return effects
 
     def _within_window(self, record: dict[str, Any]) -> bool:
         if record["state"] == State.OPEN.value:
             return True
         gone_at = record.get("disconnected_at")
-        return gone_at is not None and self.host.clock() - gone_at <= self.config.sessions.resume_ttl_s
+        return gone_at is not None and self.clock() - gone_at <= self.config.sessions.resume_ttl_s
 
     # session.close --------------------------------------------------------------
-    def close(self, req: Request) -> Outcome:
+    def close(self, req: Request, params: None = None) -> Effects:
         conn = req.conn
         session = conn.session
         if session is None:
             raise Unauthenticated("no session is open on this connection")
-        outcome = self.end(session.id, "closed")
-        self.host.transport.unauthenticated(conn)  # it stays, without a session
-        outcome.outputs.append((conn, Signal("session.closed", {"session_id": session.id},
+        effects = self.end(session.id, "closed")
+        conn.detached()  # it stays, without a session
+        effects.outputs.append((conn, Signal("session.closed", {"session_id": session.id},
                                              req.id, True, encoding=req.encoding)))
-        return outcome
+        return effects
 
-    def end(self, session_id: str, reason: str) -> Outcome:
+    def end(self, session_id: str, reason: str) -> Effects:
         """End a session for good; the dispatcher drops it once applied."""
-        return self._internal("sessions.end", {"session_id": session_id, "reason": reason})
+        return self.apply_internal("sessions.end", {"session_id": session_id, "reason": reason})
+
+    def session_ended(self, session_id: str, reason: str, effects: Effects) -> None:
+        """A handler ended a session: drop it now, tell and close its connection on release."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            return
+        conn = session.outbox
+        self._session_hook("session_closed", session, session=self.session_info(session),
+                           reason=reason)
+        self.sessions.drop(session_id)
+        if conn is not None:
+            conn.session = None
+            if reason != "closed":
+                effects.outputs.append((conn, Signal("session.ended", {
+                    "session_id": session_id, "reason": reason})))
+                effects.after.append(lambda: conn.close_soon(1000, f"session {reason}"))
 
     # connections ------------------------------------------------------------------
     def _attach(self, session: Session, conn: Any) -> None:
         session.outbox = conn
-        conn.session = session
-        conn.ever_had_session = True
-        self.host.transport.authenticated(conn)
+        conn.attached(session)
 
     def disconnected(self, conn: Any) -> None:
         """A connection went away: its session stays, resumable, for the window."""
@@ -283,20 +358,83 @@ class Gateway:
         # (an outbox already None: the connection refused a signal, too slow; the
         # record still says open until this detach)
         session.outbox = None
-        if session.id not in self.host.world["sessions"].data() or \
-                not self.host.dispatcher.accepting:
+        if session.id not in self._records() or not self._lobby.dispatcher.accepting:
             return  # shutting down: startup marks every open session disconnected
         try:
-            outcome = self._internal("sessions.detach", {"session_id": session.id})
+            effects = self.apply_internal("sessions.detach", {"session_id": session.id})
         except ActionError:
             return
-        self.host.dispatcher._finish(None, outcome)
+        self.release(effects)
 
-    def _internal(self, name: str, params: dict[str, Any]) -> Outcome:
-        dispatcher = self.host.dispatcher
-        action = self.host.registry.actions[name]
-        return dispatcher.apply(action, dispatcher._check_params(action, params), None, None)
+    # worlds -------------------------------------------------------------------------
+    def list_worlds(self, req: Request, params: None) -> Effects:
+        session = req.conn.session if req.conn is not None else None
+        data = {"worlds": self.worlds.listing(detail=True), "default": self.worlds.default_id(),
+                "joined": session.world if session is not None else None}
+        return self._reply(req, "world.list", data)
+
+    def create_world(self, req: Request, params: Any) -> Effects:
+        world_id = check_world_id(params.world_id)
+        name = params.name if params.name is not None else world_id
+        if not name.strip() or len(name) > 64 or not name.isprintable():
+            raise Invalid("a world's name is 1 to 64 printable characters",
+                          details={"path": "params.name", "message": "bad name"})
+        effects = self.worlds.create(world_id, name)
+        return self._reply(req, "world.created", {"world_id": world_id, "name": name}, effects)
+
+    def archive_world(self, req: Request, params: Any) -> Effects:
+        world_id = check_world_id(params.world_id)
+        members = list(self.sessions.members(world_id).values())
+        effects, archived_to = self.worlds.archive(world_id)
+        self.sessions.sync(self._records())
+        for s in members:
+            effects.outputs.append((s, Signal("world.left", {"world_id": world_id,
+                                                             "reason": "archived"})))
+        return self._reply(req, "world.archived",
+                           {"world_id": world_id, "archived_to": archived_to}, effects)
+
+    def join(self, req: Request, params: Any) -> Effects:
+        session = self._session(req)
+        world_id = check_world_id(params.world_id)
+        world = self.worlds.require_loaded(world_id)
+        effects = self.apply_internal("sessions.join", {"session_id": session.id,
+                                                   "world_id": world_id})
+        self.worlds.touched(world_id)
+        effects = self._reply(req, "world.joined", {"world_id": world_id, "name": world.name},
+                              effects)
+        effects.outputs.append((session, self.sync_state(session)))
+        return effects
+
+    def leave(self, req: Request, params: None) -> Effects:
+        session = self._session(req)
+        if session.world is None:
+            raise Conflict("this session is in no world; send world.join to enter one")
+        world_id = session.world
+        effects = self.apply_internal("sessions.join", {"session_id": session.id, "world_id": None})
+        self.worlds.touched(world_id)
+        effects = self._reply(req, "world.left", {"world_id": world_id}, effects)
+        effects.outputs.append((session, self.sync_state(session)))
+        return effects
+
+    def _session(self, req: Request) -> Session:
+        session = req.conn.session if req.conn is not None else None
+        if session is None:
+            raise Unauthenticated("this needs an open session")
+        return session  # type: ignore[no-any-return]
+
+    def _reply(self, req: Request, signal: str, data: dict[str, Any],
+               effects: Effects | None = None) -> Effects:
+        effects = effects if effects is not None else Effects()
+        effects.data = data
+        conn = req.conn
+        session = conn.session if conn is not None else None
+        sig = Signal(signal, data, req.id, True, encoding=req.encoding)
+        effects.outputs.insert(0, (session if session is not None else conn, sig))
+        if session is not None:
+            session.remember(req.id if req.has_id else None, signal, data,
+                             durable=effects.entry is not None)
+        return effects
 
     # what a client is told -----------------------------------------------------------
     def sync_state(self, session: Session) -> Signal:
-        return Signal("sync_state", self.host.sync_state(session))
+        return Signal("sync_state", self.view.sync_state(session))

@@ -1,0 +1,65 @@
+"""What a transport connection reads from and writes to, whatever the protocol.
+
+A channel turns bytes into messages (a JSON text, or CBOR bytes) and frames back
+into bytes. The connection above it (host/transport.py) does everything else the
+same way for every protocol: limits, decoding, the outbox, sessions.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from host.actions import ActionError
+
+
+class ChannelClosed(Exception):
+    """The peer went away (or the channel gave up on it)."""
+
+
+class Refused(Exception):
+    """What was read cannot be taken and the connection must close with ``code``.
+
+    With ``answer`` the client is first told why in an ``error`` signal (a
+    protocol without close codes has no other way to say it); without, the
+    connection closes at once.
+    """
+
+    def __init__(self, code: int, reason: str, answer: ActionError | None = None) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.answer = answer
+
+
+class Unreadable(Exception):
+    """One message could not be read (not UTF-8, say); it is answered with
+    ``error`` and the connection carries on."""
+
+    def __init__(self, error: ActionError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Channel(Protocol):
+    pings: bool  # whether the connection should ping (and expect pongs)
+
+    @property
+    def closed(self) -> bool:
+        """Closed by either side: no close may be sent any more."""
+        ...
+
+    async def receive(self) -> str | bytes:
+        """The next message; raises ChannelClosed, Refused or Unreadable."""
+        ...
+
+    async def send(self, frame: str | bytes) -> None:
+        """Send one frame; raises ChannelClosed."""
+        ...
+
+    async def ping(self) -> None:
+        """Returns once the peer answered; raises ChannelClosed."""
+        ...
+
+    async def close(self, code: int, reason: str) -> None:
+        """Tell the peer why (as the protocol can) and close."""
+        ...

@@ -1,0 +1,78 @@
+"""Framing shared by every transport: a signal's envelope out, a request's envelope in.
+
+What a transport reads is checked here the same way whatever carried it (a
+WebSocket frame, a line of TCP), so the envelope rules cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from host.actions import ActionError, BadRequest
+from host.messages import Signal
+from state.codec import encode_cbor, encode_json
+
+_ENVELOPE_KEYS = frozenset({"id", "action", "params"})
+MAX_ACTION_NAME = 128
+JSON_CHUNK = re.compile(r'\s*\{\s*"chunk"\s*:')
+CBOR_CHUNK = b"\xa1\x65chunk"  # a map of one entry whose key is "chunk"
+
+
+def encode_frame(sig: Signal, encoding: str) -> str | bytes:
+    """The frame for one signal. ``data`` is encoded once per encoding and spliced
+    into each session's envelope, so a broadcast is not re-encoded per client."""
+    cache = sig.encoded if sig.encoded is not None else {}
+    if encoding == "cbor":
+        data: bytes | None = cache.get("cbor")
+        if data is None:
+            data = cache["cbor"] = encode_cbor(sig.data)
+        parts = [b"\x66signal", encode_cbor(sig.signal)]
+        if sig.has_re:
+            parts += [b"\x62re", encode_cbor(sig.re)]
+        if sig.seq is not None:
+            parts += [b"\x63seq", encode_cbor(sig.seq)]
+        parts += [b"\x64data", data]
+        return bytes([0xA0 + len(parts) // 2]) + b"".join(parts)
+    text: str | None = cache.get("json")
+    if text is None:  # kept as text: a broadcast's data is decoded once, not per client
+        text = cache["json"] = encode_json(sig.data).decode("utf-8")
+    head = '{"signal":' + encode_json(sig.signal).decode("utf-8")
+    if sig.has_re:
+        head += ',"re":' + encode_json(sig.re).decode("utf-8")
+    if sig.seq is not None:
+        head += ',"seq":%d' % sig.seq
+    return head + ',"data":' + text + "}"
+
+
+def is_id(value: Any) -> bool:
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
+def parse_envelope(message: Any) -> tuple[Any, bool]:
+    """The request id (and whether one was given) if it can be told, for the reply."""
+    if isinstance(message, dict) and "id" in message:
+        rid = message["id"]
+        return (rid if is_id(rid) else None), True
+    return None, False
+
+
+def check_envelope(message: Any) -> tuple[str, dict[str, Any]]:
+    if not isinstance(message, dict):
+        raise ActionError(f"a frame must hold one object, not {type(message).__name__}",
+                          code="bad_frame")
+    extra = set(message) - _ENVELOPE_KEYS
+    if extra:
+        raise BadRequest(f"unknown envelope fields: {sorted(extra)}; "
+                         f"a request has only id, action and params")
+    if "id" in message and not is_id(message["id"]):
+        raise BadRequest("id must be a string or an integer")
+    action = message.get("action")
+    if not isinstance(action, str) or not action:
+        raise BadRequest("action is required and must be a non-empty string")
+    if len(action) > MAX_ACTION_NAME:  # an unknown name is echoed in its error
+        raise BadRequest(f"action names are at most {MAX_ACTION_NAME} characters")
+    params = message.get("params", {})
+    if not isinstance(params, dict):
+        raise BadRequest(f"params must be an object, not {type(params).__name__}")
+    return action, params

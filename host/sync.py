@@ -1,0 +1,129 @@
+"""What clients are told about the server and their world: ``server.info`` on
+connect, ``sync_state`` after a session opens, resumes, joins or leaves, and
+again to a world's sessions whenever its phase or process summary changes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from host import __version__
+from host.config import Config
+from host.messages import Effects, Signal
+from host.plugins import Registry
+from host.sessions import Session
+from host.world import World
+from host.worlds import Worlds
+
+PROTOCOL = 1
+SUMMARY_KEYS = frozenset({"phase", "processes"})  # a change of these re-sends sync_state
+RECENT = 15  # sessions listed in sync_state
+
+
+class ClientView:
+    """Builds what clients are told; keeps, per world, the summary last sent."""
+
+    def __init__(self, config: Config, registry: Registry, worlds: Worlds) -> None:
+        self.config = config
+        self.registry = registry
+        self.worlds = worlds
+        self._last_summary: dict[str, dict[str, Any]] = {}
+        self._summary_reads: dict[str, set[str]] = {}  # world id -> slices the summary read
+
+    def _contributions(self, world: World | None) -> dict[str, Any]:
+        """Every plugin's ``server_info``, merged: the server's plugins, then the
+        world's. Notes the slices the summary fields came from: those read by the
+        plugins contributing to them (and by those contributing nothing, who
+        might begin to)."""
+        merged: dict[str, Any] = {"phase": "onboarding"}
+        lobby = self.worlds.lobby
+        merged.update(_merge(self.registry.pm.hook.server_info, lobby, "server", None))
+        if world is not None:
+            reads: set[str] = set()
+            merged.update(_merge(self.registry.pm.hook.server_info, world, "world", reads))
+            self._summary_reads[world.id] = reads
+        return merged
+
+    def server_info(self) -> dict[str, Any]:
+        default_id = self.worlds.default_id()
+        world = self.worlds.loaded.get(default_id) if default_id is not None else None
+        info: dict[str, Any] = {
+            "protocol": PROTOCOL,
+            "version": __version__,
+            "world_id": default_id,
+            "plugins": list(self.registry.plugin_names),
+            "actions": sorted(n for n, a in self.registry.actions.items() if not a.internal),
+            "auth": self.config.host.auth,
+            "limits": {"max_frame_bytes": self.config.host.limits.max_frame_bytes},
+        }
+        info.update(self._contributions(world))
+        info["worlds"] = self.worlds.listing()
+        recovered = {**(self.worlds.lobby.recovered or {}),
+                     **((world.recovered or {}) if world is not None else {})}
+        if self.worlds.quarantined:
+            recovered["worlds_quarantined"] = dict(self.worlds.quarantined)
+        if recovered:
+            info["recovered"] = recovered
+        return info
+
+    def sync_state(self, session: Session) -> dict[str, Any]:
+        world = self.worlds.loaded.get(session.world) if session.world else None
+        slices = []
+        if world is not None:
+            for name, s in world.slices.slices.items():
+                data = s.data()
+                slices.append({"name": name, "version": s.spec.version, "keyed": s.spec.keyed,
+                               "size": len(data) if s.spec.keyed else 1})
+        people = world.audience.values() if world is not None else [session]
+        ordered = sorted(people, key=lambda s: s.last_active, reverse=True)[:RECENT]
+        admin = session.role == "admin"
+        state = {
+            "session": {"id": session.id, "name": session.name, "role": session.role},
+            "world_id": session.world,
+            "generation": world.generation if world is not None else 0,
+            "plugins": list(self.registry.plugin_names),
+            "slices": slices,
+            "sessions": [{"name": s.name, "role": s.role, "last_active": s.last_active,
+                          "connected": s.overview()["connected"],
+                          **({"id": s.id} if admin else {})} for s in ordered],
+            "worlds": self.worlds.listing(),
+        }
+        state.update(self._contributions(world))
+        return state
+
+    def _summary(self, world: World) -> dict[str, Any]:
+        contributions = self._contributions(world)
+        return {k: contributions.get(k) for k in SUMMARY_KEYS}
+
+    def remember_summary(self, world: World) -> None:
+        self._last_summary[world.id] = self._summary(world)
+
+    def after_change(self, world: World, effects: Effects, changed: list[str]) -> None:
+        """Send ``sync_state`` again to a world's sessions when its phase or process
+        summary changed (the parts of it that actions change)."""
+        reads = self._summary_reads.get(world.id)
+        if reads is not None and reads.isdisjoint(changed):
+            return
+        summary = self._summary(world)
+        if summary == self._last_summary.get(world.id):
+            return
+        self._last_summary[world.id] = summary
+        for session in list(world.audience.values()):
+            effects.outputs.append((session, Signal("sync_state", self.sync_state(session))))
+
+
+def _merge(caller: Any, world: World, scope: str, reads: set[str] | None) -> dict[str, Any]:
+    merged: dict[str, Any] = {}
+    registry = world.registry
+    for impl in reversed(caller.get_hookimpls()):
+        if registry.scope.get(impl.plugin_name, "world") != scope:
+            continue
+        read: set[str] = set()
+        world.api.reads = read
+        try:
+            extra = impl.function(host=world.api)
+        finally:
+            world.api.reads = None
+        if reads is not None and (not extra or not SUMMARY_KEYS.isdisjoint(extra)):
+            reads |= read
+        merged.update(extra or {})
+    return merged
