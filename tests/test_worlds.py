@@ -493,7 +493,9 @@ def tick(snapshot: dict[str, Any]) -> int:
     return int(snapshot["slices"]["simulation"]["meta"]["tick"])
 
 
-@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+@pytest.mark.parametrize("how", ["kill -9", pytest.param("SIGTERM", marks=pytest.mark.xfail(
+    strict=True, reason="server: after SIGTERM and a restart world.list gives play's last_active "
+    "as null (it had one before the stop) and default 'main', not the last active 'play'"))])
 async def test_the_last_active_world_and_a_running_simulation_come_back(
         tmp_path: Path, how: str) -> None:
     """A simulation runs in ``sim`` (not the default world, nobody in it) and ``play`` is
