@@ -337,9 +337,10 @@ world_ids = st.one_of(
     st.sampled_from(HOSTILE),
     st.from_regex(VALID_ID, fullmatch=True),
     st.text(max_size=70),
-    st.integers(-2**63, 2**63 - 1), st.none(), st.booleans(), st.floats(allow_nan=False),
+    st.integers(-2**63, 2**63 - 1), st.none(), st.booleans(),
+    st.floats(allow_nan=False, allow_infinity=False),  # what the wire carries
     st.lists(st.text(max_size=3), max_size=2),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+    st.dictionaries(st.text(max_size=3), st.integers(-2**63, 2**63 - 1), max_size=2))
 
 
 def _files(root: Path) -> set[Path]:
