@@ -203,7 +203,7 @@ def requester(action: str) -> Callable[[int, int], bytes]:
 
 
 def run(conns: list[Conn], seconds: float, make: Callable[[int, int], bytes],
-        host: bool, first_index: int) -> list[float]:
+        host: bool, first_index: int, grace: float = 10.0) -> list[float]:
     """Every connection makes round trips back to back for ``seconds``; their times.
 
     A reply is the host's message carrying ``"re":<id>`` (an echo's is the
@@ -232,8 +232,8 @@ def run(conns: list[Conn], seconds: float, make: Callable[[int, int], bytes],
     outstanding = len(conns)
     while outstanding:
         events = poller.poll(1.0)
-        if not events and now() > stop_at + 10:
-            raise TimeoutError(f"{outstanding} replies missing 10 s after the end")
+        if not events and now() > stop_at + grace:
+            raise TimeoutError(f"{outstanding} replies missing {grace:g} s after the end")
         for fd, _ in events:
             index, conn = by_fd[fd]
             data = conn.sock.recv(262144)
@@ -267,6 +267,8 @@ def main() -> None:
                         "from --first) joins the (i mod count)th after opening its session")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.3)
+    parser.add_argument("--grace", type=float, default=10.0,
+                        help="seconds to wait for the last replies after the window")
     args = parser.parse_args()
 
     conns = [Conn(args.url, args.line) for _ in range(args.conns)]
@@ -283,7 +285,7 @@ def main() -> None:
     cpu = cpu_seconds()
     busy = sum(run_wait_seconds())
     started = time.perf_counter()
-    latencies = run(conns, args.seconds, make, args.session, args.first)
+    latencies = run(conns, args.seconds, make, args.session, args.first, args.grace)
     wall = time.perf_counter() - started
     cpu = cpu_seconds() - cpu
     busy = sum(run_wait_seconds()) - busy
