@@ -352,8 +352,12 @@ class World:
             ended = sorted(set(ended) | set(self.sessions.take_ended()))
         return rows, ended
 
+    def active_at(self) -> float:
+        """When a session last changed this world (0: never, as far as it knows)."""
+        return max(self.last_active, self.dispatcher.last_request_at)
+
     def _meta(self) -> dict[str, Any]:
-        return {"last_active": self.last_active or None}
+        return {"last_active": self.active_at() or None}
 
     # life ------------------------------------------------------------------------
     async def run(self, *, run_plugins: bool = True, resume: Callable[[World], Any] | None = None,

@@ -98,10 +98,11 @@ class Worlds:
         return str(worlds_dir(self.config, self.db) / f"{world_id}.db")
 
     def last_active(self, world_id: str) -> float:
+        """When a session last changed the world: live while it is loaded, else as
+        the registry recorded it when it unloaded (or its store at its checkpoints)."""
+        recorded = float(self.records().get(world_id, {}).get("last_active") or 0.0)
         world = self.loaded.get(world_id)
-        if world is not None:
-            return max(world.last_active, world.dispatcher.last_request_at)
-        return float(self.records().get(world_id, {}).get("last_active") or 0.0)
+        return recorded if world is None else max(recorded, world.active_at())
 
     def default_id(self) -> str | None:
         """The world a session is in until it joins another: the last active one
