@@ -216,6 +216,9 @@ class World:
         dispatcher.seed = self.seed
         if "sessions" in self.slices.slices:
             self.sessions.sync(self.slices["sessions"].data())
+        # (a world loaded while the server runs meets live sessions: its store's copy
+        # of their seq only counts when it is ahead of theirs)
+        seq_before = {s.id: s.next_seq for s in self.sessions}
         restored = self._restore_runtime(loaded)
         dispatcher.next_id = max(loaded.checkpoint_id,
                                  loaded.journal[-1].id if loaded.journal else 0) + 1
@@ -250,7 +253,8 @@ class World:
             if session is not None and sid not in restored and sid not in self.damaged:
                 session.next_seq = max(session.next_seq, seq)
         for session in self._known(loaded):
-            session.seq_exact = False  # signals sent after its last save were not counted
+            if self.scope == "server" or session.next_seq > seq_before.get(session.id, 0):
+                session.seq_exact = False  # signals sent after its last save were not counted
             session.measure_replies()
         self.saver.current.releases.clear()
         self.saver.current.entries.clear()
