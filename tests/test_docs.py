@@ -30,7 +30,7 @@ def test_every_action_is_documented_with_its_role() -> None:
 def test_every_config_key_is_documented() -> None:
     text = (DOCS / "configuration.md").read_text()
     cfg = config_mod.Config()
-    for section in ("host", "sessions", "store"):
+    for section in ("host", "sessions", "store", "worlds"):
         for key in getattr(cfg, section).__struct_fields__:
             if key == "limits":
                 continue
