@@ -101,6 +101,7 @@ class World:
         self._file_lock: Any = None
         self._saved_runtime: dict[str, int] = {}  # session id -> version written here
         self.stored: set[str] = set()  # the slices its store held when it was opened
+        self.read_only = False  # an offline reader: load, never write
 
     # the world's own meta ------------------------------------------------------
     @property
@@ -292,7 +293,7 @@ class World:
             raise StoreUnreadable(f"cannot decode a stored slice: {exc}") from None
         unknown = set(loaded.slices) - set(self.specs)
         moved = sorted(n for n in unknown if n in self.registry.slices)
-        if moved and self.store is not None:  # now kept elsewhere (sessions: the server's)
+        if moved and self.store is not None and not self.read_only:  # now kept elsewhere (sessions: the server's)
             log.info("store %s: dropping its copy of %s, now kept by the server", self.path,
                      moved)
             self.store.drop_slices(moved)

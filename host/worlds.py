@@ -143,6 +143,10 @@ class Worlds:
         """Register a new world (its store is made when it first loads)."""
         if world_id in self.live():
             raise Conflict(f"world {world_id!r} already exists")
+        old = self.records().get(world_id)
+        if old is not None and (world_id in self.loaded or (
+                old["path"] != ":memory:" and os.path.exists(old["path"]))):
+            raise Conflict(f"world {world_id!r} is still being archived; try again")
         if len(self.live()) >= self.config.worlds.max_worlds:
             raise Conflict(f"this server holds {self.config.worlds.max_worlds} worlds "
                            f"(worlds.max_worlds); archive one first")
@@ -204,9 +208,11 @@ class Worlds:
             return world
         try:
             return await self.load(world_id)
-        except (StartupError, StoreError, OSError, sqlite3.Error) as exc:
-            self.failed[world_id] = str(exc)
-            log.error("world %r could not be loaded: %s", world_id, exc)
+        except Exception as exc:  # a store, a lock, a plugin's startup: this world only
+            self.failed[world_id] = str(exc) if isinstance(
+                exc, (StartupError, StoreError, OSError, sqlite3.Error)) else \
+                f"{type(exc).__name__} while loading it (see the server's log)"
+            log.error("world %r could not be loaded", world_id, exc_info=exc)
             return None
 
     async def load(self, world_id: str) -> World:
