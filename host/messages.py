@@ -55,8 +55,8 @@ class Request:
     encoding: str | None = None
     error: ActionError | None = None  # refused before it got here (bad frame, envelope)
     internal: bool = False
-    done: trio.Event | None = None
-    result: Any = None
+    done: trio.Event | None = None  # set once released (its outputs delivered)
+    result: Any = None  # internal: the handler's data; else, with ``done``: the reply Signal
     failure: ActionError | None = None
 
 
