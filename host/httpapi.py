@@ -15,22 +15,52 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import h11
 import trio
 
 from host.actions import ActionError, BadRequest, RateLimited
+from host.config import Config
 from host.framing import check_envelope, encode_frame, parse_envelope
 from host.limits import TokenBucket
-from host.messages import Disconnect, Request, Signal
+from host.messages import Disconnect, Request, Signal, Submitter
 from host.sessions import MAX_SEQ, Session, SessionTable
 from host.sse import SseChannel, SseConnection
-from host.transport import THREAD_BYTES, Slot, stream_address
+from host.transport import THREAD_BYTES, Slot, Transport, stream_address
 from state.codec import DecodeError, TooManyItems, decode_json, lenient_json
 
-if TYPE_CHECKING:
-    from host.server import Server
+
+class Credentials(Protocol):
+    def credential(self, session_id: str, resume_token: str) -> Session | None: ...
+
+
+class Server(Protocol):
+    """What the API uses of the server (host/server.py), which it does not import."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def router(self) -> Submitter: ...
+
+    @property
+    def gate(self) -> Credentials: ...
+
+    @property
+    def sessions(self) -> SessionTable: ...
+
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def threads(self) -> bool: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def clock(self) -> float: ...
+
 
 API_PATHS = frozenset({b"/v1/actions", b"/v1/events"})
 STATUS = {"bad_request": 400, "bad_frame": 400, "validation_error": 400,
@@ -244,10 +274,10 @@ async def action(host: Server, stream: trio.abc.Stream, conn: h11.Connection,
                                "and GET /v1/events with Last-Event-ID for what it missed")
     peer = HttpPeer(host.sessions, session, remote)
     req.conn = peer
-    req.done = trio.Event()
+    req.done = done = trio.Event()
     try:
         await host.router.put(req)
-        await req.done.wait()
+        await done.wait()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return error(503, "conflict", "the host is shutting down")
     finally:
@@ -286,7 +316,7 @@ async def read_body(stream: trio.abc.Stream, conn: h11.Connection, request: h11.
     if declared is not None and int(declared) > limit:  # h11 checked it is a number
         return too_big
     if conn.they_are_waiting_for_100_continue:
-        await stream.send_all(conn.send(h11.InformationalResponse(status_code=100)))
+        await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
     body = bytearray()
     with trio.move_on_after(timeout_s):
         while True:
@@ -299,7 +329,7 @@ async def read_body(stream: trio.abc.Stream, conn: h11.Connection, request: h11.
                     data = await stream.receive_some(65536)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     data = b""
-                conn.receive_data(data)
+                conn.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.Data):
                 body += event.data
@@ -385,12 +415,12 @@ async def events(host: Server, stream: trio.abc.Stream, conn: h11.Connection,
     channel = SseChannel(stream, SSE_HEAD, send_timeout_s=host.config.host.ping_timeout_s)
     sse = host.transport.connection(channel, stream_address(stream), slot,
                                     max_frame=_UNBOUNDED, cls=SseConnection)
+    done = trio.Event()
     req = Request("session.resume", {"session_id": found[0], "resume_token": found[1],
-                                     "last_seq": last_seq}, None, False, sse, "json",
-                  done=trio.Event())
+                                     "last_seq": last_seq}, None, False, sse, "json", done=done)
     try:
         await host.router.put(req)
-        await req.done.wait()
+        await done.wait()
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         return error(503, "conflict", "the host is shutting down")
     if sse.session is None:

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 from hypothesis import given, settings
+from trio_websocket import ConnectionClosed
 from hypothesis import strategies as st
 
 from host.testing import raw_connection
@@ -305,7 +306,7 @@ async def test_a_session_moves_websocket_sse_websocket_without_gaps(worldhost: A
         await ws.send_message(json.dumps({"action": "chat.say", "params": {"text": "unread"}}))
         await trio.sleep(0.3)
         sse = await Sse.open(h.host.port, f"{sid}.{token}", last_id=seqs[-1])
-        with pytest.raises(Exception):  # displaced: closed by the host with 1000
+        with pytest.raises(ConnectionClosed):  # displaced: closed by the host with 1000
             while True:
                 await ws.get_message()
         assert ws.closed is not None and ws.closed.code == 1000
