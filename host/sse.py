@@ -24,6 +24,7 @@ from host.transport import Connection
 from state.codec import encode_json
 
 KEEP_ALIVE = b": keep-alive\n\n"
+CRASHED = 1006
 _READ = 4096
 
 
@@ -93,6 +94,9 @@ class SseChannel:
         """Say why in a last, unnumbered event: ``connection.closed`` ``{code, reason}``
         with the WebSocket close codes (1000 when displaced by another connection)."""
         if self.closed:
+            return
+        if code == CRASHED:  # the host vanished (tests' crash()): nothing more is said
+            self.closed = True
             return
         data = json.dumps({"code": code, "reason": reason})
         with trio.move_on_after(1):

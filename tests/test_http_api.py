@@ -365,6 +365,10 @@ async def test_the_stream_keeps_alive_and_a_reader_that_never_reads_is_dropped(
         pass
     assert ev == {"comment": ": keep-alive"}
     await sse.aclose()
+    idle = h.host.sessions.get(bearer.split(".")[0])
+    with trio.fail_after(5):  # the stream's end detaches the session, still resumable
+        while idle.connected or idle.record["state"] != "disconnected":
+            await trio.sleep(0.05)
     stuck_bearer, _ = await open_session(h.host.port, "stuck")
     stuck = await Sse.open(h.host.port, stuck_bearer, rcvbuf=4096)  # never read
     sid = stuck_bearer.split(".")[0]
