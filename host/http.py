@@ -162,15 +162,17 @@ async def _serve(host: Server, stream: trio.abc.Stream, head: bytes,
         return
     if event.target.partition(b"?")[0] in API_PATHS:
         response = await api.serve(host, stream, conn, event, slot)
-        if response is not None:
-            await _send(stream, conn, response, method=b"POST", force=True)
+        if response is not None:  # (a reply may be big: a reader that stalls is cut off)
+            with trio.move_on_after(host.config.host.ping_timeout_s):
+                await _send(stream, conn, response, method=b"POST", force=True)
         return
     try:
         response = respond(host, event)
     except Exception:  # a failing page must not take the world down with it
         log.exception("HTTP %r failed", event.target)
         response = Response(500, b"internal error (logged by the host)\n")
-    await _send(stream, conn, response, method=event.method)
+    with trio.move_on_after(host.config.host.ping_timeout_s):
+        await _send(stream, conn, response, method=event.method)
 
 
 def respond(host: Server, request: h11.Request) -> Response:

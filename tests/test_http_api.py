@@ -511,3 +511,26 @@ def test_arbitrary_bodies_get_a_clear_reply(server: ServerProcess, body: bytes) 
     if status != 200:
         assert envelope["data"]["message"]
     blocking_ping(server.port)
+
+
+async def test_a_client_that_does_not_read_its_response_is_cut_off(worldhost: Any) -> None:
+    h = await worldhost.start(listen=True, config={"host": {
+        "ping_timeout_s": 0.5, "limits": {"socket_send_buffer": 4096,
+                                          "max_ping_bytes": 4 << 20}}})
+    bearer, _ = await open_session(h.host.port)
+    body = json.dumps({"action": "host.ping", "params": {"x": "y" * (2 << 20)}}).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", h.host.port)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    await stream.send_all(post_bytes(body, bearer))
+    with trio.fail_after(10):
+        while h.host.transport.slots:  # its slot is given back: the socket was closed
+            await trio.sleep(0.05)
+    got = 0
+    try:
+        while data := await stream.receive_some(65536):
+            got += len(data)
+    except trio.BrokenResourceError:
+        pass
+    assert got < len(body)  # cut off, not sent whole
+    await stream.aclose()
+    await ping_still_works(h.host.port)
