@@ -208,8 +208,9 @@ async def test_session_close_over_http_ends_the_websocket_of_that_session(worldh
         bearer = f"{msg['data']['session_id']}.{msg['data']['resume_token']}"
         status, reply = await post(h.host.port, {"action": "session.close"}, bearer)
         assert status == 200 and reply["signal"] == "session.closed"
-        while (msg := json.loads(await ws.get_message()))["signal"] != "session.ended":
-            pass
+        with trio.fail_after(5):
+            while (msg := json.loads(await ws.get_message()))["signal"] != "session.ended":
+                pass
         assert msg["data"]["reason"] == "closed"
     status, _ = await post(h.host.port, {"action": "host.ping"}, bearer)
     assert status == 401
@@ -534,3 +535,15 @@ async def test_a_client_that_does_not_read_its_response_is_cut_off(worldhost: An
     assert got < len(body)  # cut off, not sent whole
     await stream.aclose()
     await ping_still_works(h.host.port)
+
+
+async def test_a_stream_outlives_the_handshake_timeout(worldhost: Any) -> None:
+    h = await worldhost.start(listen=True, config={"sessions": {"auth_timeout_s": 0.5}})
+    bearer, _ = await open_session(h.host.port)
+    sse = await Sse.open(h.host.port, bearer)
+    await sse.until("sync_state")
+    await trio.sleep(1.5)
+    await post(h.host.port, {"action": "chat.say", "params": {"text": "later"}}, bearer)
+    got = await sse.until("chat.message", timeout=5)
+    assert got[-1]["data"]["text"] == "later"
+    await sse.aclose()
