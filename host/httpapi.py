@@ -262,9 +262,9 @@ async def action(host: Server, stream: trio.abc.Stream, conn: h11.Connection,
     if isinstance(body, Response):
         return body
     remote = stream_address(stream)
+    allowed = buckets(host).take(session.id if session is not None else "@" + remote,
+                                 trio.current_time())  # counted before it is decoded
     req = await _request(host, body, session)
-    now = trio.current_time()
-    allowed = buckets(host).take(session.id if session is not None else "@" + remote, now)
     if not allowed and req.error is None:
         req.error = RateLimited(f"more than {limits.rate_per_s:g} actions/s (burst "
                                 f"{limits.rate_burst}); slow down")
