@@ -41,6 +41,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_frame_bytes_before_session: int = 131072  # a bigger frame without a session: 1009
     max_http_header_bytes: int = 16 * 1024  # an HTTP request's line and headers
     http_timeout_s: float = 10.0  # to send an HTTP request's line and headers
+    http_body_timeout_s: float = 30.0  # to send an HTTP request's body, once its headers came
 
 
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

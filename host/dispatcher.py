@@ -338,6 +338,8 @@ class Dispatcher:
             for after in effects.after:
                 after()
             if done is not None:
+                if req is not None and not req.internal:  # a requester that waits (HTTP)
+                    req.result = next((sig for _, sig in effects.outputs if sig.has_re), None)
                 done.set()
 
         saver.record(effects.entry, release,

@@ -285,9 +285,12 @@ class SessionGate:
         if session.outbox is not None:
             session.outbox.displace()
             session.outbox = None
-        token = new_token()
-        effects = self.apply_internal("sessions.attach", {"session_id": session.id,
-                                                     "token_hash": token_hash(token)})
+        # an SSE stream keeps the token: its Authorization header must stay valid
+        keep = getattr(conn, "keeps_token", False)
+        token = None if keep else new_token()
+        effects = self.apply_internal("sessions.attach", {
+            "session_id": session.id,
+            "token_hash": record["token_hash"] if token is None else token_hash(token)})
         if last_seq >= session.next_seq:
             # restored from the store, whose seq can lag what was sent before a
             # crash: the client saw signals we did not count; never reuse their seqs
@@ -296,15 +299,28 @@ class SessionGate:
         missed, complete = session.missed(last_seq)
         session.last_active = self.clock()
         self._attach(session, conn)
-        reply = Signal("session.resumed", {
-            "session_id": session.id, "role": session.role, "replayed": len(missed),
-            "complete": complete, "resume_token": token}, req.id, True, encoding=req.encoding)
-        effects.outputs = [(session, reply)]
+        data = {"session_id": session.id, "role": session.role, "replayed": len(missed),
+                "complete": complete}
+        if token is not None:
+            data["resume_token"] = token
+        reply = Signal("session.resumed", data, req.id, True, encoding=req.encoding)
+        # a stream's reply is its own, unnumbered: the numbered signals it carries then
+        # go up one by one (an SSE client resumes from the last id it read)
+        effects.outputs = [(conn if keep else session, reply)]
         effects.outputs += [(conn, sig) for sig in missed]
         effects.outputs.append((session, self.sync_state(session)))
         self._session_hook("session_opened", session,
                            session=self.session_info(session, resumed=True))
         return effects
+
+    def credential(self, session_id: str, resume_token: str) -> Session | None:
+        """The session a credential names (an HTTP request's Bearer header), if the
+        token matches and the session may still be resumed; nothing changes."""
+        record = self._records().get(session_id)
+        ok = hash_matches(resume_token, record["token_hash"] if record else _DUMMY_HASH)
+        if record is None or not ok or not self._within_window(record):
+            return None
+        return self.sessions.get(session_id)
 
     def _within_window(self, record: dict[str, Any]) -> bool:
         if record["state"] == State.OPEN.value:
@@ -318,8 +334,13 @@ class SessionGate:
         session = conn.session
         if session is None:
             raise Unauthenticated("no session is open on this connection")
+        other = session.outbox if session.outbox is not conn else None
         effects = self.end(session.id, "closed")
         conn.detached()  # it stays, without a session
+        if other is not None:  # closed over HTTP while a connection has it: tell that one
+            effects.outputs.append((other, Signal("session.ended", {
+                "session_id": session.id, "reason": "closed"})))
+            effects.after.append(lambda: other.close_soon(1000, "session closed"))
         effects.outputs.append((conn, Signal("session.closed", {"session_id": session.id},
                                              req.id, True, encoding=req.encoding)))
         return effects

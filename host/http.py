@@ -14,7 +14,6 @@ import json
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
@@ -23,24 +22,27 @@ from urllib.parse import unquote
 import h11
 import trio
 
+from host import httpapi as api
+from host.httpapi import API_PATHS, Response
+from host.transport import Slot
 
 
-class Served(Protocol):
-    """What the HTTP face reads of the server it fronts (host.server.Server)."""
+class Served(api.Server, Protocol):
+    """What the HTTP face reads of the server it fronts (host.server.Server), which
+    it does not import: the API's needs, and the pages' and probes' own."""
 
-    config: Any
-    port: int | None
-    started: bool
-    router: Any
-    worlds: Any
-    sessions: Any
-    transport: Any
+    @property
+    def port(self) -> int | None: ...
+
+    @property
+    def started(self) -> bool: ...
+
+    @property
+    def worlds(self) -> Any: ...
 
     @property
     def lobby(self) -> Any: ...
 
-    @property
-    def stopping(self) -> bool: ...
 
 log = logging.getLogger("worldhost.http")
 
@@ -69,15 +71,6 @@ SECURITY_HEADERS = [
      b"style-src 'self' 'unsafe-inline'; frame-ancestors 'none'"),
 ]
 requests: Counter[int] = Counter()  # responses by status, for /metrics (this process)
-
-
-@dataclass
-class Response:
-    status: int
-    body: bytes
-    content_type: str = "text/plain; charset=utf-8"
-    headers: list[tuple[bytes, bytes]] | None = None
-    cache: str = "no-store"
 
 
 async def read_head(stream: trio.abc.Stream, max_bytes: int) -> bytes:
@@ -129,11 +122,13 @@ def unread(stream: trio.abc.Stream, data: bytes) -> None:
     stream.receive_some = receive_some  # type: ignore[method-assign]
 
 
-async def serve(host: Served, stream: trio.abc.Stream, head: bytes) -> None:
-    """Answer the one HTTP request in ``head`` (it came within the time allowed). A peer
-    gone before the answer is sent is no error of the host's."""
+async def serve(host: Served, stream: trio.abc.Stream, head: bytes,
+                slot: Slot | None = None) -> None:
+    """Answer the one HTTP request in ``head`` (it came within the time allowed), in
+    the transport's ``slot`` for its socket. A peer gone before the answer is sent is
+    no error of the host's."""
     try:
-        await _serve(host, stream, head)
+        await _serve(host, stream, head, slot)
         await _linger(stream)
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
@@ -154,7 +149,8 @@ async def _linger(stream: trio.abc.Stream) -> None:
             drained += len(data)
 
 
-async def _serve(host: Served, stream: trio.abc.Stream, head: bytes) -> None:
+async def _serve(host: Served, stream: trio.abc.Stream, head: bytes,
+                 slot: Slot | None) -> None:
     limits = host.config.host.limits
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_http_header_bytes)
     if too_large(head, limits.max_http_header_bytes):
@@ -171,12 +167,27 @@ async def _serve(host: Served, stream: trio.abc.Stream, head: bytes) -> None:
         return
     if not isinstance(event, h11.Request):  # the peer closed before the end of its headers
         return
+    names = {key for key, _ in event.headers}
+    if b"transfer-encoding" in names and b"content-length" in names:
+        # two ways to tell where the body ends: a proxy in front may pick the other
+        # one (request smuggling), so neither is trusted
+        await _send(stream, conn, Response(400, b"bad request: Content-Length together "
+                                                b"with Transfer-Encoding\n"),
+                    method=b"GET", force=True)
+        return
+    if event.target.partition(b"?")[0] in API_PATHS:
+        response = await api.serve(host, stream, conn, event, slot)
+        if response is not None:  # (a reply may be big: a reader that stalls is cut off)
+            with trio.move_on_after(host.config.host.ping_timeout_s):
+                await _send(stream, conn, response, method=b"POST", force=True)
+        return
     try:
         response = respond(host, event)
     except Exception:  # a failing page must not take the world down with it
         log.exception("HTTP %r failed", event.target)
         response = Response(500, b"internal error (logged by the host)\n")
-    await _send(stream, conn, response, method=event.method)
+    with trio.move_on_after(host.config.host.ping_timeout_s):
+        await _send(stream, conn, response, method=event.method)
 
 
 def respond(host: Served, request: h11.Request) -> Response:
@@ -200,7 +211,7 @@ def respond(host: Served, request: h11.Request) -> Response:
         name = static_name(path[len("/static/"):])
     if name is None:
         return not_found(path)
-    return static(name, _header(request, b"if-none-match"))
+    return static(name, api.header(request, b"if-none-match"))
 
 
 def static_name(raw: str) -> str | None:
@@ -310,13 +321,6 @@ def metrics(host: Served) -> str:
     metric("http_responses_total", "counter", "HTTP responses, by status.",
            [(f'{{status="{k}"}}', n) for k, n in sorted(requests.items())])
     return "\n".join(lines) + "\n"
-
-
-def _header(request: h11.Request, name: bytes) -> bytes | None:
-    for key, value in request.headers:
-        if key == name:
-            return bytes(value)
-    return None
 
 
 async def _send(stream: trio.abc.Stream, conn: h11.Connection, response: Response,

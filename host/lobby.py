@@ -26,11 +26,17 @@ DEFAULT_WORLD = "main"  # the world of a fresh server, and of a store from befor
 WORLD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
+RESERVED_WORLD_IDS = frozenset({"server"})  # the id the server's own plugins see
+
+
 def check_world_id(world_id: Any, path: str = "params.world_id") -> str:
     """A world id becomes a file name: 1 to 64 letters, digits, ``-`` and ``_``."""
     if not isinstance(world_id, str) or WORLD_ID.fullmatch(world_id) is None:
         raise Invalid("a world id is 1 to 64 letters, digits, '-' and '_'",
                       details={"path": path, "message": "bad world id"})
+    if world_id in RESERVED_WORLD_IDS:
+        raise Invalid(f"world id {world_id!r} is reserved",
+                      details={"path": path, "message": "reserved world id"})
     return world_id
 
 

@@ -50,8 +50,8 @@ class Request:
     encoding: str | None = None
     error: Any = None  # an ActionError: refused before it got here (bad frame, envelope)
     internal: bool = False
-    done: trio.Event | None = None
-    result: Any = None
+    done: trio.Event | None = None  # set once released (its outputs delivered)
+    result: Any = None  # internal: the handler's data; else, with ``done``: the reply Signal
     failure: Any = None  # the ActionError an internal action was refused with
 
 

@@ -74,6 +74,13 @@ def _reading(db: str, scope: str = "world") -> Iterator[World]:
         conn.execute("BEGIN")  # deferred: the snapshot is taken at the first read, kept to the end
         store = Store(conn, db)
         _check_readable(store)
+        if scope == "world" and store.conn.execute(
+                "SELECT 1 FROM slices WHERE name = 'worlds'").fetchone() is not None:
+            # the server's own store (DB.server.db): read it as the server does
+            host = World("server", "server", db, scope="server", config=server.config,
+                         registry=registry, sessions=server.sessions, gate=server.gate,
+                         clock=server.clock, threads=False)
+        host.read_only = True
         host.store = store
         # World.open without the lock, the quick_check and the format upgrade (writes)
         host._load(store.load())
@@ -127,7 +134,8 @@ async def _inspect(db: str) -> dict[str, Any]:
             "format_version": store.meta("format_version"),
             "reads_format": FORMAT_VERSION,
             "generation": store.meta("generation"),
-            "world_id": host.slices["host"].data()["world_id"],
+            "world_id": host.slices["host"].data()["world_id"]
+            if "host" in host.slices.slices else None,  # (None: the server's own store)
             "journal_length": store.journal_length(),
             "replayed": host.replayed,
             "slices": slices,
@@ -167,6 +175,10 @@ def export(args: argparse.Namespace) -> int:
 
 def world_document(world: World) -> dict[str, Any]:
     """The whole world, as ``worldhost export`` writes it."""
+    if world.scope == "server":
+        raise OfflineError(f"{world.path} is the server's own store (sessions and the registry "
+                           f"of worlds), not a world: export a world's store (--db, or "
+                           f"worlds/ID.db beside it)")
     slices = {name: {"version": s.spec.version, "keyed": s.spec.keyed, "data": s.data()}
               for name, s in world.slices.slices.items() if name not in HOST_OWNED}
     return {"format": FORMAT, "version": 1, "world_id": world.slices["host"].data()["world_id"],

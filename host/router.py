@@ -61,16 +61,21 @@ class Router:
         if isinstance(item, Disconnect):
             await self._lobby.put(item)
             return
-        session: Session | None = item.conn.session if item.conn is not None else None
-        if item.error is None and item.action in self.server_actions:
-            await self._before_server_action(item, session)
+        conn = item.conn
+        session: Session | None = conn.session if conn is not None else None
+        action = item.action
+        if item.error is None and action in self.server_actions:
+            if action in _LOADS_FIRST:
+                await self._before_server_action(item, session)
             target = self._lobby
-        elif item.error is not None or session is None \
-                or item.action not in self.registry.actions:
+        elif item.error is not None or session is None or action not in self.registry.actions:
             target = self._lobby  # the gate answers: unauthenticated, unknown, bad frame
         else:
-            target = await self._world_of(item, session)
-        if session is not None and session.held_elsewhere(target.saver):
+            world_id = session.world
+            world = self.worlds.loaded.get(world_id) if world_id is not None else None
+            target = world.dispatcher if world is not None else \
+                await self._world_of(item, session)
+        if session is not None and session.holds and session.held_elsewhere(target.saver):
             while session.held_elsewhere(target.saver):
                 await session.wait_released()
         await target.put(item)
@@ -93,8 +98,6 @@ class Router:
         gate finds it loaded: the one it joins, or the one it opens or resumes into.
         Only for requests the gate could let through, so nobody loads worlds by
         asking for what they may not have."""
-        if req.action not in _LOADS_FIRST:
-            return
         if req.action == "world.join":
             action = self.registry.actions[req.action]
             world_id = req.params.get("world_id") if isinstance(req.params, dict) else None

@@ -212,24 +212,27 @@ class Server:
                 return  # every connection has a session: no room
             with slot.scope:  # cancelled to close it when room is needed
                 request = None
+                head = None
                 # a socket that never completes its handshake is closed like one that
                 # never opens a session
                 with trio.move_on_after(self.config.sessions.auth_timeout_s):
-                    head = None
                     with trio.move_on_after(limits.http_timeout_s):
                         head = await http.read_head(stream, limits.max_http_header_bytes)
                     if not head:  # too slow to send a request's headers, or gone
                         return
-                    # HTTP (pages, health, metrics), and any request over the header
-                    # bound: a handshake too, which wsproto would take up to 16 KiB
-                    if not http.is_websocket(head) or \
-                            http.too_large(head, limits.max_http_header_bytes):
-                        await http.serve(self, stream, head)
-                        return
-                    http.unread(stream, head)
-                    request = await trio_websocket.wrap_server_stream(
-                        self._nursery, stream, message_queue_size=8,
-                        max_message_size=limits.max_frame_bytes)
+                    # HTTP (pages, health, metrics, the HTTP API), and any request over
+                    # the header bound: a handshake too, which wsproto would take up to
+                    # 16 KiB. Served past the handshake's timeout: an SSE stream lasts.
+                    if http.is_websocket(head) and \
+                            not http.too_large(head, limits.max_http_header_bytes):
+                        http.unread(stream, head)
+                        head = None
+                        request = await trio_websocket.wrap_server_stream(
+                            self._nursery, stream, message_queue_size=8,
+                            max_message_size=limits.max_frame_bytes)
+                if head:
+                    await http.serve(self, stream, head, slot)
+                    return
                 if request is not None:
                     await self.transport.handle(request, slot)
         finally:

@@ -286,17 +286,19 @@ class Session:
         }
 
     def restore_runtime(self, saved: dict[str, Any]) -> None:
-        """Take back what was saved; raises ValueError if it is not what runtime()
-        writes (the caller repairs the session rather than failing to start)."""
+        """Take back what a store saved, merged with what the session already holds
+        (the server's store and each world's keep a copy, of different ages): the
+        larger of each figure, the replies it lacks. Raises ValueError if it is not
+        what runtime() writes (the caller repairs the session rather than failing)."""
         next_seq = saved.get("next_seq", 1)
         if type(next_seq) is not int or not 1 <= next_seq <= SEQ_LIMIT:
             raise ValueError(f"next_seq {next_seq!r} is out of range")
         self.next_seq = max(self.next_seq, next_seq)
-        self.last_active = float(saved.get("last_active", self.last_active))
-        self.actions_applied = int(saved.get("actions_applied", 0))
-        self.signals_sent = int(saved.get("signals_sent", 0))
+        self.last_active = max(self.last_active, float(saved.get("last_active", 0.0)))
+        self.actions_applied = max(self.actions_applied, int(saved.get("actions_applied", 0)))
+        self.signals_sent = max(self.signals_sent, int(saved.get("signals_sent", 0)))
         for kind, key, sig, data in saved.get("replies", []):
-            self.replies[(kind, key)] = [sig, data, True, None]
+            self.replies.setdefault((kind, key), [sig, data, True, None])
         self.measure_replies()
 
 

@@ -181,8 +181,16 @@ class Connection:
         self.cancel_scope.cancel()
 
     # the connection's tasks --------------------------------------------------------
-    async def run(self) -> None:
+    def greet(self) -> None:
+        """The first signal on a new connection: what the host is and allows."""
         self.deliver(Signal("server.info", self.hello()))
+
+    def frame(self, sig: Signal) -> str | bytes:
+        """A signal as this connection's channel sends it."""
+        return encode_frame(sig, sig.encoding or self.encoding)
+
+    async def run(self) -> None:
+        self.greet()
         try:
             with self.cancel_scope:
                 async with trio.open_nursery() as nursery:
@@ -391,7 +399,7 @@ class Connection:
                     await self.channel.close(self.close_code or 1000, self.close_reason)
                     self.cancel_scope.cancel()
                     return
-                frame = encode_frame(sig, sig.encoding or self.encoding)
+                frame = self.frame(sig)
                 if len(frame) <= self.max_frame:
                     await self.channel.send(frame)
                     continue
@@ -562,10 +570,12 @@ class Transport:
                 self.open -= 1
 
     def connection(self, channel: Channel, remote: str, slot: Slot | None,
-                   max_frame: int | None = None) -> Connection:
+                   max_frame: int | None = None,
+                   cls: type[Connection] | None = None) -> Connection:
         """A connection over ``channel``, in its slot (closed at once if the slot was
-        taken back while the socket was being set up)."""
-        conn = Connection(channel, remote, config=self.config, submit=self.submit,
+        taken back while the socket was being set up); ``cls`` for a kind of its own
+        (an SSE stream)."""
+        conn = (cls or Connection)(channel, remote, config=self.config, submit=self.submit,
                           hello=self.hello, threads=self.threads, transport=self,
                           max_frame=max_frame)
         conn.slot = slot

@@ -101,6 +101,7 @@ class World:
         self._file_lock: Any = None
         self._saved_runtime: dict[str, int] = {}  # session id -> version written here
         self.stored: set[str] = set()  # the slices its store held when it was opened
+        self.read_only = False  # an offline reader: load, never write
 
     # the world's own meta ------------------------------------------------------
     @property
@@ -216,6 +217,9 @@ class World:
         dispatcher.seed = self.seed
         if "sessions" in self.slices.slices:
             self.sessions.sync(self.slices["sessions"].data())
+        # (a world loaded while the server runs meets live sessions: its store's copy
+        # of their seq only counts when it is ahead of theirs)
+        seq_before = {s.id: s.next_seq for s in self.sessions}
         restored = self._restore_runtime(loaded)
         dispatcher.next_id = max(loaded.checkpoint_id,
                                  loaded.journal[-1].id if loaded.journal else 0) + 1
@@ -250,7 +254,8 @@ class World:
             if session is not None and sid not in restored and sid not in self.damaged:
                 session.next_seq = max(session.next_seq, seq)
         for session in self._known(loaded):
-            session.seq_exact = False  # signals sent after its last save were not counted
+            if self.scope == "server" or session.next_seq > seq_before.get(session.id, 0):
+                session.seq_exact = False  # signals sent after its last save were not counted
             session.measure_replies()
         self.saver.current.releases.clear()
         self.saver.current.entries.clear()
@@ -288,7 +293,7 @@ class World:
             raise StoreUnreadable(f"cannot decode a stored slice: {exc}") from None
         unknown = set(loaded.slices) - set(self.specs)
         moved = sorted(n for n in unknown if n in self.registry.slices)
-        if moved and self.store is not None:  # now kept elsewhere (sessions: the server's)
+        if moved and self.store is not None and not self.read_only:  # now kept elsewhere (sessions: the server's)
             log.info("store %s: dropping its copy of %s, now kept by the server", self.path,
                      moved)
             self.store.drop_slices(moved)
@@ -352,8 +357,12 @@ class World:
             ended = sorted(set(ended) | set(self.sessions.take_ended()))
         return rows, ended
 
+    def active_at(self) -> float:
+        """When a session last changed this world (0: never, as far as it knows)."""
+        return max(self.last_active, self.dispatcher.last_request_at)
+
     def _meta(self) -> dict[str, Any]:
-        return {"last_active": self.last_active or None}
+        return {"last_active": self.active_at() or None}
 
     # life ------------------------------------------------------------------------
     async def run(self, *, run_plugins: bool = True, resume: Callable[[World], Any] | None = None,

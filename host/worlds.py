@@ -98,10 +98,11 @@ class Worlds:
         return str(worlds_dir(self.config, self.db) / f"{world_id}.db")
 
     def last_active(self, world_id: str) -> float:
+        """When a session last changed the world: live while it is loaded, else as
+        the registry recorded it when it unloaded (or its store at its checkpoints)."""
+        recorded = float(self.records().get(world_id, {}).get("last_active") or 0.0)
         world = self.loaded.get(world_id)
-        if world is not None:
-            return max(world.last_active, world.dispatcher.last_request_at)
-        return float(self.records().get(world_id, {}).get("last_active") or 0.0)
+        return recorded if world is None else max(recorded, world.active_at())
 
     def default_id(self) -> str | None:
         """The world a session is in until it joins another: the last active one
@@ -142,6 +143,10 @@ class Worlds:
         """Register a new world (its store is made when it first loads)."""
         if world_id in self.live():
             raise Conflict(f"world {world_id!r} already exists")
+        old = self.records().get(world_id)
+        if old is not None and (world_id in self.loaded or (
+                old["path"] != ":memory:" and os.path.exists(old["path"]))):
+            raise Conflict(f"world {world_id!r} is still being archived; try again")
         if len(self.live()) >= self.config.worlds.max_worlds:
             raise Conflict(f"this server holds {self.config.worlds.max_worlds} worlds "
                            f"(worlds.max_worlds); archive one first")
@@ -203,9 +208,11 @@ class Worlds:
             return world
         try:
             return await self.load(world_id)
-        except (StartupError, StoreError, OSError, sqlite3.Error) as exc:
-            self.failed[world_id] = str(exc)
-            log.error("world %r could not be loaded: %s", world_id, exc)
+        except Exception as exc:  # a store, a lock, a plugin's startup: this world only
+            self.failed[world_id] = str(exc) if isinstance(
+                exc, (StartupError, StoreError, OSError, sqlite3.Error)) else \
+                f"{type(exc).__name__} while loading it (see the server's log)"
+            log.error("world %r could not be loaded", world_id, exc_info=exc)
             return None
 
     async def load(self, world_id: str) -> World:

@@ -59,7 +59,10 @@ def test_a_store_from_before_worlds_is_adopted_with_nothing_lost(tmp_path: Path)
     sessions = json.loads((FIXTURE / "sessions.json").read_text())
     sessions["ada"]["said_4"] = True
     db = tmp_path / "world.db"
-    server = ServerProcess(db).start()
+    # the fixture's sessions were left long ago: a resume window that still holds them
+    config = tmp_path / "c.toml"
+    config.write_text("[sessions]\nresume_ttl_s = 1e10\n")
+    server = ServerProcess(db, config=config).start()
     try:
         seen = trio.run(_resume_and_look, server.url, sessions["ada"])
         assert seen["info"]["world_id"] == "main"

@@ -143,6 +143,17 @@ def test_inspect_export_import(tmp_path: Path) -> None:
             first, second = json.loads(target.read_text()), json.loads(again.read_text())
             assert first["slices"] == second["slices"]
     assert refused.returncode == 2 and "cannot read" in refused.stderr
+    # the server's own store beside it: inspect lists its sessions and worlds, read only;
+    # export says it is no world
+    server_db = tmp_path / "w.server.db"
+    before = server_db.read_bytes()
+    out = run_cli("inspect", str(server_db))
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert {s["name"] for s in info["slices"]} == {"sessions", "worlds"}
+    assert server_db.read_bytes() == before
+    done = run_cli("export", str(server_db), "--out", str(tmp_path / "server.json"))
+    assert done.returncode == 2 and "the server's own store" in done.stderr
 
 
 def test_import_refuses_while_a_host_holds_the_file(server: ServerProcess, tmp_path: Path) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
+
+import trio
 
 from host import config as config_mod
 from host.server import Host
@@ -27,7 +30,7 @@ def test_every_action_is_documented_with_its_role() -> None:
 def test_every_config_key_is_documented() -> None:
     text = (DOCS / "configuration.md").read_text()
     cfg = config_mod.Config()
-    for section in ("host", "sessions", "store"):
+    for section in ("host", "sessions", "store", "worlds"):
         for key in getattr(cfg, section).__struct_fields__:
             if key == "limits":
                 continue
@@ -201,9 +204,11 @@ async def test_a_relative_db_is_resolved_against_the_working_directory(
     (tmp_path / "conf" / "world.toml").write_text('[host]\ndb = "rel/w.db"\n')
     monkeypatch.chdir(tmp_path / "run")
     host = Host(config_mod.load(tmp_path / "conf" / "world.toml"), entry_points=False)
-    host.open()
-    host.release()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(functools.partial(host.run, listen=False))
+        host.stop()
     assert (tmp_path / "run" / "rel" / "w.db").exists()
+    assert (tmp_path / "run" / "rel" / "w.server.db").exists()  # the server's, beside it
     assert not (tmp_path / "conf" / "rel").exists()
 
 

@@ -51,6 +51,7 @@ class Recorder:
         self.ticks = 0
         self.fail_once = fail_once
         self.full = False
+        self.busy: set[str] = set()  # worlds this plugin says keep running
 
     @hookimpl
     def register_actions(self) -> list[Action]:
@@ -122,6 +123,10 @@ class Recorder:
     def process_resumed(self, host: Any, process: dict[str, Any]) -> None:
         self.calls.append(("process_resumed", process["process_id"]))
 
+    @hookimpl
+    def world_running(self, host: Any) -> str | None:
+        return "recorder" if host.world_id in self.busy else None
+
 
 async def test_each_hook_is_called(worldhost: Any, autojump_clock: Any) -> None:
     rec = Recorder(fail_once=True)
@@ -144,6 +149,38 @@ async def test_each_hook_is_called(worldhost: Any, autojump_clock: Any) -> None:
     assert ("shutdown", 1) in rec.calls
     await h.start()
     assert ("process_resumed", "p1") in rec.calls
+
+
+async def test_world_running_keeps_a_world_loaded_and_brings_it_back(
+        worldhost: Any, autojump_clock: Any) -> None:
+    """A world whose plugin says it runs stays loaded with nobody in it, is listed
+    with what runs, and is loaded again at startup without anyone joining; a world
+    with nothing running unloads after idle_unload_s."""
+    rec = Recorder()
+    rec.busy.add("busy")
+    h = await worldhost.start(rec, config={"host": {"admin_token": "adm"},
+                                           "worlds": {"idle_unload_s": 10}})
+
+    async def listed() -> dict[str, Any]:
+        async with h.client("ada", token="adm") as ada:
+            return {w["world_id"]: w for w in (await ada.call("world.list"))["worlds"]}
+
+    async with h.client("ada", token="adm") as ada:
+        for world_id in ("calm", "busy"):
+            await ada.call("world.create", world_id=world_id)
+            await ada.call("world.join", world_id=world_id)
+        await ada.call("world.leave")
+    await trio.sleep(60)
+    worlds = await listed()
+    assert worlds["busy"]["loaded"] and worlds["busy"]["running"] == ["recorder"]
+    assert not worlds["calm"]["loaded"] and worlds["calm"]["running"] == []
+    await h.stop()
+    rec.calls.clear()
+    await h.start()
+    assert ("startup", "busy") in rec.calls and ("startup", "calm") not in rec.calls
+    rec.busy.clear()  # nothing runs there any more: it unloads like any idle world
+    await trio.sleep(60)
+    assert not (await listed())["busy"]["loaded"]
 
 
 async def test_session_limit_hook_refuses_new_sessions(worldhost: Any) -> None:

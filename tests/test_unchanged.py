@@ -90,6 +90,14 @@ FAILING: dict[str, list[tuple[dict[str, Any], str]]] = {
     "chat.say": [({"text": "x" * 4001}, "validation_error"), ({"text": "bell\x07"},
                                                               "validation_error")],
     "chat.history": [({"limit": 0}, "validation_error")],
+    "world.list": [({"x": 1}, "validation_error")],
+    "world.create": [({"world_id": "../up"}, "validation_error"), ({"world_id": "main"},
+                                                                  "conflict")],
+    "world.archive": [({"world_id": "nope"}, "not_found"), ({"world_id": ""},
+                                                           "validation_error")],
+    "world.join": [({"world_id": "nope"}, "not_found"), ({"world_id": "a\x00b"},
+                                                        "validation_error")],
+    "world.leave": [({"x": 1}, "validation_error")],
 }
 
 

@@ -1,0 +1,429 @@
+"""The HTTP API: ``POST /v1/actions`` (one envelope in, its reply out) and
+``GET /v1/events`` (the session's signals as Server-Sent Events).
+
+An HTTP request acts as the session its ``Authorization: Bearer
+SESSION_ID.RESUME_TOKEN`` header names, through the same router, gate and
+dispatcher as a WebSocket frame: the same role, world, remembered replies and
+seq numbering (a reply is numbered in the session's sequence, and also reaches
+the session's connection, if it has one). It does not attach the session: a
+WebSocket of the same session stays connected, and the token is not rotated.
+Only ``session.open`` comes without the header; its session is then left
+disconnected (resumable), and each later request keeps it so.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import h11
+import trio
+
+from host.actions import ActionError, BadRequest, RateLimited
+from host.config import Config
+from host.framing import check_envelope, encode_frame, parse_envelope
+from host.limits import TokenBucket
+from host.messages import Disconnect, Request, Signal, Submitter
+from host.sessions import MAX_SEQ, Session, SessionTable
+from host.sse import SseChannel, SseConnection
+from host.transport import THREAD_BYTES, Slot, Transport, stream_address
+from state.codec import DecodeError, TooManyItems, decode_json, lenient_json
+
+
+class Credentials(Protocol):
+    def credential(self, session_id: str, resume_token: str) -> Session | None: ...
+
+
+class Server(Protocol):
+    """What the API uses of the server (host/server.py), which it does not import."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def router(self) -> Submitter: ...
+
+    @property
+    def gate(self) -> Credentials: ...
+
+    @property
+    def sessions(self) -> SessionTable: ...
+
+    @property
+    def transport(self) -> Transport: ...
+
+    @property
+    def threads(self) -> bool: ...
+
+    @property
+    def stopping(self) -> bool: ...
+
+    def clock(self) -> float: ...
+
+
+API_PATHS = frozenset({b"/v1/actions", b"/v1/events"})
+STATUS = {"bad_request": 400, "bad_frame": 400, "validation_error": 400,
+          "unauthenticated": 401, "forbidden": 403, "not_found": 404, "unknown_action": 404,
+          "conflict": 409, "rate_limited": 429, "internal_error": 500}
+JSON = "application/json"
+_UNBOUNDED = 1 << 62  # an event is never cut in pieces: SSE has no chunked transfers
+_MAX_BUCKETS = 4096
+_big_decodes = trio.CapacityLimiter(1)
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+    headers: list[tuple[bytes, bytes]] | None = None
+    cache: str = "no-store"
+
+
+def header(request: h11.Request, name: bytes) -> bytes | None:
+    for key, value in request.headers:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class HttpPeer:
+    """The requester of one ``POST /v1/actions``, as the gate and dispatcher see a
+    connection. Its reply is read from the request (``Request.result``), not
+    delivered here; it is the session's connection only while a ``session.open``
+    it sent is being applied."""
+
+    encoding = "json"
+
+    def __init__(self, table: SessionTable, session: Session | None, remote: str) -> None:
+        self._table = table
+        self._session = session
+        self.remote = remote
+        self.failed_opens = 0
+
+    @property
+    def session(self) -> Session | None:
+        """Its session while the session lasts (it may end while the request waits)."""
+        s = self._session
+        return s if s is not None and self._table.get(s.id) is s else None
+
+    @session.setter
+    def session(self, session: Session | None) -> None:
+        self._session = session
+
+    def deliver(self, sig: Signal) -> bool:
+        return True  # kept in the session's replay buffer; the reply is read elsewhere
+
+    def attached(self, session: Session) -> None:
+        self._session = session
+
+    def detached(self) -> None:
+        pass
+
+    def displace(self) -> None:
+        self._session = None
+
+    def close_soon(self, code: int, reason: str) -> None:
+        pass  # the HTTP connection closes after its one response anyway
+
+
+class Buckets:
+    """Rate limits of HTTP requests: one token bucket per session (its requests
+    share it, as a connection's frames share the connection's) and one per address
+    for requests without a session. Idle ones are forgotten when there are many."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.buckets: dict[str, TokenBucket] = {}
+
+    def take(self, key: str, now: float) -> bool:
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            if len(self.buckets) >= _MAX_BUCKETS:
+                self._forget_idle(now)
+            bucket = self.buckets[key] = TokenBucket(self.rate, self.burst)
+        return bucket.take(now)
+
+    def _forget_idle(self, now: float) -> None:
+        full = self.burst / self.rate if self.rate > 0 else 0.0  # refilled by then
+        for key in [k for k, b in self.buckets.items()
+                    if b.stamp is None or now - b.stamp >= full]:
+            del self.buckets[key]
+        while len(self.buckets) >= _MAX_BUCKETS:  # all busy: the oldest go
+            del self.buckets[next(iter(self.buckets))]
+
+
+_buckets: weakref.WeakKeyDictionary[Server, Buckets] = weakref.WeakKeyDictionary()
+
+
+def buckets(host: Server) -> Buckets:
+    found = _buckets.get(host)
+    if found is None:
+        limits = host.config.host.limits
+        found = _buckets[host] = Buckets(limits.rate_per_s, limits.rate_burst)
+    return found
+
+
+def error(status: int, code: str, message: str, *, re: Any = None, action: str = "",
+          headers: list[tuple[bytes, bytes]] | None = None) -> Response:
+    """An ``error`` reply envelope refused before it reached the dispatcher."""
+    sig = Signal("error", {"code": code, "message": message, "action": action}, re, True)
+    if status == 401:
+        headers = [*(headers or []), (b"www-authenticate", b'Bearer realm="worldhost"')]
+    return Response(status, _json(sig), JSON, headers)
+
+
+def _json(sig: Signal) -> bytes:
+    frame = encode_frame(sig, "json")
+    assert isinstance(frame, str)
+    return frame.encode("utf-8", "surrogatepass") + b"\n"
+
+
+def reply_response(sig: Signal | None) -> Response:
+    """The HTTP response for a reply: 200, or the status its error code implies."""
+    if sig is None:  # the dispatcher always answers a request; this is a bug
+        return error(500, "internal_error", "no reply was produced (logged by the host)")
+    status = 200
+    headers: list[tuple[bytes, bytes]] = []
+    if sig.signal == "error":
+        code = sig.data.get("code")
+        status = STATUS.get(code, 400) if isinstance(code, str) else 400
+        if status == 401:
+            headers.append((b"www-authenticate", b'Bearer realm="worldhost"'))
+        elif status == 429:
+            headers.append((b"retry-after", b"1"))
+    return Response(status, _json(sig), JSON, headers)
+
+
+def credential(request: h11.Request) -> tuple[str, str] | None | Response:
+    """(session id, resume token) from ``Authorization: Bearer ID.TOKEN``; None
+    without the header; a 401 when it is there but not of that form."""
+    raw = header(request, b"authorization")
+    if raw is None:
+        return None
+    scheme, _, value = raw.decode("latin-1").strip().partition(" ")
+    sid, dot, token = value.strip().partition(".")
+    if scheme.lower() != "bearer" or not dot or not sid or not token:
+        return error(401, "unauthenticated", "Authorization must be "
+                     "'Bearer SESSION_ID.RESUME_TOKEN' (from session.opened)")
+    return sid, token
+
+
+def authenticate(host: Server, request: h11.Request) -> Session | None | Response:
+    """The session the request's credential names; None without one; a 401 when the
+    credential is wrong or its session is gone (ended, or past its resume window)."""
+    found = credential(request)
+    if found is None or isinstance(found, Response):
+        return found
+    session = host.gate.credential(*found)
+    if session is None:
+        return error(401, "unauthenticated", "invalid or expired session credential "
+                     "(Authorization: Bearer SESSION_ID.RESUME_TOKEN)")
+    return session
+
+
+async def serve(host: Server, stream: trio.abc.Stream, conn: h11.Connection,
+                request: h11.Request, slot: Slot | None) -> Response | None:
+    """One API request; the response to send, or None when it was a stream that
+    has ended."""
+    path = request.target.partition(b"?")[0]
+    wanted = b"POST" if path == b"/v1/actions" else b"GET"
+    if request.method != wanted:
+        return Response(405, b"%s is served for %s only\n" % (path, wanted),
+                        headers=[(b"allow", wanted)])
+    if not host.router.accepting or host.stopping:
+        return error(503, "conflict", "the host is shutting down")
+    session = authenticate(host, request)
+    if isinstance(session, Response):
+        return session
+    if path == b"/v1/events":
+        if session is None:
+            return error(401, "unauthenticated", "GET /v1/events needs Authorization: "
+                         "Bearer SESSION_ID.RESUME_TOKEN")
+        return await events(host, stream, conn, request, slot, session)
+    return await action(host, stream, conn, request, session)
+
+
+# POST /v1/actions -------------------------------------------------------------------
+
+async def action(host: Server, stream: trio.abc.Stream, conn: h11.Connection,
+                 request: h11.Request, session: Session | None) -> Response:
+    limits = host.config.host.limits
+    kind = (header(request, b"content-type") or b"").split(b";")[0].strip().lower()
+    if kind != JSON.encode():
+        return error(415, "bad_request", "the body must be one JSON envelope with "
+                     "Content-Type: application/json (curl --json)")
+    limit = limits.max_frame_bytes if session is not None else \
+        limits.max_frame_bytes_before_session
+    key = "max_frame_bytes" if session is not None else "max_frame_bytes_before_session"
+    body = await read_body(stream, conn, request, limit, key, limits.http_body_timeout_s)
+    if isinstance(body, Response):
+        return body
+    remote = stream_address(stream)
+    allowed = buckets(host).take(session.id if session is not None else "@" + remote,
+                                 trio.current_time())  # counted before it is decoded
+    req = await _request(host, body, session)
+    if not allowed and req.error is None:
+        req.error = RateLimited(f"more than {limits.rate_per_s:g} actions/s (burst "
+                                f"{limits.rate_burst}); slow down")
+    if req.error is None and req.action == "session.resume":
+        req.error = BadRequest("session.resume is not served over HTTP: send the session's "
+                               "credential in Authorization: Bearer SESSION_ID.RESUME_TOKEN, "
+                               "and GET /v1/events with Last-Event-ID for what it missed")
+    peer = HttpPeer(host.sessions, session, remote)
+    req.conn = peer
+    req.done = done = trio.Event()
+    try:
+        await host.router.put(req)
+        await done.wait()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return error(503, "conflict", "the host is shutting down")
+    finally:
+        with trio.CancelScope(shield=True):
+            await _leave(host, peer, session)
+    return reply_response(req.result)
+
+
+async def _leave(host: Server, peer: HttpPeer, session: Session | None) -> None:
+    """After a request: a session it opened is left disconnected (resumable); one it
+    acted as, that nothing is connected to, has its resume window restarted (at
+    most every quarter window: each restart is a journal entry)."""
+    target = peer.session
+    if target is None:
+        return
+    if target.outbox is not peer:
+        if target.outbox is not None or session is None:
+            return
+        since = target.record.get("disconnected_at")
+        ttl = host.config.sessions.resume_ttl_s
+        if since is not None and host.clock() - since < ttl / 4:
+            return
+    try:
+        await host.router.put(Disconnect(peer))
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the host is gone: startup marks every session disconnected
+
+
+async def read_body(stream: trio.abc.Stream, conn: h11.Connection, request: h11.Request,
+                    limit: int, key: str, timeout_s: float) -> bytes | Response:
+    """The request's body (Content-Length or chunked), refused with 413 as soon as it
+    is known to pass ``limit`` (unread), with 408 when it stalls past ``timeout_s``."""
+    too_big = error(413, "bad_request", f"the body is over {limit} bytes "
+                    f"(host.limits.{key})")
+    declared = header(request, b"content-length")
+    if declared is not None and int(declared) > limit:  # h11 checked it is a number
+        return too_big
+    if conn.they_are_waiting_for_100_continue:
+        await stream.send_all(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+    body = bytearray()
+    with trio.move_on_after(timeout_s):
+        while True:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                return error(400, "bad_request", f"bad request body: {exc}")
+            if event is h11.NEED_DATA:
+                try:
+                    data = await stream.receive_some(65536)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    data = b""
+                conn.receive_data(bytes(data))
+                continue
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > limit:
+                    return too_big
+            elif isinstance(event, h11.EndOfMessage):
+                return bytes(body)
+            else:  # the peer closed before the end of its body
+                return error(400, "bad_request", "the body ended early")
+    return error(408, "bad_request", f"the body did not arrive within {timeout_s:g} s "
+                 f"(host.limits.http_body_timeout_s)")
+
+
+async def _request(host: Server, body: bytes, session: Session | None) -> Request:
+    """The body as a request, decoded and checked as a WebSocket text frame is; a
+    refusal travels in ``error``, to be answered through the dispatcher like any."""
+    limits = host.config.host.limits
+    if session is not None and session.role == "admin":
+        max_items, key = limits.max_frame_items, "max_frame_items"
+    else:
+        max_items, key = limits.max_player_frame_items, "max_player_frame_items"
+
+    def decode() -> Any:
+        try:
+            return decode_json(body, max_items=max_items)
+        except TooManyItems as exc:
+            raise DecodeError(f"{exc} (host.limits.{key})") from None
+
+    try:
+        if len(body) > THREAD_BYTES and host.threads:
+            decoded = await trio.to_thread.run_sync(decode, limiter=_big_decodes)
+        else:
+            decoded = decode()
+    except DecodeError as exc:
+        rid = parse_envelope(lenient_json(body))[0]
+        return Request("", None, rid, rid is None, None, "json",
+                       error=ActionError(str(exc), code="bad_frame"))
+    rid, has_id = parse_envelope(decoded)
+    try:
+        name, params = check_envelope(decoded)
+    except ActionError as exc:
+        named = decoded.get("action") if isinstance(decoded, dict) else None
+        return Request(named if isinstance(named, str) and len(named) <= 128 else "", None,
+                       rid, True, None, "json", error=exc)
+    return Request(name, params, rid, has_id, None, "json")
+
+
+# GET /v1/events ----------------------------------------------------------------------
+
+SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+            b"cache-control: no-store\r\nx-accel-buffering: no\r\nconnection: close\r\n"
+            b"x-content-type-options: nosniff\r\n\r\n")
+
+
+def last_event_id(request: h11.Request) -> int | Response:
+    raw = header(request, b"last-event-id")
+    if raw is None or not raw.strip():
+        return 0  # a first stream: everything the session still holds, as last_seq 0
+    text = raw.strip()
+    if not text.isdigit() or len(text) > 16 or int(text) > MAX_SEQ:
+        return error(400, "validation_error", f"Last-Event-ID must be a seq, a whole number "
+                     f"from 0 to {MAX_SEQ}")
+    return int(text)
+
+
+async def events(host: Server, stream: trio.abc.Stream, conn: h11.Connection,
+                 request: h11.Request, slot: Slot | None, session: Session) -> Response | None:
+    """The session's stream: attached like ``session.resume`` with ``last_seq`` from
+    ``Last-Event-ID`` (displacing the session's other connection), then run as any
+    transport connection until the client leaves or is dropped."""
+    if header(request, b"transfer-encoding") is not None or \
+            (header(request, b"content-length") or b"0") != b"0":
+        return error(400, "bad_request", "GET /v1/events takes no body")
+    last_seq = last_event_id(request)
+    if isinstance(last_seq, Response):
+        return last_seq
+    if not buckets(host).take(session.id, trio.current_time()):
+        return reply_response(Signal("error", {
+            "code": "rate_limited", "message": "too many requests for this session; slow "
+            "down", "action": "session.resume"}, None, True))
+    found = credential(request)
+    assert isinstance(found, tuple)
+    channel = SseChannel(stream, SSE_HEAD, send_timeout_s=host.config.host.ping_timeout_s)
+    sse = host.transport.connection(channel, stream_address(stream), slot,
+                                    max_frame=_UNBOUNDED, cls=SseConnection)
+    done = trio.Event()
+    req = Request("session.resume", {"session_id": found[0], "resume_token": found[1],
+                                     "last_seq": last_seq}, None, False, sse, "json", done=done)
+    try:
+        await host.router.put(req)
+        await done.wait()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return error(503, "conflict", "the host is shutting down")
+    if sse.session is None:
+        return reply_response(req.result)
+    await host.transport.run(sse)
+    return None
