@@ -179,14 +179,17 @@ def check(world: dict, ledger: Ledger, totals: Totals) -> None:
 
 
 def run(cycles: int, workdir: Path, seed: int | None = None, verbose: bool = False,
-        synchronous: str = "NORMAL", journal_commits: str = "thread") -> Totals:
+        synchronous: str = "NORMAL", journal_commits: str = "thread",
+        websocket: str | None = None) -> Totals:
     """Journal commits on the store's thread (the default), or in the event loop
     (``journal_commits = "loop"``, with NORMAL only; see state/saver.py): every path
-    must lose nothing acknowledged."""
+    must lose nothing acknowledged. ``websocket`` sets ``[host] websocket`` (else the
+    host's default)."""
     rng = random.Random(seed)
     db = workdir / "kill.db"
     config = workdir / "kill.toml"
-    config.write_text(f'[host]\nadmin_token = "{ADMIN}"\n[host.limits]\nrate_per_s = 100000.0\n'
+    library = f'websocket = "{websocket}"\n' if websocket else ""
+    config.write_text(f'[host]\nadmin_token = "{ADMIN}"\n{library}[host.limits]\nrate_per_s = 100000.0\n'
                       '[sessions]\nresume_ttl_s = 3600\n'
                       f'[store]\nsynchronous = "{synchronous}"\n'
                       f'journal_commits = "{journal_commits}"\n'
@@ -229,11 +232,14 @@ def main() -> int:
                         help="the store's synchronous mode")
     parser.add_argument("--journal-commits", choices=["thread", "loop"], default="thread",
                         help="where journal commits run (loop: NORMAL only)")
+    parser.add_argument("--websocket", choices=["trio-websocket", "websockets"], default=None,
+                        help="the host's [host] websocket (default: the host's own)")
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         totals = run(args.cycles, Path(tmp), args.seed, verbose=True,
-                     synchronous=args.synchronous, journal_commits=args.journal_commits)
+                     synchronous=args.synchronous, journal_commits=args.journal_commits,
+                     websocket=args.websocket)
     print(f"cycles {totals.cycles}  acknowledged {totals.acknowledged}  lost {totals.lost}  "
           f"invented {totals.invented}  resume failures {totals.resume_failures}  "
           f"invariant failures {totals.check_failures}  "

@@ -130,7 +130,7 @@ BUILTIN_PLUGINS: dict[str, dict[str, Any]] = {
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    host: HostSection = HostSection()
+    host: HostSection = msgspec.field(default_factory=HostSection)  # reads the environment
     sessions: SessionsSection = SessionsSection()
     store: StoreSection = StoreSection()
     worlds: WorldsSection = WorldsSection()
