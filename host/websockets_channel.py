@@ -57,9 +57,18 @@ class WebsocketsChannel:
             raise ChannelClosed from None
 
     async def send(self, frame: str | bytes) -> None:
+        # What the library's own broadcast() does: frame it and write it, without
+        # send()'s async context manager (a generator per frame, in the hot path).
+        ws = self.ws
+        if ws.protocol.state is not OPEN:
+            raise ChannelClosed
+        if isinstance(frame, str):
+            ws.protocol.send_text(frame.encode())
+        else:
+            ws.protocol.send_binary(frame)
         try:
-            await self.ws.send(frame)
-        except ConnectionClosed:
+            await ws.send_data()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ChannelClosed from None
 
     async def ping(self) -> None:
