@@ -193,7 +193,7 @@ def test_compression_is_offered_when_configured_and_bounded_after_inflating(
         assert proc.stop() == 0 and plain.stop() == 0
 
 
-def test_a_client_gone_mid_frame_leaves_the_host_serving(server: ServerProcess) -> None:
+def test_a_client_gone_mid_frame_leaves_the_host_serving(server: ServerProcess) -> None:  # noqa: F811
     """Half a frame, then the socket closes: the connection ends, nothing else does."""
     ws = client(server, "half")
     ws.socket.sendall(b"\x81\xfe\x10\x00\x11\x22\x33\x44" + b"x" * 100)  # 4096 declared
