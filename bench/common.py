@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +30,11 @@ def workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="worldhost-bench-"))
 
 
-def config_file(folder: Path, extra: str = "", rate: float = 1e6) -> Path:
+def config_file(folder: Path, extra: str = "", rate: float = 1e6, host: str = "") -> Path:
     """A config for benchmarks: no rate limit, room for many sessions, the bench
-    plugin; ``extra`` is appended (whole tables only)."""
+    plugin; ``extra`` is appended (whole tables only), ``host`` goes in ``[host]``."""
     path = folder / "bench.toml"
-    path.write_text(f'[host]\nadmin_token = "{ADMIN}"\n[host.limits]\nrate_per_s = {rate}\n'
+    path.write_text(f'[host]\nadmin_token = "{ADMIN}"\n{host}[host.limits]\nrate_per_s = {rate}\n'
                     f'rate_burst = 1000000\nmax_connections_per_address = 100000\n'
                     f'outbox_size = 100000\nmax_lag_s = 60.0\n'
                     f'[sessions]\nmax_sessions_per_address = 0\n'
@@ -42,9 +43,10 @@ def config_file(folder: Path, extra: str = "", rate: float = 1e6) -> Path:
     return path
 
 
-def host_process(folder: Path, extra_config: str = "", rate: float = 1e6) -> ServerProcess:
+def host_process(folder: Path, extra_config: str = "", rate: float = 1e6,
+                 host: str = "") -> ServerProcess:
     """``worldhost serve`` with the bench plugin importable."""
-    return ServerProcess(folder / "bench.db", config=config_file(folder, extra_config, rate),
+    return ServerProcess(folder / "bench.db", config=config_file(folder, extra_config, rate, host),
                          env={"PYTHONPATH": str(Path(__file__).parent)})
 
 
@@ -60,6 +62,27 @@ async def echo_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
 
     await serve_websocket(handler, "127.0.0.1", 0, None, message_queue_size=64,
                           max_message_size=64 << 20, task_status=task_status)
+
+
+async def websockets_echo_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """The same echo on the ``websockets`` library's trio server, configured as the
+    host configures it (no compression, no keepalive of its own, a queue of 8)."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.trio.server import serve
+
+    async def handler(ws: Any) -> None:
+        try:
+            while True:
+                await ws.send(await ws.recv())
+        except ConnectionClosed:  # a client went away
+            pass
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(partial(serve, handler, listeners=listeners, compression=None,
+                                    ping_interval=None, max_size=64 << 20, max_queue=8))
+        task_status.started(_Port(port))
 
 
 async def line_echo_server(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:

@@ -252,16 +252,18 @@ def store_files(db: Path, worlds: int) -> list[Path]:
 
 def run(cycles: int, workdir: Path, seed: int | None = None, verbose: bool = False,
         synchronous: str = "NORMAL", journal_commits: str = "thread", worlds: int = 1,
-        clients: int | None = None) -> Totals:
+        clients: int | None = None, websocket: str | None = None) -> Totals:
     """Journal commits on the store's thread (the default), or in the event loop
     (``journal_commits = "loop"``, with NORMAL only; see state/saver.py): every path
     must lose nothing acknowledged. ``worlds`` > 1 spreads ``clients`` (default: three,
-    or one per world if more) over that many worlds, client i in world i mod N."""
+    or one per world if more) over that many worlds, client i in world i mod N.
+    ``websocket`` sets ``[host] websocket`` (else the host's default)."""
     rng = random.Random(seed)
     clients = clients if clients is not None else max(CLIENTS, worlds)
     db = workdir / "kill.db"
     config = workdir / "kill.toml"
-    config.write_text(f'[host]\nadmin_token = "{ADMIN}"\n[host.limits]\nrate_per_s = 100000.0\n'
+    library = f'websocket = "{websocket}"\n' if websocket else ""
+    config.write_text(f'[host]\nadmin_token = "{ADMIN}"\n{library}[host.limits]\nrate_per_s = 100000.0\n'
                       '[sessions]\nresume_ttl_s = 3600\n'
                       f'[store]\nsynchronous = "{synchronous}"\n'
                       f'journal_commits = "{journal_commits}"\n'
@@ -315,6 +317,8 @@ def main() -> int:
                         help="spread the clients over this many worlds (1: the default world only)")
     parser.add_argument("--clients", type=int, default=None,
                         help=f"clients (default {CLIENTS}, or one per world if --worlds is more)")
+    parser.add_argument("--websocket", choices=["trio-websocket", "websockets"], default=None,
+                        help="the host's [host] websocket (default: the host's own)")
     args = parser.parse_args()
     if args.worlds < 1:
         parser.error("--worlds must be at least 1")
@@ -322,7 +326,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         totals = run(args.cycles, Path(tmp), args.seed, verbose=True,
                      synchronous=args.synchronous, journal_commits=args.journal_commits,
-                     worlds=args.worlds, clients=args.clients)
+                     worlds=args.worlds, clients=args.clients, websocket=args.websocket)
     print(f"cycles {totals.cycles}  worlds {args.worlds}  acknowledged {totals.acknowledged}  "
           f"lost {totals.lost}  invented {totals.invented}  "
           f"resume failures {totals.resume_failures}  "

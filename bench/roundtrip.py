@@ -1,29 +1,34 @@
-"""Round trips: the host against a bare trio-websocket echo server, same client.
+"""Round trips: the host against a bare echo server of the same transport, same client.
 
 Both servers run in processes of their own (bench/echo.py for the echo), so
 both pay the same process hops and have a core to themselves.
 
     python bench/roundtrip.py [--seconds 3] [--quick] [--procs 1] [--client raw|trio]
+                              [--transports trio-websocket,websockets,tcp] [--counts 1,10,100]
 
-At 1, 10 and 100 connections: round trips/s, p50 and p99, for ``host.ping`` and
-for the most trivial world-changing action (``bench.touch`` from
+For each transport: the host serving WebSocket with ``[host] websocket =
+"trio-websocket"`` against a bare trio-websocket echo; with ``"websockets"``
+against a bare echo on the ``websockets`` library's trio server; and its line
+JSON over TCP (``[transports.tcp]``) against a bare trio TCP line echo. At 1,
+10 and 100 connections: round trips/s, p50 and p99, for ``host.ping`` and for
+the most trivial world-changing action (``bench.touch`` from
 bench/bench_plugin.py: one record, journaled, answered once durable), each as a
-ratio of the echo server's figures measured in the same run; then a bare trio
-TCP line echo (no WebSocket) at the same connection counts, the floor for a
-plain TCP transport. Targets at 10 connections: ping >= 0.8 of echo, the
-durable action >= 0.7. ``cpu ratio`` is the echo server's CPU per round trip
-over the host's: what the ratio would be if each server had a core to itself
-and nothing else limited it, a steadier figure on a loaded machine.
+ratio of the echo server's figures measured in the same run. Targets at 10
+connections: ping >= 0.8 of echo, the durable action >= 0.6. ``cpu ratio`` is
+the echo server's CPU per round trip over the host's: what the ratio would be
+if each server had a core to itself and nothing else limited it, a steadier
+figure on a loaded machine.
 
-The client is bench/rawclient.py (plain sockets, epoll, hand-rolled frames) in
-``--procs`` processes, cheap enough that the server is the bottleneck; each row
-shows the CPU both sides spend per round trip, the share of a core each
-uses (the server's from /proc/PID/stat, the client's from its getrusage) and
-the share of the time each was busy, running or waiting for a core (from
-/proc/PID/schedstat): on a loaded machine neither may get a whole core, but
-the bottleneck is the side that is busy all the time. ``--client trio`` drives the servers with the trio client
-of the other benchmarks instead (about 100 µs of CPU a round trip: there the
-client is the limit).
+The client is bench/rawclient.py (plain sockets, epoll, hand-rolled frames or
+lines) in ``--procs`` processes, cheap enough that the server is the
+bottleneck; each row shows the CPU both sides spend per round trip, the share
+of a core each uses (the server's from /proc/PID/stat, the client's from its
+getrusage) and the share of the time each was busy, running or waiting for a
+core (from /proc/PID/schedstat): on a loaded machine neither may get a whole
+core, but the bottleneck is the side that is busy all the time. ``--client
+trio`` drives the WebSocket servers with the trio client of the other
+benchmarks instead (about 100 µs of CPU a round trip: there the client is the
+limit).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import trio
 
 from common import drive, host_process, open_conns, percentile, run, workdir
 from rawclient import cpu_seconds, run_wait_seconds
+from serverproc import free_port
 
 HERE = Path(__file__).parent
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -157,6 +163,9 @@ def cost(r: Result) -> str:
             f"{r.server_busy * 100:>4.0f}/{r.client_busy * 100:<3.0f}")
 
 
+ECHO_FLAGS = {"trio-websocket": (), "websockets": ("--websockets",), "tcp": ("--tcp",)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -164,21 +173,24 @@ def main() -> None:
     parser.add_argument("--procs", type=int, default=1, help="client processes (raw client)")
     parser.add_argument("--client", choices=("raw", "trio"), default="raw")
     parser.add_argument("--counts", default="1,10,100", help="connection counts")
+    parser.add_argument("--transports", default="trio-websocket,websockets,tcp",
+                        help="which of trio-websocket, websockets (the host's [host] "
+                             "websocket, each against an echo of the same library) and tcp "
+                             "(the host's [transports.tcp] against a bare TCP line echo)")
+    parser.add_argument("--actions", default="host.ping,bench.touch")
     parser.add_argument("--journal-commits", choices=("thread", "loop"), default=None,
                         help="the host's [store] journal_commits (default: the host's own)")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
     counts = [int(c) for c in args.counts.split(",")]
-    folder = workdir()
+    transports = args.transports.split(",")
+    if args.client == "trio" and "tcp" in transports:
+        transports.remove("tcp")  # the trio client speaks WebSocket only
     extra = (f'[store]\njournal_commits = "{args.journal_commits}"\n'
              if args.journal_commits else "")
-    server = host_process(folder, extra).start()
-    assert server.proc is not None
-    echo, echo_port = spawn_echo()
-    tcp, tcp_port = spawn_echo("--tcp")
-    host_url, echo_url = server.url, f"ws://127.0.0.1:{echo_port}/"
 
-    def measure(url: str, pid: int, count: int, action: str, session: bool, line: bool = False) -> Result:
+    def measure(url: str, pid: int, count: int, action: str, session: bool,
+                line: bool = False) -> Result:
         if args.client == "trio":
             return measure_trio(url, pid, count, seconds, action, session)
         return measure_raw(url, pid, count, seconds, action, session, line, args.procs)
@@ -186,30 +198,35 @@ def main() -> None:
     print(f"client: {args.client}" + (f", {args.procs} process(es)" if args.client == "raw" else "")
           + f", {seconds:g} s a measurement; cost = server/client: µs of CPU per round trip, "
           "% of a core used, % of the time busy (running or waiting for a core)", flush=True)
-    print(f"{'action':<11} {'conns':>5} {'host rt/s':>10} {'echo rt/s':>10} {'ratio':>6} "
-          f"{'cpu ratio':>9} {'host p50':>9} {'host p99':>9} {'echo p50':>9} {'echo p99':>9}  "
-          f"{'host cost':<25} {'echo cost':<25}", flush=True)
-    try:
-        for action in ("host.ping", "bench.touch"):
-            for count in counts:
-                h = measure(host_url, server.proc.pid, count, action, True)
-                e = measure(echo_url, echo.pid, count, action, False)
-                print(f"{action:<11} {count:>5} {h.rate:>10.0f} {e.rate:>10.0f} {h.rate / e.rate:>6.2f} "
-                      f"{e.server_cpu / h.server_cpu:>9.2f} {h.p50 * 1000:>7.2f}ms {h.p99 * 1000:>7.2f}ms "
-                      f"{e.p50 * 1000:>7.2f}ms {e.p99 * 1000:>7.2f}ms  {cost(h):<25} {cost(e):<25}",
-                      flush=True)
-        if args.client == "raw":
-            print(f"\nbare trio TCP line echo (no WebSocket), host.ping payloads\n"
-                  f"{'conns':>5} {'rt/s':>8} {'vs ws echo':>10} {'p50':>9} {'p99':>9}  {'cost':<25}")
-            for count in counts:
-                t = measure(f"tcp://127.0.0.1:{tcp_port}/", tcp.pid, count, "host.ping", False, True)
-                e = measure(echo_url, echo.pid, count, "host.ping", False)
-                print(f"{count:>5} {t.rate:>8.0f} {t.rate / e.rate:>10.2f} {t.p50 * 1000:>7.2f}ms "
-                      f"{t.p99 * 1000:>7.2f}ms  {cost(t):<25}", flush=True)
-    finally:
-        server.stop()
-        echo.kill()
-        tcp.kill()
+    print(f"{'transport':<14} {'action':<11} {'conns':>5} {'host rt/s':>10} {'echo rt/s':>10} "
+          f"{'ratio':>6} {'cpu ratio':>9} {'host p50':>9} {'host p99':>9} {'echo p50':>9} "
+          f"{'echo p99':>9}  {'host cost':<25} {'echo cost':<25}", flush=True)
+    for transport in transports:
+        line = transport == "tcp"
+        port = free_port()
+        host = "" if line else f'websocket = "{transport}"\n'
+        tcp = f"[transports.tcp]\nenabled = true\nport = {port}\n" if line else ""
+        server = host_process(workdir(), extra + tcp, host=host).start()
+        assert server.proc is not None
+        echo, echo_port = spawn_echo(*ECHO_FLAGS[transport])
+        if line:
+            host_url, echo_url = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{echo_port}"
+        else:
+            host_url, echo_url = server.url, f"ws://127.0.0.1:{echo_port}/"
+        try:
+            for action in args.actions.split(","):
+                for count in counts:
+                    h = measure(host_url, server.proc.pid, count, action, True, line)
+                    e = measure(echo_url, echo.pid, count, action, False, line)
+                    print(f"{transport:<14} {action:<11} {count:>5} {h.rate:>10.0f} "
+                          f"{e.rate:>10.0f} {h.rate / e.rate:>6.2f} "
+                          f"{e.server_cpu / h.server_cpu:>9.2f} {h.p50 * 1000:>7.2f}ms "
+                          f"{h.p99 * 1000:>7.2f}ms {e.p50 * 1000:>7.2f}ms "
+                          f"{e.p99 * 1000:>7.2f}ms  {cost(h):<25} {cost(e):<25}", flush=True)
+        finally:
+            server.stop()
+            echo.kill()
+            echo.wait()
 
 
 if __name__ == "__main__":

@@ -44,6 +44,22 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     http_body_timeout_s: float = 30.0  # to send an HTTP request's body, once its headers came
 
 
+WEBSOCKETS = ("trio-websocket", "websockets")
+WEBSOCKET_ENV = "WORLDHOST_WEBSOCKET"
+
+
+def default_websocket() -> Literal["trio-websocket", "websockets"]:
+    """``host.websocket`` when the config does not set it: trio-websocket, or what
+    ``WORLDHOST_WEBSOCKET`` names (so a whole test suite can run on either)."""
+    name = os.environ.get(WEBSOCKET_ENV) or "trio-websocket"
+    if name == "websockets":
+        return "websockets"
+    if name != "trio-websocket":
+        raise ConfigError(f"{WEBSOCKET_ENV}={name!r}: the default for key 'host.websocket' "
+                          f"must be one of {', '.join(WEBSOCKETS)}")
+    return "trio-websocket"
+
+
 class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     bind: str = "127.0.0.1"  # the address to listen on (``host``: its old, deprecated name)
     port: int = 8765
@@ -54,6 +70,10 @@ class HostSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     allowed_origins: list[str] = []
     ping_interval_s: float = 15.0
     ping_timeout_s: float = 25.0
+    # the WebSocket library behind the transport (host/websocket.py, host/websockets_channel.py)
+    websocket: Literal["trio-websocket", "websockets"] = msgspec.field(
+        default_factory=default_websocket)
+    websocket_compression: bool = False  # permessage-deflate; needs websocket = "websockets"
     limits: Limits = Limits()
 
 
@@ -111,7 +131,7 @@ BUILTIN_PLUGINS: dict[str, dict[str, Any]] = {
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    host: HostSection = HostSection()
+    host: HostSection = msgspec.field(default_factory=HostSection)  # reads the environment
     sessions: SessionsSection = SessionsSection()
     store: StoreSection = StoreSection()
     worlds: WorldsSection = WorldsSection()
@@ -207,6 +227,12 @@ def from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
         enabled = table.get("enabled", True)
         if not isinstance(enabled, bool):
             raise ConfigError(f"{source}: key 'plugins.{name}.enabled': Expected `bool`")
+    if config.host.websocket_compression and config.host.websocket != "websockets":
+        # wsproto inflates a compressed frame whole, before any size check: a small
+        # frame could inflate to gigabytes
+        raise ConfigError(f"{source}: key 'host.websocket_compression': needs "
+                          f"host.websocket = \"websockets\" (trio-websocket cannot bound "
+                          f"what a compressed frame inflates to)")
     return config
 
 

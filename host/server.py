@@ -19,7 +19,7 @@ from typing import Any
 import trio
 import trio_websocket
 
-from host import http, plugins
+from host import http, plugins, websockets_channel
 from host.actions import ActionError
 from host.config import Config
 from host.gate import SessionGate
@@ -212,10 +212,12 @@ class Server:
                 return  # every connection has a session: no room
             with slot.scope:  # cancelled to close it when room is needed
                 request = None
+                upgrade: bytes | None = None
                 head = None
                 # a socket that never completes its handshake is closed like one that
                 # never opens a session
-                with trio.move_on_after(self.config.sessions.auth_timeout_s):
+                handshake_by = trio.current_time() + self.config.sessions.auth_timeout_s
+                with trio.move_on_at(handshake_by):
                     with trio.move_on_after(limits.http_timeout_s):
                         head = await http.read_head(stream, limits.max_http_header_bytes)
                     if not head:  # too slow to send a request's headers, or gone
@@ -225,16 +227,22 @@ class Server:
                     # 16 KiB. Served past the handshake's timeout: an SSE stream lasts.
                     if http.is_websocket(head) and \
                             not http.too_large(head, limits.max_http_header_bytes):
-                        http.unread(stream, head)
+                        if self.config.host.websocket == "websockets":
+                            upgrade = head  # its handshake is answered from the head
+                        else:
+                            http.unread(stream, head)
+                            request = await trio_websocket.wrap_server_stream(
+                                self._nursery, stream, message_queue_size=8,
+                                max_message_size=limits.max_frame_bytes)
                         head = None
-                        request = await trio_websocket.wrap_server_stream(
-                            self._nursery, stream, message_queue_size=8,
-                            max_message_size=limits.max_frame_bytes)
                 if head:
                     await http.serve(self, stream, head, slot)
                     return
                 if request is not None:
                     await self.transport.handle(request, slot)
+                elif upgrade is not None:
+                    await websockets_channel.serve(self.transport, stream, upgrade,
+                                                   slot.address, slot, handshake_by)
         finally:
             if slot is not None:
                 self.transport.release(slot)

@@ -1,0 +1,154 @@
+"""The WebSocket channel on the ``websockets`` library (``[host] websocket = "websockets"``).
+
+The same face as host/websocket.py (trio-websocket): messages in, frames out,
+``ChannelClosed`` when the peer is gone. The handshake is the one the HTTP face
+already read (host/http.py reads the request head before it knows what the
+request is), fed to websockets' sans-I/O ``ServerProtocol``; from then on its
+trio ``Connection`` reads and writes the frames, with permessage-deflate if
+``websocket_compression`` is on. The library itself sizes a frame in bytes
+(after inflating it) and closes with 1009, checks text as UTF-8 (1007) and
+answers a frame it cannot parse with a close frame (1002), which host/websocket.py
+has to add to trio-websocket by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+from websockets.exceptions import ConnectionClosed
+from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
+from websockets.frames import Close
+from websockets.http11 import Request
+from websockets.protocol import OPEN
+from websockets.server import ServerProtocol
+from websockets.trio.connection import Connection as WsConnection
+
+from host.channel import ChannelClosed
+from host.config import Config
+from host.transport import Slot, Transport
+from host.websocket import origin_ok
+
+# the library logs every connection opened and closed at INFO: only its warnings here
+_library_log = logging.getLogger("worldhost.transport.websockets")
+_library_log.setLevel(logging.WARNING)
+
+CLOSE_TIMEOUT_S = 1.0  # for the client's answer to our close frame, as trio-websocket waits
+_MAX_REASON = 123  # bytes: a close frame's payload is at most 125, two of them the code
+
+
+class WebsocketsChannel:
+    """One accepted WebSocket on websockets' trio connection. Text frames are JSON,
+    binary frames CBOR."""
+
+    pings = True
+
+    def __init__(self, ws: WsConnection) -> None:
+        self.ws = ws
+
+    @property
+    def closed(self) -> bool:
+        return self.ws.protocol.state is not OPEN
+
+    async def receive(self) -> str | bytes:
+        try:
+            return await self.ws.recv()
+        except ConnectionClosed:
+            raise ChannelClosed from None
+
+    async def send(self, frame: str | bytes) -> None:
+        # What the library's own broadcast() does: frame it and write it, without
+        # send()'s async context manager (a generator per frame, in the hot path).
+        ws = self.ws
+        if ws.protocol.state is not OPEN:
+            raise ChannelClosed
+        if isinstance(frame, str):
+            ws.protocol.send_text(frame.encode())
+        else:
+            ws.protocol.send_binary(frame)
+        try:
+            await ws.send_data()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ChannelClosed from None
+
+    async def ping(self) -> None:
+        try:
+            pong = await self.ws.ping(ack_on_close=True)
+        except ConnectionClosed:
+            raise ChannelClosed from None
+        await pong.wait()
+        if self.closed:  # acknowledged by the close, not by a pong
+            raise ChannelClosed
+
+    async def close(self, code: int, reason: str) -> None:
+        if not _sendable(code):  # 1006 (vanished, as under kill -9): no frame at all
+            await trio.aclose_forcefully(self.ws.stream)
+            return
+        await self.ws.aclose(code, _truncate(reason))
+
+
+def _sendable(code: int) -> bool:
+    try:
+        Close(code, "").check()
+    except Exception:  # noqa: BLE001 - websockets raises ProtocolError for a reserved code
+        return False
+    return True
+
+
+def _truncate(reason: str) -> str:
+    data = reason.encode("utf-8")
+    return reason if len(data) <= _MAX_REASON else \
+        data[:_MAX_REASON].decode("utf-8", "ignore")
+
+
+def protocol(config: Config) -> ServerProtocol:
+    """A server protocol with the host's frame bound (in bytes, after inflating)."""
+    cfg = config.host
+    extensions = enable_server_permessage_deflate(None) if cfg.websocket_compression else None
+    return ServerProtocol(extensions=extensions, max_size=cfg.limits.max_frame_bytes,
+                          logger=_library_log)
+
+
+async def handshake(transport: Transport, stream: trio.abc.Stream,
+                    head: bytes) -> ServerProtocol | None:
+    """Answer the upgrade request in ``head``: 101, or 403 (origin), 503 (shutting
+    down), 400/426 (not a valid WebSocket request). The protocol, if it is open."""
+    proto = protocol(transport.config)
+    proto.receive_data(head)
+    request = next((e for e in proto.events_received() if isinstance(e, Request)), None)
+    if request is not None:
+        cfg = transport.config.host
+        if not origin_ok(_first(request, "Origin"), _first(request, "Host"),
+                         cfg.allowed_origins):
+            response = proto.reject(403, "origin not allowed")
+        elif not transport.submit.accepting:
+            response = proto.reject(503, "shutting down")
+        else:
+            response = proto.accept(request)
+        proto.send_response(response)
+    try:
+        for data in proto.data_to_send():
+            if data:
+                await stream.send_all(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return None
+    return proto if proto.state is OPEN else None
+
+
+async def serve(transport: Transport, stream: trio.abc.Stream, head: bytes, remote: str,
+                slot: Slot | None, handshake_deadline: float) -> None:
+    """One WebSocket connection whose request head is ``head``, to its end."""
+    with trio.move_on_at(handshake_deadline):
+        proto = await handshake(transport, stream, head)
+    if proto is None:
+        return
+    async with trio.open_nursery() as nursery:  # websockets' reader task lives here
+        ws = WsConnection(nursery, stream, proto, ping_interval=None,  # the host pings
+                          close_timeout=CLOSE_TIMEOUT_S, max_queue=8)
+        await transport.run(transport.connection(WebsocketsChannel(ws), remote, slot))
+        nursery.cancel_scope.cancel()
+
+
+def _first(request: Request, name: str) -> str | None:
+    values = request.headers.get_all(name)
+    return values[0] if values else None
