@@ -308,7 +308,7 @@ def position(graph: Any, agent: dict[str, Any]) -> tuple[float, float] | None:
         return None
     edge = graph.get(map_plugin.EDGE + agent["edge"]) if agent.get("edge") else None
     to = graph.get(map_plugin.NODE + edge["to"]) if edge is not None else None
-    if to is None:
+    if edge is None or to is None:
         return node["x"], node["y"]
     f = min(1.0, agent.get("progress", 0.0) / edge["length"])
     return node["x"] + (to["x"] - node["x"]) * f, node["y"] + (to["y"] - node["y"]) * f
@@ -367,7 +367,8 @@ def publish(ctx: Context) -> None:
             out["reset"] = True
         for key, how, value in items:
             if how == "del":
-                out.setdefault("del", []).append(key)
+                if not reset:  # after a reset the client holds only what is set
+                    out.setdefault("del", []).append(key)
             elif how == "patch":
                 if value:
                     out.setdefault("patch", {})[key] = value
