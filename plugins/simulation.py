@@ -27,7 +27,7 @@ from host.actions import (Action, ActionError, Conflict, Context, Id, Invalid, N
                           bounded, encoded_size)
 from host.api import AppliedAction, HostAPI
 from host.plugins import hookimpl
-from host.topics import UNSUBSCRIBED, Topic
+from host.topics import UNSUBSCRIBED, Topic, argument
 from plugins import map as map_plugin
 from plugins.routing import Router
 from state.slices import KeyedSlice, SliceSpec
@@ -314,6 +314,11 @@ def position(graph: Any, agent: dict[str, Any]) -> tuple[float, float] | None:
     return node["x"] + (to["x"] - node["x"]) * f, node["y"] + (to["y"] - node["y"]) * f
 
 
+def _where(graph: Any, agent: dict[str, Any] | None) -> tuple[float, float] | None:
+    """Where an agent is (None: nowhere, or no agent)."""
+    return position(graph, agent) if agent is not None else None
+
+
 def _inside(view: tuple[float, float, float, float], at: tuple[float, float] | None) -> bool:
     return at is not None and view[0] <= at[0] <= view[2] and view[1] <= at[1] <= view[3]
 
@@ -354,68 +359,57 @@ def publish(ctx: Context) -> None:
         changes.append((key, None if old is None else plain(key, old),
                         None if new is None else plain(key, new)))
 
-    def entry(old: dict[str, Any] | None, new: dict[str, Any] | None) -> tuple[str, Any]:
+    def entry(key: str, old: dict[str, Any] | None,
+              new: dict[str, Any] | None) -> tuple[str, str, Any]:
         if new is None:
-            return "del", None
+            return key, "del", None
         if old is None or reset or not old.keys() <= new.keys():
-            return "set", new
-        return "patch", {f: v for f, v in new.items() if f not in old or old[f] != v}
+            return key, "set", new
+        return key, "patch", {f: v for f, v in new.items() if f not in old or old[f] != v}
 
-    def delta(topic: str, items: list[tuple[str, str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {"topic": topic, "tick": tick_now}
+    def send(topic: str, items: list[tuple[str, str, Any]], **extra: Any) -> None:
+        """One topic's delta, if it has anything to say; after a reset the client
+        holds only what is set, so nothing is deleted."""
+        data: dict[str, Any] = {"topic": topic, "tick": tick_now}
         if reset:
-            out["reset"] = True
+            data["reset"] = True
         for key, how, value in items:
-            if how == "del":
-                if not reset:  # after a reset the client holds only what is set
-                    out.setdefault("del", []).append(key)
-            elif how == "patch":
-                if value:
-                    out.setdefault("patch", {})[key] = value
-            else:
-                out.setdefault("set", {})[key] = value
-        return out
+            if how == "set":
+                data.setdefault("set", {})[key] = value
+            elif how == "patch" and value:
+                data.setdefault("patch", {})[key] = value
+            elif how == "del" and not reset:
+                data.setdefault("del", []).append(key)
+        if len(data) > 2 or extra:
+            ctx.broadcast("simulation.delta", {**data, **extra}, topic=topic)
 
     if ticks:
-        items = [(key, *entry(old, new)) for key, old, new in changes]
-        data = delta(TICKS, items)
-        if graph.pending:
-            data["graph"] = map_plugin.export_graph(dict(graph.items()))
-        ctx.broadcast("simulation.delta", data, topic=TICKS)
+        graph_now = {"graph": map_plugin.export_graph(dict(graph.items()))} if graph.pending \
+            else {}
+        send(TICKS, [entry(*change) for change in changes], **graph_now)
     if agents:
         by_key = {key: (old, new) for key, old, new in changes}
         for topic in sorted(agents):
-            key = AGENT + topic.split(":", 1)[1]
-            if key in by_key:
-                how, value = entry(*by_key[key])
-                if how != "patch" or value:
-                    ctx.broadcast("simulation.delta", delta(topic, [(key, how, value)]),
-                                  topic=topic)
-            elif reset:
-                ctx.broadcast("simulation.delta", delta(topic, []), topic=topic)
+            key = AGENT + argument(topic)
+            send(topic, [entry(key, *by_key[key])] if key in by_key else [])
     if views:
         old_graph = graph.data()
         moved = [(key, old, new) for key, old, new in changes if key.startswith(AGENT)]
         if reset:  # every agent is new: the view holds those inside
             moved = [(key, None, plain(key, rec)) for key, rec in records.items()
                      if key.startswith(AGENT)]
-        placed = [(key, old, new,
-                   position(old_graph, old) if old is not None else None,
-                   position(graph, new) if new is not None else None)
+        placed = [(key, old, new, _where(old_graph, old), _where(graph, new))
                   for key, old, new in moved]
         for topic in sorted(views):
-            view = parse_view(topic.split(":", 1)[1])
+            view = parse_view(argument(topic))
             items = []
             for key, old, new, was_at, now_at in placed:
                 was, now = _inside(view, was_at), _inside(view, now_at)
                 if now:
-                    items.append((key, *entry(old if was else None, new)))
+                    items.append(entry(key, old if was else None, new))
                 elif was:
                     items.append((key, "del", None))
-            if items or reset:
-                data = delta(topic, items)
-                if "set" in data or "patch" in data or "del" in data or reset:
-                    ctx.broadcast("simulation.delta", data, topic=topic)
+            send(topic, items)
 
 
 # --- per-host runtime: agent kinds, router, the tick loop's wake-up -----------------
