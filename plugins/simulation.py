@@ -23,8 +23,8 @@ from typing import Annotated, Any
 import msgspec
 import trio
 
-from host.actions import (Action, ActionError, Conflict, Context, Id, Invalid, NotFound, Role,
-                          bounded, encoded_size)
+from host.actions import (MAX_ID_LENGTH, Action, ActionError, Conflict, Context, Id, Invalid,
+                          NotFound, Role, bounded, encoded_size)
 from host.api import AppliedAction, HostAPI
 from host.plugins import hookimpl
 from host.topics import UNSUBSCRIBED, Topic, argument
@@ -297,7 +297,8 @@ def parse_view(arg: str) -> tuple[float, float, float, float]:
 
 
 def _agent_id(arg: str) -> str:
-    bounded(arg, "agent id")
+    if len(arg) > MAX_ID_LENGTH:
+        raise ValueError(f"an agent id is at most {MAX_ID_LENGTH} characters")
     return arg
 
 

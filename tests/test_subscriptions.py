@@ -16,7 +16,8 @@ from host import config as config_mod
 from host import plugins
 from host.actions import Invalid
 from host.client import CallError, connect
-from host.topics import TopicForms
+from host.sessions import SessionTable
+from host.topics import UNSUBSCRIBED, TopicForms
 from serverproc import ServerProcess, free_port
 
 QUIET = ("sync_state",)  # sent to everyone on some changes, whatever they watch
@@ -60,6 +61,7 @@ async def test_a_subscriber_gets_its_topics_and_a_session_that_never_subscribed_
     (["simulation.view:5,0,1,1"], "params.topics[0]", "x0 <= x1"),
     ([7], "params.topics[0]", "a topic is a string"),
     (["process:" + "p" * 400], "params.topics[0]", "max_topic_length (300)"),
+    (["simulation.agent:" + "t" * 270], "params.topics[0]", "at most 256 characters"),
     ([f"process:p{i}" for i in range(65)], "params.topics", "max_topics (64)"),
 ])
 async def test_a_bad_topic_is_refused_naming_it_and_nothing_changes(
@@ -170,3 +172,32 @@ async def test_subscriptions_survive_kill_9(tmp_path: Path) -> None:
             assert sig["data"]["text"] == "after the crash"
     finally:
         server.stop()
+
+
+def test_the_index_holds_each_topic_s_subscribers_and_forgets_empty_topics() -> None:
+    """Routing costs the audience: the index answers a topic with its subscribers and
+    the sessions that never subscribed, kept in step as records change."""
+    table = SessionTable()
+
+    def record(sid: str, world: str | None, topics: list[str] | None) -> dict[str, Any]:
+        return {"id": sid, "name": sid, "role": "player", "state": "open", "world": world,
+                "topics": topics}
+
+    records = {f"s{i}": record(f"s{i}", "main", [f"process:p{i}"]) for i in range(500)}
+    records["all"] = record("all", "main", None)
+    records["other"] = record("other", "elsewhere", ["chat"])
+    table.sync(records)
+    main = table.interest_in("main")
+    members = table.members("main")
+    assert sorted(s.id for s in main.audience("process:p7", members)) == ["all", "s7"]
+    assert [s.id for s in main.audience("chat", members)] == ["all"]
+    assert [s.id for s in main.audience("process:p7", members, ["s9"])] == ["all", "s7", "s9"]
+    assert [s.id for s in main.audience(UNSUBSCRIBED, members)] == ["all"]
+    assert main.subscribed("process") == {f"process:p{i}" for i in range(500)}
+    records["s7"] = record("s7", "main", [])
+    records["other"] = record("other", "main", ["chat"])
+    del records["s8"]
+    table.sync(records)
+    assert "process:p7" not in main.by_topic and "process:p8" not in main.by_topic
+    assert [s.id for s in main.audience("chat", members)] == ["all", "other"]
+    assert table.interest_in("elsewhere").by_topic == {}
