@@ -7,6 +7,10 @@ stepping as fast as possible; then ticking at 20 Hz with 100 connected clients,
 the p50/p99 delay from a tick to its ``simulation.ticked`` arriving, next to a
 bare trio-websocket server broadcasting the same bytes to 100 clients at the
 same rate in the same run (target: p99 within 2x), and the host's CPU share.
+In the same run three more clients subscribe (``world.subscribe``) to
+``simulation.ticks``, to one moving truck and to a view of 10% of the map: the
+bytes per tick each gets, as deltas, next to the whole tick a client that never
+subscribed gets (target for one truck: under 1% of it).
 """
 
 from __future__ import annotations
@@ -51,6 +55,30 @@ async def listen_ticks(nursery: trio.Nursery, url: str, count: int, delays: list
 
     for conn in conns:
         nursery.start_soon(reader, conn.ws)
+
+
+async def watch(nursery: trio.Nursery, url: str, topics: list[str], sizes: list[int]) -> None:
+    """A client subscribed to ``topics``: the bytes of each delta frame it gets."""
+    (conn,) = await open_conns(nursery, url, 1, True)
+    reply = await conn.call("world.subscribe", {"topics": topics})
+    assert reply["signal"] == "world.subscribed", reply
+
+    async def reader() -> None:
+        while True:
+            frame = await conn.ws.get_message()
+            if '"simulation.delta"' in frame:
+                sizes.append(len(frame))
+    nursery.start_soon(reader)
+
+
+def view_of(state: dict, share: float) -> str:
+    """A square-ish view over ``share`` of the map's bounding box, in its corner."""
+    xs = [n["x"] for n in state["graph"]["nodes"]]
+    ys = [n["y"] for n in state["graph"]["nodes"]]
+    side = share ** 0.5
+    x0, y0 = min(xs), min(ys)
+    x1, y1 = x0 + (max(xs) - x0) * side, y0 + (max(ys) - y0) * side
+    return f"simulation.view:{x0},{y0},{x1},{y1}"
 
 
 async def bare_broadcast(count: int, seconds: float, frame_bytes: int,
@@ -102,6 +130,15 @@ def main() -> None:
             print(f"stepping as fast as possible: {stepping:.1f} ticks/s "
                   f"({1000 / stepping:.1f} ms per tick of 1,000 trucks)", flush=True)
 
+            exported = await admin.call("simulation.export_state", {})
+            moving = next(a["id"] for a in exported["data"]["state_data"]["agents"]
+                          if a.get("edge") is not None)
+            watched: dict[str, list[int]] = {"everything (simulation.ticks)": [],
+                                             f"one truck ({moving})": [],
+                                             "a view of 10% of the map": []}
+            for topic, into in zip(["simulation.ticks", f"simulation.agent:{moving}",
+                                    view_of(state, 0.1)], watched.values()):
+                await watch(nursery, server.url, [topic], into)
             host_delays: list[float] = []
             sizes: list[int] = []
             await listen_ticks(nursery, server.url, args.clients, host_delays, sizes)
@@ -122,6 +159,13 @@ def main() -> None:
               f"{b99 * 1000:.1f} ms   p99 ratio {h99 / b99:.2f} (target <= 2)")
         print(f"host CPU share while ticking at 20 Hz: {cpu_share * 100:.0f}% of one core "
               f"({len(host_delays)} ticks received, {frame_bytes} bytes each on average)")
+        ticks = len(host_delays) / max(1, args.clients)  # each legacy client gets every tick
+        print(f"bytes per tick per client ({ticks:.0f} ticks): never subscribed "
+              f"(simulation.ticked) {frame_bytes:,}")
+        for name, got in watched.items():
+            per_tick = sum(got) / max(1.0, ticks)
+            print(f"  {name}: {per_tick:,.0f} bytes per tick ({per_tick * 20:,.0f} B/s at "
+                  f"20 Hz), {per_tick / max(1, frame_bytes) * 100:.2f}% of the whole tick")
 
     try:
         run(bench)

@@ -143,10 +143,15 @@ class Context:
             self._random = random.Random(self.seed)
         return self._random
 
-    def broadcast(self, signal: str, data: dict[str, Any], *, others: bool = False) -> None:
-        """Send to every session (``others=True``: all but the requester, who gets the reply)."""
+    def broadcast(self, signal: str, data: dict[str, Any], *, others: bool = False,
+                  topic: str | None = None, participants: tuple[str, ...] = ()) -> None:
+        """Send to every session of the world (``others=True``: all but the requester,
+        who gets the reply). With a ``topic`` (one the plugin declared in
+        ``register_topics``), only to the sessions that subscribed to it, those that
+        never subscribed to anything, and ``participants`` (session ids)."""
         exclude = self.session.id if others and self.session is not None else None
-        self.emitted.append(Emit(signal, data, broadcast=True, exclude=exclude))
+        self.emitted.append(Emit(signal, data, broadcast=True, exclude=exclude, topic=topic,
+                                 participants=participants))
 
     def send(self, session_id: str, signal: str, data: dict[str, Any]) -> None:
         self.emitted.append(Emit(signal, data, to=session_id))

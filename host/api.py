@@ -126,6 +126,12 @@ class HostAPI:
         return [s.overview() for s in list(self._world.audience.values())]
 
     @property
+    def interest(self) -> Any:
+        """Who in this world subscribed to which topic (``host.topics.Interest``), so
+        that a plugin builds a topic's signal only when somebody wants it."""
+        return self._world.dispatcher.interest
+
+    @property
     def hook(self) -> Any:
         """pluggy's hook caller over this world's plugins:
         ``host.hook.agent_removed(ctx=ctx, agent_id=...)``."""

@@ -87,6 +87,8 @@ class SessionsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     remembered_replies_bytes: int = 1024 * 1024  # per session, ids and reply data
     max_sessions_per_address: int = 64  # 0: no limit; admins are not counted
     max_sessions_per_token: int = 64  # 0: no limit
+    max_topics: int = 64  # topics one session may subscribe to
+    max_topic_length: int = 300  # characters of one topic
 
 
 class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -30,6 +30,7 @@ from host.api import AppliedAction
 from host.config import error_path
 from host.messages import Disconnect, Effects, Request, Signal
 from host.sessions import Session, SessionTable
+from host.topics import Interest
 from state.codec import canonical, load_stored
 from state.slices import Slices
 from state.store import JournalEntry
@@ -94,6 +95,7 @@ class Dispatcher:
         self.idle = True  # no item is being applied right now
         self.queued = 0  # items in the channel, not yet taken by the dispatcher task
         self.last_request_at = 0.0  # when a session's action last applied here
+        self._interest: Interest | None = None
 
     # submission -----------------------------------------------------------
     async def put(self, item: Request | Disconnect) -> None:
@@ -286,11 +288,22 @@ class Dispatcher:
         self.next_id += 1
         return taken
 
+    @property
+    def interest(self) -> Interest:
+        """Who among this dispatcher's audience wants which topic."""
+        if self._interest is None:
+            everyone = self.audience is self.sessions.by_id  # the server's own dispatcher
+            self._interest = self.sessions.interest_in(None if everyone else self.api.world_id)
+        return self._interest
+
     def _route(self, emitted: list[Emit], outcome: Effects) -> None:
         for emit in emitted:
             if emit.broadcast:
                 shared: dict[str, bytes] = {}  # each encoding of data, made once for all
-                for s in self.audience.values():
+                targets: Iterable[Session] = (
+                    self.audience.values() if emit.topic is None
+                    else self.interest.audience(emit.topic, self.audience, emit.participants))
+                for s in targets:
                     if s.id != emit.exclude:
                         outcome.outputs.append((s, Signal(emit.signal, emit.data,
                                                           encoded=shared)))

@@ -32,6 +32,7 @@ from host.lobby import check_world_id
 from host.messages import Effects, Request, Signal
 from host.plugins import Registry
 from host.sessions import MAX_SEQ, Session, SessionTable, State, hash_matches, new_token, token_hash
+from host.topics import TopicForms
 
 if TYPE_CHECKING:
     from host.sync import ClientView
@@ -70,6 +71,7 @@ class SessionGate:
         # wired by the server, which builds these with the gate in hand
         self.worlds: Worlds = None  # type: ignore[assignment]
         self.view: ClientView = None  # type: ignore[assignment]
+        self.topic_forms: TopicForms | None = None  # what world.subscribe accepts, once known
 
     def max_failed_opens(self) -> int:
         return self.config.sessions.max_failed_opens
@@ -436,6 +438,51 @@ class SessionGate:
         effects = self._reply(req, "world.left", {"world_id": world_id}, effects)
         effects.outputs.append((session, self.sync_state(session)))
         return effects
+
+    # subscriptions ----------------------------------------------------------------------
+    def subscribe(self, req: Request, params: Any) -> Effects:
+        session = self._session(req)
+        topics = self._topics(params.topics)
+        now = set(session.topics or ()) | topics
+        limit = self.config.sessions.max_topics
+        if len(now) > limit:
+            raise Invalid(f"a session subscribes to at most max_topics ({limit}) topics; "
+                          f"this would make {len(now)}",
+                          details={"path": "params.topics", "message": "too many topics"})
+        return self._subscribed(req, session, "world.subscribed", now)
+
+    def unsubscribe(self, req: Request, params: Any) -> Effects:
+        session = self._session(req)
+        topics = self._topics(params.topics)
+        return self._subscribed(req, session, "world.unsubscribed",
+                                set(session.topics or ()) - topics)
+
+    def _topics(self, topics: list[Any]) -> set[str]:
+        """The topics named, each checked against the declared forms and the limits."""
+        limit, length = self.config.sessions.max_topics, self.config.sessions.max_topic_length
+        if len(topics) > limit:
+            raise Invalid(f"{len(topics)} topics; a session subscribes to at most max_topics "
+                          f"({limit})", details={"path": "params.topics",
+                                                  "message": "too many topics"})
+        if self.topic_forms is None:
+            self.topic_forms = TopicForms.of(self.registry)
+        out = set()
+        for i, topic in enumerate(topics):
+            path = f"params.topics[{i}]"
+            if isinstance(topic, str) and len(topic) > length:
+                raise Invalid(f"a topic is at most max_topic_length ({length}) characters; "
+                              f"{path} is {len(topic)}",
+                              details={"path": path, "message": "topic too long"})
+            out.add(self.topic_forms.check(topic, path))
+        return out
+
+    def _subscribed(self, req: Request, session: Session, signal: str,
+                    topics: set[str]) -> Effects:
+        """Journal what a session now watches (in its record, so it survives resume and
+        restart) and reply with it."""
+        effects = self.apply_internal("sessions.subscribe", {"session_id": session.id,
+                                                        "topics": sorted(topics)})
+        return self._reply(req, signal, {"topics": sorted(topics)}, effects)
 
     def _session(self, req: Request) -> Session:
         session = req.conn.session if req.conn is not None else None

@@ -120,6 +120,15 @@ def session_limit(host: HostAPI) -> ActionError | None:
 
 
 @hookspec
+def register_topics() -> list[Any]:
+    """Return the topics this plugin emits to (``host.topics.Topic``).
+
+    A session may subscribe only to declared topics (``world.subscribe``); a
+    handler emits to one with ``ctx.broadcast(signal, data, topic=...)``.
+    """
+
+
+@hookspec
 def register_agent_kinds() -> list[Any]:
     """Return simulation agent kinds (``plugins.simulation.AgentKind``).
 

@@ -16,6 +16,7 @@ import msgspec
 
 from host.actions import Action, Context, Invalid, NotFound, Role
 from host.hookspecs import hookimpl
+from host.topics import Topic
 from state.codec import encode_json
 from state.slices import SliceSpec
 
@@ -83,6 +84,17 @@ class CreateWorldParams(msgspec.Struct, forbid_unknown_fields=True):
 class JoinParams(msgspec.Struct, forbid_unknown_fields=True):
     session_id: str
     world_id: str | None
+
+
+class SubscribeParams(msgspec.Struct, forbid_unknown_fields=True):
+    session_id: str
+    topics: list[str] | None  # None: never subscribed (gets everything)
+
+
+# bounded here only against abuse of the frame; the limits are [sessions] max_topics
+# and max_topic_length, checked by the gate with errors naming them
+class TopicsParams(msgspec.Struct, forbid_unknown_fields=True):
+    topics: Annotated[list[Any], msgspec.Meta(max_length=10_000)]
 
 
 class RegisterParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -218,6 +230,11 @@ def join(ctx: Context, p: JoinParams) -> dict[str, Any]:
     return {"session_id": p.session_id, "world_id": p.world_id}
 
 
+def subscribe(ctx: Context, p: SubscribeParams) -> dict[str, Any]:
+    _sessions(ctx).edit(p.session_id)["topics"] = p.topics
+    return {"session_id": p.session_id, "topics": p.topics}
+
+
 def register_world(ctx: Context, p: RegisterParams) -> dict[str, Any]:
     ctx.keyed("worlds").put(p.world_id, {
         "id": p.world_id, "name": p.name, "path": p.path, "created_at": ctx.now,
@@ -278,11 +295,19 @@ def register_actions() -> list[Action]:
                gateway=True, description="Join a world: world actions apply to it."),
         Action("world.leave", _gate("leave"), None, Role.viewer, reply="world.left",
                gateway=True, description="Leave the joined world."),
+        Action("world.subscribe", _gate("subscribe"), TopicsParams, Role.viewer,
+               reply="world.subscribed", gateway=True,
+               description="Add topics to what this session watches: from then on it gets "
+                           "the signals of its topics only (and untopiced ones)."),
+        Action("world.unsubscribe", _gate("unsubscribe"), TopicsParams, Role.viewer,
+               reply="world.unsubscribed", gateway=True,
+               description="Remove topics from what this session watches."),
         Action("sessions.create", create, CreateParams, Role.admin, internal=True),
         Action("sessions.attach", attach, AttachParams, Role.admin, internal=True),
         Action("sessions.detach", detach, SessionIdParams, Role.admin, internal=True),
         Action("sessions.end", end, SessionIdParams, Role.admin, internal=True),
         Action("sessions.join", join, JoinParams, Role.admin, internal=True),
+        Action("sessions.subscribe", subscribe, SubscribeParams, Role.admin, internal=True),
         Action("worlds.register", register_world, RegisterParams, Role.admin, internal=True),
         Action("worlds.state", world_state, WorldStateParams, Role.admin, internal=True),
         Action("worlds.archive", archive_world, ArchiveParams, Role.admin, internal=True),
@@ -290,11 +315,16 @@ def register_actions() -> list[Action]:
 
 
 @hookimpl
+def register_topics() -> list[Topic]:
+    return [Topic("sessions", description="sessions ending (session.expired)")]
+
+
+@hookimpl
 def register_slices() -> list[SliceSpec]:
     return [
         SliceSpec("sessions", dict, version=1, keyed=True,
                   defaults={"disconnected_at": None, "created_at": 0.0, "credential": None,
-                            "address": None, "world": DEFAULT_WORLD}),
+                            "address": None, "world": DEFAULT_WORLD, "topics": None}),
         SliceSpec("worlds", dict, version=1, keyed=True,
                   defaults={"last_active": None, "loaded": False, "running": [],
                             "archived_to": None}),

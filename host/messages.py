@@ -71,6 +71,8 @@ class Emit:
     to: str | None = None  # session id; None with broadcast=False means the reply
     broadcast: bool = False
     exclude: str | None = None  # a session a broadcast skips (the requester, say)
+    topic: str | None = None  # a broadcast's topic (host/topics.py); None: every session
+    participants: tuple[str, ...] = ()  # session ids a topic's broadcast reaches regardless
 
 
 @dataclass

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import trio
 
 from host.messages import Signal as Signal
+from host.topics import Interest
 from state.codec import encode_cbor, encode_json
 
 # The highest ``last_seq`` a client may present: the largest integer every JSON
@@ -150,6 +151,9 @@ class Session:
     # (signals sent after its last save are not counted) until it is resumed
     seq_exact: bool = True
     world: str | None = None  # the world it has joined (None: none)
+    # what it subscribed to (None: never subscribed, so it gets every signal); kept
+    # in its journaled record and indexed by the table (``Interest``)
+    topics: frozenset[str] | None = None
     # replies to its own requests, by the saver (one per world) that holds them until
     # a commit: its next request waits for those held elsewhere (see host/router.py)
     holds: dict[Any, int] = field(default_factory=dict)
@@ -314,6 +318,8 @@ class SessionTable:
                  buffer_bytes: int = 4 * 1024 * 1024, replies_bytes: int = 1024 * 1024) -> None:
         self.by_id: dict[str, Session] = {}
         self.by_world: dict[str, dict[str, Session]] = {}  # world id -> its sessions
+        # who wants which topic: per world id, and (key None) among every session
+        self.interest: dict[str | None, Interest] = {None: Interest()}
         self.buffer_size = buffer_size
         self.replies_size = replies_size
         self.buffer_bytes = buffer_bytes
@@ -341,6 +347,7 @@ class SessionTable:
                             created_at=rec.get("created_at", 0.0),
                             last_active=rec.get("created_at", 0.0))
                 self.by_id[sid] = s
+                self.interest[None].add(s)
             else:
                 s.role = rec["role"]
                 state = State(rec["state"])
@@ -348,6 +355,8 @@ class SessionTable:
                     s.machine.move(state)
             s.record = rec
             self.place(s, rec.get("world"))
+            topics = rec.get("topics")
+            self.subscribe(s, None if topics is None else frozenset(topics))
         for sid in [sid for sid in self.by_id if sid not in records]:
             self.drop(sid)
 
@@ -355,20 +364,41 @@ class SessionTable:
         """The sessions joined to a world: a live view, kept in step by the table."""
         return self.by_world.setdefault(world_id, {})
 
+    def interest_in(self, world_id: str | None) -> Interest:
+        """Who wants which topic among a world's sessions (None: among every session)."""
+        found = self.interest.get(world_id)
+        if found is None:
+            found = self.interest[world_id] = Interest()
+        return found
+
     def place(self, s: Session, world_id: str | None) -> None:
         """Move a session to the world its record names."""
         if s.world == world_id:
             return
         if s.world is not None:
             self.by_world.get(s.world, {}).pop(s.id, None)
+            self.interest_in(s.world).remove(s)
         s.world = world_id
         if world_id is not None:
             self.members(world_id)[s.id] = s
+            self.interest_in(world_id).add(s)
+
+    def subscribe(self, s: Session, topics: frozenset[str] | None) -> None:
+        """Set what a session subscribed to (as its record says), re-indexing it."""
+        if s.topics == topics:
+            return
+        indexes = [self.interest[None]] + ([self.interest_in(s.world)] if s.world else [])
+        for index in indexes:
+            index.remove(s)
+        s.topics = topics
+        for index in indexes:
+            index.add(s)
 
     def drop(self, session_id: str) -> Session | None:
         s = self.by_id.pop(session_id, None)
         if s is not None:
             self.place(s, None)
+            self.interest[None].remove(s)
             if s.machine.can(State.CLOSED):
                 s.machine.move(State.CLOSED)
             s.outbox = None

@@ -12,6 +12,7 @@ import msgspec
 
 from host.actions import Action, Context, Invalid, Role
 from host.plugins import hookimpl
+from host.topics import Topic
 from state.slices import SliceSpec
 
 MAX_TEXT = 4000
@@ -57,7 +58,7 @@ def say(ctx: Context, p: SayParams) -> dict[str, Any]:
     if old in chat:
         chat.delete(old)
     ctx.broadcast("chat.message", {"id": n, "from": message["from"], "text": text,
-                                   "at": message["at"]})
+                                   "at": message["at"]}, topic="chat")
     return {"id": n}
 
 
@@ -87,6 +88,11 @@ def register_actions() -> list[Action]:
         Action("chat.history", history, HistoryParams, Role.viewer, changes_world=False,
                reply="chat.history"),
     ]
+
+
+@hookimpl
+def register_topics() -> list[Topic]:
+    return [Topic("chat", description="chat.message")]
 
 
 @hookimpl

@@ -17,6 +17,7 @@ from host.actions import (Action, Conflict, Context, Id, Invalid, NotFound, Role
 from host.api import AppliedAction, HostAPI
 from host.config import error_path
 from host.plugins import hookimpl
+from host.topics import Topic
 from state.slices import KeyedSlice, SliceSpec
 
 NODE = "node:"
@@ -226,7 +227,7 @@ def import_(ctx: Context, params: ImportParams) -> dict[str, Any]:
     usage = count(records)
     reply = {"nodes": usage["nodes"], "edges": usage["edges"]}
     _usage(ctx).propose(reply, usage)
-    ctx.broadcast("map.imported", dict(reply), others=True)
+    ctx.broadcast("map.imported", dict(reply), others=True, topic="map")
     return reply
 
 
@@ -237,7 +238,7 @@ def add_node(ctx: Context, node: Node) -> dict[str, Any]:
     reply = {"node": record}
     _within_budget(ctx, reply, nodes=1, size=encoded_size(record))
     _map(ctx).put(NODE + node.id, record)
-    ctx.broadcast("map.node_added", {"node": record}, others=True)
+    ctx.broadcast("map.node_added", {"node": record}, others=True, topic="map")
     return reply
 
 
@@ -254,7 +255,7 @@ def update_node(ctx: Context, update: NodeUpdate) -> dict[str, Any]:
     reply = {"node": record}
     _within_budget(ctx, reply, size=encoded_size(record) - encoded_size(current))
     _map(ctx).put(key, record)
-    ctx.broadcast("map.node_updated", {"node": record}, others=True)
+    ctx.broadcast("map.node_updated", {"node": record}, others=True, topic="map")
     return reply
 
 
@@ -287,7 +288,7 @@ def remove_node(ctx: Context, params: IdParams) -> dict[str, Any]:
     for key in edges:
         m.delete(key)
     m.delete(NODE + params.id)
-    ctx.broadcast("map.node_removed", data, others=True)
+    ctx.broadcast("map.node_removed", data, others=True, topic="map")
     return data
 
 
@@ -299,7 +300,7 @@ def add_edge(ctx: Context, edge: Edge) -> dict[str, Any]:
     reply = {"edge": record}
     _within_budget(ctx, reply, edges=1, size=encoded_size(record))
     m.put(EDGE + edge.id, record)
-    ctx.broadcast("map.edge_added", {"edge": record}, others=True)
+    ctx.broadcast("map.edge_added", {"edge": record}, others=True, topic="map")
     return reply
 
 
@@ -320,7 +321,7 @@ def remove_edge(ctx: Context, params: IdParams) -> dict[str, Any]:
     reply = {"id": params.id}
     _within_budget(ctx, reply, edges=-1, size=-encoded_size(m[EDGE + params.id]))
     m.delete(EDGE + params.id)
-    ctx.broadcast("map.edge_removed", {"id": params.id}, others=True)
+    ctx.broadcast("map.edge_removed", {"id": params.id}, others=True, topic="map")
     return reply
 
 
@@ -337,6 +338,11 @@ def register_actions() -> list[Action]:
         Action("map.add_edge", add_edge, Edge, Role.player, reply="map.edge_added"),
         Action("map.remove_edge", remove_edge, IdParams, Role.player, reply="map.edge_removed"),
     ]
+
+
+@hookimpl
+def register_topics() -> list[Topic]:
+    return [Topic("map", description="map.imported and every map.node_* and map.edge_* signal")]
 
 
 @hookimpl

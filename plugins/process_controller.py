@@ -17,10 +17,11 @@ from typing import Annotated, Any
 import msgspec
 import trio
 
-from host.actions import (Action, ActionError, Conflict, Context, Id, Invalid, NotFound, Role,
-                          encoded_size)
+from host.actions import (MAX_ID_LENGTH, Action, ActionError, Conflict, Context, Id, Invalid,
+                          NotFound, Role, encoded_size)
 from host.api import AppliedAction, HostAPI
 from host.plugins import PluginError, hookimpl
+from host.topics import Topic
 from state.codec import encode_json
 from state.slices import SliceSpec
 
@@ -197,7 +198,7 @@ def _advance(ctx: Context, process: dict[str, Any], reason: str) -> dict[str, An
         _history(process, ctx.now, "completed", reason=reason)
         data = {"process_id": process["process_id"], "from": old["id"], "reason": reason,
                 "collected_artifacts": process["collected_artifacts"]}
-        ctx.broadcast("process.completed", data)
+        _emit(ctx, "process.completed", process, data)
         _agents_gone(ctx, process)
         return data
     process["current_stage_index"] += 1
@@ -209,8 +210,17 @@ def _advance(ctx: Context, process: dict[str, Any], reason: str) -> dict[str, An
     data = {"process_id": process["process_id"], "from": old["id"], "to": new["id"],
             "stage_index": process["current_stage_index"], "reason": reason,
             "agents": stage_agents(process, new)}
-    ctx.broadcast("process.stage_advanced", data)
+    _emit(ctx, "process.stage_advanced", process, data)
     return data
+
+
+def _emit(ctx: Context, signal: str, process: dict[str, Any], data: dict[str, Any],
+          others: bool = False) -> None:
+    """A process's signal goes to its topic, ``process:<id>``, and to its participants
+    (the session that last took a turn for each of its agents: its ``seats``),
+    whether or not they subscribed."""
+    ctx.broadcast(signal, data, others=others, topic=f"process:{process['process_id']}",
+                  participants=tuple(process["seats"].values()))
 
 
 def _agents_gone(ctx: Context, process: dict[str, Any]) -> None:
@@ -287,14 +297,14 @@ def start(ctx: Context, p: StartParams) -> dict[str, Any]:
         "status": "running", "current_stage_index": 0, "stage_turn_counts": {},
         "agent_turn_counts": {}, "collected_artifacts": {}, "stage_started_at": iso(ctx.now),
         "stage_elapsed_s": 0.0, "stage_clock_at": ctx.now, "history": [],
-        "created_at": iso(ctx.now),
+        "created_at": iso(ctx.now), "seats": {},
     }
     _history(process, ctx.now, "started")
     ctx.keyed("process").put(process_id, process)
     first = template["stages"][0]
     data = {**status_of(process), "stage_id": first["id"],
             "expected_agents": stage_agents(process, first)}
-    ctx.broadcast("process.started", data, others=True)
+    _emit(ctx, "process.started", process, data, others=True)
     return data
 
 
@@ -325,11 +335,13 @@ def turn(ctx: Context, p: TurnParams) -> dict[str, Any]:
     _tick_clock(process, ctx.now)
     process["stage_turn_counts"][sid] = stage_turns + 1
     process["agent_turn_counts"][agent_key] = agent_turns + 1
+    if ctx.session is not None and process["seats"].get(p.agent_id) != ctx.session.id:
+        process["seats"] = {**process["seats"], p.agent_id: ctx.session.id}
     process["collected_artifacts"].setdefault(sid, []).append(
         {"agent_id": p.agent_id, "artifact": p.artifact, "at": iso(ctx.now)})
     data = {"process_id": p.process_id, "agent_id": p.agent_id, "stage_id": sid,
             "turn": agent_turns + 1, "stage_turns": stage_turns + 1}
-    ctx.broadcast("process.turn_taken", data, others=True)
+    _emit(ctx, "process.turn_taken", process, data, others=True)
     if _done(process, stage):
         data["advanced"] = _advance(ctx, process, "turns")
     _within_budget(ctx, process)
@@ -369,7 +381,7 @@ def _transition(ctx: Context, p: ProcessParams, allowed: tuple[str, ...], to: st
             "current_stage_index": process["current_stage_index"]}
     if to != "cancelled":  # a process can always be cancelled
         _within_budget(ctx, process)
-    ctx.broadcast(signal, data, others=True)
+    _emit(ctx, signal, process, data, others=True)
     if to == "cancelled":
         _agents_gone(ctx, process)
     return data
@@ -485,12 +497,24 @@ def _migrate(version: int, records: dict[str, Any]) -> dict[str, Any]:
 
 
 @hookimpl
+def register_topics() -> list[Topic]:
+    return [Topic("process", parse=_process_id,
+                  description="process:<id>: every process.* signal of one process")]
+
+
+def _process_id(arg: str) -> str:
+    if len(arg) > MAX_ID_LENGTH:
+        raise ValueError(f"a process id is at most {MAX_ID_LENGTH} characters")
+    return arg
+
+
+@hookimpl
 def register_slices() -> list[SliceSpec]:
     return [SliceSpec("process", dict, version=1, keyed=True, migrate=_migrate, defaults={
         "problem_statement": "", "agents": [], "status": "idle", "current_stage_index": 0,
         "stage_turn_counts": {}, "agent_turn_counts": {}, "collected_artifacts": {},
         "stage_started_at": None, "stage_elapsed_s": 0.0, "stage_clock_at": None,
-        "history": [], "created_at": None})]
+        "history": [], "created_at": None, "seats": {}})]
 
 
 @hookimpl

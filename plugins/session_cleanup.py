@@ -45,7 +45,7 @@ def _end_one(ctx: Context, session_id: str, reason: str) -> dict[str, Any]:
     record = ctx.keyed("sessions")[session_id]
     end_session(ctx, session_id, reason)
     data = {"session_id": session_id, "name": record["name"], "reason": reason}
-    ctx.broadcast("session.expired", data)
+    ctx.broadcast("session.expired", data, topic="sessions")
     return data
 
 

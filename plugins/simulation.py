@@ -23,10 +23,11 @@ from typing import Annotated, Any
 import msgspec
 import trio
 
-from host.actions import (Action, ActionError, Conflict, Context, Id, Invalid, NotFound, Role,
-                          bounded, encoded_size)
+from host.actions import (MAX_ID_LENGTH, Action, ActionError, Conflict, Context, Id, Invalid,
+                          NotFound, Role, bounded, encoded_size)
 from host.api import AppliedAction, HostAPI
 from host.plugins import hookimpl
+from host.topics import UNSUBSCRIBED, Topic, argument
 from plugins import map as map_plugin
 from plugins.routing import Router
 from state.slices import KeyedSlice, SliceSpec
@@ -274,6 +275,144 @@ class Sim:
                 "packages": list(self.package_events.values())}
 
 
+# --- topics and deltas -------------------------------------------------------------
+
+TICKS, AGENT_TOPIC, VIEW_TOPIC = "simulation.ticks", "simulation.agent", "simulation.view"
+
+
+def parse_view(arg: str) -> tuple[float, float, float, float]:
+    """``x0,y0,x1,y1`` of ``simulation.view:x0,y0,x1,y1``: a rectangle of map coordinates."""
+    parts = arg.split(",")
+    if len(parts) != 4:
+        raise ValueError("a view is x0,y0,x1,y1: four numbers")
+    try:
+        x0, y0, x1, y1 = (float(p) for p in parts)
+    except ValueError:
+        raise ValueError("a view is x0,y0,x1,y1: four numbers") from None
+    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
+        raise ValueError("a view's coordinates are finite numbers")
+    if x0 > x1 or y0 > y1:
+        raise ValueError("a view needs x0 <= x1 and y0 <= y1")
+    return x0, y0, x1, y1
+
+
+def _agent_id(arg: str) -> str:
+    if len(arg) > MAX_ID_LENGTH:
+        raise ValueError(f"an agent id is at most {MAX_ID_LENGTH} characters")
+    return arg
+
+
+def position(graph: Any, agent: dict[str, Any]) -> tuple[float, float] | None:
+    """Where an agent is on the map: at its node, or along its edge by its progress."""
+    node = graph.get(map_plugin.NODE + agent["node"])
+    if node is None:
+        return None
+    edge = graph.get(map_plugin.EDGE + agent["edge"]) if agent.get("edge") else None
+    to = graph.get(map_plugin.NODE + edge["to"]) if edge is not None else None
+    if edge is None or to is None:
+        return node["x"], node["y"]
+    f = min(1.0, agent.get("progress", 0.0) / edge["length"])
+    return node["x"] + (to["x"] - node["x"]) * f, node["y"] + (to["y"] - node["y"]) * f
+
+
+def _where(graph: Any, agent: dict[str, Any] | None) -> tuple[float, float] | None:
+    """Where an agent is (None: nowhere, or no agent)."""
+    return position(graph, agent) if agent is not None else None
+
+
+def _inside(view: tuple[float, float, float, float], at: tuple[float, float] | None) -> bool:
+    return at is not None and view[0] <= at[0] <= view[2] and view[1] <= at[1] <= view[3]
+
+
+def _announce(ctx: Context, signal: str, data: dict[str, Any], others: bool = True) -> None:
+    """A change of the simulation: its signal to the sessions that never subscribed
+    (as before topics), and its deltas to the subscribers of the simulation's topics."""
+    ctx.broadcast(signal, data, others=others, topic=UNSUBSCRIBED)
+    publish(ctx)
+
+
+def publish(ctx: Context) -> None:
+    """Send this action's changes of the simulation slice as ``simulation.delta``, one
+    signal per subscribed topic (encoded once for all its subscribers): only the
+    records that changed, and of those only the fields that changed.
+
+    Applied in order to a snapshot (``simulation.export_state``), the deltas of
+    ``simulation.ticks`` give exactly the export after each action; those of
+    ``simulation.agent:<id>`` the one agent, of ``simulation.view:<x0>,<y0>,<x1>,<y1>``
+    the agents inside the rectangle."""
+    interest = ctx.host.interest
+    ticks, agents, views = (interest.subscribed(TICKS), interest.subscribed(AGENT_TOPIC),
+                            interest.subscribed(VIEW_TOPIC))
+    if not (ticks or agents or views) or ctx.host.replaying:
+        return
+    records = ctx.keyed("simulation")
+    graph = ctx.keyed("map")
+    kinds = _runtime(ctx.host)["kinds"]
+    reset = records.replacing
+    tick_now = (records.get("meta") or default_meta())["tick"]
+
+    def plain(key: str, record: dict[str, Any]) -> dict[str, Any]:
+        kind = kinds.get(record.get("kind")) if key.startswith(AGENT) else None
+        return kind.to_plain(record) if kind is not None else record
+
+    changes = []  # (key, old plain or None, new plain or None)
+    for key, old, new in records.changes():
+        changes.append((key, None if old is None else plain(key, old),
+                        None if new is None else plain(key, new)))
+
+    def entry(key: str, old: dict[str, Any] | None,
+              new: dict[str, Any] | None) -> tuple[str, str, Any]:
+        if new is None:
+            return key, "del", None
+        if old is None or reset or not old.keys() <= new.keys():
+            return key, "set", new
+        return key, "patch", {f: v for f, v in new.items() if f not in old or old[f] != v}
+
+    def send(topic: str, items: list[tuple[str, str, Any]], **extra: Any) -> None:
+        """One topic's delta, if it has anything to say; after a reset the client
+        holds only what is set, so nothing is deleted."""
+        data: dict[str, Any] = {"topic": topic, "tick": tick_now}
+        if reset:
+            data["reset"] = True
+        for key, how, value in items:
+            if how == "set":
+                data.setdefault("set", {})[key] = value
+            elif how == "patch" and value:
+                data.setdefault("patch", {})[key] = value
+            elif how == "del" and not reset:
+                data.setdefault("del", []).append(key)
+        if len(data) > 2 or extra:
+            ctx.broadcast("simulation.delta", {**data, **extra}, topic=topic)
+
+    if ticks:
+        graph_now = {"graph": map_plugin.export_graph(dict(graph.items()))} if graph.pending \
+            else {}
+        send(TICKS, [entry(*change) for change in changes], **graph_now)
+    if agents:
+        by_key = {key: (old, new) for key, old, new in changes}
+        for topic in sorted(agents):
+            key = AGENT + argument(topic)
+            send(topic, [entry(key, *by_key[key])] if key in by_key else [])
+    if views:
+        old_graph = graph.data()
+        moved = [(key, old, new) for key, old, new in changes if key.startswith(AGENT)]
+        if reset:  # every agent is new: the view holds those inside
+            moved = [(key, None, plain(key, rec)) for key, rec in records.items()
+                     if key.startswith(AGENT)]
+        placed = [(key, old, new, _where(old_graph, old), _where(graph, new))
+                  for key, old, new in moved]
+        for topic in sorted(views):
+            view = parse_view(argument(topic))
+            items = []
+            for key, old, new, was_at, now_at in placed:
+                was, now = _inside(view, was_at), _inside(view, now_at)
+                if now:
+                    items.append(entry(key, old if was else None, new))
+                elif was:
+                    items.append((key, "del", None))
+            send(topic, items)
+
+
 # --- per-host runtime: agent kinds, router, the tick loop's wake-up -----------------
 
 def _runtime(host: HostAPI) -> dict[str, Any]:
@@ -336,7 +475,7 @@ def start(ctx: Context, p: StartParams) -> dict[str, Any]:
     sim.save_meta()
     sim.keep_index()  # built now, if need be, rather than in the first tick
     data = {"tick": sim.meta["tick"], "tick_hz": sim.meta["tick_hz"]}
-    ctx.broadcast("simulation.started", data, others=True)
+    _announce(ctx, "simulation.started", data)
     return data
 
 
@@ -348,7 +487,7 @@ def stop(ctx: Context, p: None) -> dict[str, Any]:
     sim.save_meta()
     sim.keep_index()
     data = {"tick": sim.meta["tick"]}
-    ctx.broadcast("simulation.stopped", data, others=True)
+    _announce(ctx, "simulation.stopped", data)
     return data
 
 
@@ -360,7 +499,10 @@ def tick(ctx: Context, p: TickParams) -> dict[str, Any]:
     sim.tick()
     sim.save_meta()
     sim.keep_index()
-    ctx.broadcast("simulation.ticked", {**sim.changes(), "dropped": p.dropped, "at": ctx.now})
+    if ctx.host.interest.anyone_unsubscribed():
+        ctx.broadcast("simulation.ticked", {**sim.changes(), "dropped": p.dropped, "at": ctx.now},
+                      topic=UNSUBSCRIBED)
+    publish(ctx)
     return {"tick": sim.meta["tick"]}
 
 
@@ -374,8 +516,8 @@ def step(ctx: Context, p: StepParams) -> dict[str, Any]:
         sim.tick()
     sim.save_meta()
     sim.keep_index()
-    ctx.broadcast("simulation.ticked", {**sim.changes(), "ticks": p.ticks, "dropped": 0,
-                                        "at": ctx.now})
+    _announce(ctx, "simulation.ticked", {**sim.changes(), "ticks": p.ticks, "dropped": 0,
+                                         "at": ctx.now}, others=False)
     return {"tick": sim.meta["tick"]}
 
 
@@ -390,7 +532,7 @@ def set_(ctx: Context, p: SetParams) -> dict[str, Any]:
         sim.meta["current_day"] = sim.meta["tick"] // p.ticks_per_day
     sim.save_meta()
     data = {"metadata": sim.meta}
-    ctx.broadcast("simulation.updated", data, others=True)
+    _announce(ctx, "simulation.updated", data)
     return data
 
 
@@ -425,7 +567,7 @@ def add_agent(ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
                        details={"budget": "max_agents", "limit": sim.settings.max_agents})
     sim.slice.put(AGENT + record["id"], record)
     out = {"agent": sim.kinds[record["kind"]].to_plain(record)}
-    ctx.broadcast("simulation.agent_added", out, others=True)
+    _announce(ctx, "simulation.agent_added", out)
     return out
 
 
@@ -439,7 +581,7 @@ def remove_agent(ctx: Context, p: IdParams) -> dict[str, Any]:
                        f"it can be removed once they are delivered")
     sim.slice.delete(AGENT + p.id)
     ctx.host.hook.agent_removed(ctx=ctx, agent_id=p.id)
-    ctx.broadcast("simulation.agent_removed", {"id": p.id}, others=True)
+    _announce(ctx, "simulation.agent_removed", {"id": p.id})
     return {"id": p.id}
 
 
@@ -507,7 +649,7 @@ def add_package(ctx: Context, data: dict[str, Any]) -> dict[str, Any]:
                        details={"budget": "max_packages", "limit": sim.settings.max_packages})
     sim.put_package(record)
     sim.keep_index()
-    ctx.broadcast("simulation.package_added", {"package": record}, others=True)
+    _announce(ctx, "simulation.package_added", {"package": record})
     return {"package": record}
 
 
@@ -523,7 +665,7 @@ def cancel_package(ctx: Context, p: IdParams) -> dict[str, Any]:
     sim.slice.delete(PACKAGE + p.id)
     sim.drop_waiting(p.id)
     sim.keep_index()
-    ctx.broadcast("simulation.package_cancelled", {"id": p.id}, others=True)
+    _announce(ctx, "simulation.package_cancelled", {"id": p.id})
     return {"id": p.id}
 
 
@@ -553,7 +695,7 @@ def import_state(ctx: Context, p: StateParams) -> dict[str, Any]:
     if skipped:
         log.warning("import skipped agents of kinds no plugin registered: %s", skipped)
     data = {"agents": agents, "packages": packages, "skipped_agents": skipped}
-    ctx.broadcast("simulation.state_imported", data, others=True)
+    _announce(ctx, "simulation.state_imported", data)
     return data
 
 
@@ -687,6 +829,16 @@ def register_actions() -> list[Action]:
                reply="simulation.state_exported"),
         Action("simulation.import_state", import_state, StateParams, Role.admin,
                reply="simulation.state_imported"),
+    ]
+
+
+@hookimpl
+def register_topics() -> list[Topic]:
+    return [
+        Topic(TICKS, description="simulation.delta of every change of the simulation"),
+        Topic(AGENT_TOPIC, parse=_agent_id, description="simulation.delta of one agent"),
+        Topic(VIEW_TOPIC, parse=parse_view,
+              description="simulation.delta of the agents inside a rectangle x0,y0,x1,y1"),
     ]
 
 

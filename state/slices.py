@@ -9,7 +9,7 @@ writes only what changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -180,6 +180,25 @@ class KeyedSlice:
     @property
     def pending(self) -> bool:
         return bool(self._overlay) or self._replacement is not None
+
+    @property
+    def replacing(self) -> bool:
+        """Whether this transaction replaced every record (``replace_all``)."""
+        return self._replacement is not None
+
+    def changes(self) -> Iterator[tuple[str, Any, Any]]:
+        """What this transaction has changed so far, as ``(key, committed record,
+        new record)``, None for an absent one: the cost of what it wrote (of every
+        key, after ``replace_all``)."""
+        base = self._base
+        if self._replacement is None:
+            keys: Iterable[str] = list(self._overlay)
+        else:
+            keys = list(base) + [k for k in self.keys() if k not in base]
+        for key in keys:
+            old, new = base.get(key), self.get(key)
+            if old is not new:
+                yield key, old, new
 
     def mark_unsaved(self) -> None:
         """The store does not hold this collection as it is: rewrite it all next save."""

@@ -26,6 +26,8 @@ FAILING: dict[str, list[tuple[dict[str, Any], str]]] = {
     "session.open": [({"name": "x"}, "conflict"), ({}, "validation_error")],
     "session.resume": [({"session_id": "s", "resume_token": "t"}, "conflict")],
     "session.close": [({"x": 1}, "validation_error")],
+    "world.subscribe": [({"topics": ["nope"]}, "validation_error"), ({}, "validation_error")],
+    "world.unsubscribe": [({"topics": "chat"}, "validation_error")],
     "map.export": [({"x": 1}, "validation_error")],
     "map.import": [
         ({"map_data": {"nodes": [{"id": "a", "x": 0, "y": 0}, {"id": "a", "x": 1, "y": 1}],
