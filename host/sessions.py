@@ -319,7 +319,7 @@ class SessionTable:
         self.by_id: dict[str, Session] = {}
         self.by_world: dict[str, dict[str, Session]] = {}  # world id -> its sessions
         # who wants which topic: per world id, and (key None) among every session
-        self.interest: dict[str | None, Interest] = {None: Interest()}
+        self.interest: dict[str | None, Interest[Session]] = {None: Interest()}
         self.buffer_size = buffer_size
         self.replies_size = replies_size
         self.buffer_bytes = buffer_bytes

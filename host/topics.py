@@ -12,12 +12,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from host.actions import Invalid
 
-if TYPE_CHECKING:
-    from host.sessions import Session
+
+class Member(Protocol):
+    """A session as the index sees it (host.sessions.Session, which imports this)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def topics(self) -> Any: ...
+
+
+Session = TypeVar("Session", bound=Member)
 
 UNSUBSCRIBED = "*"
 """The topic of a signal meant only for the sessions that never subscribed (a
@@ -90,7 +100,7 @@ class TopicForms:
         return topic
 
 
-class Interest:
+class Interest(Generic[Session]):
     """Who, among one world's sessions, wants which topic.
 
     Kept in step by the session table as sessions join, leave and subscribe;
