@@ -66,6 +66,9 @@ class SessionsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     remembered_replies_bytes: int = 1024 * 1024  # per session, ids and reply data
     max_sessions_per_address: int = 64  # 0: no limit; admins are not counted
     max_sessions_per_token: int = 64  # 0: no limit
+    outbound_log: bool = True  # signals are logged with their commit, replayable after a restart
+    outbound_log_size: int = 1000  # signals kept per session in the log
+    outbound_log_age_s: float = 300.0  # and for this long
 
 
 class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

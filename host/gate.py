@@ -293,7 +293,7 @@ class SessionGate:
         if last_seq >= session.next_seq:
             # restored from the store, whose seq can lag what was sent before a
             # crash: the client saw signals we did not count; never reuse their seqs
-            session.next_seq = last_seq + 1
+            session.skip_to(last_seq + 1)
         session.seq_exact = True
         missed, complete = session.missed(last_seq)
         session.last_active = self.clock()

@@ -4,7 +4,9 @@ The state machine is independent of the transport. What must survive a
 restart (id, name, role, resume-token hash, state, times) lives in the
 ``sessions`` slice and changes only through actions; what changes with every
 signal (``seq``, the replay buffer, remembered replies) lives here and is
-saved beside the world by the saver.
+saved beside the world by the saver. With the outbound log on, each signal is
+numbered as its commit is written and logged in it (``OutboundLog``), so the
+replay buffer can be filled again from the stores after a restart.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import Enum
@@ -20,7 +23,8 @@ from typing import Any, Protocol
 import trio
 
 from host.messages import Signal as Signal
-from state.codec import encode_cbor, encode_json
+from state.codec import encode_cbor, encode_json, load_stored
+from state.store import LoggedSignal, LogTrim, OutboundRows
 
 # The highest ``last_seq`` a client may present: the largest integer every JSON
 # client reads exactly. A seq never gets near SQLite's 2**63 from here.
@@ -154,6 +158,10 @@ class Session:
     # a commit: its next request waits for those held elsewhere (see host/router.py)
     holds: dict[Any, int] = field(default_factory=dict)
     released: trio.Event | None = None  # set when a hold ends, for whoever waits
+    # the last seq handed to the connection (and the replay buffer): signals numbered
+    # by one writer's commit can be released after a later one's, and wait here
+    sent_seq: int = 0
+    parked: dict[int, Signal] = field(default_factory=dict)
 
     def hold(self, holder: Any) -> None:
         self.holds[holder] = self.holds.get(holder, 0) + 1
@@ -185,21 +193,50 @@ class Session:
     def connected(self) -> bool:
         return self.outbox is not None
 
-    def deliver(self, sig: Signal) -> None:
-        """Number the signal, keep it for replay, and hand it to the connection."""
+    def number(self, sig: Signal) -> None:
+        """Give a signal this session's next seq (as its commit is written, with the
+        outbound log on; else as it is delivered)."""
         sig.seq = self.next_seq
         self.next_seq += 1
         self.signals_sent += 1
         self.version += 1
+
+    def unnumber(self, sig: Signal) -> None:
+        """Give back the last seq taken (its commit failed before anything was sent)."""
+        assert sig.seq == self.next_seq - 1
+        sig.seq = None
+        self.next_seq -= 1
+        self.signals_sent -= 1
+
+    def skip_to(self, next_seq: int) -> None:
+        """Continue numbering at ``next_seq`` at least (what a store or the client says
+        was sent before a restart): seqs are never used twice."""
+        if next_seq > self.next_seq:
+            self.next_seq = next_seq
+            self.sent_seq = max(self.sent_seq, next_seq - 1)
+            self.version += 1
+
+    def deliver(self, sig: Signal) -> None:
+        """Keep the signal for replay and hand it to the connection, in seq order:
+        numbered now if its commit did not number it."""
+        if sig.seq is None:
+            self.number(sig)
+        if sig.seq > self.sent_seq + 1:
+            self.parked[sig.seq] = sig  # an earlier one's commit is still under way
+            return
+        self._send(sig)
+        while self.parked and (nxt := self.parked.pop(self.sent_seq + 1, None)) is not None:
+            self._send(nxt)
+
+    def _send(self, sig: Signal) -> None:
+        assert sig.seq is not None
+        self.sent_seq = max(self.sent_seq, sig.seq)
         encoding: str = sig.encoding or getattr(self.outbox, "encoding", None) or "json"
         size = signal_size(sig, encoding)
         self.buffer.append(sig)
         self.sizes.append(size)
         self.buffer_bytes += size
-        while self.buffer and (len(self.buffer) > self.buffer_size
-                               or self.buffer_bytes > self.buffer_bytes_limit):
-            self.buffer.popleft()
-            self.buffer_bytes -= self.sizes.popleft()
+        self._trim_buffer()
         if sig.has_re and sig.re is not None:
             entry = self.replies.get(_id_key(sig.re))
             if entry is not None and entry[3] is None and entry[1] is sig.data:
@@ -208,6 +245,34 @@ class Session:
                 self._trim_replies()
         if self.outbox is not None and not self.outbox.deliver(sig):
             self.outbox = None  # the connection dropped it; the session stays resumable
+
+    def _trim_buffer(self) -> None:
+        while self.buffer and (len(self.buffer) > self.buffer_size
+                               or self.buffer_bytes > self.buffer_bytes_limit):
+            self.buffer.popleft()
+            self.buffer_bytes -= self.sizes.popleft()
+
+    def restore_log(self, logged: list[LoggedSignal]) -> None:
+        """Take back signals a store logged for this session (ordered by seq), beside
+        those already held (another store's), keeping each seq once; the replay
+        buffer's bounds apply as to signals sent."""
+        held = {s.seq: s for s in self.buffer}
+        for _, seq, _, name, data, re in logged:
+            if seq not in held:
+                reply = load_stored(re) if re is not None else None
+                held[seq] = Signal(name, load_stored(data), reply[0] if reply else None,
+                                   reply is not None, seq, encoded={"cbor": data})
+        self.buffer.clear()
+        self.sizes.clear()
+        self.buffer_bytes = 0
+        for seq in sorted(held):
+            size = signal_size(held[seq], "json")
+            self.buffer.append(held[seq])
+            self.sizes.append(size)
+            self.buffer_bytes += size
+        self._trim_buffer()
+        if self.buffer:
+            self.skip_to(self.buffer[-1].seq + 1)  # type: ignore[operator]
 
     def overview(self) -> dict[str, Any]:
         """Its journaled record (the one source of truth for its state) with live figures."""
@@ -221,10 +286,13 @@ class Session:
                 "signals_sent": self.signals_sent, "held_bytes": self.held_bytes}
 
     def missed(self, last_seq: int) -> tuple[list[Signal], bool]:
-        """Signals after last_seq still held, and whether that is all of them."""
+        """Signals after last_seq still held, and whether that is every one sent after
+        it (held without a gap: after a restart the buffer is the stores' logs)."""
         held = [s for s in self.buffer if s.seq is not None and s.seq > last_seq]
         first_needed = last_seq + 1
-        complete = first_needed >= self.next_seq or (bool(held) and held[0].seq == first_needed)
+        complete = first_needed > self.sent_seq or (
+            bool(held) and held[0].seq == first_needed and held[-1].seq == self.sent_seq
+            and len(held) == self.sent_seq - last_seq)
         return held, complete
 
     def remember(self, request_id: Any, signal: str, data: dict[str, Any],
@@ -291,7 +359,7 @@ class Session:
         next_seq = saved.get("next_seq", 1)
         if type(next_seq) is not int or not 1 <= next_seq <= SEQ_LIMIT:
             raise ValueError(f"next_seq {next_seq!r} is out of range")
-        self.next_seq = max(self.next_seq, next_seq)
+        self.skip_to(next_seq)
         self.last_active = float(saved.get("last_active", self.last_active))
         self.actions_applied = int(saved.get("actions_applied", 0))
         self.signals_sent = int(saved.get("signals_sent", 0))
@@ -303,6 +371,56 @@ class Session:
 def _id_key(request_id: Any) -> tuple[str, Any]:
     # "7" and 7 are different ids; keep them apart.
     return (type(request_id).__name__, request_id)
+
+
+class OutboundLog:
+    """The outbound log of one store's writer: numbers the signals of a commit and
+    encodes them as the rows that ride it; a payload sent to many sessions (a
+    broadcast) is one row, each session's seq of it a small one. A checkpoint
+    trims it to ``keep`` signals per session and ``age_s`` seconds."""
+
+    def __init__(self, keep: int, age_s: float, next_pos: int = 1) -> None:
+        self.keep = keep
+        self.age_s = age_s
+        self.next_pos = next_pos
+        self.touched: dict[str, Session] = {}  # sessions logged since the last trim
+
+    def reserve(self, count: int) -> int:
+        first = self.next_pos
+        self.next_pos += count
+        return first
+
+    def rows(self, outputs: list[tuple[Any, Any]], number: bool = True) -> OutboundRows:
+        """The log rows of signals to sessions, numbering them first (``number``)."""
+        rows = OutboundRows()
+        at = time.time()
+        positions: dict[tuple[int, str], int] = {}  # (id of data, name) -> its row
+        for session, sig in outputs:
+            if number:
+                session.number(sig)
+            elif sig.seq is None:
+                continue  # not delivered (a session ended meanwhile): nothing to log
+            self.touched[session.id] = session
+            key = (id(sig.data), sig.signal)
+            pos = positions.get(key)
+            if pos is None:
+                cache = sig.encoded
+                if cache is None:
+                    cache = sig.encoded = {}
+                data = cache.get("cbor")
+                if data is None:  # encoded once, for the log and for CBOR connections
+                    data = cache["cbor"] = encode_cbor(sig.data)
+                pos = positions[key] = self.reserve(1)
+                rows.data.append((pos, at, sig.signal, data))
+            re = encode_cbor([sig.re]) if sig.has_re else None
+            rows.seqs.append((session.id, sig.seq, pos, re))
+        return rows
+
+    def trim(self) -> LogTrim:
+        floors = {sid: s.next_seq - self.keep for sid, s in self.touched.items()
+                  if s.next_seq > self.keep}
+        self.touched = {}
+        return LogTrim(time.time() - self.age_s, floors)
 
 
 class SessionTable:

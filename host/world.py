@@ -14,6 +14,7 @@ import fcntl
 import gc
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,11 +28,19 @@ from host.config import Config
 from host.dispatcher import Dispatcher, Gate
 from host.messages import Effects
 from host.plugins import Registry
-from host.sessions import SEQ_LIMIT, Session, SessionTable
+from host.sessions import SEQ_LIMIT, OutboundLog, Session, SessionTable
 from state.codec import canonical, load_stored
 from state.saver import Saver
 from state.slices import Slices
-from state.store import Loaded, Store, StoreUnreadable, full_error, is_full, quarantine
+from state.store import (
+    Loaded,
+    OutboundRows,
+    Store,
+    StoreUnreadable,
+    full_error,
+    is_full,
+    quarantine,
+)
 
 log = logging.getLogger("worldhost")
 
@@ -101,6 +110,7 @@ class World:
         self._file_lock: Any = None
         self._saved_runtime: dict[str, int] = {}  # session id -> version written here
         self.stored: set[str] = set()  # the slices its store held when it was opened
+        self.closing_log: OutboundRows | None = None  # its outbound log, once closed cleanly
 
     # the world's own meta ------------------------------------------------------
     @property
@@ -217,6 +227,7 @@ class World:
         if "sessions" in self.slices.slices:
             self.sessions.sync(self.slices["sessions"].data())
         restored = self._restore_runtime(loaded)
+        outbound = self._restore_log(loaded)
         dispatcher.next_id = max(loaded.checkpoint_id,
                                  loaded.journal[-1].id if loaded.journal else 0) + 1
         self.last_active = float(self.store.meta("last_active", 0.0) or 0.0)
@@ -227,7 +238,7 @@ class World:
                            world_id=None, last_id=dispatcher.next_id - 1, threaded=self.threads,
                            journal_in_loop=sc.journal_commits == "loop"
                            and sc.synchronous in ("OFF", "NORMAL"),
-                           meta_source=self._meta)
+                           meta_source=self._meta, outbound=outbound)
         dispatcher.saver = self.saver
         self.saver.generation = loaded.generation
         dispatcher.replaying = True
@@ -248,7 +259,7 @@ class World:
         for sid, (seq, _) in loaded.runtime.items():  # sessions the journal created
             session = self.sessions.get(sid)
             if session is not None and sid not in restored and sid not in self.damaged:
-                session.next_seq = max(session.next_seq, seq)
+                session.skip_to(seq)
         for session in self._known(loaded):
             session.seq_exact = False  # signals sent after its last save were not counted
             session.measure_replies()
@@ -314,10 +325,27 @@ class World:
             if problem is not None:
                 self.damaged[sid] = problem
             elif session is not None:
-                session.next_seq = max(session.next_seq, seq)
+                session.skip_to(seq)
                 restored.add(sid)
                 self._saved_runtime[sid] = session.version
         return restored
+
+    def _restore_log(self, loaded: Loaded) -> OutboundLog | None:
+        """Give each session back the signals this store logged for it (within the
+        log's age), and the log that goes on from there (None: the log is off)."""
+        sc = self.config.sessions
+        if not sc.outbound_log:
+            return None
+        since = time.time() - sc.outbound_log_age_s
+        by_session: dict[str, list[Any]] = {}
+        for row in loaded.outbound:
+            if row[2] >= since:
+                by_session.setdefault(row[0], []).append(row)
+        for sid, rows in by_session.items():
+            session = self.sessions.get(sid)
+            if session is not None and sid not in self.damaged:
+                session.restore_log(rows[-sc.outbound_log_size:])
+        return OutboundLog(sc.outbound_log_size, sc.outbound_log_age_s, loaded.next_pos)
 
     def _known(self, loaded: Loaded) -> Iterable[Session]:
         if self.scope == "server":
@@ -384,6 +412,10 @@ class World:
         finally:
             self._nursery = None
             if self.store is not None and not self.crashed:
+                if self.scope == "world" and self.saver.outbound is not None:
+                    # a world unloaded stays unloaded across a restart: its sessions'
+                    # signals go to the server's store (see Worlds.unload)
+                    self.closing_log = self.store.outbound_export()
                 self.store.close(truncate=True)
                 self.store = None
             self.release()
