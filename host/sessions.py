@@ -16,6 +16,7 @@ import hmac
 import secrets
 import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -162,6 +163,7 @@ class Session:
     # by one writer's commit can be released after a later one's, and wait here
     sent_seq: int = 0
     parked: dict[int, Signal] = field(default_factory=dict)
+    unlogged: list[Signal] = field(default_factory=list)  # sent without a commit: see OutboundLog
 
     def hold(self, holder: Any) -> None:
         self.holds[holder] = self.holds.get(holder, 0) + 1
@@ -376,13 +378,19 @@ def _id_key(request_id: Any) -> tuple[str, Any]:
 class OutboundLog:
     """The outbound log of one store's writer: numbers the signals of a commit and
     encodes them as the rows that ride it; a payload sent to many sessions (a
-    broadcast) is one row, each session's seq of it a small one. A checkpoint
-    trims it to ``keep`` signals per session and ``age_s`` seconds."""
+    broadcast) is one row, each session's seq of it a small one. Signals sent
+    without a commit (replies to reads) wait on their session and ride the next
+    commit that signals it, whichever store's, or a checkpoint of a store that
+    speaks for it (``members``): a session's log then has no gap but, after a kill
+    -9, at its end. A checkpoint trims it to ``keep`` signals per session and
+    ``age_s`` seconds."""
 
-    def __init__(self, keep: int, age_s: float, next_pos: int = 1) -> None:
+    def __init__(self, keep: int, age_s: float, next_pos: int = 1,
+                 members: Callable[[], Iterable[Session]] = tuple) -> None:
         self.keep = keep
         self.age_s = age_s
         self.next_pos = next_pos
+        self.members = members
         self.touched: dict[str, Session] = {}  # sessions logged since the last trim
 
     def reserve(self, count: int) -> int:
@@ -390,16 +398,47 @@ class OutboundLog:
         self.next_pos += count
         return first
 
-    def rows(self, outputs: list[tuple[Any, Any]], number: bool = True) -> OutboundRows:
-        """The log rows of signals to sessions, numbering them first (``number``)."""
+    def rows(self, outputs: list[tuple[Any, Any]]) -> OutboundRows:
+        """Number signals to sessions and encode them as log rows, after what waited
+        on their sessions unlogged (taken: ``restore`` gives it back if the commit
+        fails)."""
         rows = OutboundRows()
+        for session, _ in outputs:
+            if session.unlogged:
+                rows.taken.append((session, session.unlogged))
+                self._encode(rows, [(session, sig) for sig in session.unlogged])
+                session.unlogged = []
+        for session, sig in outputs:
+            session.number(sig)
+        self._encode(rows, outputs)
+        return rows
+
+    def restore(self, rows: OutboundRows) -> None:
+        for session, unlogged in rows.taken:
+            session.unlogged = unlogged + session.unlogged
+
+    def released(self, outputs: list[tuple[Any, Any]]) -> None:
+        """Signals that went out without a commit: they wait on their sessions."""
+        for session, sig in outputs:
+            if sig.seq is not None:  # (None: never delivered)
+                session.unlogged.append(sig)
+                if len(session.unlogged) > self.keep:
+                    del session.unlogged[:-self.keep]
+
+    def pending(self) -> OutboundRows:
+        """For a checkpoint: what waits unlogged on the sessions this store speaks for."""
+        rows = OutboundRows()
+        for session in self.members():
+            if session.unlogged:
+                rows.taken.append((session, session.unlogged))
+                self._encode(rows, [(session, sig) for sig in session.unlogged])
+                session.unlogged = []
+        return rows
+
+    def _encode(self, rows: OutboundRows, outputs: list[tuple[Any, Any]]) -> None:
         at = time.time()
         positions: dict[tuple[int, str], int] = {}  # (id of data, name) -> its row
         for session, sig in outputs:
-            if number:
-                session.number(sig)
-            elif sig.seq is None:
-                continue  # not delivered (a session ended meanwhile): nothing to log
             self.touched[session.id] = session
             key = (id(sig.data), sig.signal)
             pos = positions.get(key)
@@ -414,9 +453,12 @@ class OutboundLog:
                 rows.data.append((pos, at, sig.signal, data))
             re = encode_cbor([sig.re]) if sig.has_re else None
             rows.seqs.append((session.id, sig.seq, pos, re))
-        return rows
 
     def trim(self) -> LogTrim:
+        """For a checkpoint: per session logged here since the last one, or spoken for
+        here, the lowest seq to keep; and the oldest time."""
+        for session in self.members():
+            self.touched.setdefault(session.id, session)
         floors = {sid: s.next_seq - self.keep for sid, s in self.touched.items()
                   if s.next_seq > self.keep}
         self.touched = {}

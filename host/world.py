@@ -227,7 +227,11 @@ class World:
         if "sessions" in self.slices.slices:
             self.sessions.sync(self.slices["sessions"].data())
         restored = self._restore_runtime(loaded)
-        outbound = self._restore_log(loaded)
+        ss = self.config.sessions
+        members = (lambda: list(self.sessions)) if self.scope == "server" \
+            else (lambda: list(self.audience.values()))
+        outbound = OutboundLog(ss.outbound_log_size, ss.outbound_log_age_s, loaded.next_pos,
+                               members) if ss.outbound_log else None
         dispatcher.next_id = max(loaded.checkpoint_id,
                                  loaded.journal[-1].id if loaded.journal else 0) + 1
         self.last_active = float(self.store.meta("last_active", 0.0) or 0.0)
@@ -260,6 +264,8 @@ class World:
             session = self.sessions.get(sid)
             if session is not None and sid not in restored and sid not in self.damaged:
                 session.skip_to(seq)
+        if outbound is not None:
+            self._restore_log(loaded)  # (after the journal: it may have created sessions)
         for session in self._known(loaded):
             session.seq_exact = False  # signals sent after its last save were not counted
             session.measure_replies()
@@ -330,22 +336,20 @@ class World:
                 self._saved_runtime[sid] = session.version
         return restored
 
-    def _restore_log(self, loaded: Loaded) -> OutboundLog | None:
-        """Give each session back the signals this store logged for it (within the
-        log's age), and the log that goes on from there (None: the log is off)."""
+    def _restore_log(self, loaded: Loaded) -> None:
+        """Give each session back the signals this store logged for it, within the
+        log's bounds; numbering goes on after the last one logged, kept or not."""
         sc = self.config.sessions
-        if not sc.outbound_log:
-            return None
         since = time.time() - sc.outbound_log_age_s
         by_session: dict[str, list[Any]] = {}
-        for row in loaded.outbound:
-            if row[2] >= since:
-                by_session.setdefault(row[0], []).append(row)
+        for row in loaded.outbound:  # by session, then seq
+            by_session.setdefault(row[0], []).append(row)
         for sid, rows in by_session.items():
             session = self.sessions.get(sid)
-            if session is not None and sid not in self.damaged:
-                session.restore_log(rows[-sc.outbound_log_size:])
-        return OutboundLog(sc.outbound_log_size, sc.outbound_log_age_s, loaded.next_pos)
+            if session is None or sid in self.damaged:
+                continue
+            session.skip_to(rows[-1][1] + 1)
+            session.restore_log([r for r in rows[-sc.outbound_log_size:] if r[2] >= since])
 
     def _known(self, loaded: Loaded) -> Iterable[Session]:
         if self.scope == "server":

@@ -78,6 +78,12 @@ class OutboundLog(Protocol):
 
     def rows(self, outputs: list[tuple[Any, Any]]) -> OutboundRows: ...
 
+    def restore(self, rows: OutboundRows) -> None: ...
+
+    def released(self, outputs: list[tuple[Any, Any]]) -> None: ...
+
+    def pending(self) -> OutboundRows: ...
+
     def trim(self) -> LogTrim: ...
 
     def reserve(self, count: int) -> int: ...
@@ -113,7 +119,6 @@ class Saver:
         self.world = world
         self.journaling = durability == "journal"
         self.outbound = outbound if self.journaling else None  # the log needs the journal
-        self.unlogged = OutboundRows()  # signals sent without a commit, for the next one
         self.debounce_s = debounce_s
         self.max_delay_s = max_delay_s
         self.seq_source = seq_source or (lambda counts: {})
@@ -200,25 +205,21 @@ class Saver:
             return {}
         return self.seq_source(batch.signal_counts)
 
-    def _unnumber(self, batch: Batch) -> None:
+    def _unnumber(self, batch: Batch, logged: OutboundRows) -> None:
         """A commit in the loop failed: give the seqs back (nothing ran since they were
         taken), so that the retry numbers them in its own order."""
+        if self.outbound is not None:
+            self.outbound.restore(logged)
         for session, sig in reversed(batch.numbered):
             session.unnumber(sig)
         batch.numbered = []
         batch.later = []
 
-    def _take_unlogged(self) -> OutboundRows:
-        rows, self.unlogged = self.unlogged, OutboundRows()
-        return rows
-
     def _log_released(self, outputs: list[tuple[Any, Any]]) -> None:
         """Signals released without a commit (numbered as they went): logged with the
-        next commit or checkpoint."""
+        next commit that signals their session, or a checkpoint."""
         if self.outbound is not None and outputs:
-            rows = self.outbound.rows(outputs, number=False)
-            self.unlogged.data += rows.data
-            self.unlogged.seqs += rows.seqs
+            self.outbound.released(outputs)
 
     def close(self) -> None:
         """The host is done with the store: let its thread go."""
@@ -275,14 +276,12 @@ class Saver:
         batch = self.current
         if batch.entries:
             logged = self._number(batch, everyone=True)
-            unlogged = self._take_unlogged()
             try:
-                self.store.append(batch.entries, self._seqs(batch), _joined(unlogged, logged))
+                self.store.append(batch.entries, self._seqs(batch), logged or None)
             except Exception as exc:  # the writer task tries again, and stops the host if it fails
                 if not isinstance(exc, StoreFailed) and not is_busy(exc):
                     log.exception("journal commit failed; retrying from the writer task")
-                self._unnumber(batch)
-                self.unlogged = _joined(unlogged, self.unlogged)
+                self._unnumber(batch, logged)
                 self._wake.set()
                 return
             self.commits += 1
@@ -324,14 +323,13 @@ class Saver:
         while self.current.entries:
             started = time.perf_counter()
             batch, self.current = self.current, Batch()
-            logged = self._number(batch, everyone=False)
+            outbound = self._number(batch, everyone=False)
             seqs = self._seqs(batch)
-            outbound = _joined(self._take_unlogged(), logged)
             self._stalled(started)
             self.in_flight = True
             self._in_flight_writers = batch.writers
             try:
-                await self._append(batch.entries, seqs, outbound)
+                await self._append(batch.entries, seqs, outbound or None)
                 if batch.later:  # a broadcast's audience: numbered now, logged before it goes
                     await self._append([], {}, self.outbound.rows(batch.later))
             finally:
@@ -355,7 +353,7 @@ class Saver:
         taken, restore = self._take()
         runtime, ended = self.runtime_source()
         trim = self.outbound.trim() if self.outbound is not None else None
-        unlogged = self._take_unlogged()
+        unlogged = self.outbound.pending() if self.outbound is not None else None
         last_id = self.last_id  # the cut: actions applied from here on are not in it
         self.first_unsaved = self.last_change = None
         try:
@@ -367,7 +365,8 @@ class Saver:
                 {"world_id": self.world_id, **self.meta_source()}, clean, trim, unlogged)
         except BaseException:
             restore()
-            self.unlogged = _joined(unlogged, self.unlogged)
+            if self.outbound is not None and unlogged is not None:
+                self.outbound.restore(unlogged)
             raise
         finally:
             self.in_flight = False
@@ -455,10 +454,6 @@ class Saver:
                     started = time.perf_counter()
         self._stalled(started)
         return changes
-
-
-def _joined(first: OutboundRows, second: OutboundRows) -> OutboundRows:
-    return OutboundRows(first.data + second.data, first.seqs + second.seqs)
 
 
 _GONE = object()

@@ -146,6 +146,7 @@ class OutboundRows:
 
     data: list[tuple[int, float, str, bytes]] = field(default_factory=list)
     seqs: list[tuple[str, int, int, bytes | None]] = field(default_factory=list)
+    taken: list[Any] = field(default_factory=list)  # what the writer gives back if not written
 
     def __bool__(self) -> bool:
         return bool(self.seqs)
