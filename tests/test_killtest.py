@@ -24,3 +24,4 @@ def test_kill_nine_loses_nothing_acknowledged(tmp_path: Path, synchronous: str, 
     assert totals.invented == 0, totals.problems
     assert totals.check_failures == 0, totals.problems
     assert totals.resume_failures == 0
+    assert totals.replay_failures == 0, totals.problems  # each resume replays what was sent
