@@ -30,25 +30,25 @@ from typing import Any
 
 import sqlite_utils
 
-from state.codec import canonical, load_stored
+from state.codec import canonical, encode_cbor, load_stored
 
 log = logging.getLogger("worldhost.store")
 
 FORMAT_VERSION = 2  # 2: journal rows carry replay memos and the sessions' next seq
 
 
-_ROWS_PER_INSERT = 200  # 8 values a row, well under SQLite's limit on bound values
+_ROWS_PER_INSERT = 200  # 9 values a row, well under SQLite's limit on bound values
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT)
 def _insert_rows(count: int) -> str:
-    return ("INSERT INTO journal (id, action, params, at, session, request_id, memo, seqs) "
-            "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * count))
+    return ("INSERT INTO journal (id, action, params, at, session, request_id, memo, seqs, out) "
+            "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count))
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT)
 def _insert_outbound_data(count: int) -> str:
-    return ("INSERT INTO outbound_data (pos, at, signal, data) VALUES "
+    return ("INSERT OR IGNORE INTO outbound_data (pos, at, signal, data) VALUES "
             + ", ".join(["(?, ?, ?, ?)"] * count))
 
 
@@ -197,7 +197,7 @@ CREATE TABLE IF NOT EXISTS records (slice TEXT NOT NULL, key TEXT NOT NULL, valu
     PRIMARY KEY (slice, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal (id INTEGER PRIMARY KEY, action TEXT NOT NULL,
     params BLOB NOT NULL, at REAL NOT NULL, session TEXT, request_id BLOB, memo BLOB,
-    seqs BLOB);
+    seqs BLOB, out BLOB);
 CREATE TABLE IF NOT EXISTS session_runtime (id TEXT PRIMARY KEY, next_seq INTEGER NOT NULL,
     value BLOB) WITHOUT ROWID;
 """ + OUTBOUND_SCHEMA
@@ -476,6 +476,9 @@ class Store:
             for statement in OUTBOUND_SCHEMA.split(";"):
                 if statement.strip():
                     self.conn.execute(statement)
+            columns = {r[1] for r in self.conn.execute("PRAGMA table_info(journal)")}
+            if "out" not in columns:
+                self.conn.execute("ALTER TABLE journal ADD COLUMN out BLOB")
             self.conn.execute("COMMIT")
 
     # reading -------------------------------------------------------------
@@ -505,9 +508,11 @@ class Store:
                     old_seq, value = runtime.get(sid, (0, None))
                     runtime[sid] = (max(old_seq, seq), value)
             outbound = self.outbound_rows()
-            last_pos = self.conn.execute("SELECT max(pos) FROM outbound_data").fetchone()[0]
+            last_pos = max([self.conn.execute("SELECT max(pos) FROM outbound_data").fetchone()[0]
+                            or 0] + [pos for rows in self._journaled_outbound()
+                                     for pos, *_ in rows.data])
             return Loaded(
-                outbound=outbound, next_pos=(last_pos or 0) + 1,
+                outbound=outbound, next_pos=last_pos + 1,
                 generation=int(self.meta("generation", 0)),
                 world_id=self.meta("world_id"),
                 checkpoint_id=checkpoint_id,
@@ -523,17 +528,36 @@ class Store:
         except (ValueError, TypeError) as exc:
             raise StoreUnreadable(f"{self.path}: {exc}") from None
 
+    def _journaled_outbound(self, upto: int | None = None) -> list[OutboundRows]:
+        """The outbound rows that rode journal commits (all, or up to entry ``upto``)."""
+        query = "SELECT out FROM journal WHERE out IS NOT NULL"
+        args: tuple[Any, ...] = ()
+        if upto is not None:
+            query, args = query + " AND id <= ?", (upto,)
+        return [OutboundRows(*load_stored(blob)) for (blob,) in self.conn.execute(query, args)]
+
     def outbound_rows(self) -> list[LoggedSignal]:
-        """Every signal the outbound log holds, by session and seq."""
-        return self.conn.execute(
-            "SELECT o.session, o.seq, d.at, d.signal, d.data, o.re FROM outbound o "
-            "JOIN outbound_data d ON d.pos = o.pos ORDER BY o.session, o.seq").fetchall()
+        """Every signal the outbound log holds (its tables and the journal), by
+        session and seq."""
+        found = {(sid, seq): (sid, seq, at, signal, data, re) for sid, seq, at, signal, data, re
+                 in self.conn.execute(
+                     "SELECT o.session, o.seq, d.at, d.signal, d.data, o.re FROM outbound o "
+                     "JOIN outbound_data d ON d.pos = o.pos")}
+        for rows in self._journaled_outbound():
+            data = {pos: (at, signal, blob) for pos, at, signal, blob in rows.data}
+            for sid, seq, pos, re in rows.seqs:
+                found.setdefault((sid, seq), (sid, seq, *data[pos], re))
+        return [found[key] for key in sorted(found)]
 
     def outbound_export(self) -> OutboundRows:
         """The whole outbound log, as rows another store can adopt."""
-        return OutboundRows(
+        rows = OutboundRows(
             self.conn.execute("SELECT pos, at, signal, data FROM outbound_data").fetchall(),
             self.conn.execute("SELECT session, seq, pos, re FROM outbound").fetchall())
+        for more in self._journaled_outbound():
+            rows.data += more.data
+            rows.seqs += more.seqs
+        return rows
 
     def drop_slices(self, names: list[str]) -> None:
         """Delete slices (rows and records) this store no longer keeps, at once."""
@@ -558,16 +582,19 @@ class Store:
         """Commit journal entries, the next seq of the sessions they signal, and the
         signals they send (the outbound log), at once.
 
-        The seqs ride on the batch's last row, so a batch without outbound rows is
-        usually one INSERT statement and its own transaction: the writer thread then
-        gives up and takes back Python's lock once per commit instead of once per
-        statement.
+        The seqs and the outbound rows ride on the batch's last row (a checkpoint
+        moves the rows to the log's tables), so a batch is usually one INSERT
+        statement and its own transaction: one page of the WAL, and the writer
+        thread gives up and takes back Python's lock once per commit instead of
+        once per statement. Outbound rows without entries get a transaction.
         """
         rows: list[tuple[Any, ...]] = [
-            (e.id, e.action, e.params, e.at, e.session, e.request_id, e.memo, None)
+            (e.id, e.action, e.params, e.at, e.session, e.request_id, e.memo, None, None)
             for e in entries]
-        if seqs and rows:
-            rows[-1] = (*rows[-1][:-1], canonical(seqs))
+        if rows and (seqs or outbound):
+            rows[-1] = (*rows[-1][:-2], canonical(seqs) if seqs else None,
+                        encode_cbor([outbound.data, outbound.seqs]) if outbound else None)
+            outbound = None
         if self.lost is not None:
             self.check_identity()
         c = self.conn
@@ -671,6 +698,8 @@ class Store:
                               [(s,) for s in ended_sessions])
                 c.executemany("DELETE FROM outbound WHERE session = ?",
                               [(s,) for s in ended_sessions])
+            for rode in self._journaled_outbound(last_id):  # the journal it covers goes
+                self._insert_outbound(rode)
             if outbound:
                 self._insert_outbound(outbound)
             if trim is not None:
@@ -701,8 +730,10 @@ class Store:
             c.executemany("DELETE FROM outbound WHERE session = ? AND seq < ?",
                           list(trim.floors.items()))
         past_end = (c.execute("SELECT max(pos) FROM outbound_data").fetchone()[0] or 0) + 1
-        first_kept = c.execute("SELECT min(pos) FROM outbound_data WHERE at >= ?",
-                               (trim.before,)).fetchone()[0]
+        # positions grow with time: the first young one is near the start (no index on at)
+        row = c.execute("SELECT pos FROM outbound_data WHERE at >= ? ORDER BY pos LIMIT 1",
+                        (trim.before,)).fetchone()
+        first_kept = row[0] if row is not None else None
         c.execute("DELETE FROM outbound WHERE pos < ?",
                   (first_kept if first_kept is not None else past_end,))
         lowest = c.execute("SELECT min(pos) FROM outbound").fetchone()[0]

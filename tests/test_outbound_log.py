@@ -17,6 +17,7 @@ import trio
 from trio_websocket import open_websocket_url
 
 from serverproc import ServerProcess
+from state.codec import load_stored
 
 ADMIN = "outbound-log-admin"
 
@@ -194,11 +195,15 @@ def test_the_bounds_and_trimming(tmp_path: Path) -> None:
     server = ServerProcess(db, config=_config(tmp_path, "outbound_log_size = 5\n")).start()
 
     def logged(sid: str) -> list[int]:
+        """The seqs logged for a session: in the log's tables, and on journal rows
+        (where they ride their commit until a checkpoint moves them)."""
         seqs = []
         for path in (db, tmp_path / "w.server.db"):
             with sqlite3.connect(path) as conn:
                 seqs += [r[0] for r in conn.execute(
                     "SELECT seq FROM outbound WHERE session = ?", (sid,))]
+                for (blob,) in conn.execute("SELECT out FROM journal WHERE out IS NOT NULL"):
+                    seqs += [seq for s, seq, _, _ in load_stored(blob)[1] if s == sid]
         return sorted(seqs)
 
     try:
