@@ -33,6 +33,9 @@ MAX_SEQ = 2**53 - 1
 # A stored next seq above this cannot have been reached by counting signals from
 # MAX_SEQ: the row is damaged (or was written by a host without the bound).
 SEQ_LIMIT = 2**62
+# Signals a session holds back for an earlier one still being committed by another
+# writer; past this many, that commit is taken for lost and the rest go on.
+MAX_PARKED = 256
 
 
 class State(str, Enum):
@@ -225,7 +228,12 @@ class Session:
             self.number(sig)
         if sig.seq > self.sent_seq + 1:
             self.parked[sig.seq] = sig  # an earlier one's commit is still under way
-            return
+            if len(self.parked) <= MAX_PARKED:
+                return
+            # that commit will not end (its world stopped on a store failure): go on
+            # without what it held, which a resume then reports as missed
+            self.sent_seq = min(self.parked) - 1
+            sig = self.parked.pop(self.sent_seq + 1)
         self._send(sig)
         while self.parked and (nxt := self.parked.pop(self.sent_seq + 1, None)) is not None:
             self._send(nxt)
