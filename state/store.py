@@ -673,6 +673,8 @@ class Store:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
+            for rode in self._journaled_outbound(last_id):  # the journal it covers goes
+                self._insert_outbound(rode)
             for name, ch in changes.items():
                 c.execute(
                     "INSERT INTO slices (name, version, keyed, value) VALUES (?, ?, ?, ?) "
@@ -698,8 +700,6 @@ class Store:
                               [(s,) for s in ended_sessions])
                 c.executemany("DELETE FROM outbound WHERE session = ?",
                               [(s,) for s in ended_sessions])
-            for rode in self._journaled_outbound(last_id):  # the journal it covers goes
-                self._insert_outbound(rode)
             if outbound:
                 self._insert_outbound(outbound)
             if trim is not None:
