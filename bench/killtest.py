@@ -64,7 +64,8 @@ class Totals:
     problems: list[str] = field(default_factory=list)
 
 
-async def _call(ws, frame: dict, seen: dict[int, str] | None = None) -> dict:  # type: ignore[no-untyped-def]
+async def _call(ws, frame: dict,  # type: ignore[no-untyped-def]
+                seen: dict[int, str] | None = None) -> dict:
     await ws.send_message(json.dumps(frame))
     while True:
         text = await ws.get_message()
