@@ -334,6 +334,7 @@ class Store:
         self._watched: list[tuple[str, int, int, int]] = []  # (path, fd, st_dev, st_ino)
         self._held: list[int] = []  # descriptors to close only after the connection
         self.busy_timeout_ms = 5000
+        self.has_outbound = True  # the outbound log's tables (an old store read offline: no)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], synchronous: str = "NORMAL",
@@ -472,6 +473,9 @@ class Store:
             self.conn.execute("UPDATE meta SET value = 2 WHERE key = 'format_version'")
             self.conn.execute("COMMIT")
         if "outbound" not in tables or "outbound_data" not in tables:
+            if self.conn.in_transaction:  # an offline tool's read (mode=ro): none to read
+                self.has_outbound = False
+                return
             self.conn.execute("BEGIN IMMEDIATE")
             for statement in OUTBOUND_SCHEMA.split(";"):
                 if statement.strip():
@@ -508,9 +512,11 @@ class Store:
                     old_seq, value = runtime.get(sid, (0, None))
                     runtime[sid] = (max(old_seq, seq), value)
             outbound = self.outbound_rows()
-            last_pos = max([self.conn.execute("SELECT max(pos) FROM outbound_data").fetchone()[0]
-                            or 0] + [pos for rows in self._journaled_outbound()
-                                     for pos, *_ in rows.data])
+            last_pos = max([0] + [pos for rows in self._journaled_outbound()
+                                  for pos, *_ in rows.data])
+            if self.has_outbound:
+                last_pos = max(last_pos, self.conn.execute(
+                    "SELECT max(pos) FROM outbound_data").fetchone()[0] or 0)
             return Loaded(
                 outbound=outbound, next_pos=last_pos + 1,
                 generation=int(self.meta("generation", 0)),
@@ -530,6 +536,8 @@ class Store:
 
     def _journaled_outbound(self, upto: int | None = None) -> list[OutboundRows]:
         """The outbound rows that rode journal commits (all, or up to entry ``upto``)."""
+        if not self.has_outbound:
+            return []
         query = "SELECT out FROM journal WHERE out IS NOT NULL"
         args: tuple[Any, ...] = ()
         if upto is not None:
@@ -539,6 +547,8 @@ class Store:
     def outbound_rows(self) -> list[LoggedSignal]:
         """Every signal the outbound log holds (its tables and the journal), by
         session and seq."""
+        if not self.has_outbound:
+            return []
         found = {(sid, seq): (sid, seq, at, signal, data, re) for sid, seq, at, signal, data, re
                  in self.conn.execute(
                      "SELECT o.session, o.seq, d.at, d.signal, d.data, o.re FROM outbound o "
