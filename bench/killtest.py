@@ -14,6 +14,11 @@ over N worlds (``main`` and ``w1``…), each with its own map and running
 simulation: a resumed session must still be in its world, and each world's
 store is checked on its own (an action that landed in another world counts as
 lost in its own and invented in the other).
+
+With ``--replay`` (the default) each client also resumes from a little before the
+last signal it read: the resume must be complete, replay every signal after that
+``seq`` once and in order, those it had read identical to the byte; and at the
+end what the clients read must match what the stores' outbound logs hold.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from serverproc import ServerProcess  # noqa: E402
 
 from host.client import connect  # noqa: E402
+from state.codec import load_stored  # noqa: E402
 
 CLIENTS = 3
 ADMIN = "kill-test-admin"
@@ -56,6 +62,7 @@ class Ledger:
     sessions: dict[str, dict[str, object]] = field(default_factory=dict)
     counter: int = 0
     resumed: int = 0
+    seen: dict[str, dict[int, str]] = field(default_factory=dict)  # name -> seq -> text
 
 
 @dataclass
@@ -66,18 +73,73 @@ class Totals:
     invented: int = 0
     resume_failures: int = 0
     check_failures: int = 0
+    replay_failures: int = 0  # --replay: incomplete, a gap, a duplicate, a changed signal
     problems: list[str] = field(default_factory=list)
 
 
-async def _call(ws, frame: dict) -> dict:  # type: ignore[no-untyped-def]
+async def _call(ws, frame: dict,  # type: ignore[no-untyped-def]
+                seen: dict[int, str] | None = None) -> dict:
     await ws.send_message(json.dumps(frame))
     while True:
-        msg = json.loads(await ws.get_message())
+        text = await ws.get_message()
+        msg = json.loads(text)
+        if seen is not None and "seq" in msg:
+            seen[msg["seq"]] = text
         if msg.get("re") == frame.get("id"):
             return msg
 
 
-async def _client(url: str, name: str, ledger: Ledger, stop_at: float) -> None:
+async def _check_replay(ws, name: str, last_seq: int, reply: dict,  # type: ignore[no-untyped-def]
+                        ledger: Ledger, totals: Totals) -> None:
+    """``--replay``: a resume after a kill -9 is complete and replays every signal
+    after ``last_seq`` once, in order, those already read exactly as they were."""
+    seen = ledger.seen.setdefault(name, {})
+    replayed = [await ws.get_message() for _ in range(reply["data"]["replayed"])]
+    seqs = [json.loads(text)["seq"] for text in replayed]
+    problems = []
+    if not reply["data"]["complete"]:
+        problems.append(f"{name}: resume from {last_seq} incomplete")
+    if seqs != list(range(last_seq + 1, last_seq + 1 + len(seqs))):
+        problems.append(f"{name}: replayed seqs {seqs[:3]}..{seqs[-3:]} after {last_seq}")
+    changed = [s for s, text in zip(seqs, replayed) if s in seen and seen[s] != text]
+    if changed:
+        problems.append(f"{name}: seqs {changed[:5]} replayed differently")
+    for s, text in zip(seqs, replayed):
+        seen[s] = text
+    totals.replay_failures += len(problems)
+    totals.problems += problems
+
+
+def check_logs(workdir: Path, ledger: Ledger, totals: Totals, worlds: int = 1) -> None:
+    """``--replay``: each client read every seq from its first on (none missed), and
+    every signal the stores' outbound logs hold for it is the one it read."""
+    for name, seen in ledger.seen.items():
+        gaps = sorted(set(range(min(seen), max(seen) + 1)) - set(seen)) if seen else []
+        if gaps:
+            totals.replay_failures += 1
+            totals.problems.append(f"{name}: never read seqs {gaps[:5]}")
+    sessions = {str(known["session_id"]): name for name, known in ledger.sessions.items()}
+    for db in (*store_files(workdir / "kill.db", worlds), workdir / "kill.server.db"):
+        if not db.exists():
+            continue
+        conn = sqlite3.connect(db)
+        rows = conn.execute("SELECT o.session, o.seq, d.signal, d.data FROM outbound o "
+                            "JOIN outbound_data d ON d.pos = o.pos").fetchall()
+        conn.close()
+        for sid, seq, signal, data in rows:
+            text = ledger.seen.get(sessions.get(sid, ""), {}).get(seq)
+            if text is None:
+                continue  # logged, never read: sent after the client's last read
+            msg = json.loads(text)
+            if msg["signal"] != signal or msg["data"] != json.loads(
+                    json.dumps(load_stored(data))):
+                totals.replay_failures += 1
+                totals.problems.append(f"{sessions[sid]}: seq {seq} logged as {signal}, "
+                                       f"read as {msg['signal']}")
+
+
+async def _client(url: str, name: str, ledger: Ledger, stop_at: float,
+                  totals: Totals | None = None, rng: random.Random | None = None) -> None:
     try:
         async with open_websocket_url(url, message_queue_size=64) as ws:
             await ws.get_message()  # server.info
@@ -94,6 +156,26 @@ async def _client(url: str, name: str, ledger: Ledger, stop_at: float) -> None:
                                              "params": {"world_id": home}})
                     if reply["signal"] != "world.joined":
                         raise RuntimeError(f"{name} could not join {home}: {reply['data']}")
+            elif totals is not None and rng is not None:  # --replay
+                seen = ledger.seen.setdefault(name, {})
+                last_seq = max(0, max(seen, default=0) - rng.randint(0, 20))
+                await ws.send_message(json.dumps({
+                    "id": f"{name}-resume-{ledger.counter}", "action": "session.resume",
+                    "params": {**known, "last_seq": last_seq}}))
+                text = await ws.get_message()
+                reply = json.loads(text)
+                if reply["signal"] != "session.resumed":
+                    raise RuntimeError(f"{name} could not resume: {reply['data']}")
+                known["resume_token"] = reply["data"]["resume_token"]
+                ledger.resumed += 1
+                seen[reply["seq"]] = text
+                await _check_replay(ws, name, last_seq, reply, ledger, totals)
+                if home is not None:  # resumed in the world it had joined, not the default
+                    reply = await _call(ws, {"id": f"{name}-where-{ledger.counter}",
+                                             "action": "world.list", "params": {}})
+                    if reply["data"].get("joined") != home:
+                        raise RuntimeError(f"{name} resumed in {reply['data'].get('joined')}, "
+                                           f"not {home}")
             else:
                 reply = await _call(ws, {"id": f"{name}-resume-{ledger.counter}",
                                          "action": "session.resume", "params": known})
@@ -114,7 +196,8 @@ async def _client(url: str, name: str, ledger: Ledger, stop_at: float) -> None:
                     if ledger.counter % 2 else \
                     ("simulation.add_package", {"id": item, "origin": "g1", "destination": "g4"})
                 ledger.sent.add(item)
-                reply = await _call(ws, {"id": item, "action": action[0], "params": action[1]})
+                reply = await _call(ws, {"id": item, "action": action[0], "params": action[1]},
+                                    ledger.seen.setdefault(name, {}) if totals else None)
                 if reply["signal"] == "error":
                     raise RuntimeError(f"{item}: {reply['data']}")
                 ledger.acked.add(item)
@@ -123,17 +206,19 @@ async def _client(url: str, name: str, ledger: Ledger, stop_at: float) -> None:
         pass  # the host was killed under us
 
 
-async def _drive(url: str, ledger: Ledger, seconds: float, clients: int) -> None:
+async def _drive(url: str, ledger: Ledger, seconds: float, clients: int,
+                 totals: Totals | None = None, rng: random.Random | None = None) -> None:
     stop_at = trio.current_time() + seconds + 5
     async with trio.open_nursery() as nursery:
         for i in range(clients):
-            nursery.start_soon(_client, url, f"client{i}", ledger, stop_at)
+            nursery.start_soon(_client, url, f"client{i}", ledger, stop_at, totals, rng)
 
 
 async def _drive_then_kill(server: ServerProcess, ledger: Ledger, seconds: float,
-                           clients: int) -> None:
+                           clients: int, totals: Totals | None = None,
+                           rng: random.Random | None = None) -> None:
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drive, server.url, ledger, seconds, clients)
+        nursery.start_soon(_drive, server.url, ledger, seconds, clients, totals, rng)
         await trio.sleep(seconds)
         server.kill9()
 
@@ -252,12 +337,14 @@ def store_files(db: Path, worlds: int) -> list[Path]:
 
 def run(cycles: int, workdir: Path, seed: int | None = None, verbose: bool = False,
         synchronous: str = "NORMAL", journal_commits: str = "thread", worlds: int = 1,
-        clients: int | None = None, websocket: str | None = None) -> Totals:
+        clients: int | None = None, websocket: str | None = None,
+        replay: bool = True) -> Totals:
     """Journal commits on the store's thread (the default), or in the event loop
     (``journal_commits = "loop"``, with NORMAL only; see state/saver.py): every path
-    must lose nothing acknowledged. ``worlds`` > 1 spreads ``clients`` (default: three,
-    or one per world if more) over that many worlds, client i in world i mod N.
-    ``websocket`` sets ``[host] websocket`` (else the host's default)."""
+    must lose nothing acknowledged (and, with ``replay``, replay what was sent).
+    ``worlds`` > 1 spreads ``clients`` (default: three, or one per world if more) over
+    that many worlds, client i in world i mod N. ``websocket`` sets ``[host]
+    websocket`` (else the host's default)."""
     rng = random.Random(seed)
     clients = clients if clients is not None else max(CLIENTS, worlds)
     db = workdir / "kill.db"
@@ -279,7 +366,8 @@ def run(cycles: int, workdir: Path, seed: int | None = None, verbose: bool = Fal
             _setup(server.url, worlds)
         seconds = rng.uniform(0.2, 1.2)
 
-        trio.run(_drive_then_kill, server, ledger, seconds, clients)
+        trio.run(_drive_then_kill, server, ledger, seconds, clients,
+                 totals if replay else None, rng)
         for store in store_files(db, worlds):
             if not store.exists():  # connect() would create it
                 result = "the store file is missing"
@@ -302,6 +390,8 @@ def run(cycles: int, workdir: Path, seed: int | None = None, verbose: bool = Fal
         totals.resume_failures = max(0, clients * (cycles - 1) - expected_resumes)
     finally:
         server.stop()
+    if replay:
+        check_logs(workdir, ledger, totals, worlds)
     return totals
 
 
@@ -319,6 +409,8 @@ def main() -> int:
                         help=f"clients (default {CLIENTS}, or one per world if --worlds is more)")
     parser.add_argument("--websocket", choices=["trio-websocket", "websockets"], default=None,
                         help="the host's [host] websocket (default: the host's own)")
+    parser.add_argument("--replay", action=argparse.BooleanOptionalAction, default=True,
+                        help="check each resume's replay and the outbound logs")
     args = parser.parse_args()
     if args.worlds < 1:
         parser.error("--worlds must be at least 1")
@@ -326,16 +418,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         totals = run(args.cycles, Path(tmp), args.seed, verbose=True,
                      synchronous=args.synchronous, journal_commits=args.journal_commits,
-                     worlds=args.worlds, clients=args.clients, websocket=args.websocket)
+                     worlds=args.worlds, clients=args.clients, websocket=args.websocket,
+                     replay=args.replay)
     print(f"cycles {totals.cycles}  worlds {args.worlds}  acknowledged {totals.acknowledged}  "
           f"lost {totals.lost}  invented {totals.invented}  "
           f"resume failures {totals.resume_failures}  "
           f"invariant failures {totals.check_failures}  "
+          f"replay failures {totals.replay_failures}  "
           f"({time.monotonic() - started:.0f} s)")
     for problem in totals.problems[:20]:
         print("  " + problem)
     return 0 if not (totals.lost or totals.invented or totals.check_failures
-                     or totals.resume_failures) else 1
+                     or totals.resume_failures or totals.replay_failures) else 1
 
 
 if __name__ == "__main__":

@@ -89,6 +89,9 @@ class SessionsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_sessions_per_token: int = 64  # 0: no limit
     max_topics: int = 64  # topics one session may subscribe to
     max_topic_length: int = 300  # characters of one topic
+    outbound_log: bool = True  # signals are logged with their commit, replayable after a restart
+    outbound_log_size: int = 1000  # signals kept per session in the log
+    outbound_log_age_s: float = 300.0  # and for this long
 
 
 class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -355,8 +355,8 @@ class Dispatcher:
                     req.result = next((sig for _, sig in effects.outputs if sig.has_re), None)
                 done.set()
 
-        saver.record(effects.entry, release,
-                     [t.id for t, _ in effects.outputs if isinstance(t, Session)])
+        to_sessions = [(t, sig) for t, sig in effects.outputs if isinstance(t, Session)]
+        saver.record(effects.entry, release, [t.id for t, _ in to_sessions], to_sessions)
 
     # replay ----------------------------------------------------------------
     def replay(self, entry: JournalEntry) -> None:

@@ -296,7 +296,7 @@ class SessionGate:
         if last_seq >= session.next_seq:
             # restored from the store, whose seq can lag what was sent before a
             # crash: the client saw signals we did not count; never reuse their seqs
-            session.next_seq = last_seq + 1
+            session.skip_to(last_seq + 1)
         session.seq_exact = True
         missed, complete = session.missed(last_seq)
         session.last_active = self.clock()
@@ -306,11 +306,15 @@ class SessionGate:
         if token is not None:
             data["resume_token"] = token
         reply = Signal("session.resumed", data, req.id, True, encoding=req.encoding)
-        # a stream's reply is its own, unnumbered: the numbered signals it carries then
-        # go up one by one (an SSE client resumes from the last id it read)
-        effects.outputs = [(conn if keep else session, reply)]
-        effects.outputs += [(conn, sig) for sig in missed]
-        effects.outputs.append((session, self.sync_state(session)))
+        if keep:
+            # a stream's reply is its own, unnumbered: the numbered signals it carries
+            # then go up one by one (an SSE client resumes from the last id it read)
+            effects.outputs = [(conn, reply)]
+            effects.outputs += [(conn, sig) for sig in missed]
+            effects.outputs.append((session, self.sync_state(session)))
+        else:
+            session.outbox = _Resuming(conn, session, reply, missed)
+            effects.outputs = [(session, reply), (session, self.sync_state(session))]
         self._session_hook("session_opened", session,
                            session=self.session_info(session, resumed=True))
         return effects
@@ -356,7 +360,7 @@ class SessionGate:
         session = self.sessions.get(session_id)
         if session is None:
             return
-        conn = session.outbox
+        conn = _connection(session)
         self._session_hook("session_closed", session, session=self.session_info(session),
                            reason=reason)
         self.sessions.drop(session_id)
@@ -376,7 +380,7 @@ class SessionGate:
         """A connection went away: its session stays, resumable, for the window."""
         session = conn.session
         conn.session = None
-        if session is None or session.outbox not in (conn, None):
+        if session is None or _connection(session) not in (conn, None):
             return  # resumed on another connection meanwhile
         # (an outbox already None: the connection refused a signal, too slow; the
         # record still says open until this detach)
@@ -506,3 +510,37 @@ class SessionGate:
     # what a client is told -----------------------------------------------------------
     def sync_state(self, session: Session) -> Signal:
         return Signal("sync_state", self.view.sync_state(session))
+
+
+def _connection(session: Session) -> Any:
+    """The connection a session speaks through (also while its resume is released)."""
+    outbox = session.outbox
+    return outbox.conn if isinstance(outbox, _Resuming) else outbox
+
+
+class _Resuming:
+    """A resumed session's outbox until its reply goes out: the reply, then what it
+    missed, then what was sent to it since the resume was applied (released by
+    other writers before the reply's commit), then the connection itself."""
+
+    def __init__(self, conn: Any, session: Session, reply: Signal, missed: list[Signal]) -> None:
+        self.conn = conn
+        self.session: Session | None = session
+        self.encoding = conn.encoding
+        self.reply = reply
+        self.held = missed
+
+    def deliver(self, sig: Signal) -> bool:
+        if sig is not self.reply:
+            self.held.append(sig)
+            return True
+        ok = all([self.conn.deliver(s) for s in [sig, *self.held]])
+        if self.session is not None and self.session.outbox is self:
+            self.session.outbox = self.conn if ok else None
+        return ok
+
+    def displace(self) -> None:
+        self.conn.displace()
+
+    def close_soon(self, code: int, reason: str) -> None:
+        self.conn.close_soon(code, reason)

@@ -4,7 +4,9 @@ The state machine is independent of the transport. What must survive a
 restart (id, name, role, resume-token hash, state, times) lives in the
 ``sessions`` slice and changes only through actions; what changes with every
 signal (``seq``, the replay buffer, remembered replies) lives here and is
-saved beside the world by the saver.
+saved beside the world by the saver. With the outbound log on, each signal is
+numbered as its commit is written and logged in it (``OutboundLog``), so the
+replay buffer can be filled again from the stores after a restart.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
@@ -21,7 +25,8 @@ import trio
 
 from host.messages import Signal as Signal
 from host.topics import Interest
-from state.codec import encode_cbor, encode_json
+from state.codec import encode_cbor, encode_json, load_stored
+from state.store import LoggedSignal, LogTrim, OutboundRows
 
 # The highest ``last_seq`` a client may present: the largest integer every JSON
 # client reads exactly. A seq never gets near SQLite's 2**63 from here.
@@ -29,6 +34,9 @@ MAX_SEQ = 2**53 - 1
 # A stored next seq above this cannot have been reached by counting signals from
 # MAX_SEQ: the row is damaged (or was written by a host without the bound).
 SEQ_LIMIT = 2**62
+# Signals a session holds back for an earlier one still being committed by another
+# writer; past this many, that commit is taken for lost and the rest go on.
+MAX_PARKED = 256
 
 
 class State(str, Enum):
@@ -158,6 +166,11 @@ class Session:
     # a commit: its next request waits for those held elsewhere (see host/router.py)
     holds: dict[Any, int] = field(default_factory=dict)
     released: trio.Event | None = None  # set when a hold ends, for whoever waits
+    # the last seq handed to the connection (and the replay buffer): signals numbered
+    # by one writer's commit can be released after a later one's, and wait here
+    sent_seq: int = 0
+    parked: dict[int, Signal] = field(default_factory=dict)
+    unlogged: list[Signal] = field(default_factory=list)  # sent without a commit: see OutboundLog
 
     def hold(self, holder: Any) -> None:
         self.holds[holder] = self.holds.get(holder, 0) + 1
@@ -189,21 +202,56 @@ class Session:
     def connected(self) -> bool:
         return self.outbox is not None
 
-    def deliver(self, sig: Signal) -> None:
-        """Number the signal, keep it for replay, and hand it to the connection."""
+    def number(self, sig: Signal) -> None:
+        """Give a signal this session's next seq (as its commit is written, with the
+        outbound log on; else as it is delivered)."""
         sig.seq = self.next_seq
         self.next_seq += 1
         self.signals_sent += 1
         self.version += 1
+
+    def unnumber(self, sig: Signal) -> None:
+        """Give back the last seq taken (its commit failed before anything was sent)."""
+        assert sig.seq == self.next_seq - 1
+        sig.seq = None
+        self.next_seq -= 1
+        self.signals_sent -= 1
+
+    def skip_to(self, next_seq: int) -> None:
+        """Continue numbering at ``next_seq`` at least (what a store or the client says
+        was sent before a restart): seqs are never used twice."""
+        if next_seq > self.next_seq:
+            self.next_seq = next_seq
+            self.sent_seq = max(self.sent_seq, next_seq - 1)
+            self.version += 1
+
+    def deliver(self, sig: Signal) -> None:
+        """Keep the signal for replay and hand it to the connection, in seq order:
+        numbered now if its commit did not number it."""
+        if sig.seq is None:
+            self.number(sig)
+        seq: int = sig.seq  # type: ignore[assignment]  # numbered just above
+        if seq > self.sent_seq + 1:
+            self.parked[seq] = sig  # an earlier one's commit is still under way
+            if len(self.parked) <= MAX_PARKED:
+                return
+            # that commit will not end (its world stopped on a store failure): go on
+            # without what it held, which a resume then reports as missed
+            self.sent_seq = min(self.parked) - 1
+            sig = self.parked.pop(self.sent_seq + 1)
+        self._send(sig)
+        while self.parked and (nxt := self.parked.pop(self.sent_seq + 1, None)) is not None:
+            self._send(nxt)
+
+    def _send(self, sig: Signal) -> None:
+        assert sig.seq is not None
+        self.sent_seq = max(self.sent_seq, sig.seq)
         encoding: str = sig.encoding or getattr(self.outbox, "encoding", None) or "json"
         size = signal_size(sig, encoding)
         self.buffer.append(sig)
         self.sizes.append(size)
         self.buffer_bytes += size
-        while self.buffer and (len(self.buffer) > self.buffer_size
-                               or self.buffer_bytes > self.buffer_bytes_limit):
-            self.buffer.popleft()
-            self.buffer_bytes -= self.sizes.popleft()
+        self._trim_buffer()
         if sig.has_re and sig.re is not None:
             entry = self.replies.get(_id_key(sig.re))
             if entry is not None and entry[3] is None and entry[1] is sig.data:
@@ -212,6 +260,34 @@ class Session:
                 self._trim_replies()
         if self.outbox is not None and not self.outbox.deliver(sig):
             self.outbox = None  # the connection dropped it; the session stays resumable
+
+    def _trim_buffer(self) -> None:
+        while self.buffer and (len(self.buffer) > self.buffer_size
+                               or self.buffer_bytes > self.buffer_bytes_limit):
+            self.buffer.popleft()
+            self.buffer_bytes -= self.sizes.popleft()
+
+    def restore_log(self, logged: list[LoggedSignal]) -> None:
+        """Take back signals a store logged for this session (ordered by seq), beside
+        those already held (another store's), keeping each seq once; the replay
+        buffer's bounds apply as to signals sent."""
+        held: dict[int, Signal] = {s.seq: s for s in self.buffer if s.seq is not None}
+        for _, seq, _, name, data, re in logged:
+            if seq not in held:
+                reply = load_stored(re) if re is not None else None
+                held[seq] = Signal(name, load_stored(data), reply[0] if reply else None,
+                                   reply is not None, seq, encoded={"cbor": data})
+        self.buffer.clear()
+        self.sizes.clear()
+        self.buffer_bytes = 0
+        for seq in sorted(held):
+            size = signal_size(held[seq], "json")
+            self.buffer.append(held[seq])
+            self.sizes.append(size)
+            self.buffer_bytes += size
+        self._trim_buffer()
+        if self.buffer:
+            self.skip_to(self.buffer[-1].seq + 1)  # type: ignore[operator]
 
     def overview(self) -> dict[str, Any]:
         """Its journaled record (the one source of truth for its state) with live figures."""
@@ -225,10 +301,13 @@ class Session:
                 "signals_sent": self.signals_sent, "held_bytes": self.held_bytes}
 
     def missed(self, last_seq: int) -> tuple[list[Signal], bool]:
-        """Signals after last_seq still held, and whether that is all of them."""
+        """Signals after last_seq still held, and whether that is every one sent after
+        it (held without a gap: after a restart the buffer is the stores' logs)."""
         held = [s for s in self.buffer if s.seq is not None and s.seq > last_seq]
         first_needed = last_seq + 1
-        complete = first_needed >= self.next_seq or (bool(held) and held[0].seq == first_needed)
+        complete = first_needed > self.sent_seq or (
+            bool(held) and held[0].seq == first_needed and held[-1].seq == self.sent_seq
+            and len(held) == self.sent_seq - last_seq)
         return held, complete
 
     def remember(self, request_id: Any, signal: str, data: dict[str, Any],
@@ -297,7 +376,7 @@ class Session:
         next_seq = saved.get("next_seq", 1)
         if type(next_seq) is not int or not 1 <= next_seq <= SEQ_LIMIT:
             raise ValueError(f"next_seq {next_seq!r} is out of range")
-        self.next_seq = max(self.next_seq, next_seq)
+        self.skip_to(next_seq)
         self.last_active = max(self.last_active, float(saved.get("last_active", 0.0)))
         self.actions_applied = max(self.actions_applied, int(saved.get("actions_applied", 0)))
         self.signals_sent = max(self.signals_sent, int(saved.get("signals_sent", 0)))
@@ -309,6 +388,96 @@ class Session:
 def _id_key(request_id: Any) -> tuple[str, Any]:
     # "7" and 7 are different ids; keep them apart.
     return (type(request_id).__name__, request_id)
+
+
+class OutboundLog:
+    """The outbound log of one store's writer: numbers the signals of a commit and
+    encodes them as the rows that ride it; a payload sent to many sessions (a
+    broadcast) is one row, each session's seq of it a small one. Signals sent
+    without a commit (replies to reads) wait on their session and ride the next
+    commit that signals it, whichever store's, or a checkpoint of a store that
+    speaks for it (``members``): a session's log then has no gap but, after a kill
+    -9, at its end. A checkpoint trims it to ``keep`` signals per session and
+    ``age_s`` seconds."""
+
+    def __init__(self, keep: int, age_s: float, next_pos: int = 1,
+                 members: Callable[[], Iterable[Session]] = tuple) -> None:
+        self.keep = keep
+        self.age_s = age_s
+        self.next_pos = next_pos
+        self.members = members
+        self.touched: dict[str, Session] = {}  # sessions logged since the last trim
+
+    def reserve(self, count: int) -> int:
+        first = self.next_pos
+        self.next_pos += count
+        return first
+
+    def rows(self, outputs: list[tuple[Any, Any]]) -> OutboundRows:
+        """Number signals to sessions and encode them as log rows, after what waited
+        on their sessions unlogged (taken: ``restore`` gives it back if the commit
+        fails)."""
+        rows = OutboundRows()
+        for session, _ in outputs:
+            if session.unlogged:
+                rows.taken.append((session, session.unlogged))
+                self._encode(rows, [(session, sig) for sig in session.unlogged])
+                session.unlogged = []
+        for session, sig in outputs:
+            session.number(sig)
+        self._encode(rows, outputs)
+        return rows
+
+    def restore(self, rows: OutboundRows) -> None:
+        for session, unlogged in rows.taken:
+            session.unlogged = unlogged + session.unlogged
+
+    def released(self, outputs: list[tuple[Any, Any]]) -> None:
+        """Signals that went out without a commit: they wait on their sessions."""
+        for session, sig in outputs:
+            if sig.seq is not None:  # (None: never delivered)
+                session.unlogged.append(sig)
+                if len(session.unlogged) > self.keep:
+                    del session.unlogged[:-self.keep]
+
+    def pending(self) -> OutboundRows:
+        """For a checkpoint: what waits unlogged on the sessions this store speaks for."""
+        rows = OutboundRows()
+        for session in self.members():
+            if session.unlogged:
+                rows.taken.append((session, session.unlogged))
+                self._encode(rows, [(session, sig) for sig in session.unlogged])
+                session.unlogged = []
+        return rows
+
+    def _encode(self, rows: OutboundRows, outputs: list[tuple[Any, Any]]) -> None:
+        at = time.time()
+        positions: dict[tuple[int, str], int] = {}  # (id of data, name) -> its row
+        for session, sig in outputs:
+            self.touched[session.id] = session
+            key = (id(sig.data), sig.signal)
+            pos = positions.get(key)
+            if pos is None:
+                cache = sig.encoded
+                if cache is None:
+                    cache = sig.encoded = {}
+                data = cache.get("cbor")
+                if data is None:  # encoded once, for the log and for CBOR connections
+                    data = cache["cbor"] = encode_cbor(sig.data)
+                pos = positions[key] = self.reserve(1)
+                rows.data.append((pos, at, sig.signal, data))
+            re = encode_cbor([sig.re]) if sig.has_re else None
+            rows.seqs.append((session.id, sig.seq, pos, re))
+
+    def trim(self) -> LogTrim:
+        """For a checkpoint: per session logged here since the last one, or spoken for
+        here, the lowest seq to keep; and the oldest time."""
+        for session in self.members():
+            self.touched.setdefault(session.id, session)
+        floors = {sid: s.next_seq - self.keep for sid, s in self.touched.items()
+                  if s.next_seq > self.keep}
+        self.touched = {}
+        return LogTrim(time.time() - self.age_s, floors)
 
 
 class SessionTable:

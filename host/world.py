@@ -14,6 +14,7 @@ import fcntl
 import gc
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,11 +28,19 @@ from host.config import Config
 from host.dispatcher import Dispatcher, Gate
 from host.messages import Effects
 from host.plugins import Registry
-from host.sessions import SEQ_LIMIT, Session, SessionTable
+from host.sessions import SEQ_LIMIT, OutboundLog, Session, SessionTable
 from state.codec import canonical, load_stored
 from state.saver import Saver
 from state.slices import Slices
-from state.store import Loaded, Store, StoreUnreadable, full_error, is_full, quarantine
+from state.store import (
+    Loaded,
+    OutboundRows,
+    Store,
+    StoreUnreadable,
+    full_error,
+    is_full,
+    quarantine,
+)
 
 log = logging.getLogger("worldhost")
 
@@ -102,6 +111,7 @@ class World:
         self._saved_runtime: dict[str, int] = {}  # session id -> version written here
         self.stored: set[str] = set()  # the slices its store held when it was opened
         self.read_only = False  # an offline reader: load, never write
+        self.closing_log: OutboundRows | None = None  # its outbound log, once closed cleanly
 
     # the world's own meta ------------------------------------------------------
     @property
@@ -221,6 +231,11 @@ class World:
         # of their seq only counts when it is ahead of theirs)
         seq_before = {s.id: s.next_seq for s in self.sessions}
         restored = self._restore_runtime(loaded)
+        ss = self.config.sessions
+        members = (lambda: list(self.sessions)) if self.scope == "server" \
+            else (lambda: list(self.audience.values()))
+        outbound = OutboundLog(ss.outbound_log_size, ss.outbound_log_age_s, loaded.next_pos,
+                               members) if ss.outbound_log else None
         dispatcher.next_id = max(loaded.checkpoint_id,
                                  loaded.journal[-1].id if loaded.journal else 0) + 1
         self.last_active = float(self.store.meta("last_active", 0.0) or 0.0)
@@ -231,7 +246,7 @@ class World:
                            world_id=None, last_id=dispatcher.next_id - 1, threaded=self.threads,
                            journal_in_loop=sc.journal_commits == "loop"
                            and sc.synchronous in ("OFF", "NORMAL"),
-                           meta_source=self._meta)
+                           meta_source=self._meta, outbound=outbound)
         dispatcher.saver = self.saver
         self.saver.generation = loaded.generation
         dispatcher.replaying = True
@@ -252,7 +267,9 @@ class World:
         for sid, (seq, _) in loaded.runtime.items():  # sessions the journal created
             session = self.sessions.get(sid)
             if session is not None and sid not in restored and sid not in self.damaged:
-                session.next_seq = max(session.next_seq, seq)
+                session.skip_to(seq)
+        if outbound is not None:
+            self._restore_log(loaded)  # (after the journal: it may have created sessions)
         for session in self._known(loaded):
             if self.scope == "server" or session.next_seq > seq_before.get(session.id, 0):
                 session.seq_exact = False  # signals sent after its last save were not counted
@@ -319,10 +336,25 @@ class World:
             if problem is not None:
                 self.damaged[sid] = problem
             elif session is not None:
-                session.next_seq = max(session.next_seq, seq)
+                session.skip_to(seq)
                 restored.add(sid)
                 self._saved_runtime[sid] = session.version
         return restored
+
+    def _restore_log(self, loaded: Loaded) -> None:
+        """Give each session back the signals this store logged for it, within the
+        log's bounds; numbering goes on after the last one logged, kept or not."""
+        sc = self.config.sessions
+        since = time.time() - sc.outbound_log_age_s
+        by_session: dict[str, list[Any]] = {}
+        for row in loaded.outbound:  # by session, then seq
+            by_session.setdefault(row[0], []).append(row)
+        for sid, rows in by_session.items():
+            session = self.sessions.get(sid)
+            if session is None or sid in self.damaged:
+                continue
+            session.skip_to(rows[-1][1] + 1)
+            session.restore_log([r for r in rows[-sc.outbound_log_size:] if r[2] >= since])
 
     def _known(self, loaded: Loaded) -> Iterable[Session]:
         if self.scope == "server":
@@ -393,6 +425,10 @@ class World:
         finally:
             self._nursery = None
             if self.store is not None and not self.crashed:
+                if self.scope == "world" and self.saver.outbound is not None:
+                    # a world unloaded stays unloaded across a restart: its sessions'
+                    # signals go to the server's store (see Worlds.unload)
+                    self.closing_log = self.store.outbound_export()
                 self.store.close(truncate=True)
                 self.store = None
             self.release()

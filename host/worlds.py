@@ -262,6 +262,8 @@ class Worlds:
             world.stop()
             await world.stopped.wait()
             self.loaded.pop(world_id, None)
+            if world.closing_log:  # before the registry says unloaded: see World.run
+                await self.lobby.saver.adopt_outbound(world.closing_log)
             if record:
                 await self.lobby.dispatcher.submit("worlds.state", {
                     "world_id": world_id, "loaded": False, "running": running,

@@ -22,6 +22,20 @@ process holds SQLite's write lock, and the writer thread retries it, waiting up
 to ``busy_timeout_ms``. Meanwhile outputs that need no commit (replies to reads
 and pings) go out at once, unless they go to a session whose own action waits
 for the commit: a client sees the replies to its requests in order.
+
+With the outbound log on, the signals a commit releases are logged before they
+go out: numbered (each session's ``seq``) and written with the journal entries,
+so a session can be replayed what it missed after any restart. A session's
+signals must go out in ``seq`` order, and a reply to a read never waits for a
+commit of somebody else's (a busy or frozen disk holds only the writes), so
+signals are numbered as late as that allows: in the loop, the commit numbers
+them all, nothing running in between; on the writer thread, the commit numbers
+those of the sessions whose own actions it holds (their other signals wait for
+it anyway), and the others, to a broadcast's audience, are numbered once it is
+done and written by a second, small commit before they are released. Signals
+released without a commit (replies to reads) are numbered as they go and logged
+with the next commit or checkpoint: after a kill -9, those sent since are the
+only ones the log may lack.
 """
 
 from __future__ import annotations
@@ -32,13 +46,21 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
 from state.codec import canonical
 from state.slices import KeyedSlice, Slices, ValueSlice
-from state.store import JournalEntry, SliceChange, Store, StoreFailed, is_busy
+from state.store import (
+    JournalEntry,
+    LogTrim,
+    OutboundRows,
+    SliceChange,
+    Store,
+    StoreFailed,
+    is_busy,
+)
 from state.writer import WriterThread
 
 log = logging.getLogger("worldhost.saver")
@@ -50,15 +72,36 @@ SeqSource = Callable[[Counter[str]], dict[str, int]]
 RuntimeSource = Callable[[], tuple[dict[str, tuple[int, bytes]], list[str]]]
 
 
+class OutboundLog(Protocol):
+    """Numbers a batch's signals to sessions and encodes them as log rows
+    (host/sessions.py); says what a checkpoint may trim."""
+
+    def rows(self, outputs: list[tuple[Any, Any]]) -> OutboundRows: ...
+
+    def restore(self, rows: OutboundRows) -> None: ...
+
+    def released(self, outputs: list[tuple[Any, Any]]) -> None: ...
+
+    def pending(self) -> OutboundRows: ...
+
+    def trim(self) -> LogTrim: ...
+
+    def reserve(self, count: int) -> int: ...
+
+
 @dataclass
 class Batch:
     entries: list[JournalEntry] = field(default_factory=list)
     releases: list[Release] = field(default_factory=list)
     signal_counts: Counter[str] = field(default_factory=Counter)
     writers: set[str] = field(default_factory=set)  # sessions whose own actions it holds
+    outputs: list[tuple[Any, Any]] = field(default_factory=list)  # (session, signal) to log
+    numbered: list[tuple[Any, Any]] = field(default_factory=list)  # by the commit, before it
+    later: list[tuple[Any, Any]] = field(default_factory=list)  # once it is done
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.releases)
+
 
 
 class Saver:
@@ -71,10 +114,11 @@ class Saver:
                  runtime_source: RuntimeSource | None = None,
                  world_id: str | None = None, last_id: int = 0, threaded: bool = True,
                  meta_source: Callable[[], dict[str, Any]] | None = None,
-                 journal_in_loop: bool = False) -> None:
+                 journal_in_loop: bool = False, outbound: OutboundLog | None = None) -> None:
         self.store = store
         self.world = world
         self.journaling = durability == "journal"
+        self.outbound = outbound if self.journaling else None  # the log needs the journal
         self.debounce_s = debounce_s
         self.max_delay_s = max_delay_s
         self.seq_source = seq_source or (lambda counts: {})
@@ -124,20 +168,58 @@ class Saver:
             if toggle:
                 self.store.patient(False)
 
-    async def _append(self, entries: list[JournalEntry], seqs: dict[str, int]) -> None:
+    async def _append(self, entries: list[JournalEntry], seqs: dict[str, int],
+                      outbound: OutboundRows | None) -> None:
         """Commit from the writer task. A commit tried in the loop that fails (a busy
         file, a full disk) is tried once more, on the thread (patiently) when there
         is one; a second failure stops the world."""
         if self.journal_in_loop:
             try:
-                self.store.append(entries, seqs)
+                self.store.append(entries, seqs, outbound)
                 return
             except Exception as exc:
                 if isinstance(exc, StoreFailed):
                     raise
                 if not is_busy(exc):
                     log.warning("journal commit failed (%s); trying it once more", exc)
-        await self._io(self.store.append, entries, seqs)
+        await self._io(self.store.append, entries, seqs, outbound)
+
+    def _number(self, batch: Batch, everyone: bool) -> OutboundRows:
+        """Number the signals of a batch about to commit and encode them as log rows:
+        every one (``everyone``), else only those to the sessions whose own actions
+        it holds (what is left is numbered by ``_number``'s second call)."""
+        if self.outbound is None:
+            return OutboundRows()
+        if everyone:
+            now, batch.later = batch.outputs, []
+        else:
+            now = [o for o in batch.outputs if o[0].id in batch.writers]
+            batch.later = [o for o in batch.outputs if o[0].id not in batch.writers]
+        batch.numbered = now
+        return self.outbound.rows(now)
+
+    def _seqs(self, batch: Batch) -> dict[str, int]:
+        """The next seq of each session the batch signals, journaled with it: without
+        the log, counted ahead (a floor after a crash); with it, the log says it."""
+        if self.outbound is not None:
+            return {}
+        return self.seq_source(batch.signal_counts)
+
+    def _unnumber(self, batch: Batch, logged: OutboundRows) -> None:
+        """A commit in the loop failed: give the seqs back (nothing ran since they were
+        taken), so that the retry numbers them in its own order."""
+        if self.outbound is not None:
+            self.outbound.restore(logged)
+        for session, sig in reversed(batch.numbered):
+            session.unnumber(sig)
+        batch.numbered = []
+        batch.later = []
+
+    def _log_released(self, outputs: list[tuple[Any, Any]]) -> None:
+        """Signals released without a commit (numbered as they went): logged with the
+        next commit that signals their session, or a checkpoint."""
+        if self.outbound is not None and outputs:
+            self.outbound.released(outputs)
 
     def close(self) -> None:
         """The host is done with the store: let its thread go."""
@@ -145,15 +227,21 @@ class Saver:
 
     # called synchronously by the dispatcher ------------------------------
     def record(self, entry: JournalEntry | None, release: Release,
-               signalled: list[str] | None = None) -> None:
+               signalled: list[str] | None = None,
+               outputs: list[tuple[Any, Any]] | None = None) -> None:
         """Queue one action's outputs (and its journal entry, if it changed the world);
-        ``signalled`` names the session of each signal among the outputs."""
+        ``signalled`` names the session of each signal among the outputs, and
+        ``outputs`` pairs them with their signals (for the outbound log)."""
         if entry is not None:
             self.last_id = entry.id
         journaled = entry is not None and self.journaling
         if not journaled and not self._waiting(signalled):
             release()
+            if outputs:
+                self._log_released(outputs)
             return
+        if outputs and self.outbound is not None:
+            self.current.outputs.extend(outputs)
         if journaled and entry is not None:
             self.current.entries.append(entry)
             if entry.session is not None:
@@ -187,11 +275,13 @@ class Saver:
             return
         batch = self.current
         if batch.entries:
+            logged = self._number(batch, everyone=True)
             try:
-                self.store.append(batch.entries, self.seq_source(batch.signal_counts))
+                self.store.append(batch.entries, self._seqs(batch), logged or None)
             except Exception as exc:  # the writer task tries again, and stops the host if it fails
                 if not isinstance(exc, StoreFailed) and not is_busy(exc):
                     log.exception("journal commit failed; retrying from the writer task")
+                self._unnumber(batch, logged)
                 self._wake.set()
                 return
             self.commits += 1
@@ -233,12 +323,16 @@ class Saver:
         while self.current.entries:
             started = time.perf_counter()
             batch, self.current = self.current, Batch()
-            seqs = self.seq_source(batch.signal_counts)
+            outbound = self._number(batch, everyone=False)
+            seqs = self._seqs(batch)
             self._stalled(started)
             self.in_flight = True
             self._in_flight_writers = batch.writers
             try:
-                await self._append(batch.entries, seqs)
+                await self._append(batch.entries, seqs, outbound or None)
+                if batch.later and self.outbound is not None:
+                    # a broadcast's audience: numbered now, logged before it goes
+                    await self._append([], {}, self.outbound.rows(batch.later))
             finally:
                 self.in_flight = False
                 self._in_flight_writers = set()
@@ -259,6 +353,8 @@ class Saver:
         started = time.perf_counter()
         taken, restore = self._take()
         runtime, ended = self.runtime_source()
+        trim = self.outbound.trim() if self.outbound is not None else None
+        unlogged = self.outbound.pending() if self.outbound is not None else None
         last_id = self.last_id  # the cut: actions applied from here on are not in it
         self.first_unsaved = self.last_change = None
         try:
@@ -267,15 +363,29 @@ class Saver:
             self.in_flight = True
             self.generation = await self._io(
                 self.store.checkpoint, changes, last_id, runtime, ended,
-                {"world_id": self.world_id, **self.meta_source()}, clean)
+                {"world_id": self.world_id, **self.meta_source()}, clean, trim, unlogged)
         except BaseException:
             restore()
+            if self.outbound is not None and unlogged is not None:
+                self.outbound.restore(unlogged)
             raise
         finally:
             self.in_flight = False
         self.checkpoints += 1
         self.checkpoint_seconds += time.perf_counter() - started
         return self.generation
+
+    async def adopt_outbound(self, rows: OutboundRows) -> None:
+        """Keep another store's outbound log here (a world's, as it unloads), under
+        positions of this store's own."""
+        if not rows or self.outbound is None:
+            return
+        base = self.outbound.reserve(len(rows.data))
+        moved = {pos: base + i for i, (pos, *_) in enumerate(rows.data)}
+        rows = OutboundRows([(moved[pos], *rest) for pos, *rest in rows.data],  # type: ignore[misc]
+                            [(sid, seq, moved[pos], re) for sid, seq, pos, re in rows.seqs])
+        async with self._store_lock:
+            await self._io(self.store.adopt_outbound, rows)
 
     async def flush(self) -> None:
         """Shutdown: after the commit under way, a final clean checkpoint."""
@@ -287,6 +397,8 @@ class Saver:
     def _release(self, batch: Batch) -> None:
         for release in batch.releases:
             release()
+        if not batch.entries:  # waited behind a commit without one of its own: numbered now
+            self._log_released(batch.outputs)
 
     def _take(self) -> tuple[list[Taken], Callable[[], None]]:
         """What changed since the last checkpoint, as references to the committed

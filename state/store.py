@@ -3,8 +3,11 @@
 Tables: ``meta`` (format version, generation, world id, checkpoint position),
 ``slices`` (one row per slice: version, and the value of small slices),
 ``records`` (one row per record of keyed slices), ``journal`` (actions
-applied since the last checkpoint) and ``session_runtime`` (what the host
-keeps per session beside the world: seq and remembered replies).
+applied since the last checkpoint), ``session_runtime`` (what the host
+keeps per session beside the world: seq and remembered replies), and the
+outbound log: ``outbound_data`` (each signal this store's writer sent, once
+however many sessions it went to) and ``outbound`` (each session's ``seq`` ->
+that signal), committed with the journal entry that produced them.
 
 Python's bundled SQLite (3.40 here) has the WAL-reset bug that needs two
 connections writing or checkpointing at once, so the store never opens a
@@ -27,20 +30,32 @@ from typing import Any
 
 import sqlite_utils
 
-from state.codec import canonical, load_stored
+from state.codec import canonical, encode_cbor, load_stored
 
 log = logging.getLogger("worldhost.store")
 
 FORMAT_VERSION = 2  # 2: journal rows carry replay memos and the sessions' next seq
 
 
-_ROWS_PER_INSERT = 200  # 8 values a row, well under SQLite's limit on bound values
+_ROWS_PER_INSERT = 200  # 9 values a row, well under SQLite's limit on bound values
 
 
 @functools.lru_cache(maxsize=_ROWS_PER_INSERT)
 def _insert_rows(count: int) -> str:
-    return ("INSERT INTO journal (id, action, params, at, session, request_id, memo, seqs) "
-            "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?)"] * count))
+    return ("INSERT INTO journal (id, action, params, at, session, request_id, memo, seqs, out) "
+            "VALUES " + ", ".join(["(?, ?, ?, ?, ?, ?, ?, ?, ?)"] * count))
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _insert_outbound_data(count: int) -> str:
+    return ("INSERT OR IGNORE INTO outbound_data (pos, at, signal, data) VALUES "
+            + ", ".join(["(?, ?, ?, ?)"] * count))
+
+
+@functools.lru_cache(maxsize=_ROWS_PER_INSERT)
+def _insert_outbound(count: int) -> str:
+    return ("INSERT OR IGNORE INTO outbound (session, seq, pos, re) VALUES "
+            + ", ".join(["(?, ?, ?, ?)"] * count))
 
 
 @functools.lru_cache(maxsize=16)
@@ -124,6 +139,33 @@ class SliceChange:
 
 
 @dataclass
+class OutboundRows:
+    """Signals as sent, for the outbound log: each payload once (``data``: pos, at,
+    signal name, CBOR of its data) and each session's seq of it (``seqs``: session,
+    seq, pos, CBOR of ``[re]`` for a reply, else None)."""
+
+    data: list[tuple[int, float, str, bytes]] = field(default_factory=list)
+    seqs: list[tuple[str, int, int, bytes | None]] = field(default_factory=list)
+    taken: list[Any] = field(default_factory=list)  # what the writer gives back if not written
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+@dataclass
+class LogTrim:
+    """What a checkpoint drops from the outbound log: payloads sent before ``before``
+    (wall-clock seconds), and per session every seq below its floor."""
+
+    before: float
+    floors: dict[str, int] = field(default_factory=dict)
+
+
+# one logged signal read back: (session, seq, at, signal name, CBOR data, CBOR [re] | None)
+LoggedSignal = tuple[str, int, float, str, bytes, "bytes | None"]
+
+
+@dataclass
 class Loaded:
     """Everything read back from a store at startup."""
 
@@ -134,7 +176,18 @@ class Loaded:
     journal: list[JournalEntry]
     runtime: dict[str, tuple[int, bytes | None]]  # session id -> (next_seq, saved runtime)
     clean_shutdown: bool
+    outbound: list[LoggedSignal] = field(default_factory=list)  # by session, then seq
+    next_pos: int = 1  # the outbound log's next payload position
 
+
+# Added to format 2 in place (an older host ignores the tables): the outbound log.
+OUTBOUND_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbound_data (pos INTEGER PRIMARY KEY, at REAL NOT NULL,
+    signal TEXT NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS outbound (session TEXT NOT NULL, seq INTEGER NOT NULL,
+    pos INTEGER NOT NULL, re BLOB, PRIMARY KEY (session, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS outbound_by_pos ON outbound (pos);
+"""
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
@@ -144,10 +197,10 @@ CREATE TABLE IF NOT EXISTS records (slice TEXT NOT NULL, key TEXT NOT NULL, valu
     PRIMARY KEY (slice, key)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS journal (id INTEGER PRIMARY KEY, action TEXT NOT NULL,
     params BLOB NOT NULL, at REAL NOT NULL, session TEXT, request_id BLOB, memo BLOB,
-    seqs BLOB);
+    seqs BLOB, out BLOB);
 CREATE TABLE IF NOT EXISTS session_runtime (id TEXT PRIMARY KEY, next_seq INTEGER NOT NULL,
     value BLOB) WITHOUT ROWID;
-"""
+""" + OUTBOUND_SCHEMA
 
 
 def quarantine(path: str | os.PathLike[str]) -> Path:
@@ -281,6 +334,7 @@ class Store:
         self._watched: list[tuple[str, int, int, int]] = []  # (path, fd, st_dev, st_ino)
         self._held: list[int] = []  # descriptors to close only after the connection
         self.busy_timeout_ms = 5000
+        self.has_outbound = True  # the outbound log's tables (an old store read offline: no)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], synchronous: str = "NORMAL",
@@ -418,6 +472,18 @@ class Store:
             self.conn.execute("ALTER TABLE journal ADD COLUMN seqs BLOB")
             self.conn.execute("UPDATE meta SET value = 2 WHERE key = 'format_version'")
             self.conn.execute("COMMIT")
+        if "outbound" not in tables or "outbound_data" not in tables:
+            if self.conn.in_transaction:  # an offline tool's read (mode=ro): none to read
+                self.has_outbound = False
+                return
+            self.conn.execute("BEGIN IMMEDIATE")
+            for statement in OUTBOUND_SCHEMA.split(";"):
+                if statement.strip():
+                    self.conn.execute(statement)
+            columns = {r[1] for r in self.conn.execute("PRAGMA table_info(journal)")}
+            if "out" not in columns:
+                self.conn.execute("ALTER TABLE journal ADD COLUMN out BLOB")
+            self.conn.execute("COMMIT")
 
     # reading -------------------------------------------------------------
     def meta(self, key: str, default: Any = None) -> Any:
@@ -445,7 +511,14 @@ class Store:
                 for sid, seq in (load_stored(seqs) if seqs else {}).items():
                     old_seq, value = runtime.get(sid, (0, None))
                     runtime[sid] = (max(old_seq, seq), value)
+            outbound = self.outbound_rows()
+            last_pos = max([0] + [pos for rows in self._journaled_outbound()
+                                  for pos, *_ in rows.data])
+            if self.has_outbound:
+                last_pos = max(last_pos, self.conn.execute(
+                    "SELECT max(pos) FROM outbound_data").fetchone()[0] or 0)
             return Loaded(
+                outbound=outbound, next_pos=last_pos + 1,
                 generation=int(self.meta("generation", 0)),
                 world_id=self.meta("world_id"),
                 checkpoint_id=checkpoint_id,
@@ -460,6 +533,41 @@ class Store:
             raise StoreUnreadable(f"{self.path}: {exc}") from None
         except (ValueError, TypeError) as exc:
             raise StoreUnreadable(f"{self.path}: {exc}") from None
+
+    def _journaled_outbound(self, upto: int | None = None) -> list[OutboundRows]:
+        """The outbound rows that rode journal commits (all, or up to entry ``upto``)."""
+        if not self.has_outbound:
+            return []
+        query = "SELECT out FROM journal WHERE out IS NOT NULL"
+        args: tuple[Any, ...] = ()
+        if upto is not None:
+            query, args = query + " AND id <= ?", (upto,)
+        return [OutboundRows(*load_stored(blob)) for (blob,) in self.conn.execute(query, args)]
+
+    def outbound_rows(self) -> list[LoggedSignal]:
+        """Every signal the outbound log holds (its tables and the journal), by
+        session and seq."""
+        if not self.has_outbound:
+            return []
+        found = {(sid, seq): (sid, seq, at, signal, data, re) for sid, seq, at, signal, data, re
+                 in self.conn.execute(
+                     "SELECT o.session, o.seq, d.at, d.signal, d.data, o.re FROM outbound o "
+                     "JOIN outbound_data d ON d.pos = o.pos")}
+        for rows in self._journaled_outbound():
+            data = {pos: (at, signal, blob) for pos, at, signal, blob in rows.data}
+            for sid, seq, pos, re in rows.seqs:
+                found.setdefault((sid, seq), (sid, seq, *data[pos], re))
+        return [found[key] for key in sorted(found)]
+
+    def outbound_export(self) -> OutboundRows:
+        """The whole outbound log, as rows another store can adopt."""
+        rows = OutboundRows(
+            self.conn.execute("SELECT pos, at, signal, data FROM outbound_data").fetchall(),
+            self.conn.execute("SELECT session, seq, pos, re FROM outbound").fetchall())
+        for more in self._journaled_outbound():
+            rows.data += more.data
+            rows.seqs += more.seqs
+        return rows
 
     def drop_slices(self, names: list[str]) -> None:
         """Delete slices (rows and records) this store no longer keeps, at once."""
@@ -479,33 +587,41 @@ class Store:
         return self.conn.execute("SELECT count(*) FROM journal").fetchone()[0]
 
     # writing -------------------------------------------------------------
-    def append(self, entries: list[JournalEntry], seqs: dict[str, int]) -> None:
-        """Commit journal entries, and the next seq of the sessions they signal, at once.
+    def append(self, entries: list[JournalEntry], seqs: dict[str, int],
+               outbound: OutboundRows | None = None) -> None:
+        """Commit journal entries, the next seq of the sessions they signal, and the
+        signals they send (the outbound log), at once.
 
-        The seqs ride on the batch's last row, so a batch is usually one INSERT
-        statement and its own transaction: the writer thread then gives up and
-        takes back Python's lock once per commit instead of once per statement.
+        The seqs and the outbound rows ride on the batch's last row (a checkpoint
+        moves the rows to the log's tables), so a batch is usually one INSERT
+        statement and its own transaction: one page of the WAL, and the writer
+        thread gives up and takes back Python's lock once per commit instead of
+        once per statement. Outbound rows without entries get a transaction.
         """
         rows: list[tuple[Any, ...]] = [
-            (e.id, e.action, e.params, e.at, e.session, e.request_id, e.memo, None)
+            (e.id, e.action, e.params, e.at, e.session, e.request_id, e.memo, None, None)
             for e in entries]
-        if seqs:
-            rows[-1] = (*rows[-1][:-1], canonical(seqs))
+        if rows and (seqs or outbound):
+            rows[-1] = (*rows[-1][:-2], canonical(seqs) if seqs else None,
+                        encode_cbor([outbound.data, outbound.seqs]) if outbound else None)
+            outbound = None
         if self.lost is not None:
             self.check_identity()
         c = self.conn
         try:
-            if not self.marked_clean and len(rows) <= _ROWS_PER_INSERT:
+            if not self.marked_clean and len(rows) <= _ROWS_PER_INSERT and not outbound:
                 c.execute(_insert_rows(len(rows)), [v for row in rows for v in row])
             else:
                 c.execute("BEGIN IMMEDIATE")
                 try:
                     for chunk in _chunks(rows):
                         c.execute(_insert_rows(len(chunk)), [v for row in chunk for v in row])
-                    if self.marked_clean:  # the journal now holds what no checkpoint does
+                    if outbound:
+                        self._insert_outbound(outbound)
+                    if self.marked_clean and rows:  # the journal holds what no checkpoint does
                         c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
+                        self.marked_clean = False
                     c.execute("COMMIT")
-                    self.marked_clean = False
                 except BaseException:
                     if c.in_transaction:  # a busy BEGIN never began
                         c.execute("ROLLBACK")
@@ -516,15 +632,43 @@ class Store:
             raise
         self.check_identity()
 
+    def _insert_outbound(self, outbound: OutboundRows) -> None:
+        c = self.conn
+        for chunk in _chunks(outbound.data):
+            c.execute(_insert_outbound_data(len(chunk)), [v for row in chunk for v in row])
+        for chunk in _chunks(outbound.seqs):
+            c.execute(_insert_outbound(len(chunk)), [v for row in chunk for v in row])
+
+    def adopt_outbound(self, outbound: OutboundRows) -> None:
+        """Take another store's outbound log (a world's, as it unloads), in one commit;
+        a (session, seq) already held is kept."""
+        c = self.conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                self._insert_outbound(outbound)
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:
+                    c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if is_full(exc):
+                raise full_error(self.path, exc) from None
+            raise
+        self.check_identity()
+
     def checkpoint(self, changes: dict[str, SliceChange], last_id: int,
                    runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
-                   meta: dict[str, Any] | None = None, clean: bool = False) -> int:
-        """Write what changed, move the generation on, drop the covered journal;
-        ``meta`` keys (the world id, what was running) are written with it."""
+                   meta: dict[str, Any] | None = None, clean: bool = False,
+                   trim: LogTrim | None = None, outbound: OutboundRows | None = None) -> int:
+        """Write what changed, move the generation on, drop the covered journal; log
+        ``outbound`` signals and drop what ``trim`` says of the outbound log; ``meta``
+        keys (the world id, what was running) are written with it."""
         self.check_identity(by_path=True)
         try:
             generation = self._checkpoint(changes, last_id, runtime, ended_sessions, meta or {},
-                                          clean)
+                                          clean, trim, outbound)
         except sqlite3.Error as exc:
             if is_full(exc):
                 raise full_error(self.path, exc) from None
@@ -534,10 +678,13 @@ class Store:
 
     def _checkpoint(self, changes: dict[str, SliceChange], last_id: int,
                     runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
-                    meta: dict[str, Any], clean: bool) -> int:
+                    meta: dict[str, Any], clean: bool, trim: LogTrim | None = None,
+                    outbound: OutboundRows | None = None) -> int:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
+            for rode in self._journaled_outbound(last_id):  # the journal it covers goes
+                self._insert_outbound(rode)
             for name, ch in changes.items():
                 c.execute(
                     "INSERT INTO slices (name, version, keyed, value) VALUES (?, ?, ?, ?) "
@@ -561,6 +708,12 @@ class Store:
             if ended_sessions:
                 c.executemany("DELETE FROM session_runtime WHERE id = ?",
                               [(s,) for s in ended_sessions])
+                c.executemany("DELETE FROM outbound WHERE session = ?",
+                              [(s,) for s in ended_sessions])
+            if outbound:
+                self._insert_outbound(outbound)
+            if trim is not None:
+                self._trim_outbound(trim)
             c.execute("DELETE FROM journal WHERE id <= ?", (last_id,))
             generation = int(self.meta("generation", 0)) + 1
             updates: list[tuple[str, Any]] = [("generation", generation), ("checkpoint_id", last_id),
@@ -577,6 +730,25 @@ class Store:
         self.marked_clean = clean
         c.execute("PRAGMA wal_checkpoint(PASSIVE)")
         return generation
+
+    def _trim_outbound(self, trim: LogTrim) -> None:
+        """Drop what the bounds let go: per session the seqs below its floor, then
+        everything sent before ``trim.before``, then payloads no session refers to
+        (positions only grow, so those are the ones below the lowest still used)."""
+        c = self.conn
+        if trim.floors:
+            c.executemany("DELETE FROM outbound WHERE session = ? AND seq < ?",
+                          list(trim.floors.items()))
+        past_end = (c.execute("SELECT max(pos) FROM outbound_data").fetchone()[0] or 0) + 1
+        # positions grow with time: the first young one is near the start (no index on at)
+        row = c.execute("SELECT pos FROM outbound_data WHERE at >= ? ORDER BY pos LIMIT 1",
+                        (trim.before,)).fetchone()
+        first_kept = row[0] if row is not None else None
+        c.execute("DELETE FROM outbound WHERE pos < ?",
+                  (first_kept if first_kept is not None else past_end,))
+        lowest = c.execute("SELECT min(pos) FROM outbound").fetchone()[0]
+        c.execute("DELETE FROM outbound_data WHERE pos < ?",
+                  (lowest if lowest is not None else past_end,))
 
     def close(self, truncate: bool = True) -> None:
         """Close the connection; a clean close folds the WAL back into the file (not

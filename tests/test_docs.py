@@ -135,13 +135,13 @@ def test_protocol_md_is_the_whole_contract() -> None:
         assert needed in text, needed
 
 
-async def test_a_clean_restart_loses_the_replay_buffer_as_protocol_md_says(
-        tmp_path: Path) -> None:
+async def test_a_clean_restart_keeps_the_replay_as_protocol_md_says(tmp_path: Path) -> None:
     import json
 
     from host.testing import open_harness, raw_connection
 
-    assert "a restart, clean or crash, loses it" in " ".join((DOCS / "protocol.md").read_text().split())
+    assert "**Across a restart** (clean, or `kill -9`), the replay comes from the outbound log" \
+        in " ".join((DOCS / "protocol.md").read_text().split())
     async with open_harness(tmp_path) as harness:
         h = await harness.start()
         async with h.client("ada", reconnect=False) as ada, \
@@ -157,7 +157,9 @@ async def test_a_clean_restart_loses_the_replay_buffer_as_protocol_md_says(
                 "session_id": sid, "resume_token": token, "last_seq": last}}))
             reply = json.loads(await ws.get_message())
             assert reply["signal"] == "session.resumed", reply
-            assert reply["data"]["complete"] is False and reply["data"]["replayed"] == 0
+            assert reply["data"]["complete"] is True and reply["data"]["replayed"] == 1
+            replayed = json.loads(await ws.get_message())
+            assert replayed["signal"] == "chat.message" and replayed["seq"] == last + 1
 
 
 def test_files_md_matches_an_export(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ def test_kill_nine_loses_nothing_acknowledged(tmp_path: Path, synchronous: str, 
     assert totals.invented == 0, totals.problems
     assert totals.check_failures == 0, totals.problems
     assert totals.resume_failures == 0
+    assert totals.replay_failures == 0, totals.problems  # each resume replays what was sent
 
 
 def test_kill_nine_loses_nothing_acknowledged_in_any_of_three_worlds(tmp_path: Path) -> None:
@@ -38,3 +39,4 @@ def test_kill_nine_loses_nothing_acknowledged_in_any_of_three_worlds(tmp_path: P
     assert totals.invented == 0, totals.problems
     assert totals.check_failures == 0, totals.problems
     assert totals.resume_failures == 0
+    assert totals.replay_failures == 0, totals.problems  # each resume replays what was sent

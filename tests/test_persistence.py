@@ -42,7 +42,7 @@ async def test_restart_restores_world_and_sessions(worldhost: Any) -> None:
         assert [n["id"] for n in msg["data"]["map_data"]["nodes"]] == ["n1"]
 
 
-async def test_resume_after_a_crash_says_when_signals_were_lost(worldhost: Any) -> None:
+async def test_resume_after_a_crash_replays_what_was_missed(worldhost: Any) -> None:
     h = await worldhost.start()
     async with h.client("ada", reconnect=False) as ada, h.client("bob", reconnect=False) as bob:
         await ada.call("host.ping")
@@ -56,8 +56,11 @@ async def test_resume_after_a_crash_says_when_signals_were_lost(worldhost: Any) 
             "session_id": sid, "resume_token": token, "last_seq": last}}))
         reply = json.loads(await ws.get_message())
         assert reply["signal"] == "session.resumed"
-        assert reply["data"]["complete"] is False  # the chat broadcast was lost with the host
-        assert reply["seq"] > last + 1
+        # the chat broadcast was logged with its commit: the outbound log replays it
+        assert reply["data"]["complete"] is True and reply["data"]["replayed"] == 1
+        replayed = json.loads(await ws.get_message())
+        assert replayed["signal"] == "chat.message" and replayed["seq"] == last + 1
+        assert reply["seq"] == last + 2
 
 
 async def test_a_session_resumes_after_a_crash(worldhost: Any) -> None:
@@ -130,11 +133,11 @@ async def test_a_failed_journal_commit_is_retried_before_the_reply(worldhost: An
     real_append = store.append
     failures = []
 
-    def failing_once(entries: Any, seqs: Any) -> None:
+    def failing_once(entries: Any, seqs: Any, outbound: Any = None) -> None:
         if not failures:
             failures.append(len(entries))
             raise sqlite3.OperationalError("database or disk is full")
-        real_append(entries, seqs)
+        real_append(entries, seqs, outbound)
 
     async with h.client("ada", reconnect=False) as ada:
         store.append = failing_once  # type: ignore[method-assign]
@@ -153,7 +156,7 @@ async def test_a_journal_that_cannot_be_written_stops_the_host(tmp_path: Path) -
     cfg = config_mod.from_dict({"host": {"port": 0}}, "<test config>")
     answered: list[Any] = []
 
-    def full_disk(entries: Any, seqs: Any) -> None:
+    def full_disk(entries: Any, seqs: Any, outbound: Any = None) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
     async def call(h: HostHarness) -> None:
