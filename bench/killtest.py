@@ -153,7 +153,8 @@ async def _client(url: str, name: str, ledger: Ledger, stop_at: float,
                                          "resume_token": data["resume_token"], "last_seq": 0}
                 if home is not None:
                     reply = await _call(ws, {"id": f"{name}-join", "action": "world.join",
-                                             "params": {"world_id": home}})
+                                             "params": {"world_id": home}},
+                                        ledger.seen.setdefault(name, {}) if totals else None)
                     if reply["signal"] != "world.joined":
                         raise RuntimeError(f"{name} could not join {home}: {reply['data']}")
             elif totals is not None and rng is not None:  # --replay
@@ -172,7 +173,8 @@ async def _client(url: str, name: str, ledger: Ledger, stop_at: float,
                 await _check_replay(ws, name, last_seq, reply, ledger, totals)
                 if home is not None:  # resumed in the world it had joined, not the default
                     reply = await _call(ws, {"id": f"{name}-where-{ledger.counter}",
-                                             "action": "world.list", "params": {}})
+                                             "action": "world.list", "params": {}},
+                                        ledger.seen.setdefault(name, {}) if totals else None)
                     if reply["data"].get("joined") != home:
                         raise RuntimeError(f"{name} resumed in {reply['data'].get('joined')}, "
                                            f"not {home}")
@@ -184,7 +186,8 @@ async def _client(url: str, name: str, ledger: Ledger, stop_at: float,
                 known["resume_token"] = reply["data"]["resume_token"]
                 if home is not None:  # resumed in the world it had joined, not the default
                     reply = await _call(ws, {"id": f"{name}-where-{ledger.counter}",
-                                             "action": "world.list", "params": {}})
+                                             "action": "world.list", "params": {}},
+                                        ledger.seen.setdefault(name, {}) if totals else None)
                     if reply["data"].get("joined") != home:
                         raise RuntimeError(f"{name} resumed in {reply['data'].get('joined')}, "
                                            f"not {home}")
