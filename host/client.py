@@ -116,6 +116,10 @@ class Client:
         self.resume_token: str | None = None
         self.role: str | None = None
         self.last_seq = 0
+        # a resume's replay: signals numbered after the last_seq it sent and before its
+        # reply's seq come after that reply, and are new to this client
+        self._replay_window: tuple[int, int] | None = None
+        self._replayed: set[int] = set()
         self.resumes = 0
         self.last_resume: dict[str, Any] | None = None
         self.closed = False
@@ -280,9 +284,12 @@ class Client:
             self.session_id, self.resume_token, self.role = (
                 data["session_id"], data["resume_token"], data["role"])
         else:
+            floor = self.last_seq
             reply = await self._handshake(ws, "session.resume", {
                 "session_id": self.session_id, "resume_token": self.resume_token,
-                "last_seq": self.last_seq})
+                "last_seq": floor})
+            self._replay_window = (floor, reply.get("seq") or floor)
+            self._replayed = set()
             data = reply["data"]
             self.resume_token = data.get("resume_token", self.resume_token)
             self.resumes += 1
@@ -324,7 +331,11 @@ class Client:
         if seq is None:
             return True
         if seq <= self.last_seq and msg.get("re") is None:
-            return False
+            window = self._replay_window
+            if window is None or not window[0] < seq < window[1] or seq in self._replayed:
+                return False
+            self._replayed.add(seq)  # missed, replayed after the resume's reply
+            return True
         self.last_seq = max(self.last_seq, seq)
         return True
 

@@ -495,3 +495,20 @@ async def test_after_an_unreadable_store_is_moved_aside_broadcasts_reach_everyon
         with trio.fail_after(5):
             message = await bob.next_signal("chat.message")
         assert message["data"]["text"] == "anyone there?"
+
+
+async def test_the_python_client_takes_the_signals_a_resume_replays(worldhost: Any) -> None:
+    """The signals a resume replays come after its reply, with lower seqs than the
+    reply's: the client delivers them (once), not as duplicates."""
+    h = await worldhost.start()
+    async with h.client("ada") as ada, h.client("bob") as bob:
+        for text in ("one", "two"):
+            await bob.call("chat.say", text=text)
+            assert (await ada.next_signal("chat.message"))["data"]["text"] == text
+        ada.last_seq -= 2  # as if ada had not read the last two
+        await ada.drop()
+        replayed = [(await ada.next_signal("chat.message"))["data"]["text"] for _ in range(2)]
+        assert replayed == ["one", "two"]
+        assert ada.last_resume is not None and ada.last_resume["replayed"] >= 2
+        await bob.call("chat.say", text="three")
+        assert (await ada.next_signal("chat.message"))["data"]["text"] == "three"
