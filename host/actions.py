@@ -6,15 +6,26 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import msgspec
 
 from host.messages import Emit as Emit
 from state.slices import KeyedSlice, ValueSlice
 
-if TYPE_CHECKING:
-    from host.sessions import Session
+
+
+class SessionView(Protocol):
+    """The session that asked, as a handler sees it (a ``host.sessions.Session``)."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def role(self) -> str: ...
 
 
 class Role(IntEnum):
@@ -111,7 +122,7 @@ class Context:
 
     world: Any
     now: float
-    session: Session | None
+    session: SessionView | None
     settings: Any
     seed: str
     host: Any
