@@ -10,8 +10,8 @@ import re
 from typing import Any
 
 from host.actions import ActionError, BadRequest
-from host.messages import Signal
-from state.codec import encode_cbor, encode_json
+from host.messages import Request, Signal
+from state.codec import encode_cbor, encode_json, lenient_json
 
 _ENVELOPE_KEYS = frozenset({"id", "action", "params"})
 MAX_ACTION_NAME = 128
@@ -76,3 +76,27 @@ def check_envelope(message: Any) -> tuple[str, dict[str, Any]]:
     if not isinstance(params, dict):
         raise BadRequest(f"params must be an object, not {type(params).__name__}")
     return action, params
+
+
+def request_of(decoded: Any, conn: Any, encoding: str) -> Request:
+    """The request a decoded frame (or line, or HTTP body) holds; a bad envelope is a
+    request carrying its error, answered with the id and (if short) the name it had."""
+    rid, has_id = parse_envelope(decoded)
+    try:
+        action, params = check_envelope(decoded)
+    except ActionError as exc:
+        named = decoded.get("action") if isinstance(decoded, dict) else None
+        if not isinstance(named, str) or len(named) > MAX_ACTION_NAME:
+            named = ""
+        return Request(named, None, rid, True, conn, encoding, error=exc)
+    return Request(action, params, rid, has_id, conn, encoding)
+
+
+def undecodable(text: str | bytes | None, exc: Exception, conn: Any, encoding: str) -> Request:
+    """The request of a frame that would not decode: a ``bad_frame`` error. A JSON
+    frame a lenient parser reads (NaN, Infinity, a duplicate key) has its id
+    answered, so a client matching replies by id is not left waiting. It is not
+    remembered as that id's reply: the id may be sent again, fixed."""
+    rid = parse_envelope(lenient_json(text))[0] if text is not None else None
+    return Request("", None, rid, rid is None, conn, encoding,
+                   error=ActionError(str(exc), code="bad_frame"))

@@ -20,15 +20,15 @@ from typing import Any, Protocol
 import h11
 import trio
 
-from host.actions import ActionError, BadRequest, RateLimited
+from host.actions import BadRequest, RateLimited
 from host.config import Config
-from host.framing import check_envelope, encode_frame, parse_envelope
+from host.framing import encode_frame, request_of, undecodable
 from host.limits import TokenBucket
 from host.messages import Disconnect, Request, Signal, Submitter
 from host.sessions import MAX_SEQ, Session, SessionTable
 from host.sse import SseChannel, SseConnection
 from host.transport import THREAD_BYTES, Slot, Transport, stream_address
-from state.codec import DecodeError, TooManyItems, decode_json, lenient_json
+from state.codec import DecodeError, TooManyItems, decode_json
 
 
 class Credentials(Protocol):
@@ -364,17 +364,8 @@ async def _request(host: Server, body: bytes, session: Session | None) -> Reques
         else:
             decoded = decode()
     except DecodeError as exc:
-        rid = parse_envelope(lenient_json(body))[0]
-        return Request("", None, rid, rid is None, None, "json",
-                       error=ActionError(str(exc), code="bad_frame"))
-    rid, has_id = parse_envelope(decoded)
-    try:
-        name, params = check_envelope(decoded)
-    except ActionError as exc:
-        named = decoded.get("action") if isinstance(decoded, dict) else None
-        return Request(named if isinstance(named, str) and len(named) <= 128 else "", None,
-                       rid, True, None, "json", error=exc)
-    return Request(name, params, rid, has_id, None, "json")
+        return undecodable(body, exc, None, "json")
+    return request_of(decoded, None, "json")
 
 
 # GET /v1/events ----------------------------------------------------------------------

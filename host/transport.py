@@ -30,17 +30,16 @@ from host.config import Config
 from host.framing import (
     CBOR_CHUNK,
     JSON_CHUNK,
-    MAX_ACTION_NAME,
-    check_envelope,
     encode_frame,
     is_id,
-    parse_envelope,
+    request_of,
+    undecodable,
 )
 from host.limits import TokenBucket
 from host.messages import Disconnect, Request, Signal, Submitter
 from host.sessions import Session
 from host.websocket import WebSocketChannel, address, origin_allowed, same_origin
-from state.codec import DecodeError, TooManyItems, decode_cbor, decode_json, lenient_json
+from state.codec import DecodeError, TooManyItems, decode_cbor, decode_json
 
 __all__ = ["Connection", "Slot", "Transport", "encode_frame", "same_origin", "stream_address"]
 
@@ -362,21 +361,9 @@ class Connection:
         try:
             decoded = await self._decode(message)
         except DecodeError as exc:
-            # A JSON frame a lenient parser reads (NaN, Infinity, a duplicate key) has its
-            # id answered, so a client matching replies by id is not left waiting. It is
-            # not remembered as that id's reply: the id may be sent again, fixed.
-            rid = parse_envelope(lenient_json(message))[0] if isinstance(message, str) else None
-            return Request("", None, rid, rid is None, self, self.encoding,
-                           error=ActionError(str(exc), code="bad_frame"))
-        rid, has_id = parse_envelope(decoded)
-        try:
-            action, params = check_envelope(decoded)
-        except ActionError as exc:
-            named = decoded.get("action") if isinstance(decoded, dict) else None
-            if not isinstance(named, str) or len(named) > MAX_ACTION_NAME:
-                named = ""
-            return Request(named, None, rid, True, self, self.encoding, error=exc)
-        return Request(action, params, rid, has_id, self, self.encoding)
+            return undecodable(message if isinstance(message, str) else None, exc, self,
+                               self.encoding)
+        return request_of(decoded, self, self.encoding)
 
     async def _sender(self) -> None:
         """Sends what arrives while the reader is not dispatching: broadcasts, replies
