@@ -89,6 +89,17 @@ async def _call(ws, frame: dict,  # type: ignore[no-untyped-def]
             return msg
 
 
+async def _check_home(ws, name: str, home: str | None,  # type: ignore[no-untyped-def]
+                      ledger: Ledger, totals: Totals | None) -> None:
+    """A resumed session is still in the world it had joined, not the default one."""
+    if home is None:
+        return
+    reply = await _call(ws, {"id": f"{name}-where-{ledger.counter}", "action": "world.list",
+                             "params": {}}, ledger.seen.setdefault(name, {}) if totals else None)
+    if reply["data"].get("joined") != home:
+        raise RuntimeError(f"{name} resumed in {reply['data'].get('joined')}, not {home}")
+
+
 async def _check_replay(ws, name: str, last_seq: int, reply: dict,  # type: ignore[no-untyped-def]
                         ledger: Ledger, totals: Totals) -> None:
     """``--replay``: a resume after a kill -9 is complete and replays every signal
@@ -171,26 +182,14 @@ async def _client(url: str, name: str, ledger: Ledger, stop_at: float,
                 ledger.resumed += 1
                 seen[reply["seq"]] = text
                 await _check_replay(ws, name, last_seq, reply, ledger, totals)
-                if home is not None:  # resumed in the world it had joined, not the default
-                    reply = await _call(ws, {"id": f"{name}-where-{ledger.counter}",
-                                             "action": "world.list", "params": {}},
-                                        ledger.seen.setdefault(name, {}) if totals else None)
-                    if reply["data"].get("joined") != home:
-                        raise RuntimeError(f"{name} resumed in {reply['data'].get('joined')}, "
-                                           f"not {home}")
+                await _check_home(ws, name, home, ledger, totals)
             else:
                 reply = await _call(ws, {"id": f"{name}-resume-{ledger.counter}",
                                          "action": "session.resume", "params": known})
                 if reply["signal"] != "session.resumed":
                     raise RuntimeError(f"{name} could not resume: {reply['data']}")
                 known["resume_token"] = reply["data"]["resume_token"]
-                if home is not None:  # resumed in the world it had joined, not the default
-                    reply = await _call(ws, {"id": f"{name}-where-{ledger.counter}",
-                                             "action": "world.list", "params": {}},
-                                        ledger.seen.setdefault(name, {}) if totals else None)
-                    if reply["data"].get("joined") != home:
-                        raise RuntimeError(f"{name} resumed in {reply['data'].get('joined')}, "
-                                           f"not {home}")
+                await _check_home(ws, name, home, ledger, totals)
                 ledger.resumed += 1
             while trio.current_time() < stop_at:
                 ledger.counter += 1
