@@ -16,6 +16,7 @@ second connection while it is open. All writes are explicit transactions.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
@@ -24,6 +25,7 @@ import shutil
 import sqlite3
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -569,19 +571,32 @@ class Store:
             rows.seqs += more.seqs
         return rows
 
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (rolled back on any failure; a full disk said so in
+        one line), then the check that the file is still this store's."""
+        c = self.conn
+        try:
+            c.execute("BEGIN IMMEDIATE")
+            try:
+                yield c
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:  # a busy BEGIN never began
+                    c.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            if is_full(exc):
+                raise full_error(self.path, exc) from None
+            raise
+        self.check_identity()
+
     def drop_slices(self, names: list[str]) -> None:
         """Delete slices (rows and records) this store no longer keeps, at once."""
-        c = self.conn
-        c.execute("BEGIN IMMEDIATE")
-        try:
+        with self._writing() as c:
             for name in names:
                 c.execute("DELETE FROM slices WHERE name = ?", (name,))
                 c.execute("DELETE FROM records WHERE slice = ?", (name,))
-            c.execute("COMMIT")
-        except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
-            raise
 
     def journal_length(self) -> int:
         return self.conn.execute("SELECT count(*) FROM journal").fetchone()[0]
@@ -642,21 +657,8 @@ class Store:
     def adopt_outbound(self, outbound: OutboundRows) -> None:
         """Take another store's outbound log (a world's, as it unloads), in one commit;
         a (session, seq) already held is kept."""
-        c = self.conn
-        try:
-            c.execute("BEGIN IMMEDIATE")
-            try:
-                self._insert_outbound(outbound)
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:
-                    c.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as exc:
-            if is_full(exc):
-                raise full_error(self.path, exc) from None
-            raise
-        self.check_identity()
+        with self._writing():
+            self._insert_outbound(outbound)
 
     def checkpoint(self, changes: dict[str, SliceChange], last_id: int,
                    runtime: dict[str, tuple[int, bytes]], ended_sessions: list[str],
