@@ -33,9 +33,11 @@ them all, nothing running in between; on the writer thread, the commit numbers
 those of the sessions whose own actions it holds (their other signals wait for
 it anyway), and the others, to a broadcast's audience, are numbered once it is
 done and written by a second, small commit before they are released. Signals
-released without a commit (replies to reads) are numbered as they go and logged
-with the next commit or checkpoint: after a kill -9, those sent since are the
-only ones the log may lack.
+released without a commit (replies to reads and pings) are numbered as they go
+and logged with the next commit or checkpoint: after a kill -9, those sent since
+are the only ones the log may lack, and each is the reply to a request its
+client has not seen answered (and sends again). A broadcast of an action that
+journaled nothing is logged before it goes, as a journaled action's signals are.
 """
 
 from __future__ import annotations
@@ -98,6 +100,9 @@ class Batch:
     outputs: list[tuple[Any, Any]] = field(default_factory=list)  # (session, signal) to log
     numbered: list[tuple[Any, Any]] = field(default_factory=list)  # by the commit, before it
     later: list[tuple[Any, Any]] = field(default_factory=list)  # once it is done
+    # signals to others (a broadcast) of an action with no journal entry: the log
+    # must hold them before they go, as it holds those of a journaled action
+    must_log: bool = False
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.releases)
@@ -235,11 +240,18 @@ class Saver:
         if entry is not None:
             self.last_id = entry.id
         journaled = entry is not None and self.journaling
-        if not journaled and not self._waiting(signalled):
+        # Only replies to the requester's own reads may go out before the log holds
+        # them: after a kill -9 such a reply is lost with the request it answers
+        # (the client sends it again), but a broadcast would be lost to others.
+        broadcast = not journaled and self.outbound is not None and bool(outputs) and \
+            any(not sig.has_re for _, sig in outputs)  # type: ignore[union-attr]
+        if not journaled and not broadcast and not self._waiting(signalled):
             release()
             if outputs:
                 self._log_released(outputs)
             return
+        if broadcast:
+            self.current.must_log = True
         if outputs and self.outbound is not None:
             self.current.outputs.extend(outputs)
         if journaled and entry is not None:
@@ -274,7 +286,7 @@ class Saver:
             self._wake.set()  # a checkpoint holds the store: the writer task commits after it
             return
         batch = self.current
-        if batch.entries:
+        if batch.entries or batch.must_log:
             logged = self._number(batch, everyone=True)
             try:
                 self.store.append(batch.entries, self._seqs(batch), logged or None)
@@ -320,7 +332,7 @@ class Saver:
 
     async def _drain(self) -> None:
         """Commit what is queued, then release what waited behind it (store lock held)."""
-        while self.current.entries:
+        while self.current.entries or self.current.must_log:
             started = time.perf_counter()
             batch, self.current = self.current, Batch()
             outbound = self._number(batch, everyone=False)
@@ -329,7 +341,8 @@ class Saver:
             self.in_flight = True
             self._in_flight_writers = batch.writers
             try:
-                await self._append(batch.entries, seqs, outbound or None)
+                if batch.entries:
+                    await self._append(batch.entries, seqs, outbound or None)
                 if batch.later and self.outbound is not None:
                     # a broadcast's audience: numbered now, logged before it goes
                     await self._append([], {}, self.outbound.rows(batch.later))
@@ -397,7 +410,8 @@ class Saver:
     def _release(self, batch: Batch) -> None:
         for release in batch.releases:
             release()
-        if not batch.entries:  # waited behind a commit without one of its own: numbered now
+        if not (batch.entries or batch.must_log):
+            # waited behind a commit without one of its own: numbered now
             self._log_released(batch.outputs)
 
     def _take(self) -> tuple[list[Taken], Callable[[], None]]:

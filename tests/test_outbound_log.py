@@ -254,3 +254,35 @@ def test_with_the_log_off_a_restart_loses_what_was_missed(tmp_path: Path) -> Non
         assert reply["data"]["complete"] is False and replayed == []
     finally:
         server.stop()
+
+
+def test_a_broadcast_of_an_action_that_journals_nothing_is_logged_before_it_goes(
+        tmp_path: Path) -> None:
+    """``shout.say`` changes nothing, so it has no journal entry to ride on; its
+    broadcast still reaches the log before anyone is sent it, so a kill -9 right
+    after it leaves ada, who was away, a complete replay that holds it."""
+    config = _config(tmp_path, '[plugins.shout]\nmodule = "shout_plugin"\n')
+    server = ServerProcess(tmp_path / "w.db", config=config,
+                           env={"PYTHONPATH": str(Path(__file__).parent)}).start()
+    try:
+        async def main() -> Raw:
+            async def nothing(raw: Raw) -> None:
+                await raw.call("host.ping")
+            ada = await _session(server.url, "ada", nothing)
+
+            async def bob_work(bob: Raw) -> None:
+                for i in range(3):
+                    await bob.call("shout.say", text=f"heard {i}")
+            await _session(server.url, "bob", bob_work)
+            return ada
+
+        ada = trio.run(main)
+        server.kill9()  # at once: no checkpoint, no later commit carried them
+        server.start()
+        reply, replayed = trio.run(_resume, server.url, ada.session, max(ada.seen))
+        assert reply["data"]["complete"] is True
+        heard = [json.loads(t)["data"]["text"] for t in replayed
+                 if json.loads(t)["signal"] == "shout.heard"]
+        assert heard == [f"heard {i}" for i in range(3)]
+    finally:
+        server.stop()
