@@ -56,6 +56,12 @@ class Channel(Protocol):
         """Send one frame; raises ChannelClosed."""
         ...
 
+    async def send_many(self, frames: list[str | bytes]) -> None:
+        """Send frames in order, in as few writes as the protocol allows (a client
+        watching a busy world gets several signals a turn: one system call, not
+        one each); raises ChannelClosed."""
+        ...
+
     async def ping(self) -> None:
         """Returns once the peer answered; raises ChannelClosed."""
         ...

@@ -109,10 +109,14 @@ class LineChannel:
                               f"(transports.tcp.line_timeout_s)")
 
     async def send(self, frame: str | bytes) -> None:
-        data = (frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else frame)
+        await self.send_many([frame])
+
+    async def send_many(self, frames: list[str | bytes]) -> None:
+        data = b"".join((f.encode("utf-8", "surrogatepass") if isinstance(f, str) else f) + b"\n"
+                        for f in frames)
         with trio.move_on_after(self.send_timeout_s):
             try:
-                await self.stream.send_all(data + b"\n")
+                await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self.closed = True
                 raise ChannelClosed from None

@@ -84,8 +84,11 @@ class SseChannel:
             raise ChannelClosed
 
     async def send(self, frame: str | bytes) -> None:
-        await self._write(frame.encode("utf-8", "surrogatepass")
-                          if isinstance(frame, str) else frame)
+        await self.send_many([frame])
+
+    async def send_many(self, frames: list[str | bytes]) -> None:
+        await self._write(b"".join(f.encode("utf-8", "surrogatepass") if isinstance(f, str)
+                                   else f for f in frames))
 
     async def ping(self) -> None:
         await self._write(KEEP_ALIVE)

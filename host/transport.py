@@ -55,6 +55,9 @@ _PIECE_TAKEN = object()
 # however many connections send big frames, one big decode holds memory at a time.
 THREAD_BYTES = 256 * 1024
 _big_decodes = trio.CapacityLimiter(1)
+# what one write of the outbox may carry: several signals in one system call, but
+# never a copy of a whole backlog at once
+_BATCH_BYTES = 64 * 1024
 
 
 def _load_malloc_trim() -> Any:
@@ -374,25 +377,37 @@ class Connection:
             await self._flush()
 
     async def _flush(self) -> None:
-        """Send the outbox until it is empty; one task at a time does this."""
+        """Send the outbox until it is empty; one task at a time does this. What is
+        queued goes out together (``send_many``), up to ``_BATCH_BYTES`` a write."""
         if self._sending:
             return
         self._sending = True
+        outbox = self._outbox
         try:
-            while self._outbox:
-                sig, _ = self._outbox.popleft()
+            while outbox:
+                batch: list[str | bytes] = []
+                size = 0
+                while outbox and size < _BATCH_BYTES:
+                    sig = outbox[0][0]
+                    if sig is None:
+                        break
+                    outbox.popleft()
+                    frame = self.frame(sig)
+                    if len(frame) <= self.max_frame:
+                        batch.append(frame)
+                    else:
+                        self.transfers += 1
+                        batch += chunks.split(frame, f"h{self.transfers}", piece=self.piece)
+                    size += len(frame)
                 self._room.set()
-                if sig is None:
-                    await self.channel.close(self.close_code or 1000, self.close_reason)
-                    self.cancel_scope.cancel()
-                    return
-                frame = self.frame(sig)
-                if len(frame) <= self.max_frame:
-                    await self.channel.send(frame)
+                if batch:
+                    for group in _groups(batch):
+                        await self.channel.send_many(group)
                     continue
-                self.transfers += 1
-                for piece in chunks.split(frame, f"h{self.transfers}", piece=self.piece):
-                    await self.channel.send(piece)
+                outbox.popleft()  # None: close once everything before it is out
+                await self.channel.close(self.close_code or 1000, self.close_reason)
+                self.cancel_scope.cancel()
+                return
         except ChannelClosed:
             self.cancel_scope.cancel()
         except trio.Cancelled:
@@ -419,6 +434,21 @@ class Connection:
         await trio.sleep(self.config.sessions.auth_timeout_s)
         if self.session is None and not self.ever_had_session:
             self.close_soon(POLICY, "no session opened in time")
+
+
+def _groups(frames: list[str | bytes]) -> list[list[str | bytes]]:
+    """Frames in consecutive groups of at most ``_BATCH_BYTES`` (or one frame)."""
+    if len(frames) == 1:
+        return [frames]
+    groups: list[list[str | bytes]] = [[]]
+    size = 0
+    for frame in frames:
+        if size and size + len(frame) > _BATCH_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(frame)
+        size += len(frame)
+    return groups
 
 
 class Slot:

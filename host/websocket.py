@@ -63,6 +63,12 @@ class WebSocketChannel:
         except ConnectionClosed:
             raise ChannelClosed from None
 
+    async def send_many(self, frames: list[str | bytes]) -> None:
+        # trio-websocket writes each message on its own (its wsproto and stream are
+        # private): one write a frame
+        for frame in frames:
+            await self.send(frame)
+
     async def ping(self) -> None:
         try:
             await self.ws.ping()

@@ -57,17 +57,27 @@ class WebsocketsChannel:
             raise ChannelClosed from None
 
     async def send(self, frame: str | bytes) -> None:
-        # What the library's own broadcast() does: frame it and write it, without
-        # send()'s async context manager (a generator per frame, in the hot path).
+        await self.send_many([frame])
+
+    async def send_many(self, frames: list[str | bytes]) -> None:
+        # What the library's own broadcast() does (frame it, then write what the
+        # protocol has to send), without send()'s async context manager (a generator
+        # per frame, in the hot path), and with the frames joined into one write.
         ws = self.ws
-        if ws.protocol.state is not OPEN:
+        proto = ws.protocol
+        if proto.state is not OPEN:
             raise ChannelClosed
-        if isinstance(frame, str):
-            ws.protocol.send_text(frame.encode())
-        else:
-            ws.protocol.send_binary(frame)
+        for frame in frames:
+            if isinstance(frame, str):
+                proto.send_text(frame.encode())
+            else:
+                proto.send_binary(frame)
         try:
-            await ws.send_data()
+            async with ws.send_lock:
+                data = proto.data_to_send()
+                await ws.stream.send_all(b"".join(data))
+                if not all(data):  # the protocol is done with the stream: as the library does
+                    await _end(ws.stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ChannelClosed from None
 
@@ -85,6 +95,17 @@ class WebsocketsChannel:
             await trio.aclose_forcefully(self.ws.stream)
             return
         await self.ws.aclose(code, _truncate(reason))
+
+
+async def _end(stream: trio.abc.Stream) -> None:
+    """Half-close the TCP connection when possible, else close it."""
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        try:
+            await stream.send_eof()
+        except Exception:  # noqa: BLE001 - as websockets' own send_data: it is closing anyway
+            pass
+    else:
+        await stream.aclose()
 
 
 def _sendable(code: int) -> bool:
