@@ -331,14 +331,20 @@ def turn(ctx: Context, p: TurnParams) -> dict[str, Any]:
     if size > ctx.settings.max_artifact_bytes:
         raise Invalid(f"artifact is {size} bytes; the limit is {ctx.settings.max_artifact_bytes}",
                       details={"path": "params.artifact", "message": "too large"})
-    process = ctx.keyed("process").edit(p.process_id)
+    # A new record sharing what the turn leaves alone (records are never changed in
+    # place), not edit()'s deep copy: a turn then costs what it adds, not a copy of
+    # every artifact collected so far.
+    artifacts = process["collected_artifacts"]
+    process = {**process,
+               "stage_turn_counts": {**process["stage_turn_counts"], sid: stage_turns + 1},
+               "agent_turn_counts": {**process["agent_turn_counts"], agent_key: agent_turns + 1},
+               "collected_artifacts": {**artifacts, sid: [
+                   *artifacts.get(sid, ()),
+                   {"agent_id": p.agent_id, "artifact": p.artifact, "at": iso(ctx.now)}]}}
     _tick_clock(process, ctx.now)
-    process["stage_turn_counts"][sid] = stage_turns + 1
-    process["agent_turn_counts"][agent_key] = agent_turns + 1
     if ctx.session is not None and process["seats"].get(p.agent_id) != ctx.session.id:
         process["seats"] = {**process["seats"], p.agent_id: ctx.session.id}
-    process["collected_artifacts"].setdefault(sid, []).append(
-        {"agent_id": p.agent_id, "artifact": p.artifact, "at": iso(ctx.now)})
+    ctx.keyed("process").put(p.process_id, process)
     data = {"process_id": p.process_id, "agent_id": p.agent_id, "stage_id": sid,
             "turn": agent_turns + 1, "stage_turns": stage_turns + 1}
     _emit(ctx, "process.turn_taken", process, data, others=True)
@@ -569,8 +575,22 @@ def world_running(host: HostAPI) -> str | None:
 
 @hookimpl
 def server_info(host: HostAPI) -> dict[str, Any]:
+    """The phase and a summary of each process. The host asks after every action
+    that changed a process (to re-send ``sync_state`` when the summary changed), so
+    a process's summary is kept while its record is the same object: a turn costs
+    one new summary, not one per process."""
     known = _templates(host)
-    processes = host.read("process").values()
-    active = any(p["status"] in ACTIVE for p in processes)
-    return {"phase": "playing" if active else "onboarding",
-            "processes": [summary_of(p, known.get(p["template_id"])) for p in processes]}
+    rt = host.runtime("process_controller")
+    before: dict[str, tuple[Any, Any, dict[str, Any]]] = rt.get("summaries", {})
+    after: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
+    summaries = []
+    for pid, p in host.read("process").items():
+        template = known.get(p["template_id"])
+        kept = before.get(pid)
+        if kept is None or kept[0] is not p or kept[1] is not template:
+            kept = (p, template, summary_of(p, template))
+        after[pid] = kept
+        summaries.append(kept[2])
+    rt["summaries"] = after
+    active = any(s["status"] in ACTIVE for s in summaries)
+    return {"phase": "playing" if active else "onboarding", "processes": summaries}
