@@ -13,11 +13,17 @@ Run by bench/roundtrip.py, one process per share of the connections:
 
     python bench/rawclient.py URL --conns N --action host.ping [--session] [--line]
 
+``--action`` may name several phases, comma-separated (``host.ping,plan``), run
+one after the other on the same connections; ``plan`` is the request of each
+connection in ``--plan FILE`` (JSON: ``{"conns": [{"request": {"action", "params"},
+"subscribe": [topics]}, ...]}``, by connection index), which is how
+bench/process.py has each agent take its own turns.
+
 It connects (and with ``--session`` opens a session on each connection; with
 ``--join W1,W2,...`` each then joins one of those worlds in turn), warms up,
 prints ``ready`` and waits for a line on stdin; then every
 connection makes round trips back to back for ``--seconds`` and it prints one
-JSON line: the round-trip times (µs), its own CPU time over that window and
+JSON line (and, with several phases, ``ready`` again for the next): the round-trip times (µs), its own CPU time over that window and
 the time it was running or runnable (``busy``: CPU time plus time spent waiting
 for a core, which on a loaded machine tells whether it could have gone faster).
 """
@@ -192,6 +198,25 @@ def join_world(conn: Conn, world_id: str) -> None:
             return
 
 
+def subscribe(conn: Conn, topics: list[str]) -> None:
+    """``world.subscribe``, waiting for its reply."""
+    conn.send(json.dumps({"id": "sub", "action": "world.subscribe",
+                          "params": {"topics": topics}}).encode())
+    while True:
+        msg = json.loads(conn.receive())
+        if msg.get("re") == "sub":
+            if msg.get("signal") != "world.subscribed":
+                raise RuntimeError(f"world.subscribe {topics}: {msg}")
+            return
+
+
+def planned(plan: list[dict]) -> Callable[[int, int], bytes]:
+    """Each connection's own request from a plan, with the request id put in."""
+    templates = [b'{"id":%d,' + json.dumps(c["request"], separators=(",", ":"))[1:].encode()
+                 for c in plan]
+    return lambda index, rid: templates[index] % rid
+
+
 def requester(action: str) -> Callable[[int, int], bytes]:
     """The request payload for (connection index, request id); ``bench.touch``
     writes one key per connection, as bench/roundtrip.py's trio client does."""
@@ -269,8 +294,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=0.3)
     parser.add_argument("--grace", type=float, default=10.0,
                         help="seconds to wait for the last replies after the window")
+    parser.add_argument("--plan", default="", help="JSON file: each connection's request "
+                        "(action 'plan') and topics to subscribe to")
     args = parser.parse_args()
 
+    plan = json.loads(open(args.plan).read())["conns"] if args.plan else []
     conns = [Conn(args.url, args.line) for _ in range(args.conns)]
     if args.session:
         for i, conn in enumerate(conns):
@@ -278,18 +306,22 @@ def main() -> None:
             if args.join:
                 worlds = args.join.split(",")
                 join_world(conn, worlds[(args.first + i) % len(worlds)])
-    make = requester(args.action)
-    run(conns, args.warmup, make, args.session, args.first)
-    print("ready", flush=True)
-    sys.stdin.readline()
-    cpu = cpu_seconds()
-    busy = sum(run_wait_seconds())
-    started = time.perf_counter()
-    latencies = run(conns, args.seconds, make, args.session, args.first, args.grace)
-    wall = time.perf_counter() - started
-    cpu = cpu_seconds() - cpu
-    busy = sum(run_wait_seconds()) - busy
-    print(json.dumps({"wall": wall, "cpu": cpu, "busy": busy, "us": [round(x * 1e6) for x in latencies]}), flush=True)
+            if plan and plan[args.first + i].get("subscribe"):
+                subscribe(conn, plan[args.first + i]["subscribe"])
+    for action in args.action.split(","):
+        make = planned(plan) if action == "plan" else requester(action)
+        run(conns, args.warmup, make, args.session, args.first)
+        print("ready", flush=True)
+        sys.stdin.readline()
+        cpu = cpu_seconds()
+        busy = sum(run_wait_seconds())
+        started = time.perf_counter()
+        latencies = run(conns, args.seconds, make, args.session, args.first, args.grace)
+        wall = time.perf_counter() - started
+        cpu = cpu_seconds() - cpu
+        busy = sum(run_wait_seconds()) - busy
+        print(json.dumps({"wall": wall, "cpu": cpu, "busy": busy,
+                          "us": [round(x * 1e6) for x in latencies]}), flush=True)
     for conn in conns:
         conn.sock.close()
 
