@@ -4,6 +4,7 @@ again to a world's sessions whenever its phase or process summary changes."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from host import __version__
@@ -27,21 +28,41 @@ class ClientView:
         self.registry = registry
         self.worlds = worlds
         self._last_summary: dict[str, dict[str, Any]] = {}
-        self._summary_reads: dict[str, set[str]] = {}  # world id -> slices the summary read
+        # world id -> plugin -> (slices its summary fields were computed from, those
+        # fields): after an action only the plugins that read what it changed are asked
+        self._parts: dict[str, dict[str, tuple[set[str], dict[str, Any]]]] = {}
 
     def _contributions(self, world: World | None) -> dict[str, Any]:
         """Every plugin's ``server_info``, merged: the server's plugins, then the
-        world's. Notes the slices the summary fields came from: those read by the
-        plugins contributing to them (and by those contributing nothing, who
-        might begin to)."""
+        world's."""
         merged: dict[str, Any] = {"phase": "onboarding"}
-        lobby = self.worlds.lobby
-        merged.update(_merge(self.registry.pm.hook.server_info, lobby, "server", None))
+        for _, extra, _ in self._ask(self.worlds.lobby, "server"):
+            merged.update(extra)
         if world is not None:
-            reads: set[str] = set()
-            merged.update(_merge(self.registry.pm.hook.server_info, world, "world", reads))
-            self._summary_reads[world.id] = reads
+            parts = self._parts[world.id] = {}
+            for name, extra, reads in self._ask(world, "world"):
+                parts[name] = (reads, _summary_fields(extra))
+                merged.update(extra)
         return merged
+
+    def _ask(self, world: World, scope: str,
+             skip: Callable[[str], bool] = lambda name: False
+             ) -> Iterator[tuple[str, dict[str, Any], set[str]]]:
+        """Each plugin of ``scope`` (but those ``skip`` names), in order: its
+        ``server_info`` and the slices the summary fields of it came from (those it
+        read, if it contributes to them or contributes nothing, as it might begin to)."""
+        registry = world.registry
+        for impl in reversed(self.registry.pm.hook.server_info.get_hookimpls()):
+            name = impl.plugin_name
+            if registry.scope.get(name, "world") != scope or skip(name):
+                continue
+            read: set[str] = set()
+            world.api.reads = read
+            try:
+                extra: dict[str, Any] = impl.function(host=world.api) or {}  # type: ignore[assignment]
+            finally:
+                world.api.reads = None
+            yield name, extra, (read if not extra or not SUMMARY_KEYS.isdisjoint(extra) else set())
 
     def server_info(self) -> dict[str, Any]:
         default_id = self.worlds.default_id()
@@ -90,40 +111,39 @@ class ClientView:
         state.update(self._contributions(world))
         return state
 
-    def _summary(self, world: World) -> dict[str, Any]:
-        contributions = self._contributions(world)
-        return {k: contributions.get(k) for k in SUMMARY_KEYS}
+    def _summary(self, world: World, changed: list[str] | None = None) -> dict[str, Any] | None:
+        """The phase and process summary (server plugins', then the world's); after
+        an action that changed ``changed``, asking only the world's plugins that
+        read one of them (None when there is none to ask)."""
+        parts = self._parts.get(world.id)
+        if parts is None or changed is None:
+            contributions = self._contributions(world)
+            return {k: contributions.get(k) for k in SUMMARY_KEYS}
+        stale = {name for name, (reads, _) in parts.items() if not reads.isdisjoint(changed)}
+        if not stale:
+            return None
+        for name, extra, reads in self._ask(world, "world", lambda n: n not in stale):
+            parts[name] = (reads, _summary_fields(extra))
+        merged: dict[str, Any] = {"phase": "onboarding"}
+        for _, extra, _ in self._ask(self.worlds.lobby, "server"):
+            merged.update(_summary_fields(extra))
+        for _, fields in parts.values():
+            merged.update(fields)
+        return {k: merged.get(k) for k in SUMMARY_KEYS}
 
     def remember_summary(self, world: World) -> None:
-        self._last_summary[world.id] = self._summary(world)
+        self._last_summary[world.id] = self._summary(world)  # type: ignore[assignment]
 
     def after_change(self, world: World, effects: Effects, changed: list[str]) -> None:
         """Send ``sync_state`` again to a world's sessions when its phase or process
         summary changed (the parts of it that actions change)."""
-        reads = self._summary_reads.get(world.id)
-        if reads is not None and reads.isdisjoint(changed):
-            return
-        summary = self._summary(world)
-        if summary == self._last_summary.get(world.id):
+        summary = self._summary(world, changed)
+        if summary is None or summary == self._last_summary.get(world.id):
             return
         self._last_summary[world.id] = summary
         for session in list(world.audience.values()):
             effects.outputs.append((session, Signal("sync_state", self.sync_state(session))))
 
 
-def _merge(caller: Any, world: World, scope: str, reads: set[str] | None) -> dict[str, Any]:
-    merged: dict[str, Any] = {}
-    registry = world.registry
-    for impl in reversed(caller.get_hookimpls()):
-        if registry.scope.get(impl.plugin_name, "world") != scope:
-            continue
-        read: set[str] = set()
-        world.api.reads = read
-        try:
-            extra = impl.function(host=world.api)
-        finally:
-            world.api.reads = None
-        if reads is not None and (not extra or not SUMMARY_KEYS.isdisjoint(extra)):
-            reads |= read
-        merged.update(extra or {})
-    return merged
+def _summary_fields(extra: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in extra.items() if k in SUMMARY_KEYS}

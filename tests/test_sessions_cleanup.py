@@ -123,3 +123,23 @@ async def test_kicked_connection_is_closed(worldhost: Any) -> None:
         with pytest.raises(ConnectionClosed):
             while True:
                 await ws.get_message()
+
+
+async def test_sync_state_is_sent_again_only_when_the_summary_changes(worldhost: Any) -> None:
+    """A turn changes the process slice but not the summary: no sync_state. The
+    turn that completes the process changes its status and the phase: sync_state."""
+    h = await worldhost.start()
+    async with h.client("ada") as ada, h.client("bob") as bob:
+        await ada.next_signal("sync_state")
+        started = await ada.call("process.start", template_id="QUICK_POLL",
+                                 problem_statement="?", agents=["x", "y"])
+        pid = started["process_id"]
+        assert (await ada.next_signal("sync_state"))["data"]["phase"] == "playing"
+        await ada.call("process.turn", process_id=pid, agent_id="x", artifact="yes")
+        await bob.call("chat.say", text="after the first turn")
+        after_turn = await ada.next_signal()
+        assert after_turn["signal"] == "chat.message", after_turn
+        await ada.call("process.turn", process_id=pid, agent_id="y", artifact="no")
+        again = await ada.next_signal("sync_state")
+        assert again["data"]["phase"] == "onboarding"
+        assert [p["status"] for p in again["data"]["processes"]] == ["completed"]
