@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import operator
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -577,20 +578,29 @@ def world_running(host: HostAPI) -> str | None:
 def server_info(host: HostAPI) -> dict[str, Any]:
     """The phase and a summary of each process. The host asks after every action
     that changed a process (to re-send ``sync_state`` when the summary changed), so
-    a process's summary is kept while its record is the same object: a turn costs
-    one new summary, not one per process."""
+    the summaries are kept, and only those of records that are new objects since
+    (records are never changed in place) are made again: a turn in one of 100
+    processes costs one summary and an identity check of the rest."""
     known = _templates(host)
+    records = host.read("process")
+    keys, values = list(records), list(records.values())
     rt = host.runtime("process_controller")
-    before: dict[str, tuple[Any, Any, dict[str, Any]]] = rt.get("summaries", {})
-    after: dict[str, tuple[Any, Any, dict[str, Any]]] = {}
-    summaries = []
-    for pid, p in host.read("process").items():
-        template = known.get(p["template_id"])
-        kept = before.get(pid)
-        if kept is None or kept[0] is not p or kept[1] is not template:
-            kept = (p, template, summary_of(p, template))
-        after[pid] = kept
-        summaries.append(kept[2])
-    rt["summaries"] = after
+    kept = rt.get("summaries")
+    if kept is None or kept[0] is not known or kept[1] != keys:
+        summaries = [summary_of(p, known.get(p["template_id"])) for p in values]
+    else:
+        summaries = list(kept[3])
+        same = list(map(operator.is_, values, kept[2]))
+        i = -1
+        while (i := _next_false(same, i + 1)) >= 0:
+            summaries[i] = summary_of(values[i], known.get(values[i]["template_id"]))
+    rt["summaries"] = (known, keys, values, summaries)
     active = any(s["status"] in ACTIVE for s in summaries)
     return {"phase": "playing" if active else "onboarding", "processes": summaries}
+
+
+def _next_false(flags: list[bool], start: int) -> int:
+    try:
+        return flags.index(False, start)
+    except ValueError:
+        return -1
