@@ -76,6 +76,16 @@ def _trim() -> None:
         _malloc_trim(0)
 
 
+def _decode(message: str | bytes, plain: bool, max_items: int, key: str) -> Any:
+    """A JSON text or CBOR frame, within ``max_items`` (``key`` names the limit)."""
+    try:
+        if isinstance(message, str):
+            return decode_json(message, max_items=max_items)
+        return decode_cbor(message, plain=plain, max_items=max_items)
+    except TooManyItems as exc:
+        raise DecodeError(f"{exc} (host.limits.{key})") from None
+
+
 class Connection:
     """One client connection: its outbox, encoding, session and limits."""
 
@@ -223,7 +233,10 @@ class Connection:
                 await self._room.wait()
             message: str | bytes | None = None
             try:
-                with trio.move_on_at(self.reassembler.next_deadline()):
+                if self.reassembler.transfers:
+                    with trio.move_on_at(self.reassembler.next_deadline()):
+                        message = await self.channel.receive()
+                else:  # nothing can run out of time: no cancel scope (the hot path)
                     message = await self.channel.receive()
             except ChannelClosed:
                 return
@@ -317,18 +330,10 @@ class Connection:
             max_items, key = limits.max_frame_items, "max_frame_items"
         else:
             max_items, key = limits.max_player_frame_items, "max_player_frame_items"
-
-        def decode() -> Any:
-            try:
-                if isinstance(message, str):
-                    return decode_json(message, max_items=max_items)
-                return decode_cbor(message, plain=plain, max_items=max_items)
-            except TooManyItems as exc:
-                raise DecodeError(f"{exc} (host.limits.{key})") from None
-
         if len(message) <= THREAD_BYTES or not self.threads:
-            return decode()
-        return await trio.to_thread.run_sync(decode, limiter=_big_decodes)
+            return _decode(message, plain, max_items, key)
+        return await trio.to_thread.run_sync(_decode, message, plain, max_items, key,
+                                             limiter=_big_decodes)
 
     async def _chunk(self, message: str | bytes, allowed: bool) -> Any:
         """A piece of a chunked request is taken aside; a whole frame passes through.
