@@ -9,14 +9,59 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import trio
+
 from host.actions import ActionError, BadRequest
 from host.messages import Request, Signal
-from state.codec import encode_cbor, encode_json, lenient_json
+from state.codec import (
+    DecodeError,
+    TooManyItems,
+    decode_cbor,
+    decode_json,
+    encode_cbor,
+    encode_json,
+    lenient_json,
+)
 
 _ENVELOPE_KEYS = frozenset({"id", "action", "params"})
 MAX_ACTION_NAME = 128
 JSON_CHUNK = re.compile(r'\s*\{\s*"chunk"\s*:')
 CBOR_CHUNK = b"\xa1\x65chunk"  # a map of one entry whose key is "chunk"
+# Frames above this are decoded in a worker thread, one at a time across the host: the
+# checks that walk them are Python, so the event loop keeps its turns meanwhile, and
+# however many connections send big frames, one big decode holds memory at a time.
+THREAD_BYTES = 256 * 1024
+BIG_DECODES = trio.CapacityLimiter(1)
+
+
+def item_budget(limits: Any, role: str | None) -> tuple[int, str]:
+    """How many values a frame may decode to, and the setting that says so: only an
+    admin sends frames of millions of values (imports); anyone else is held to a
+    bound whose decode cannot stall the loop for long."""
+    if role == "admin":
+        return limits.max_frame_items, "max_frame_items"
+    return limits.max_player_frame_items, "max_player_frame_items"
+
+
+async def decode_frame(message: str | bytes, budget: tuple[int, str], *, threads: bool,
+                       plain: bool = True, encoding: str | None = None) -> Any:
+    """A frame decoded within ``budget``: JSON (text, or ``encoding`` "json" for the
+    bytes of an HTTP body) or CBOR; a big one in a worker thread where threads are
+    allowed. Raises DecodeError naming the limit."""
+    json = encoding == "json" if encoding is not None else isinstance(message, str)
+    if len(message) <= THREAD_BYTES or not threads:
+        return _decode(message, json, plain, *budget)
+    return await trio.to_thread.run_sync(_decode, message, json, plain, *budget,
+                                         limiter=BIG_DECODES)
+
+
+def _decode(message: str | bytes, json: bool, plain: bool, max_items: int, key: str) -> Any:
+    try:
+        if json:
+            return decode_json(message, max_items=max_items)
+        return decode_cbor(message, plain=plain, max_items=max_items)  # type: ignore[arg-type]
+    except TooManyItems as exc:
+        raise DecodeError(f"{exc} (host.limits.{key})") from None
 
 
 def encode_frame(sig: Signal, encoding: str) -> str | bytes:

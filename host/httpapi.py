@@ -22,13 +22,13 @@ import trio
 
 from host.actions import BadRequest, RateLimited
 from host.config import Config
-from host.framing import encode_frame, request_of, undecodable
+from host.framing import decode_frame, encode_frame, item_budget, request_of, undecodable
 from host.limits import TokenBucket
 from host.messages import Disconnect, Request, Signal, Submitter
 from host.sessions import MAX_SEQ, Session, SessionTable
 from host.sse import SseChannel, SseConnection
-from host.transport import THREAD_BYTES, Slot, Transport, stream_address
-from state.codec import DecodeError, TooManyItems, decode_json
+from host.transport import Slot, Transport, stream_address
+from state.codec import DecodeError
 
 
 class Credentials(Protocol):
@@ -69,7 +69,6 @@ STATUS = {"bad_request": 400, "bad_frame": 400, "validation_error": 400,
 JSON = "application/json"
 _UNBOUNDED = 1 << 62  # an event is never cut in pieces: SSE has no chunked transfers
 _MAX_BUCKETS = 4096
-_big_decodes = trio.CapacityLimiter(1)
 
 
 @dataclass
@@ -346,23 +345,9 @@ async def read_body(stream: trio.abc.Stream, conn: h11.Connection, request: h11.
 async def _request(host: Server, body: bytes, session: Session | None) -> Request:
     """The body as a request, decoded and checked as a WebSocket text frame is; a
     refusal travels in ``error``, to be answered through the dispatcher like any."""
-    limits = host.config.host.limits
-    if session is not None and session.role == "admin":
-        max_items, key = limits.max_frame_items, "max_frame_items"
-    else:
-        max_items, key = limits.max_player_frame_items, "max_player_frame_items"
-
-    def decode() -> Any:
-        try:
-            return decode_json(body, max_items=max_items)
-        except TooManyItems as exc:
-            raise DecodeError(f"{exc} (host.limits.{key})") from None
-
+    budget = item_budget(host.config.host.limits, session.role if session else None)
     try:
-        if len(body) > THREAD_BYTES and host.threads:
-            decoded = await trio.to_thread.run_sync(decode, limiter=_big_decodes)
-        else:
-            decoded = decode()
+        decoded = await decode_frame(body, budget, threads=host.threads, encoding="json")
     except DecodeError as exc:
         return undecodable(body, exc, None, "json")
     return request_of(decoded, None, "json")

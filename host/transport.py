@@ -28,10 +28,14 @@ from host.actions import ActionError, BadRequest, RateLimited, Unauthenticated
 from host.channel import Channel, ChannelClosed, Refused, Unreadable
 from host.config import Config
 from host.framing import (
+    BIG_DECODES,
     CBOR_CHUNK,
     JSON_CHUNK,
+    THREAD_BYTES,
+    decode_frame,
     encode_frame,
     is_id,
+    item_budget,
     request_of,
     undecodable,
 )
@@ -39,7 +43,7 @@ from host.limits import TokenBucket
 from host.messages import Disconnect, Request, Signal, Submitter
 from host.sessions import Session
 from host.websocket import WebSocketChannel, address, origin_allowed, same_origin
-from state.codec import DecodeError, TooManyItems, decode_cbor, decode_json
+from state.codec import DecodeError
 
 __all__ = ["Connection", "Slot", "Transport", "encode_frame", "same_origin", "stream_address"]
 
@@ -50,11 +54,6 @@ GOING_AWAY = 1001
 INTERNAL = 1011
 TOO_BIG = 1009
 _PIECE_TAKEN = object()
-# Frames above this are decoded in a worker thread, one at a time across the host: the
-# checks that walk them are Python, so the event loop keeps its turns meanwhile, and
-# however many connections send big frames, one big decode holds memory at a time.
-THREAD_BYTES = 256 * 1024
-_big_decodes = trio.CapacityLimiter(1)
 # what one write of the outbox may carry: several signals in one system call, but
 # never a copy of a whole backlog at once
 _BATCH_BYTES = 64 * 1024
@@ -74,16 +73,6 @@ def _trim() -> None:
     """Give the heap a big decode freed back to the system (glibc keeps it otherwise)."""
     if _malloc_trim is not None:
         _malloc_trim(0)
-
-
-def _decode(message: str | bytes, plain: bool, max_items: int, key: str) -> Any:
-    """A JSON text or CBOR frame, within ``max_items`` (``key`` names the limit)."""
-    try:
-        if isinstance(message, str):
-            return decode_json(message, max_items=max_items)
-        return decode_cbor(message, plain=plain, max_items=max_items)
-    except TooManyItems as exc:
-        raise DecodeError(f"{exc} (host.limits.{key})") from None
 
 
 class Connection:
@@ -316,24 +305,15 @@ class Connection:
     async def _trim(self) -> None:
         """Give freed heap back to the system, off the loop where threads are allowed."""
         if self.threads:
-            await trio.to_thread.run_sync(_trim, limiter=_big_decodes)
+            await trio.to_thread.run_sync(_trim, limiter=BIG_DECODES)
         else:
             _trim()
 
     async def _decode(self, message: str | bytes, plain: bool = True) -> Any:
-        """Decode one frame within the item bound; a big one in a worker thread.
-
-        Only an admin sends frames of millions of values (imports); anyone else is
-        held to a bound whose decode cannot stall the loop for long."""
-        limits = self.config.host.limits
-        if self.session is not None and self.session.role == "admin":
-            max_items, key = limits.max_frame_items, "max_frame_items"
-        else:
-            max_items, key = limits.max_player_frame_items, "max_player_frame_items"
-        if len(message) <= THREAD_BYTES or not self.threads:
-            return _decode(message, plain, max_items, key)
-        return await trio.to_thread.run_sync(_decode, message, plain, max_items, key,
-                                             limiter=_big_decodes)
+        """Decode one frame within the item budget of this connection's role."""
+        return await decode_frame(message, item_budget(self.config.host.limits,
+                                                       self.session.role if self.session else None),
+                                  threads=self.threads, plain=plain)
 
     async def _chunk(self, message: str | bytes, allowed: bool) -> Any:
         """A piece of a chunked request is taken aside; a whole frame passes through.
