@@ -9,10 +9,16 @@ the session's connection, if it has one). It does not attach the session: a
 WebSocket of the same session stays connected, and the token is not rotated.
 Only ``session.open`` comes without the header; its session is then left
 disconnected (resumable), and each later request keeps it so.
+
+A browser's ``EventSource`` cannot send a header, and the credential never goes
+in a URL: ``POST /v1/cookie`` (with the header) answers with an HttpOnly,
+SameSite=Strict cookie holding it, sent only to ``/v1/events``, which takes it
+in place of the header.
 """
 
 from __future__ import annotations
 
+import json
 import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -62,7 +68,8 @@ class Server(Protocol):
     def clock(self) -> float: ...
 
 
-API_PATHS = frozenset({b"/v1/actions", b"/v1/events"})
+API_PATHS = frozenset({b"/v1/actions", b"/v1/events", b"/v1/cookie"})
+COOKIE = "worldhost_events"  # the stream's credential, for an EventSource
 STATUS = {"bad_request": 400, "bad_frame": 400, "validation_error": 400,
           "unauthenticated": 401, "forbidden": 403, "not_found": 404, "unknown_action": 404,
           "conflict": 409, "rate_limited": 429, "internal_error": 500}
@@ -196,10 +203,13 @@ def reply_response(sig: Signal | None) -> Response:
     return Response(status, _json(sig), JSON, headers)
 
 
-def credential(request: h11.Request) -> tuple[str, str] | None | Response:
-    """(session id, resume token) from ``Authorization: Bearer ID.TOKEN``; None
-    without the header; a 401 when it is there but not of that form."""
+def credential(request: h11.Request, cookie: bool = False) -> tuple[str, str] | None | Response:
+    """(session id, resume token) from ``Authorization: Bearer ID.TOKEN`` (or, with
+    ``cookie``, when there is no such header, from the stream's cookie); None
+    without either; a 401 when it is there but not of that form."""
     raw = header(request, b"authorization")
+    if raw is None and cookie:
+        raw = _cookie(request)
     if raw is None:
         return None
     scheme, _, value = raw.decode("latin-1").strip().partition(" ")
@@ -210,10 +220,23 @@ def credential(request: h11.Request) -> tuple[str, str] | None | Response:
     return sid, token
 
 
-def authenticate(host: Server, request: h11.Request) -> Session | None | Response:
+def _cookie(request: h11.Request) -> bytes | None:
+    """The stream's cookie, as the header it stands for (``Bearer ID.TOKEN``)."""
+    for key, value in request.headers:
+        if key != b"cookie":
+            continue
+        for pair in bytes(value).split(b";"):
+            name, eq, found = pair.strip().partition(b"=")
+            if eq and name == COOKIE.encode():
+                return b"Bearer " + found
+    return None
+
+
+def authenticate(host: Server, request: h11.Request,
+                 cookie: bool = False) -> Session | None | Response:
     """The session the request's credential names; None without one; a 401 when the
     credential is wrong or its session is gone (ended, or past its resume window)."""
-    found = credential(request)
+    found = credential(request, cookie)
     if found is None or isinstance(found, Response):
         return found
     session = host.gate.credential(*found)
@@ -228,21 +251,48 @@ async def serve(host: Server, stream: trio.abc.Stream, conn: h11.Connection,
     """One API request; the response to send, or None when it was a stream that
     has ended."""
     path = request.target.partition(b"?")[0]
-    wanted = b"POST" if path == b"/v1/actions" else b"GET"
+    wanted = b"GET" if path == b"/v1/events" else b"POST"
     if request.method != wanted:
         return Response(405, b"%s is served for %s only\n" % (path, wanted),
                         headers=[(b"allow", wanted)])
     if not host.router.accepting or host.stopping:
         return error(503, "conflict", "the host is shutting down")
-    session = authenticate(host, request)
+    session = authenticate(host, request, cookie=path == b"/v1/events")
     if isinstance(session, Response):
         return session
+    if path == b"/v1/cookie":
+        return set_cookie(host, request, session)
     if path == b"/v1/events":
         if session is None:
             return error(401, "unauthenticated", "GET /v1/events needs Authorization: "
-                         "Bearer SESSION_ID.RESUME_TOKEN")
+                         "Bearer SESSION_ID.RESUME_TOKEN (or the cookie POST /v1/cookie "
+                         "sets, for a browser's EventSource)")
         return await events(host, stream, conn, request, slot, session)
     return await action(host, stream, conn, request, session)
+
+
+# POST /v1/cookie --------------------------------------------------------------------
+
+def set_cookie(host: Server, request: h11.Request, session: Session | None) -> Response:
+    """The credential of the ``Authorization`` header as the stream's cookie: HttpOnly
+    (no script reads it), SameSite=Strict (no other site's page sends it), sent
+    only to ``/v1/events``, for as long as the session may be resumed."""
+    if _has_body(request):
+        return error(400, "bad_request", "POST /v1/cookie takes no body")
+    found = credential(request)
+    if session is None or not isinstance(found, tuple):
+        return error(401, "unauthenticated", "POST /v1/cookie needs Authorization: "
+                     "Bearer SESSION_ID.RESUME_TOKEN")
+    age = int(host.config.sessions.resume_ttl_s)
+    cookie = (f"{COOKIE}={found[0]}.{found[1]}; Path=/v1/events; Max-Age={age}; "
+              f"HttpOnly; SameSite=Strict")
+    body = json.dumps({"cookie": COOKIE, "path": "/v1/events", "max_age": age}).encode()
+    return Response(200, body, JSON, [(b"set-cookie", cookie.encode())])
+
+
+def _has_body(request: h11.Request) -> bool:
+    return header(request, b"transfer-encoding") is not None or \
+        (header(request, b"content-length") or b"0") != b"0"
 
 
 # POST /v1/actions -------------------------------------------------------------------
@@ -376,8 +426,7 @@ async def events(host: Server, stream: trio.abc.Stream, conn: h11.Connection,
     """The session's stream: attached like ``session.resume`` with ``last_seq`` from
     ``Last-Event-ID`` (displacing the session's other connection), then run as any
     transport connection until the client leaves or is dropped."""
-    if header(request, b"transfer-encoding") is not None or \
-            (header(request, b"content-length") or b"0") != b"0":
+    if _has_body(request):
         return error(400, "bad_request", "GET /v1/events takes no body")
     last_seq = last_event_id(request)
     if isinstance(last_seq, Response):
@@ -386,7 +435,7 @@ async def events(host: Server, stream: trio.abc.Stream, conn: h11.Connection,
         return reply_response(Signal("error", {
             "code": "rate_limited", "message": "too many requests for this session; slow "
             "down", "action": "session.resume"}, None, True))
-    found = credential(request)
+    found = credential(request, cookie=True)
     assert isinstance(found, tuple)
     channel = SseChannel(stream, SSE_HEAD, send_timeout_s=host.config.host.ping_timeout_s)
     sse = host.transport.connection(channel, stream_address(stream), slot,

@@ -547,3 +547,44 @@ async def test_a_stream_outlives_the_handshake_timeout(worldhost: Any) -> None:
     got = await sse.until("chat.message", timeout=5)
     assert got[-1]["data"]["text"] == "later"
     await sse.aclose()
+
+
+# POST /v1/cookie --------------------------------------------------------------------------
+
+async def test_the_stream_cookie_stands_for_the_header_on_the_stream_only(worldhost: Any) -> None:
+    """A browser's EventSource cannot send a header: POST /v1/cookie (with the header)
+    sets an HttpOnly, SameSite=Strict cookie scoped to /v1/events, which the stream
+    takes in its place; actions never take it, and a bad one is a 401."""
+    h = await worldhost.start(listen=True, config={"sessions": {"resume_ttl_s": 120}})
+    port = h.host.port
+    bearer, _ = await open_session(port)
+
+    def cookie_request(auth: str | None) -> bytes:
+        line = f"Authorization: Bearer {auth}\r\n" if auth else ""
+        return f"POST /v1/cookie HTTP/1.1\r\nHost: x\r\n{line}\r\n".encode()
+
+    status, _, body = await exchange(port, cookie_request(None))
+    assert status == 401 and json.loads(body)["data"]["code"] == "unauthenticated"
+    status, _, _ = await exchange(port, cookie_request("nobody.nothing"))
+    assert status == 401
+    status, headers, body = await exchange(port, cookie_request(bearer))
+    assert status == 200 and json.loads(body)["max_age"] == 120
+    assert headers["set-cookie"] == (f"worldhost_events={bearer}; Path=/v1/events; "
+                                     f"Max-Age=120; HttpOnly; SameSite=Strict")
+    # the stream, with the cookie alone
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(f"GET /v1/events HTTP/1.1\r\nHost: x\r\nCookie: theme=dark; "
+                          f"worldhost_events={bearer}\r\n\r\n".encode())
+    sse = Sse(stream)
+    await sse._head()
+    assert sse.status == 200
+    assert (await sse.event())["event"] == "session.resumed"  # type: ignore[index]
+    await sse.aclose()
+    # a wrong cookie is refused; an action with only the cookie has no session
+    status, _, _ = await exchange(port, b"GET /v1/events HTTP/1.1\r\nHost: x\r\n"
+                                        b"Cookie: worldhost_events=nobody.nothing\r\n\r\n")
+    assert status == 401
+    status, _, body = await exchange(port, post_bytes(
+        json.dumps({"action": "chat.say", "params": {"text": "x"}}).encode(),
+        extra=f"Cookie: worldhost_events={bearer}\r\n"))
+    assert status == 401 and json.loads(body)["data"]["code"] == "unauthenticated"
