@@ -272,7 +272,7 @@ class SessionGate:
             raise Conflict("this connection already has a session")
         record = self._records().get(params.session_id)
         session = self.sessions.get(params.session_id)
-        ok = hash_matches(params.resume_token, record["token_hash"] if record else _DUMMY_HASH)
+        ok = self._token_ok(record, params.resume_token)
         if record is None or session is None or not ok or not self._within_window(record):
             conn.failed_opens += 1
             raise Unauthenticated(_BAD_RESUME)
@@ -287,12 +287,17 @@ class SessionGate:
         if session.outbox is not None:
             session.outbox.displace()
             session.outbox = None
-        # an SSE stream keeps the token: its Authorization header must stay valid
+        # an SSE stream keeps the token it presented: its Authorization header must stay
+        # valid. Otherwise the token rotates, and the one presented stays good until the
+        # new one is (this reply may be lost to a crash): it becomes the previous token,
+        # and the one before it is forgotten.
         keep = getattr(conn, "keeps_token", False)
         token = None if keep else new_token()
+        presented = token_hash(params.resume_token)
         effects = self.apply_internal("sessions.attach", {
             "session_id": session.id,
-            "token_hash": record["token_hash"] if token is None else token_hash(token)})
+            "token_hash": presented if token is None else token_hash(token),
+            "previous_hash": None if token is None else presented})
         if last_seq >= session.next_seq:
             # restored from the store, whose seq can lag what was sent before a
             # crash: the client saw signals we did not count; never reuse their seqs
@@ -318,6 +323,18 @@ class SessionGate:
         self._session_hook("session_opened", session,
                            session=self.session_info(session, resumed=True))
         return effects
+
+    @staticmethod
+    def _token_ok(record: dict[str, Any] | None, resume_token: str) -> bool:
+        """Whether a resume token is the session's current one or, within the grace, its
+        previous one (the client presented it, and the reply that rotated it may never
+        have arrived). Both are compared, in constant time, whichever matches and
+        whether the session exists, so the time says nothing about which was wrong."""
+        current = record["token_hash"] if record else _DUMMY_HASH
+        previous = record.get("previous_hash") if record else None
+        current_ok = hash_matches(resume_token, current)
+        previous_ok = hash_matches(resume_token, previous or _DUMMY_HASH)
+        return record is not None and (current_ok or (previous_ok and previous is not None))
 
     def credential(self, session_id: str, resume_token: str) -> Session | None:
         """The session a credential names (an HTTP request's Bearer header), if the
