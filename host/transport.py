@@ -120,6 +120,9 @@ class Connection:
             max(256, min(chunks.PIECE, (max_frame - 256) // 8))
         self.close_code: int | None = None
         self.close_reason = ""
+        # a session's replay (host/gate.py), pulled whenever the outbox runs empty: it
+        # hands over what fits in the budget, so a replay is never taken for a slow reader
+        self.feed: Callable[[int], bool] | None = None
 
     # called by the dispatcher, synchronously -----------------------------------
     def deliver(self, sig: Signal) -> bool:
@@ -142,6 +145,18 @@ class Connection:
             self.transport.signals_dropped += 1
             return False
         self._queue(sig, now)
+        return True
+
+    def stalled(self) -> bool:
+        """Whether the oldest queued signal waited past max_lag_s, closing as too slow
+        if so: for signals that wait behind the outbox (a replay's) rather than in it."""
+        limits = self.config.host.limits
+        lag = trio.current_time() - self._outbox[0][1] if self._outbox else 0.0
+        if lag <= limits.max_lag_s:
+            return False
+        log.warning("disconnecting %s: %.1f s behind", self.remote, lag)
+        self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
+        self.transport.signals_dropped += 1
         return True
 
     def _queue(self, sig: Signal | None, now: float) -> None:
@@ -379,7 +394,7 @@ class Connection:
             return
         self._sending = True
         try:
-            while self._outbox:
+            while self._outbox or (self.feed is not None and self.feed(self.budget)):
                 sig, _ = self._outbox.popleft()
                 self._room.set()
                 if sig is None:
