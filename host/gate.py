@@ -400,6 +400,8 @@ class SessionGate:
             return  # resumed on another connection meanwhile
         # (an outbox already None: the connection refused a signal, too slow; the
         # record still says open until this detach)
+        if isinstance(session.outbox, _Replay):
+            session.outbox.stop(False)  # what it still held goes now, not with the socket
         session.outbox = None
         if session.id not in self._records() or not self._lobby.dispatcher.accepting:
             return  # shutting down: startup marks every open session disconnected
@@ -561,7 +563,7 @@ class _Replay:
         if sig is self.reply:
             self.started = True
             if not conn.deliver(sig):
-                return self._stop(False)
+                return self.stop(False)
             conn.feed = self.feed  # it pulls the rest once the reply is out
             return True
         if self.session is None or conn.close_code is not None:
@@ -574,26 +576,26 @@ class _Replay:
                         len(self.waiting))
             conn.abort(POLICY, f"too slow: more than {self.bound} signals behind "
                                f"(replay_buffer and outbox_size)")
-            return self._stop(False)
+            return self.stop(False)
         if conn.stalled():  # nothing went out for max_lag_s: the reader stopped
-            return self._stop(False)
+            return self.stop(False)
         return True
 
     def feed(self, room: int) -> bool:
         """Hand the connection up to ``room`` signals; whether any were."""
         conn, waiting = self.conn, self.waiting
         if self.session is None or self.session.outbox is not self:
-            return self._stop(False)  # displaced, ended, or dropped as too slow
+            return self.stop(False)  # displaced, ended, or dropped as too slow
         handed = 0
         while waiting and handed < room:
             if not conn.deliver(waiting.popleft()):
-                return self._stop(False)
+                return self.stop(False)
             handed += 1
         if not waiting:
-            self._stop(True)
+            self.stop(True)
         return handed > 0
 
-    def _stop(self, caught_up: bool) -> bool:
+    def stop(self, caught_up: bool) -> bool:
         """The replay is over: the connection takes the session over if it caught up;
         else the session is left without one (resumable)."""
         session, self.session = self.session, None
@@ -605,7 +607,7 @@ class _Replay:
         return False
 
     def displace(self) -> None:
-        self._stop(False)
+        self.stop(False)
         self.conn.displace()
 
     def close_soon(self, code: int, reason: str) -> None:
