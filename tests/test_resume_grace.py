@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import uuid
 from pathlib import Path
 from typing import Any
 
 import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from trio_websocket import open_websocket_url
 
 from host.sessions import token_hash
-from host.testing import raw_connection
+from host.testing import open_harness, raw_connection
 from serverproc import ServerProcess, free_port
 from state.codec import canonical, load_stored
 from state.store import JournalEntry, Store
@@ -90,6 +93,23 @@ async def test_the_presented_token_stays_good_until_the_new_one_is_presented(
     await h.crash()  # the grace is journaled: it holds after a kill -9 too
     await h.restart()
     assert h.sessions()[sid] == records[sid]
+
+
+@given(st.lists(st.text(max_size=60), min_size=1, max_size=8))
+@settings(max_examples=5, deadline=None, suppress_health_check=[
+    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+async def test_any_other_token_is_refused_alike_and_changes_nothing(
+        tmp_path: Path, tokens: list[str]) -> None:
+    async with open_harness(tmp_path) as harness:
+        h = await harness.start(builtins=False, db=tmp_path / f"{uuid.uuid4().hex}.db")
+        sid, t0 = await _open(h, "eve")
+        t1 = _token(await _resume(h, sid, t0))  # t0 previous, t1 current
+        before = h.sessions()[sid]
+        for token in tokens:
+            if token not in (t0, t1):
+                assert _refused(await _resume(h, sid, token)), token
+        assert h.sessions()[sid] == before
+        _token(await _resume(h, sid, t1))
 
 
 async def test_a_stream_keeps_its_token_and_forgets_the_previous(worldhost: Any) -> None:
