@@ -122,6 +122,9 @@ class Connection:
             max(256, min(chunks.PIECE, (max_frame - 256) // 8))
         self.close_code: int | None = None
         self.close_reason = ""
+        # a session's replay (host/gate.py), pulled whenever the outbox runs empty: it
+        # hands over what fits in the budget, so a replay is never taken for a slow reader
+        self.feed: Callable[[int], bool] | None = None
 
     # called by the dispatcher, synchronously -----------------------------------
     def deliver(self, sig: Signal) -> bool:
@@ -130,12 +133,7 @@ class Connection:
             return False
         if sig.has_re and self.in_flight:
             self.in_flight -= 1
-        now = trio.current_time()
-        limits = self.config.host.limits
-        if self._outbox and now - self._outbox[0][1] > limits.max_lag_s:
-            log.warning("disconnecting %s: %.1f s behind", self.remote, now - self._outbox[0][1])
-            self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
-            self.transport.signals_dropped += 1
+        if self.stalled():
             return False
         if len(self._outbox) >= self._outbox_size:
             log.warning("disconnecting %s: outbox full (%d signals behind)",
@@ -143,7 +141,19 @@ class Connection:
             self.abort(POLICY, "too slow: outbox full")
             self.transport.signals_dropped += 1
             return False
-        self._queue(sig, now)
+        self._queue(sig, trio.current_time())
+        return True
+
+    def stalled(self) -> bool:
+        """Whether the oldest queued signal waited past max_lag_s, closing as too slow
+        if so (also for signals that wait behind the outbox: a replay's)."""
+        limits = self.config.host.limits
+        lag = trio.current_time() - self._outbox[0][1] if self._outbox else 0.0
+        if lag <= limits.max_lag_s:
+            return False
+        log.warning("disconnecting %s: %.1f s behind", self.remote, lag)
+        self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
+        self.transport.signals_dropped += 1
         return True
 
     def _queue(self, sig: Signal | None, now: float) -> None:
@@ -369,7 +379,7 @@ class Connection:
         self._sending = True
         outbox = self._outbox
         try:
-            while outbox:
+            while outbox or (self.feed is not None and self.feed(self.budget)):
                 batch: list[str | bytes] = []
                 size = 0
                 while outbox and size < _BATCH_BYTES:
