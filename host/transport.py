@@ -101,6 +101,7 @@ class Connection:
         self._outbox: deque[tuple[Signal | None, float]] = deque()
         self._outbox_size = limits.outbox_size
         self._sending = False  # a task is writing the outbox to the socket
+        self._unsent: float | None = None  # when the oldest signal being written was queued
         self._dispatching = False  # the reader will send what its action produced
         self._wake = trio.Event()
         self.cancel_scope = trio.CancelScope()
@@ -148,7 +149,9 @@ class Connection:
         """Whether the oldest queued signal waited past max_lag_s, closing as too slow
         if so (also for signals that wait behind the outbox: a replay's)."""
         limits = self.config.host.limits
-        lag = trio.current_time() - self._outbox[0][1] if self._outbox else 0.0
+        oldest = self._unsent if self._unsent is not None else \
+            self._outbox[0][1] if self._outbox else None
+        lag = 0.0 if oldest is None else trio.current_time() - oldest
         if lag <= limits.max_lag_s:
             return False
         log.warning("disconnecting %s: %.1f s behind", self.remote, lag)
@@ -383,10 +386,12 @@ class Connection:
                 batch: list[str | bytes] = []
                 size = 0
                 while outbox and size < _BATCH_BYTES:
-                    sig = outbox[0][0]
+                    sig, queued = outbox[0]
                     if sig is None:
                         break
                     outbox.popleft()
+                    if self._unsent is None:
+                        self._unsent = queued
                     frame = self.frame(sig)
                     if len(frame) <= self.max_frame:
                         batch.append(frame)
@@ -398,6 +403,7 @@ class Connection:
                 if batch:
                     for group in _groups(batch):
                         await self.channel.send_many(group)
+                    self._unsent = None
                     continue
                 outbox.popleft()  # None: close once everything before it is out
                 await self.channel.close(self.close_code or 1000, self.close_reason)
