@@ -23,18 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import trio
 
-from common import host_process, open_conns, percentile, run, workdir
-from rawclient import run_wait_seconds
-from roundtrip import process_cpu
+from common import host_process, open_conns, run, workdir
+from roundtrip import RawClients
 
-HERE = Path(__file__).parent
 PROCESSES = 100
 AGENTS = 5
 
@@ -88,57 +83,26 @@ def main() -> None:
         assert server.proc is not None
         pid = server.proc.pid
         plan = write_plan(folder, start_processes(server.url))
-        total = PROCESSES * AGENTS
-        clients = []
-        for p in range(args.procs):
-            share = total // args.procs + (p < total % args.procs)
-            first = p * (total // args.procs) + min(p, total % args.procs)
-            clients.append(subprocess.Popen(
-                [sys.executable, str(HERE / "rawclient.py"), server.url, "--conns", str(share),
-                 "--first", str(first), "--session", "--action", "host.ping,plan",
-                 "--plan", str(plan), "--seconds", str(args.seconds), "--grace", "60"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-        results = {}
-        for phase in ("host.ping", "process.turn"):
-            for client in clients:
-                assert client.stdout is not None
-                if client.stdout.readline().strip() != "ready":
-                    raise RuntimeError(f"client failed: {client.wait()}")
-            cpu_before, busy_before = process_cpu(pid), sum(run_wait_seconds(pid))
-            started = time.perf_counter()
-            for client in clients:
-                assert client.stdin is not None
-                client.stdin.write("go\n")
-                client.stdin.flush()
-            reports = []
-            for client in clients:
-                assert client.stdout is not None
-                reports.append(json.loads(client.stdout.readline()))
-            window = time.perf_counter() - started
-            server_cpu = process_cpu(pid) - cpu_before
-            server_busy = sum(run_wait_seconds(pid)) - busy_before
-            times = [us / 1e6 for r in reports for us in r["us"]]
-            wall = max(r["wall"] for r in reports)
-            results[phase] = (len(times) / wall, times, server_cpu / len(times),
-                              sum(r["cpu"] for r in reports) / len(times),
-                              server_busy / window, sum(r["busy"] for r in reports) / wall)
-        for client in clients:
-            client.wait()
+        clients = RawClients(server.url, PROCESSES * AGENTS, args.procs, [
+            "--session", "--action", "host.ping,plan", "--plan", str(plan),
+            "--seconds", str(args.seconds), "--grace", "60"])
+        results = {phase: clients.phase(pid) for phase in ("host.ping", "process.turn")}
+        clients.wait()
     finally:
         server.stop()
     print(f"{PROCESSES} processes x {AGENTS} agents ({PROCESSES * AGENTS} connections), "
           f"raw client in {args.procs} process(es); cost = µs of CPU per acknowledged request, "
           f"server/client; busy = share of the time running or waiting for a core")
     for phase, label in (("process.turn", "acknowledged turns/s"), ("host.ping", "round trips/s")):
-        rate, times, s_cpu, c_cpu, s_busy, c_busy = results[phase]
-        print(f"{phase:<13} {rate:8.0f} {label:<21} p50 {percentile(times, 0.5) * 1000:6.1f} ms"
-              f"  p99 {percentile(times, 0.99) * 1000:6.1f} ms  cost {s_cpu * 1e6:5.0f}/"
-              f"{c_cpu * 1e6:<5.0f} busy {s_busy * 100:3.0f}%/{c_busy * 100:.0f}%")
-    t_rate, turns = results["process.turn"][:2]
-    p_rate, pings = results["host.ping"][:2]
-    print(f"durable turn vs bare round trip: throughput ratio {t_rate / p_rate:.2f}, "
-          f"p99 ratio {percentile(turns, 0.99) / percentile(pings, 0.99):.2f}, "
-          f"server CPU ratio {results['host.ping'][2] / results['process.turn'][2]:.2f}")
+        r = results[phase]
+        print(f"{phase:<13} {r.rate:8.0f} {label:<21} p50 {r.p50 * 1000:6.1f} ms"
+              f"  p99 {r.p99 * 1000:6.1f} ms  cost {r.server_cpu * 1e6:5.0f}/"
+              f"{r.client_cpu * 1e6:<5.0f} busy {r.server_busy * 100:3.0f}%/"
+              f"{r.client_busy * 100:.0f}%")
+    turns, pings = results["process.turn"], results["host.ping"]
+    print(f"durable turn vs bare round trip: throughput ratio {turns.rate / pings.rate:.2f}, "
+          f"p99 ratio {turns.p99 / pings.p99:.2f}, "
+          f"server CPU ratio {pings.server_cpu / turns.server_cpu:.2f}")
 
 
 if __name__ == "__main__":

@@ -73,42 +73,60 @@ class Result:
     client_busy: float
 
 
+class RawClients:
+    """``count`` connections spread over ``procs`` rawclient processes (``args`` more
+    of its arguments), each phase (an ``--action`` of several) started together."""
+
+    def __init__(self, url: str, count: int, procs: int, args: list[str]) -> None:
+        procs = max(1, min(procs, count))
+        self.clients = []
+        for p in range(procs):
+            share = count // procs + (p < count % procs)
+            first = p * (count // procs) + min(p, count % procs)
+            cmd = [sys.executable, str(HERE / "rawclient.py"), url, "--conns", str(share),
+                   "--first", str(first), *args]
+            self.clients.append(subprocess.Popen(cmd, stdin=subprocess.PIPE,
+                                                 stdout=subprocess.PIPE, text=True))
+
+    def phase(self, server_pid: int) -> Result:
+        """Wait until every client is ready, start them, and measure both sides."""
+        for client in self.clients:
+            assert client.stdout is not None
+            if client.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"client failed: {client.wait()}")
+        server_before, busy_before = process_cpu(server_pid), sum(run_wait_seconds(server_pid))
+        started = time.perf_counter()
+        for client in self.clients:
+            assert client.stdin is not None
+            client.stdin.write("go\n")
+            client.stdin.flush()
+        reports = []
+        for client in self.clients:
+            assert client.stdout is not None
+            reports.append(json.loads(client.stdout.readline()))
+        server = process_cpu(server_pid) - server_before
+        server_busy = sum(run_wait_seconds(server_pid)) - busy_before
+        server_wall = time.perf_counter() - started  # the same window as the server's figures
+        wall = max(r["wall"] for r in reports)
+        times = [us / 1e6 for r in reports for us in r["us"]]
+        cpu = sum(r["cpu"] for r in reports)
+        return Result(len(times) / wall, percentile(times, 0.5), percentile(times, 0.99),
+                      server / len(times), server / server_wall, cpu / len(times), cpu / wall,
+                      server_busy / server_wall, sum(r["busy"] for r in reports) / wall)
+
+    def wait(self) -> None:
+        for client in self.clients:
+            client.wait()
+
+
 def measure_raw(url: str, server_pid: int, count: int, seconds: float, action: str,
                 session: bool, line: bool, procs: int) -> Result:
     """``count`` connections spread over ``procs`` rawclient processes, started together."""
-    procs = max(1, min(procs, count))
-    clients = []
-    for p in range(procs):
-        share = count // procs + (p < count % procs)
-        first = p * (count // procs) + min(p, count % procs)
-        cmd = [sys.executable, str(HERE / "rawclient.py"), url, "--conns", str(share),
-               "--first", str(first), "--action", action, "--seconds", str(seconds)]
-        cmd += ["--session"] * session + ["--line"] * line
-        clients.append(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
-    for client in clients:
-        assert client.stdout is not None
-        if client.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"client failed: {client.wait()}")
-    server_before, busy_before = process_cpu(server_pid), sum(run_wait_seconds(server_pid))
-    started = time.perf_counter()
-    for client in clients:
-        assert client.stdin is not None
-        client.stdin.write("go\n")
-        client.stdin.flush()
-    reports = []
-    for client in clients:
-        assert client.stdout is not None
-        reports.append(json.loads(client.stdout.readline()))
-        client.wait()
-    server = process_cpu(server_pid) - server_before
-    server_busy = sum(run_wait_seconds(server_pid)) - busy_before
-    server_wall = time.perf_counter() - started  # the same window as the server's figures
-    wall = max(r["wall"] for r in reports)
-    times = [us / 1e6 for r in reports for us in r["us"]]
-    cpu = sum(r["cpu"] for r in reports)
-    return Result(len(times) / wall, percentile(times, 0.5), percentile(times, 0.99),
-                  server / len(times), server / server_wall, cpu / len(times), cpu / wall,
-                  server_busy / server_wall, sum(r["busy"] for r in reports) / wall)
+    clients = RawClients(url, count, procs, ["--action", action, "--seconds", str(seconds),
+                                             *["--session"] * session, *["--line"] * line])
+    result = clients.phase(server_pid)
+    clients.wait()
+    return result
 
 
 def measure_trio(url: str, server_pid: int, count: int, seconds: float, action: str,
