@@ -120,9 +120,10 @@ class TopicForms:
                 self._check_rate(form, topic, rate, path)
         name, sep, arg = bare.partition(":")
         if name != form.name:  # ``chat@2``, ``simulation.ticks@x``: no topic of the form
-            raise Invalid(f"topic {form.name!r} takes no {name[len(form.name):]!r} "
-                          + ("(a rate is @<signals a second>, at most "
-                             f"{form.max_rate:g})" if form.max_rate else "(it takes no rate)"),
+            why = (f"a rate is @<signals a second>, at most {form.max_rate:g}"
+                   if form.max_rate else "it takes no rate")
+            raise Invalid(f"bad topic {topic!r}: {form.name!r} takes no "
+                          f"{name[len(form.name):]!r} ({why})",
                           details={"path": path, "message": "unexpected suffix", "topic": topic})
         if form.parse is None:
             if sep:
