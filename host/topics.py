@@ -207,7 +207,8 @@ class Interest(Generic[Session]):
                 yield s
 
     def subscribed(self, name: str) -> set[str]:
-        """The topics of a family (or the plain topic ``name``) somebody subscribed to."""
+        """The topics of a family (or the plain topic ``name``) somebody subscribed to,
+        at any rate (``simulation.ticks`` and ``simulation.ticks@5``)."""
         return self.by_family.get(name, set())
 
     def anyone_unsubscribed(self) -> bool:

@@ -15,8 +15,12 @@ import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from host import config as config_mod
+from host import plugins
+from host.actions import Invalid
 from host.client import CallError, open_client, url_opener
 from host.testing import open_harness
+from host.topics import TopicForms, family, rate_of
 from plugins.simulation import position
 from worlds import logistics_state
 
@@ -302,6 +306,35 @@ async def test_a_bad_rate_is_refused_naming_the_topic(worldhost: Any, topic: str
         assert why in err.value.message, err.value.message
         reply = await ada.call("world.subscribe", topics=[])
         assert reply["topics"] == ["map"]  # nothing changed
+
+
+FORMS = TopicForms.of(plugins.load(config_mod.from_dict({}, "<test>"), entry_points=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(base=st.sampled_from(["simulation.ticks", "simulation.agent:t1", "simulation.agent:a@b",
+                             "simulation.view:0,0,5,5", "chat", "process:p1"]),
+       suffix=st.one_of(st.text(max_size=12), st.floats(allow_nan=True).map(str),
+                        st.integers(-5, 2000).map(str)))
+def test_any_rate_suffix_is_taken_with_its_rate_or_refused(base: str, suffix: str) -> None:
+    """``<topic>@<anything>``: a simulation topic takes it as a rate above 0 and at
+    most 1000, or (an agent id may hold ``@``) as part of its argument; a topic
+    without rates only as part of an argument; anything else is a validation_error
+    naming the topic."""
+    topic = f"{base}@{suffix}"
+    try:
+        assert FORMS.check(topic, "params.topics[0]") == topic
+    except Invalid as exc:
+        assert exc.details["path"] == "params.topics[0]" and exc.details["topic"] == topic
+        return
+    if family(topic).startswith("simulation."):
+        rate = rate_of(topic)
+        if rate is None:  # the suffix is part of an agent's id
+            assert base.startswith("simulation.agent:") and not suffix[:1].isdigit()
+        else:
+            assert 0 < rate <= 1000
+    else:
+        assert base == "process:p1"
 
 
 async def test_after_kill_nine_and_restart_a_rate_limited_client_converges(
