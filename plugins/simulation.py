@@ -350,7 +350,7 @@ class Pending:
     reset: bool = False
     sets: dict[str, Any] = dataclass_field(default_factory=dict)
     patches: dict[str, dict[str, Any]] = dataclass_field(default_factory=dict)
-    dels: dict[str, None] = dataclass_field(default_factory=dict)  # a dict: the delta's order is fixed
+    dels: dict[str, None] = dataclass_field(default_factory=dict)  # a dict: a fixed order
     born: set[str] = dataclass_field(default_factory=set)  # first set here: no subscriber holds it
     graph: dict[str, Any] | None = None
 

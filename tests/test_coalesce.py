@@ -167,15 +167,15 @@ worlds = st.tuples(st.integers(1, 5), st.integers(0, 8), st.integers(0, 1000))
 
 
 @given(worlds, actions, rates, rates, rates)
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                  HealthCheck.function_scoped_fixture])
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 async def test_a_snapshot_plus_every_coalesced_delta_is_the_world_at_its_tick(
         tmp_path: Path, autojump_clock: Any, world: tuple[int, int, int], steps: list[Any],
         every: str, one: str, view: str) -> None:
     """Under virtual time (ticks are counted, not timed): random worlds, running from
-    the start, random actions while running and stopped, random rates. A client that joins mid-run gets the same
-    deltas from its snapshot on and holds the same at each; after the stop (which
-    flushes) every client holds the export."""
+    the start, random actions while running and stopped, random rates. A client
+    that joins mid-run gets the same deltas from its snapshot on and holds the same
+    at each; after the stop (which flushes) every client holds the export."""
     rated = [f"simulation.ticks@{every}", f"simulation.agent:t1@{one}",
              "simulation.view:{},{},{},{}@{}".format(*VIEW, view)]
     async with open_harness(tmp_path) as harness:
@@ -330,7 +330,8 @@ def test_any_rate_suffix_is_taken_with_its_rate_or_refused(base: str, suffix: st
     if family(topic).startswith("simulation."):
         rate = rate_of(topic)
         if rate is None:  # the suffix is part of an agent's id
-            assert base.startswith("simulation.agent:") and suffix[:1] not in set("0123456789.+-")
+            assert base.startswith("simulation.agent:")
+            assert suffix[:1] not in set("0123456789.+-")
         else:
             assert 0 < rate <= 1000
     else:
