@@ -17,7 +17,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field as dataclass_field
 from typing import Annotated, Any
 
 import msgspec
@@ -27,7 +27,7 @@ from host.actions import (MAX_ID_LENGTH, Action, ActionError, Conflict, Context,
                           NotFound, Role, bounded, encoded_size)
 from host.api import AppliedAction, HostAPI
 from host.plugins import hookimpl
-from host.topics import UNSUBSCRIBED, Topic, argument
+from host.topics import UNSUBSCRIBED, Topic, argument, family, rate_of, split_rate
 from plugins import map as map_plugin
 from plugins.routing import Router
 from state.slices import KeyedSlice, SliceSpec
@@ -278,6 +278,9 @@ class Sim:
 # --- topics and deltas -------------------------------------------------------------
 
 TICKS, AGENT_TOPIC, VIEW_TOPIC = "simulation.ticks", "simulation.agent", "simulation.view"
+MAX_RATE = 1000.0
+"""The most deltas a second a topic may ask for (``...@<rate>``): the highest tick_hz.
+A rate at or above the simulation's tick_hz gets every tick."""
 
 
 def parse_view(arg: str) -> tuple[float, float, float, float]:
@@ -331,6 +334,81 @@ def _announce(ctx: Context, signal: str, data: dict[str, Any], others: bool = Tr
     publish(ctx)
 
 
+@dataclass
+class Pending:
+    """What a rate-limited topic (``simulation.agent:t1@2``) has gathered since it last
+    sent a delta, merged so that its next delta brings a subscriber from
+    ``last_sent`` to now in one step.
+
+    Every value in it is the latest, so applied to any state the topic had between
+    ``last_sent`` and now it gives now: a subscriber whose snapshot falls in between
+    converges too. It holds at most one entry per record the topic covered at
+    ``last_sent`` or covers now. Never changed once stored in the runtime: an
+    action merges into a copy (``copy``), swapped in at the end of ``publish``."""
+
+    last_sent: int | None  # None: nothing sent since the world loaded: a reset is due
+    reset: bool = False
+    sets: dict[str, Any] = dataclass_field(default_factory=dict)
+    patches: dict[str, dict[str, Any]] = dataclass_field(default_factory=dict)
+    dels: dict[str, None] = dataclass_field(default_factory=dict)  # a dict: a fixed order
+    born: set[str] = dataclass_field(default_factory=set)  # first set here: no subscriber holds it
+    graph: dict[str, Any] | None = None
+
+    def copy(self) -> Pending:
+        return Pending(self.last_sent, self.reset, dict(self.sets), dict(self.patches),
+                       dict(self.dels), set(self.born), self.graph)
+
+    def merge(self, items: list[tuple[str, str, Any]], reset: bool,
+              graph: dict[str, Any] | None) -> None:
+        """One action's delta on top: a reset starts over from its sets; a set replaces
+        what was pending for its key; a patch updates a pending set or merges into a
+        pending patch (latest wins); a del drops what was pending for its key, and is
+        sent only if a subscriber may hold the key."""
+        if reset:
+            self.reset = True
+            self.sets, self.patches, self.dels, self.born = {}, {}, {}, set()
+        for key, how, value in items:
+            if how in ("set", "new"):
+                if how == "new" and key not in self.patches and key not in self.dels:
+                    self.born.add(key)
+                self.sets[key] = value
+                self.patches.pop(key, None)
+                self.dels.pop(key, None)
+            elif how == "patch":
+                if not value:
+                    continue
+                if key in self.sets:
+                    self.sets[key] = {**self.sets[key], **value}
+                else:
+                    self.patches[key] = {**self.patches.get(key, {}), **value}
+            else:
+                self.sets.pop(key, None)
+                self.patches.pop(key, None)
+                if key in self.born:
+                    self.born.discard(key)
+                elif not self.reset:  # after a reset a subscriber holds only what is set
+                    self.dels[key] = None
+        if graph is not None:
+            self.graph = graph
+
+    def empty(self) -> bool:
+        return not (self.reset or self.sets or self.patches or self.dels or self.graph is not None)
+
+    def delta(self, topic: str, tick: int) -> dict[str, Any]:
+        data: dict[str, Any] = {"topic": topic, "tick": tick}
+        if self.reset:
+            data["reset"] = True
+        if self.dels:
+            data["del"] = list(self.dels)
+        if self.sets:
+            data["set"] = self.sets
+        if self.patches:
+            data["patch"] = self.patches
+        if self.graph is not None:
+            data["graph"] = self.graph
+        return data
+
+
 def publish(ctx: Context) -> None:
     """Send this action's changes of the simulation slice as ``simulation.delta``, one
     signal per subscribed topic (encoded once for all its subscribers): only the
@@ -339,17 +417,30 @@ def publish(ctx: Context) -> None:
     Applied in order to a snapshot (``simulation.export_state``), the deltas of
     ``simulation.ticks`` give exactly the export after each action; those of
     ``simulation.agent:<id>`` the one agent, of ``simulation.view:<x0>,<y0>,<x1>,<y1>``
-    the agents inside the rectangle."""
+    the agents inside the rectangle.
+
+    A topic with a rate (``...@2``) gathers its deltas in a ``Pending`` and sends
+    them merged once ``tick_hz / rate`` ticks have passed since it last sent, or at
+    once while the simulation is not running (so stopping flushes it). The pending
+    state lives in the world's runtime: the first delta of such a topic after the
+    world loads (or after the topic gains its first subscriber) is a reset with the
+    topic's records, so a subscriber never diverges. ``publish`` is the last thing
+    an action does, and swaps the new pending state in only at its end."""
     interest = ctx.host.interest
+    rt = _runtime(ctx.host)
     ticks, agents, views = (interest.subscribed(TICKS), interest.subscribed(AGENT_TOPIC),
                             interest.subscribed(VIEW_TOPIC))
     if not (ticks or agents or views) or ctx.host.replaying:
+        rt.pop("coalesce", None)  # nobody to gather for: a later subscriber starts afresh
         return
     records = ctx.keyed("simulation")
     graph = ctx.keyed("map")
-    kinds = _runtime(ctx.host)["kinds"]
+    kinds = rt["kinds"]
     reset = records.replacing
-    tick_now = (records.get("meta") or default_meta())["tick"]
+    meta = records.get("meta") or default_meta()
+    tick_now = meta["tick"]
+    gathered: dict[str, Pending] = rt.get("coalesce", {})
+    staged: dict[str, Pending] = {}
 
     def plain(key: str, record: dict[str, Any]) -> dict[str, Any]:
         kind = kinds.get(record.get("kind")) if key.startswith(AGENT) else None
@@ -364,18 +455,41 @@ def publish(ctx: Context) -> None:
               new: dict[str, Any] | None) -> tuple[str, str, Any]:
         if new is None:
             return key, "del", None
-        if old is None or reset or not old.keys() <= new.keys():
+        if reset or (old is not None and not old.keys() <= new.keys()):
             return key, "set", new
+        if old is None:
+            return key, "new", new  # a set no subscriber held before
         return key, "patch", {f: v for f, v in new.items() if f not in old or old[f] != v}
 
-    def send(topic: str, items: list[tuple[str, str, Any]], **extra: Any) -> None:
+    def send(topic: str, items: list[tuple[str, str, Any]],
+             everything: Callable[[], list[tuple[str, str, Any]]], **extra: Any) -> None:
         """One topic's delta, if it has anything to say; after a reset the client
-        holds only what is set, so nothing is deleted."""
+        holds only what is set, so nothing is deleted. For a topic with a rate: into
+        its pending state, sent when due; ``everything`` gives the topic's records,
+        for its first delta (a reset)."""
+        rate = rate_of(topic)
+        if rate is not None:
+            pending = gathered.get(topic)
+            if pending is None:
+                pending = Pending(None)
+                whole = family(topic) == TICKS
+                pending.merge(everything(), True,
+                              map_plugin.export_graph(dict(graph.items())) if whole else None)
+            elif items or reset or extra:
+                pending = pending.copy()
+                pending.merge(items, reset, extra.get("graph"))
+            due = (pending.last_sent is None or not meta["running"]
+                   or tick_now - pending.last_sent >= meta["tick_hz"] / rate)
+            if due and not pending.empty():
+                ctx.broadcast("simulation.delta", pending.delta(topic, tick_now), topic=topic)
+                pending = Pending(tick_now)
+            staged[topic] = pending
+            return
         data: dict[str, Any] = {"topic": topic, "tick": tick_now}
         if reset:
             data["reset"] = True
         for key, how, value in items:
-            if how == "set":
+            if how in ("set", "new"):
                 data.setdefault("set", {})[key] = value
             elif how == "patch" and value:
                 data.setdefault("patch", {})[key] = value
@@ -387,12 +501,19 @@ def publish(ctx: Context) -> None:
     if ticks:
         graph_now = {"graph": map_plugin.export_graph(dict(graph.items()))} if graph.pending \
             else {}
-        send(TICKS, [entry(*change) for change in changes], **graph_now)
+        items = [entry(*change) for change in changes]
+        for topic in sorted(ticks):
+            send(topic, items, lambda: [(k, "set", plain(k, r)) for k, r in records.items()],
+                 **graph_now)
     if agents:
         by_key = {key: (old, new) for key, old, new in changes}
         for topic in sorted(agents):
-            key = AGENT + argument(topic)
-            send(topic, [entry(key, *by_key[key])] if key in by_key else [])
+            key = AGENT + argument(split_rate(topic)[0])
+
+            def the_agent(key: str = key) -> list[tuple[str, str, Any]]:
+                record = records.get(key)
+                return [] if record is None else [(key, "set", plain(key, record))]
+            send(topic, [entry(key, *by_key[key])] if key in by_key else [], the_agent)
     if views:
         old_graph = graph.data()
         moved = [(key, old, new) for key, old, new in changes if key.startswith(AGENT)]
@@ -402,7 +523,7 @@ def publish(ctx: Context) -> None:
         placed = [(key, old, new, _where(old_graph, old), _where(graph, new))
                   for key, old, new in moved]
         for topic in sorted(views):
-            view = parse_view(argument(topic))
+            view = parse_view(argument(split_rate(topic)[0]))
             items = []
             for key, old, new, was_at, now_at in placed:
                 was, now = _inside(view, was_at), _inside(view, now_at)
@@ -410,7 +531,15 @@ def publish(ctx: Context) -> None:
                     items.append(entry(key, old if was else None, new))
                 elif was:
                     items.append((key, "del", None))
-            send(topic, items)
+
+            def inside_now(view: tuple[float, float, float, float] = view
+                           ) -> list[tuple[str, str, Any]]:
+                agents_now = ((key, plain(key, rec)) for key, rec in records.items()
+                              if key.startswith(AGENT))
+                return [(key, "set", rec) for key, rec in agents_now
+                        if _inside(view, _where(graph, rec))]
+            send(topic, items, inside_now)
+    rt["coalesce"] = staged
 
 
 # --- per-host runtime: agent kinds, router, the tick loop's wake-up -----------------
@@ -835,9 +964,11 @@ def register_actions() -> list[Action]:
 @hookimpl
 def register_topics() -> list[Topic]:
     return [
-        Topic(TICKS, description="simulation.delta of every change of the simulation"),
-        Topic(AGENT_TOPIC, parse=_agent_id, description="simulation.delta of one agent"),
-        Topic(VIEW_TOPIC, parse=parse_view,
+        Topic(TICKS, description="simulation.delta of every change of the simulation",
+              max_rate=MAX_RATE),
+        Topic(AGENT_TOPIC, parse=_agent_id, description="simulation.delta of one agent",
+              max_rate=MAX_RATE),
+        Topic(VIEW_TOPIC, parse=parse_view, max_rate=MAX_RATE,
               description="simulation.delta of the agents inside a rectangle x0,y0,x1,y1"),
     ]
 
