@@ -1,7 +1,7 @@
 """The second WebSocket implementation: ``[host] websocket = "websockets"``.
 
-The host's own tests run on trio-websocket, the default; the whole suite runs on
-the other with ``WORLDHOST_WEBSOCKET=websockets``. Here, whatever the default:
+The host's own tests run on the default, ``websockets``; the whole suite runs on
+trio-websocket with ``WORLDHOST_WEBSOCKET=trio-websocket``. Here, whatever the default:
 the config key; a session, the HTTP face, origins and compression through the
 ``websockets`` library; and the hostile-frame, slow-reader, 1011 and kill -9
 tests of the other files, imported and run again with this module's servers on
@@ -89,7 +89,10 @@ def test_the_key_names_a_library_and_anything_else_is_refused_naming_it() -> Non
                                        "websocket_compression": True}})
 
 
-def test_the_environment_sets_only_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_default_is_websockets_and_the_environment_sets_only_the_default(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(config_mod.WEBSOCKET_ENV)
+    assert config_mod.from_dict({}).host.websocket == "websockets"
     monkeypatch.setenv(config_mod.WEBSOCKET_ENV, "trio-websocket")
     assert config_mod.from_dict({}).host.websocket == "trio-websocket"
     assert config_mod.from_dict(WEBSOCKETS).host.websocket == "websockets"
