@@ -219,10 +219,14 @@ async def _drive(url: str, ledger: Ledger, seconds: float, clients: int,
 async def _drive_then_kill(server: ServerProcess, ledger: Ledger, seconds: float,
                            clients: int, totals: Totals | None = None,
                            rng: random.Random | None = None) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drive, server.url, ledger, seconds, clients, totals, rng)
-        await trio.sleep(seconds)
-        server.kill9()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_drive, server.url, ledger, seconds, clients, totals, rng)
+            await trio.sleep(seconds)
+            server.kill9()
+    finally:
+        if server.proc is not None and server.proc.poll() is None:
+            server.kill9()  # a client failed first: leave no host ticking behind the error
 
 
 def _worlds(url: str, worlds: int) -> dict[str, dict]:
