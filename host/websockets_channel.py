@@ -14,11 +14,12 @@ has to add to trio-websocket by hand.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import trio
 from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
-from websockets.frames import Close
+from websockets.frames import Close, CloseCode
 from websockets.http11 import Request
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
@@ -26,7 +27,7 @@ from websockets.trio.connection import Connection as WsConnection
 
 from host.channel import ChannelClosed
 from host.config import Config
-from host.transport import Slot, Transport
+from host.transport import Connection, Slot, Transport
 from host.websocket import origin_ok
 
 # the library logs every connection opened and closed at INFO: only its warnings here
@@ -122,16 +123,55 @@ def _truncate(reason: str) -> str:
         data[:_MAX_REASON].decode("utf-8", "ignore")
 
 
-def protocol(config: Config) -> ServerProtocol:
-    """A server protocol with the host's frame bound (in bytes, after inflating)."""
+class HostProtocol(ServerProtocol):
+    """websockets' server protocol with the host's two frame bounds, in bytes after
+    inflating: ``max_frame_bytes_before_session`` until the connection has a session,
+    ``max_frame_bytes`` while it has one.
+
+    The library reads ``max_message_size`` as it starts parsing each frame (in its
+    reader task, ahead of the transport) and hands the bound to permessage-deflate,
+    which stops inflating there: so a small compressed frame sent before a session
+    cannot inflate past the pre-session bound, as it could with one fixed
+    ``max_size``. The 1009 it closes with names the limit and its key.
+    """
+
+    def __init__(self, config: Config, **kwargs: Any) -> None:
+        limits = config.host.limits
+        self.before_session = limits.max_frame_bytes_before_session
+        self.conn: Connection | None = None  # set once the transport has a connection
+        super().__init__(max_size=limits.max_frame_bytes, **kwargs)
+
+    @property  # type: ignore[override]
+    def max_message_size(self) -> int:
+        return self.full if self.in_session else min(self.full, self.before_session)
+
+    @max_message_size.setter
+    def max_message_size(self, value: int) -> None:
+        self.full = value  # the library's own max_size, set in its __init__
+
+    @property
+    def in_session(self) -> bool:
+        return self.conn is not None and self.conn.session is not None
+
+    def fail(self, code: CloseCode | int, reason: str = "") -> None:
+        if code == CloseCode.MESSAGE_TOO_BIG:
+            reason = f"frame over {self.full} bytes (host.limits.max_frame_bytes)" \
+                if self.max_message_size == self.full else \
+                f"frame over {self.before_session} bytes before a session " \
+                f"(host.limits.max_frame_bytes_before_session)"
+        super().fail(code, reason)
+
+
+def protocol(config: Config) -> HostProtocol:
+    """A server protocol bounding frames as the host does (:class:`HostProtocol`),
+    with permessage-deflate if ``websocket_compression`` is on."""
     cfg = config.host
     extensions = enable_server_permessage_deflate(None) if cfg.websocket_compression else None
-    return ServerProtocol(extensions=extensions, max_size=cfg.limits.max_frame_bytes,
-                          logger=_library_log)
+    return HostProtocol(config, extensions=extensions, logger=_library_log)
 
 
 async def handshake(transport: Transport, stream: trio.abc.Stream,
-                    head: bytes) -> ServerProtocol | None:
+                    head: bytes) -> HostProtocol | None:
     """Answer the upgrade request in ``head``: 101, or 403 (origin), 503 (shutting
     down), 400/426 (not a valid WebSocket request). The protocol, if it is open."""
     proto = protocol(transport.config)
@@ -166,7 +206,9 @@ async def serve(transport: Transport, stream: trio.abc.Stream, head: bytes, remo
     async with trio.open_nursery() as nursery:  # websockets' reader task lives here
         ws = WsConnection(nursery, stream, proto, ping_interval=None,  # the host pings
                           close_timeout=CLOSE_TIMEOUT_S, max_queue=8)
-        await transport.run(transport.connection(WebsocketsChannel(ws), remote, slot))
+        conn = transport.connection(WebsocketsChannel(ws), remote, slot)
+        proto.conn = conn  # from now on the frame bound follows its session
+        await transport.run(conn)
         nursery.cancel_scope.cancel()
 
 

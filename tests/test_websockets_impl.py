@@ -193,6 +193,55 @@ def test_compression_is_offered_when_configured_and_bounded_after_inflating(
         assert proc.stop() == 0 and plain.stop() == 0
 
 
+def peak_rss_mib(proc: ServerProcess) -> float:
+    """The most memory the host has held at once (VmHWM): what a bomb would raise."""
+    assert proc.proc is not None
+    for line in Path(f"/proc/{proc.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_compressed_frame_before_a_session_inflates_no_further_than_its_bound(
+        tmp_path: Path) -> None:
+    """Some 60 KB deflated, 60 MB inflated, under max_frame_bytes but sent without a
+    session: inflating stops at max_frame_bytes_before_session and the connection
+    closes with 1009 naming it; the host's memory never holds the 60 MB, others
+    carry on, and with a session the bound is max_frame_bytes again."""
+    (tmp_path / "deflate.toml").write_text(
+        '[host]\nwebsocket = "websockets"\nwebsocket_compression = true\n'
+        '[host.limits]\nmax_frame_bytes = 67108864\n')
+    proc = ServerProcess(tmp_path / "w.db", config=tmp_path / "deflate.toml").start()
+    try:
+        bystander = client(proc, "bystander")
+        bomb = client(proc)
+        assert [e.name for e in bomb.protocol.extensions] == ["permessage-deflate"]
+        before = peak_rss_mib(proc)
+        bomb.send(json.dumps({"id": 1, "action": "host.ping",
+                              "params": {"x": "0" * 60_000_000}}))
+        code, reason = close_frame(bomb)
+        assert peak_rss_mib(proc) - before < 16, (before, peak_rss_mib(proc))
+        assert code == 1009 and "131072 bytes before a session" in reason and \
+            "max_frame_bytes_before_session" in reason, (code, reason)
+        assert call(bystander, "host.ping", {"ok": 1})["data"] == {"ok": 1}
+        reply = call(bystander, "host.ping", {"x": "0" * 1_000_000}, rid="big")
+        assert reply["data"]["code"] == "validation_error"  # read: over max_ping_bytes
+        bystander.send(json.dumps({"id": 2, "action": "host.ping",
+                                   "params": {"x": "0" * 70_000_000}}))
+        code, reason = close_frame(bystander)
+        assert code == 1009 and "67108864 bytes (host.limits.max_frame_bytes)" in reason, \
+            (code, reason)
+        with client(proc, "after") as other:
+            assert call(other, "host.ping")["signal"] == "host.pong"
+            assert call(other, "session.close")["signal"] == "session.closed"
+            other.send(json.dumps({"id": 3, "action": "host.ping",
+                                   "params": {"x": "0" * 1_000_000}}))
+            code, reason = close_frame(other)  # without its session, the lower bound again
+            assert code == 1009 and "before a session" in reason, (code, reason)
+    finally:
+        assert proc.stop() == 0
+
+
 def test_a_client_gone_mid_frame_leaves_the_host_serving(server: ServerProcess) -> None:  # noqa: F811
     """Half a frame, then the socket closes: the connection ends, nothing else does."""
     ws = client(server, "half")
