@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import logging
 import secrets
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ from host.messages import Effects, Request, Signal
 from host.plugins import Registry
 from host.sessions import MAX_SEQ, Session, SessionTable, State, hash_matches, new_token, token_hash
 from host.topics import TopicForms
+from host.transport import POLICY
 
 if TYPE_CHECKING:
     from host.sync import ClientView
@@ -272,7 +274,7 @@ class SessionGate:
             raise Conflict("this connection already has a session")
         record = self._records().get(params.session_id)
         session = self.sessions.get(params.session_id)
-        ok = hash_matches(params.resume_token, record["token_hash"] if record else _DUMMY_HASH)
+        ok = self._token_ok(record, params.resume_token)
         if record is None or session is None or not ok or not self._within_window(record):
             conn.failed_opens += 1
             raise Unauthenticated(_BAD_RESUME)
@@ -287,12 +289,17 @@ class SessionGate:
         if session.outbox is not None:
             session.outbox.displace()
             session.outbox = None
-        # an SSE stream keeps the token: its Authorization header must stay valid
+        # an SSE stream keeps the token it presented: its Authorization header must stay
+        # valid. Otherwise the token rotates, and the one presented stays good until the
+        # new one is (this reply may be lost to a crash): it becomes the previous token,
+        # and the one before it is forgotten.
         keep = getattr(conn, "keeps_token", False)
         token = None if keep else new_token()
+        presented = token_hash(params.resume_token)
         effects = self.apply_internal("sessions.attach", {
             "session_id": session.id,
-            "token_hash": record["token_hash"] if token is None else token_hash(token)})
+            "token_hash": presented if token is None else token_hash(token),
+            "previous_hash": None if token is None else presented})
         if last_seq >= session.next_seq:
             # restored from the store, whose seq can lag what was sent before a
             # crash: the client saw signals we did not count; never reuse their seqs
@@ -306,18 +313,26 @@ class SessionGate:
         if token is not None:
             data["resume_token"] = token
         reply = Signal("session.resumed", data, req.id, True, encoding=req.encoding)
-        if keep:
-            # a stream's reply is its own, unnumbered: the numbered signals it carries
-            # then go up one by one (an SSE client resumes from the last id it read)
-            effects.outputs = [(conn, reply)]
-            effects.outputs += [(conn, sig) for sig in missed]
-            effects.outputs.append((session, self.sync_state(session)))
-        else:
-            session.outbox = _Resuming(conn, session, reply, missed)
-            effects.outputs = [(session, reply), (session, self.sync_state(session))]
+        replay = session.outbox = _Replay(conn, session, reply, missed)
+        # a stream's reply is its own, unnumbered (an SSE client resumes from the last
+        # id it read); elsewhere the reply is numbered as any signal to the session
+        effects.outputs = [(replay if keep else session, reply),
+                           (session, self.sync_state(session))]
         self._session_hook("session_opened", session,
                            session=self.session_info(session, resumed=True))
         return effects
+
+    @staticmethod
+    def _token_ok(record: dict[str, Any] | None, resume_token: str) -> bool:
+        """Whether a resume token is the session's current one or, within the grace, its
+        previous one (the client presented it, and the reply that rotated it may never
+        have arrived). Both are compared, in constant time, whichever matches and
+        whether the session exists, so the time says nothing about which was wrong."""
+        current = record["token_hash"] if record else _DUMMY_HASH
+        previous = record.get("previous_hash") if record else None
+        current_ok = hash_matches(resume_token, current)
+        previous_ok = hash_matches(resume_token, previous or _DUMMY_HASH)
+        return record is not None and (current_ok or (previous_ok and previous is not None))
 
     def credential(self, session_id: str, resume_token: str) -> Session | None:
         """The session a credential names (an HTTP request's Bearer header), if the
@@ -340,7 +355,8 @@ class SessionGate:
         session = conn.session
         if session is None:
             raise Unauthenticated("no session is open on this connection")
-        other = session.outbox if session.outbox is not conn else None
+        other = _connection(session)
+        other = other if other is not conn else None
         effects = self.end(session.id, "closed")
         conn.detached()  # it stays, without a session
         if other is not None:  # closed over HTTP while a connection has it: tell that one
@@ -384,6 +400,8 @@ class SessionGate:
             return  # resumed on another connection meanwhile
         # (an outbox already None: the connection refused a signal, too slow; the
         # record still says open until this detach)
+        if isinstance(session.outbox, _Replay):
+            session.outbox.stop(False)  # what it still held goes now, not with the socket
         session.outbox = None
         if session.id not in self._records() or not self._lobby.dispatcher.accepting:
             return  # shutting down: startup marks every open session disconnected
@@ -513,33 +531,83 @@ class SessionGate:
 
 
 def _connection(session: Session) -> Any:
-    """The connection a session speaks through (also while its resume is released)."""
+    """The connection a session speaks through (also while it is replayed to)."""
     outbox = session.outbox
-    return outbox.conn if isinstance(outbox, _Resuming) else outbox
+    return outbox.conn if isinstance(outbox, _Replay) else outbox
 
 
-class _Resuming:
-    """A resumed session's outbox until its reply goes out: the reply, then what it
-    missed, then what was sent to it since the resume was applied (released by
-    other writers before the reply's commit), then the connection itself."""
+class _Replay:
+    """A resumed session's outbox until the client has caught up: the reply, then what
+    it missed, then what was sent to it since the resume was applied, in seq order.
+
+    The connection pulls these as its outbox runs empty (``feed``), a budget at a
+    time, so a replay longer than the outbox is never taken for a slow reader; once
+    nothing is left the connection is the session's outbox again. What waits here is
+    the session's own signals (its replay buffer's, not copies), let go as they are
+    handed over; one replay per session, since a resume elsewhere displaces it. A
+    reader that stops is still dropped: by ``max_lag_s`` as new signals arrive, or
+    when more wait here than the replay buffer and the outbox hold together.
+    """
 
     def __init__(self, conn: Any, session: Session, reply: Signal, missed: list[Signal]) -> None:
         self.conn = conn
         self.session: Session | None = session
         self.encoding = conn.encoding
         self.reply = reply
-        self.held = missed
+        self.started = False
+        self.waiting: deque[Signal] = deque(missed)
+        self.bound = session.buffer_size + conn.config.host.limits.outbox_size
 
     def deliver(self, sig: Signal) -> bool:
-        if sig is not self.reply:
-            self.held.append(sig)
+        conn = self.conn
+        if sig is self.reply:
+            self.started = True
+            if not conn.deliver(sig):
+                return self.stop(False)
+            conn.feed = self.feed  # it pulls the rest once the reply is out
             return True
-        ok = all([self.conn.deliver(s) for s in [sig, *self.held]])
-        if self.session is not None and self.session.outbox is self:
-            self.session.outbox = self.conn if ok else None
-        return ok
+        if self.session is None or conn.close_code is not None:
+            return False
+        self.waiting.append(sig)
+        if not self.started:
+            return True
+        if len(self.waiting) > self.bound:
+            log.warning("disconnecting %s: %d signals behind its replay", conn.remote,
+                        len(self.waiting))
+            conn.abort(POLICY, f"too slow: more than {self.bound} signals behind "
+                               f"(replay_buffer and outbox_size)")
+            return self.stop(False)
+        if conn.stalled():  # nothing went out for max_lag_s: the reader stopped
+            return self.stop(False)
+        return True
+
+    def feed(self, room: int) -> bool:
+        """Hand the connection up to ``room`` signals; whether any were."""
+        conn, waiting = self.conn, self.waiting
+        if self.session is None or self.session.outbox is not self:
+            return self.stop(False)  # displaced, ended, or dropped as too slow
+        handed = 0
+        while waiting and handed < room:
+            if not conn.deliver(waiting.popleft()):
+                return self.stop(False)
+            handed += 1
+        if not waiting:
+            self.stop(True)
+        return handed > 0
+
+    def stop(self, caught_up: bool) -> bool:
+        """The replay is over: the connection takes the session over if it caught up;
+        else the session is left without one (resumable)."""
+        session, self.session = self.session, None
+        self.waiting.clear()
+        if self.conn.feed == self.feed:
+            self.conn.feed = None
+        if session is not None and session.outbox is self:
+            session.outbox = self.conn if caught_up else None
+        return False
 
     def displace(self) -> None:
+        self.stop(False)
         self.conn.displace()
 
     def close_soon(self, code: int, reason: str) -> None:

@@ -22,7 +22,7 @@ from state.slices import SliceSpec
 
 scope = "server"
 
-PRIVATE_FIELDS = ("token_hash", "credential", "address")  # of a session record
+PRIVATE_FIELDS = ("token_hash", "previous_hash", "credential", "address")  # of a session record
 DEFAULT_WORLD = "main"  # the world of a fresh server, and of a store from before worlds
 WORLD_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
@@ -65,6 +65,9 @@ class CreateParams(msgspec.Struct, forbid_unknown_fields=True):
 class AttachParams(msgspec.Struct, forbid_unknown_fields=True):
     session_id: str
     token_hash: str
+    # the token the client proved it holds, still good until it presents the new one
+    # (None: no other; and what journals from before the grace replay as)
+    previous_hash: str | None = None
 
 
 class SessionIdParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -184,7 +187,8 @@ def create(ctx: Context, p: CreateParams) -> dict[str, Any]:
 
 def attach(ctx: Context, p: AttachParams) -> dict[str, Any]:
     record = _sessions(ctx).edit(p.session_id)
-    record.update(state="open", token_hash=p.token_hash, disconnected_at=None)
+    record.update(state="open", token_hash=p.token_hash, previous_hash=p.previous_hash,
+                  disconnected_at=None)
     return {"session_id": p.session_id}
 
 
@@ -324,7 +328,8 @@ def register_slices() -> list[SliceSpec]:
     return [
         SliceSpec("sessions", dict, version=1, keyed=True,
                   defaults={"disconnected_at": None, "created_at": 0.0, "credential": None,
-                            "address": None, "world": DEFAULT_WORLD, "topics": None}),
+                            "address": None, "world": DEFAULT_WORLD, "topics": None,
+                            "previous_hash": None}),
         SliceSpec("worlds", dict, version=1, keyed=True,
                   defaults={"last_active": None, "loaded": False, "running": [],
                             "archived_to": None}),

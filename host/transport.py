@@ -101,6 +101,7 @@ class Connection:
         self._outbox: deque[tuple[Signal | None, float]] = deque()
         self._outbox_size = limits.outbox_size
         self._sending = False  # a task is writing the outbox to the socket
+        self._unsent: float | None = None  # when the oldest signal being written was queued
         self._dispatching = False  # the reader will send what its action produced
         self._wake = trio.Event()
         self.cancel_scope = trio.CancelScope()
@@ -122,6 +123,9 @@ class Connection:
             max(256, min(chunks.PIECE, (max_frame - 256) // 8))
         self.close_code: int | None = None
         self.close_reason = ""
+        # a session's replay (host/gate.py), pulled whenever the outbox runs empty: it
+        # hands over what fits in the budget, so a replay is never taken for a slow reader
+        self.feed: Callable[[int], bool] | None = None
 
     # called by the dispatcher, synchronously -----------------------------------
     def deliver(self, sig: Signal) -> bool:
@@ -130,12 +134,7 @@ class Connection:
             return False
         if sig.has_re and self.in_flight:
             self.in_flight -= 1
-        now = trio.current_time()
-        limits = self.config.host.limits
-        if self._outbox and now - self._outbox[0][1] > limits.max_lag_s:
-            log.warning("disconnecting %s: %.1f s behind", self.remote, now - self._outbox[0][1])
-            self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
-            self.transport.signals_dropped += 1
+        if self.stalled():
             return False
         if len(self._outbox) >= self._outbox_size:
             log.warning("disconnecting %s: outbox full (%d signals behind)",
@@ -143,7 +142,21 @@ class Connection:
             self.abort(POLICY, "too slow: outbox full")
             self.transport.signals_dropped += 1
             return False
-        self._queue(sig, now)
+        self._queue(sig, trio.current_time())
+        return True
+
+    def stalled(self) -> bool:
+        """Whether the oldest queued signal waited past max_lag_s, closing as too slow
+        if so (also for signals that wait behind the outbox: a replay's)."""
+        limits = self.config.host.limits
+        oldest = self._unsent if self._unsent is not None else \
+            self._outbox[0][1] if self._outbox else None
+        lag = 0.0 if oldest is None else trio.current_time() - oldest
+        if lag <= limits.max_lag_s:
+            return False
+        log.warning("disconnecting %s: %.1f s behind", self.remote, lag)
+        self.abort(POLICY, f"too slow: more than {limits.max_lag_s:g} s behind")
+        self.transport.signals_dropped += 1
         return True
 
     def _queue(self, sig: Signal | None, now: float) -> None:
@@ -369,14 +382,16 @@ class Connection:
         self._sending = True
         outbox = self._outbox
         try:
-            while outbox:
+            while outbox or (self.feed is not None and self.feed(self.budget)):
                 batch: list[str | bytes] = []
                 size = 0
                 while outbox and size < _BATCH_BYTES:
-                    sig = outbox[0][0]
+                    sig, queued = outbox[0]
                     if sig is None:
                         break
                     outbox.popleft()
+                    if self._unsent is None:
+                        self._unsent = queued
                     frame = self.frame(sig)
                     if len(frame) <= self.max_frame:
                         batch.append(frame)
@@ -388,6 +403,7 @@ class Connection:
                 if batch:
                     for group in _groups(batch):
                         await self.channel.send_many(group)
+                    self._unsent = None
                     continue
                 outbox.popleft()  # None: close once everything before it is out
                 await self.channel.close(self.close_code or 1000, self.close_reason)

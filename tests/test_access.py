@@ -78,9 +78,14 @@ async def test_resume_tokens_rotate_and_all_failures_look_alike(worldhost: Any,
             "session_id": sid, "resume_token": first, "last_seq": 0}})
         second = ok["data"]["resume_token"]
         assert second != first
+    async with raw_connection(h) as ws:  # the new token presented: the old one is forgotten
+        await ws.get_message()
+        ok = await send(ws, {"id": 1, "action": "session.resume", "params": {
+            "session_id": sid, "resume_token": second, "last_seq": 0}})
+        third = ok["data"]["resume_token"]
     answers = []
-    for token in (first, "garbage", second):  # replayed old, garbage, and (later) expired
-        if token == second:
+    for token in (first, "garbage", third):  # replayed old, garbage, and (later) expired
+        if token == third:
             await trio.sleep(301)
         async with raw_connection(h) as ws:
             await ws.get_message()

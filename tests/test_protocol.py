@@ -279,13 +279,20 @@ def test_resume_replays_missed_signals_in_order(server: ServerProcess) -> None:
     assert [m["seq"] for m in replayed] == [last_seq + 1, last_seq + 2, last_seq + 3]
     assert [m["data"]["text"] for m in replayed] == [f"while away {i}" for i in range(3)]
     assert recv(ws2)["signal"] == "sync_state"
-    # the old token no longer works; the new one does
+    # the new token works; once it has been presented, the old one no longer does
+    ws2.close()
     ws3 = connect(server.url)
     recv(ws3)
-    stale = call(ws3, "session.resume", {"session_id": data["session_id"],
+    again = call(ws3, "session.resume", {"session_id": data["session_id"],
+                                         "resume_token": body["resume_token"], "last_seq": 0})
+    assert again["signal"] == "session.resumed"
+    ws3.close()
+    ws4 = connect(server.url)
+    recv(ws4)
+    stale = call(ws4, "session.resume", {"session_id": data["session_id"],
                                          "resume_token": data["resume_token"], "last_seq": 0})
     assert stale["data"]["code"] == "unauthenticated"
-    for sock in (ws2, ws3, talker):
+    for sock in (ws4, talker):
         sock.close()
 
 
