@@ -3,27 +3,27 @@
 The same face as host/websocket.py (trio-websocket): messages in, frames out,
 ``ChannelClosed`` when the peer is gone. The handshake is the one the HTTP face
 already read (host/http.py reads the request head before it knows what the
-request is), fed to websockets' sans-I/O ``ServerProtocol``; from then on its
-trio ``Connection`` reads and writes the frames, with permessage-deflate if
-``websocket_compression`` is on. The library itself sizes a frame in bytes
-(after inflating it) and closes with 1009, checks text as UTF-8 (1007) and
-answers a frame it cannot parse with a close frame (1002), which host/websocket.py
-has to add to trio-websocket by hand.
+request is), fed to websockets' sans-I/O ``ServerProtocol``, which from then on
+turns the bytes the connection's own tasks read and write into frames and back
+(:class:`WebsocketsChannel`), with permessage-deflate if ``websocket_compression``
+is on. The protocol sizes a frame in bytes (after inflating it) and closes with
+1009, and answers a frame it cannot parse with a close frame (1002), which
+host/websocket.py has to add to trio-websocket by hand; text that is not UTF-8
+is closed with 1007.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 import trio
-from websockets.exceptions import ConnectionClosed
 from websockets.extensions.permessage_deflate import enable_server_permessage_deflate
-from websockets.frames import Close, CloseCode
+from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.http11 import Request
-from websockets.protocol import OPEN
+from websockets.protocol import CLOSED, OPEN
 from websockets.server import ServerProtocol
-from websockets.trio.connection import Connection as WsConnection
 
 from host.channel import ChannelClosed
 from host.config import Config
@@ -35,37 +35,130 @@ _library_log = logging.getLogger("worldhost.transport.websockets")
 _library_log.setLevel(logging.WARNING)
 
 CLOSE_TIMEOUT_S = 1.0  # for the client's answer to our close frame, as trio-websocket waits
+_RECEIVE_BYTES = 65536
 _MAX_REASON = 123  # bytes: a close frame's payload is at most 125, two of them the code
 
 
 class WebsocketsChannel:
-    """One accepted WebSocket on websockets' trio connection. Text frames are JSON,
-    binary frames CBOR."""
+    """One accepted WebSocket on websockets' sans-I/O protocol. Text frames are
+    JSON, binary frames CBOR.
+
+    The connection's own tasks read and write the socket: its reader feeds what
+    arrives to the protocol and takes the messages out, its sender frames signals
+    and writes them (several in one write). The library's trio ``Connection`` would
+    put a reader task of its own and a queue between the socket and the host: a
+    hand-off per message, about a third of the CPU an echo costs on it
+    (bench/roundtrip.py). The protocol still does all of WebSocket: parsing and
+    unmasking, the size bound (after inflating), pongs, the close handshake and
+    its codes.
+    """
 
     pings = True
 
-    def __init__(self, ws: WsConnection) -> None:
-        self.ws = ws
+    def __init__(self, stream: trio.abc.Stream, proto: ServerProtocol) -> None:
+        self.stream = stream
+        self.proto = proto
+        self._messages: deque[str | bytes] = deque()
+        self._parts: list[bytes | bytearray | memoryview] = []  # of a fragmented message
+        self._text = False  # the message being received is text
+        self._write_lock = trio.Lock()
+        self._pongs: dict[bytes, trio.Event] = {}
+        self._pinged = 0
+        self._receiving = False
+        self._done = trio.Event()  # closed (both close frames, or the stream ended)
+        self._finished = False
 
     @property
     def closed(self) -> bool:
-        return self.ws.protocol.state is not OPEN
+        return self.proto.state is not OPEN
 
     async def receive(self) -> str | bytes:
-        try:
-            return await self.ws.recv()
-        except ConnectionClosed:
-            raise ChannelClosed from None
+        while not self._messages:
+            if self.proto.state is not OPEN:
+                raise ChannelClosed
+            self._receiving = True
+            try:
+                data = await self.stream.receive_some(_RECEIVE_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._gone()
+                raise ChannelClosed from None
+            finally:
+                self._receiving = False
+            self._feed(data)
+            await self._write()  # pongs, and the answer to a close
+        return self._messages.popleft()
+
+    def start(self) -> None:
+        """Take what came right behind the handshake (a client need not wait for it)."""
+        self._feed(b"", more=True)
+
+    def _feed(self, data: bytes | bytearray, more: bool = False) -> None:
+        """Hand what was read to the protocol; queue the messages it completes."""
+        proto = self.proto
+        if proto.reader.eof:  # type: ignore[attr-defined]  # done reading: nothing is taken
+            return
+        if data or more:
+            proto.receive_data(data)
+        else:
+            proto.receive_eof()
+        for frame in proto.events_received():
+            if not isinstance(frame, Frame):
+                continue
+            opcode = frame.opcode
+            if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                self._text = opcode is Opcode.TEXT
+                self._parts = [frame.data]
+            elif opcode is Opcode.CONT:
+                self._parts.append(frame.data)
+            else:
+                if opcode is Opcode.PONG:
+                    answered = self._pongs.pop(bytes(frame.data), None)
+                    if answered is not None:
+                        answered.set()
+                continue  # a ping the protocol answered, a close it echoed
+            if not frame.fin:
+                continue
+            message, self._parts = b"".join(self._parts), []
+            if not self._text:
+                self._messages.append(message)
+                continue
+            try:
+                self._messages.append(message.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                proto.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                break
+        if proto.state is CLOSED or proto.close_rcvd is not None or \
+                proto.reader.eof:  # type: ignore[attr-defined]
+            self._gone()
+
+    def _gone(self) -> None:
+        """Nothing more will be read: wake whoever waits for a pong or the close."""
+        self._done.set()
+        for answered in self._pongs.values():
+            answered.set()
+        self._pongs.clear()
+
+    async def _write(self) -> None:
+        """Write what the protocol has to send, in one write; then perhaps the end."""
+        async with self._write_lock:
+            data = self.proto.data_to_send()
+            if not data:
+                return
+            try:
+                payload = b"".join(data)
+                if payload:
+                    await self.stream.send_all(payload)
+                if not data[-1]:  # the protocol is done with the stream
+                    await _end(self.stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._gone()
+                raise ChannelClosed from None
 
     async def send(self, frame: str | bytes) -> None:
         await self.send_many([frame])
 
     async def send_many(self, frames: list[str | bytes]) -> None:
-        # What the library's own broadcast() does (frame it, then write what the
-        # protocol has to send), without send()'s async context manager (a generator
-        # per frame, in the hot path), and with the frames joined into one write.
-        ws = self.ws
-        proto = ws.protocol
+        proto = self.proto
         if proto.state is not OPEN:
             raise ChannelClosed
         for frame in frames:
@@ -73,29 +166,56 @@ class WebsocketsChannel:
                 proto.send_text(frame.encode())
             else:
                 proto.send_binary(frame)
-        try:
-            async with ws.send_lock:
-                data = proto.data_to_send()
-                await ws.stream.send_all(b"".join(data))
-                if not all(data):  # the protocol is done with the stream: as the library does
-                    await _end(ws.stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            raise ChannelClosed from None
+        await self._write()
 
     async def ping(self) -> None:
-        try:
-            pong = await self.ws.ping(ack_on_close=True)
-        except ConnectionClosed:
-            raise ChannelClosed from None
-        await pong.wait()
-        if self.closed:  # acknowledged by the close, not by a pong
+        if self.proto.state is not OPEN:
+            raise ChannelClosed
+        self._pinged += 1
+        data = self._pinged.to_bytes(4, "big")
+        answered = self._pongs[data] = trio.Event()
+        self.proto.send_ping(data)
+        await self._write()
+        await answered.wait()
+        if self.proto.state is not OPEN:  # woken by the end, not by a pong
             raise ChannelClosed
 
     async def close(self, code: int, reason: str) -> None:
-        if not _sendable(code):  # 1006 (vanished, as under kill -9): no frame at all
-            await trio.aclose_forcefully(self.ws.stream)
+        """Say why in a close frame (1006, a vanished host, says nothing), then
+        :meth:`finish`."""
+        if not _sendable(code):
+            self._finished = True
+            await trio.aclose_forcefully(self.stream)
             return
-        await self.ws.aclose(code, _truncate(reason))
+        if self.proto.state is OPEN:
+            self.proto.send_close(code, _truncate(reason))
+            try:
+                await self._write()
+            except ChannelClosed:
+                pass
+        await self.finish()
+
+    async def finish(self) -> None:
+        """Wait (``CLOSE_TIMEOUT_S``) for the client to answer our close frame, or to
+        hang up after a failure, reading and dropping what it still sends; then end
+        the TCP connection. A close frame is read before the socket goes: closed
+        at once, unread data would reset the connection and lose it."""
+        if self._finished:
+            return
+        self._finished = True
+        with trio.move_on_after(CLOSE_TIMEOUT_S):
+            if self._receiving:  # the reader is reading: it sees the answer
+                await self._done.wait()
+            else:
+                while not self._done.is_set():
+                    try:
+                        self._feed(await self.stream.receive_some(_RECEIVE_BYTES))
+                        await self._write()
+                    except (trio.BrokenResourceError, trio.ClosedResourceError,
+                            ChannelClosed):
+                        break
+        self._gone()
+        await trio.aclose_forcefully(self.stream)
 
 
 async def _end(stream: trio.abc.Stream) -> None:
@@ -203,13 +323,15 @@ async def serve(transport: Transport, stream: trio.abc.Stream, head: bytes, remo
         proto = await handshake(transport, stream, head)
     if proto is None:
         return
-    async with trio.open_nursery() as nursery:  # websockets' reader task lives here
-        ws = WsConnection(nursery, stream, proto, ping_interval=None,  # the host pings
-                          close_timeout=CLOSE_TIMEOUT_S, max_queue=8)
-        conn = transport.connection(WebsocketsChannel(ws), remote, slot)
-        proto.conn = conn  # from now on the frame bound follows its session
+    channel = WebsocketsChannel(stream, proto)
+    conn = transport.connection(channel, remote, slot)
+    proto.conn = conn  # from now on the frame bound follows its session
+    try:
+        channel.start()
         await transport.run(conn)
-        nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await channel.finish()
 
 
 def _first(request: Request, name: str) -> str | None:
