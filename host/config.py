@@ -93,6 +93,7 @@ class SessionsSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     outbound_log: bool = True  # signals are logged with their commit, replayable after a restart
     outbound_log_size: int = 1000  # signals kept per session in the log
     outbound_log_age_s: float = 300.0  # and for this long
+    outbound_log_delay_s: float = 0.05  # a reply to a read waits at most this long unlogged
 
 
 class StoreSection(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -246,7 +246,8 @@ class World:
                            world_id=None, last_id=dispatcher.next_id - 1, threaded=self.threads,
                            journal_in_loop=sc.journal_commits == "loop"
                            and sc.synchronous in ("OFF", "NORMAL"),
-                           meta_source=self._meta, outbound=outbound)
+                           meta_source=self._meta, outbound=outbound,
+                           unlogged_s=ss.outbound_log_delay_s)
         dispatcher.saver = self.saver
         self.saver.generation = loaded.generation
         dispatcher.replaying = True

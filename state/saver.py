@@ -34,10 +34,12 @@ those of the sessions whose own actions it holds (their other signals wait for
 it anyway), and the others, to a broadcast's audience, are numbered once it is
 done and written by a second, small commit before they are released. Signals
 released without a commit (replies to reads and pings) are numbered as they go
-and logged with the next commit or checkpoint: after a kill -9, those sent since
-are the only ones the log may lack, and each is the reply to a request its
-client has not seen answered (and sends again). A broadcast of an action that
-journaled nothing is logged before it goes, as a journaled action's signals are.
+and logged with the next commit, or by a small write of their own on the writer
+thread within ``unlogged_s`` (a busy or frozen disk must not hold a read): after
+a kill -9, those sent in that last moment are the only ones the log may lack,
+and each is the reply to a request its client has not seen answered (and sends
+again). A broadcast of an action that journaled nothing is logged before it
+goes, as a journaled action's signals are.
 """
 
 from __future__ import annotations
@@ -119,11 +121,14 @@ class Saver:
                  runtime_source: RuntimeSource | None = None,
                  world_id: str | None = None, last_id: int = 0, threaded: bool = True,
                  meta_source: Callable[[], dict[str, Any]] | None = None,
-                 journal_in_loop: bool = False, outbound: OutboundLog | None = None) -> None:
+                 journal_in_loop: bool = False, outbound: OutboundLog | None = None,
+                 unlogged_s: float = 0.05) -> None:
         self.store = store
         self.world = world
         self.journaling = durability == "journal"
         self.outbound = outbound if self.journaling else None  # the log needs the journal
+        self.unlogged_s = unlogged_s  # how long a reply sent without a commit waits unlogged
+        self._unlogged_due: float | None = None
         self.debounce_s = debounce_s
         self.max_delay_s = max_delay_s
         self.seq_source = seq_source or (lambda counts: {})
@@ -225,6 +230,9 @@ class Saver:
         next commit that signals their session, or a checkpoint."""
         if self.outbound is not None and outputs:
             self.outbound.released(outputs)
+            if self._unlogged_due is None:
+                self._unlogged_due = trio.current_time() + self.unlogged_s
+                self._wake.set()
 
     def close(self) -> None:
         """The host is done with the store: let its thread go."""
@@ -321,14 +329,35 @@ class Saver:
 
     async def run(self) -> None:
         while True:
-            with trio.move_on_at(self.checkpoint_due_at()):
+            unlogged = math.inf if self._unlogged_due is None else self._unlogged_due
+            with trio.move_on_at(min(self.checkpoint_due_at(), unlogged)):
                 await self._wake.wait()
             self._wake = trio.Event()
-            if trio.current_time() >= self.checkpoint_due_at():
+            now = trio.current_time()
+            if now >= self.checkpoint_due_at():
                 await self.checkpoint()
             elif self.current:
                 async with self._store_lock:
                     await self._drain()
+            elif self._unlogged_due is not None and now >= self._unlogged_due:
+                async with self._store_lock:
+                    await self._log_unlogged()
+
+    async def _log_unlogged(self) -> None:
+        """Log the replies sent without a commit (to reads and pings) that no commit
+        has carried since: within ``unlogged_s`` of the first, so that a kill -9 can
+        take from a session's replay only what it sent in that last moment."""
+        self._unlogged_due = None
+        if self.outbound is None:
+            return
+        rows = self.outbound.pending()
+        if not rows:
+            return
+        try:
+            await self._io(self.store.append, [], {}, rows)
+        except BaseException:
+            self.outbound.restore(rows)
+            raise
 
     async def _drain(self) -> None:
         """Commit what is queued, then release what waited behind it (store lock held)."""

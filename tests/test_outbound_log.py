@@ -286,3 +286,26 @@ def test_a_broadcast_of_an_action_that_journals_nothing_is_logged_before_it_goes
         assert heard == [f"heard {i}" for i in range(3)]
     finally:
         server.stop()
+
+
+def test_replies_to_reads_are_logged_within_the_delay(tmp_path: Path) -> None:
+    """ada only reads (pings): no commit ever carries her replies, so they are logged
+    by a write of their own within ``outbound_log_delay_s``; a kill -9 after that
+    leaves them all in the replay, as sent, and no seq of hers is used again."""
+    server = ServerProcess(tmp_path / "w.db", config=_config(tmp_path)).start()
+    try:
+        async def reads(ada: Raw) -> None:
+            for i in range(5):
+                await ada.call("host.ping", n=i)
+            await trio.sleep(0.5)  # ten times the delay
+
+        ada = trio.run(_session, server.url, "ada", reads)
+        server.kill9()
+        server.start()
+        first = min(ada.seen)
+        reply, replayed = trio.run(_resume, server.url, ada.session, first)
+        assert reply["data"]["complete"] is True
+        assert replayed == [ada.seen[s] for s in sorted(ada.seen) if s > first]
+        assert reply["seq"] == max(ada.seen) + 1  # nothing she saw is numbered again
+    finally:
+        server.stop()
