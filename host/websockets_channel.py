@@ -61,7 +61,7 @@ class WebsocketsChannel:
         self._messages: deque[str | bytes] = deque()
         self._parts: list[bytes | bytearray | memoryview] = []  # of a fragmented message
         self._text = False  # the message being received is text
-        self._write_lock = trio.Lock()
+        self._writing = False  # a task is in _write
         self._pongs: dict[bytes, trio.Event] = {}
         self._pinged = 0
         self._receiving = False
@@ -139,20 +139,25 @@ class WebsocketsChannel:
         self._pongs.clear()
 
     async def _write(self) -> None:
-        """Write what the protocol has to send, in one write; then perhaps the end."""
-        async with self._write_lock:
-            data = self.proto.data_to_send()
-            if not data:
-                return
-            try:
+        """Write what the protocol has to send, in one write; then perhaps the end.
+        One task writes at a time: one that finds another writing leaves what it
+        framed to it (the writer takes what the protocol holds until it is empty)."""
+        if self._writing:
+            return
+        self._writing = True
+        try:
+            while data := self.proto.data_to_send():
                 payload = b"".join(data)
                 if payload:
                     await self.stream.send_all(payload)
                 if not data[-1]:  # the protocol is done with the stream
                     await _end(self.stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self._gone()
-                raise ChannelClosed from None
+                    break
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._gone()
+            raise ChannelClosed from None
+        finally:
+            self._writing = False
 
     async def send(self, frame: str | bytes) -> None:
         await self.send_many([frame])
