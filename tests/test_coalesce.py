@@ -22,7 +22,7 @@ from host.client import CallError, open_client, url_opener
 from host.testing import open_harness
 from host.topics import TopicForms, family, rate_of
 from plugins.simulation import position
-from worlds import logistics_state
+from worlds import logistics_state, take_step
 
 ADMIN = {"host": {"admin_token": "adm"}}
 VIEW = (0.0, 0.0, 500.0, 500.0)  # a quarter of a logistics_state map
@@ -193,27 +193,9 @@ async def test_a_snapshot_plus_every_coalesced_delta_is_the_world_at_its_tick(
             joined: dict[str, Held] | None = None
             for step in steps:
                 try:
-                    if step[0] == "agent":
-                        await root.call("simulation.add_agent", id=f"t{step[1]}", kind="truck",
-                                        node=nodes[step[2]], capacity=2)
-                    elif step[0] == "package":
-                        await root.call("simulation.add_package", id=f"p{step[1]}",
-                                        origin=nodes[step[2]], destination=nodes[step[3]])
-                    elif step[0] == "step":
-                        await root.call("simulation.step", ticks=step[1])
-                    elif step[0] == "remove_agent":
-                        await root.call("simulation.remove_agent", id=f"t{step[1]}")
-                    elif step[0] == "cancel":
-                        await root.call("simulation.cancel_package", id=f"p{step[1]}")
-                    elif step[0] == "set":
-                        await root.call("simulation.set", dt_s=step[1])
-                    elif step[0] == "remove_edge":
-                        await root.call("map.remove_edge", id=edges[step[1] % len(edges)])
-                    elif step[0] == "import":
-                        state = logistics_state(9, 14, step[1], 3, seed=step[1])
-                        await root.call("simulation.import_state", state_data=state)
-                        edges = [e["id"] for e in state["graph"]["edges"]]
-                        nodes = [n["id"] for n in state["graph"]["nodes"]]
+                    taken = await take_step(root, step, nodes, edges)
+                    if taken is not None:
+                        nodes, edges = taken
                     elif step[0] == "start":
                         await root.call("simulation.start", tick_hz=TICK_HZ)
                     elif step[0] == "stop":

@@ -56,3 +56,36 @@ def logistics_state(nodes: int, edges: int, trucks: int, packages: int,
     return {"graph": {"nodes": node_list, "edges": edge_list}, "agents": agents,
             "packages": pkgs,
             "metadata": {"tick": 0, "dt_s": 1.0, "global_fuel_price": 1.5, "current_day": 0}}
+
+
+async def take_step(root: Any, step: tuple[Any, ...], nodes: list[str],
+                    edges: list[str]) -> tuple[list[str], list[str]] | None:
+    """Take one of the random steps the simulation tests draw (``agent``, ``package``,
+    ``step``, ``remove_agent``, ``cancel``, ``set``, ``remove_edge``, ``import``) as
+    ``root``: the map's node and edge ids after it (an import changes them), or None
+    for a step of another kind, the caller's own."""
+    kind = step[0]
+    if kind == "agent":
+        await root.call("simulation.add_agent", id=f"t{step[1]}", kind="truck",
+                        node=nodes[step[2]], capacity=2)
+    elif kind == "package":
+        await root.call("simulation.add_package", id=f"p{step[1]}",
+                        origin=nodes[step[2]], destination=nodes[step[3]])
+    elif kind == "step":
+        await root.call("simulation.step", ticks=step[1])
+    elif kind == "remove_agent":
+        await root.call("simulation.remove_agent", id=f"t{step[1]}")
+    elif kind == "cancel":
+        await root.call("simulation.cancel_package", id=f"p{step[1]}")
+    elif kind == "set":
+        await root.call("simulation.set", dt_s=step[1])
+    elif kind == "remove_edge":
+        await root.call("map.remove_edge", id=edges[step[1] % len(edges)])
+    elif kind == "import":
+        state = logistics_state(9, 14, step[1], 3, seed=step[1])
+        await root.call("simulation.import_state", state_data=state)
+        return ([n["id"] for n in state["graph"]["nodes"]],
+                [e["id"] for e in state["graph"]["edges"]])
+    else:
+        return None
+    return nodes, edges
