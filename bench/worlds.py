@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +33,7 @@ import trio
 
 from common import ADMIN, ServerProcess, config_file, open_conns, percentile, run, workdir
 from host.client import connect
-from roundtrip import process_cpu
+from roundtrip import RawClients, process_cpu
 from worlds import grid_map  # tests/worlds.py: common puts tests/ first on the path
 
 HERE = Path(__file__).parent
@@ -60,16 +58,9 @@ class Load:
     def __init__(self, url: str, server_pid: int, count: int, action: str, seconds: float,
                  worlds: list[str], procs: int) -> None:
         self.server_pid = server_pid
-        procs = max(1, min(procs, count))
-        self.clients = []
-        for p in range(procs):
-            share = count // procs + (p < count % procs)
-            first = p * (count // procs) + min(p, count % procs)
-            cmd = [sys.executable, str(HERE / "rawclient.py"), url, "--conns", str(share),
-                   "--first", str(first), "--action", action, "--seconds", str(seconds),
-                   "--session", "--join", ",".join(worlds), "--grace", "600"]
-            self.clients.append(subprocess.Popen(cmd, stdin=subprocess.PIPE,
-                                                 stdout=subprocess.PIPE, text=True))
+        self.clients = RawClients(url, count, procs, [
+            "--action", action, "--seconds", str(seconds), "--session",
+            "--join", ",".join(worlds), "--grace", "600"]).clients
         for client in self.clients:
             assert client.stdout is not None
             if client.stdout.readline().strip() != "ready":
