@@ -22,7 +22,7 @@ from host.client import CallError, open_client, url_opener
 from host.testing import open_harness
 from host.topics import TopicForms, family, rate_of
 from plugins.simulation import position
-from worlds import logistics_state, take_step
+from worlds import logistics_state, step_strategies, take_step
 
 ADMIN = {"host": {"admin_token": "adm"}}
 VIEW = (0.0, 0.0, 500.0, 500.0)  # a quarter of a logistics_state map
@@ -148,14 +148,7 @@ async def wait_open(client: Any) -> None:
 
 rates = st.sampled_from(["0.5", "1", "2", "3", "7", "20", "1000"])
 actions = st.lists(st.one_of(
-    st.tuples(st.just("agent"), st.integers(0, 5), st.integers(0, 8)),
-    st.tuples(st.just("package"), st.integers(0, 6), st.integers(0, 8), st.integers(0, 8)),
-    st.tuples(st.just("step"), st.integers(1, 4)),
-    st.tuples(st.just("remove_agent"), st.integers(0, 5)),
-    st.tuples(st.just("cancel"), st.integers(0, 6)),
-    st.tuples(st.just("set"), st.floats(0.1, 3.0)),
-    st.tuples(st.just("remove_edge"), st.integers(0, 23)),
-    st.tuples(st.just("import"), st.integers(1, 5)),
+    *step_strategies(agents=6),
     st.tuples(st.just("start")),
     st.tuples(st.just("stop")),
     st.tuples(st.just("run"), st.floats(0.05, 3.0)),

@@ -17,7 +17,7 @@ from host.client import CallError
 from host.testing import open_harness
 from state.codec import encode_json
 from plugins.simulation import position
-from worlds import grid_map, logistics_state, take_step
+from worlds import grid_map, logistics_state, step_strategies, take_step
 
 ADMIN = {"host": {"admin_token": "adm"}}
 VIEW = (0.0, 0.0, 1.0, 1.0)  # a corner of the 3 x 3 grid
@@ -137,14 +137,7 @@ async def wait_open(client: Any) -> None:
 
 
 actions = st.lists(st.one_of(
-    st.tuples(st.just("agent"), st.integers(0, 3), st.integers(0, 8)),
-    st.tuples(st.just("package"), st.integers(0, 6), st.integers(0, 8), st.integers(0, 8)),
-    st.tuples(st.just("step"), st.integers(1, 4)),
-    st.tuples(st.just("remove_agent"), st.integers(0, 3)),
-    st.tuples(st.just("cancel"), st.integers(0, 6)),
-    st.tuples(st.just("set"), st.floats(0.1, 3.0)),
-    st.tuples(st.just("remove_edge"), st.integers(0, 23)),
-    st.tuples(st.just("import"), st.integers(1, 5)),
+    *step_strategies(agents=4),
     st.tuples(st.just("join")),
     st.tuples(st.just("drop")),
 ), max_size=25)

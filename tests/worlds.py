@@ -58,6 +58,23 @@ def logistics_state(nodes: int, edges: int, trucks: int, packages: int,
             "metadata": {"tick": 0, "dt_s": 1.0, "global_fuel_price": 1.5, "current_day": 0}}
 
 
+def step_strategies(agents: int) -> list[Any]:
+    """Hypothesis strategies of the steps :func:`take_step` takes, for up to ``agents``
+    trucks (imported here: the benchmarks use this module without hypothesis)."""
+    from hypothesis import strategies as st
+
+    return [
+        st.tuples(st.just("agent"), st.integers(0, agents - 1), st.integers(0, 8)),
+        st.tuples(st.just("package"), st.integers(0, 6), st.integers(0, 8), st.integers(0, 8)),
+        st.tuples(st.just("step"), st.integers(1, 4)),
+        st.tuples(st.just("remove_agent"), st.integers(0, agents - 1)),
+        st.tuples(st.just("cancel"), st.integers(0, 6)),
+        st.tuples(st.just("set"), st.floats(0.1, 3.0)),
+        st.tuples(st.just("remove_edge"), st.integers(0, 23)),
+        st.tuples(st.just("import"), st.integers(1, 5)),
+    ]
+
+
 async def take_step(root: Any, step: tuple[Any, ...], nodes: list[str],
                     edges: list[str]) -> tuple[list[str], list[str]] | None:
     """Take one of the random steps the simulation tests draw (``agent``, ``package``,
