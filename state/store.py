@@ -322,6 +322,17 @@ def _close(fds: list[int]) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _full_said(path: str) -> Iterator[None]:
+    """A full disk under a write, said in one line naming the file."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        if is_full(exc):
+            raise full_error(path, exc) from None
+        raise
+
+
 class Store:
     """The one connection to one store file. Not safe for concurrent use: the
     saver calls it from one task at a time (on its writer thread)."""
@@ -576,7 +587,7 @@ class Store:
         """One write transaction (rolled back on any failure; a full disk said so in
         one line), then the check that the file is still this store's."""
         c = self.conn
-        try:
+        with _full_said(self.path):
             c.execute("BEGIN IMMEDIATE")
             try:
                 yield c
@@ -585,10 +596,6 @@ class Store:
                 if c.in_transaction:  # a busy BEGIN never began
                     c.execute("ROLLBACK")
                 raise
-        except sqlite3.Error as exc:
-            if is_full(exc):
-                raise full_error(self.path, exc) from None
-            raise
         self.check_identity()
 
     def drop_slices(self, names: list[str]) -> None:
@@ -622,30 +629,19 @@ class Store:
             outbound = None
         if self.lost is not None:
             self.check_identity()
-        c = self.conn
-        try:
-            if not self.marked_clean and len(rows) <= _ROWS_PER_INSERT and not outbound:
-                c.execute(_insert_rows(len(rows)), [v for row in rows for v in row])
-            else:
-                c.execute("BEGIN IMMEDIATE")
-                try:
-                    for chunk in _chunks(rows):
-                        c.execute(_insert_rows(len(chunk)), [v for row in chunk for v in row])
-                    if outbound:
-                        self._insert_outbound(outbound)
-                    if self.marked_clean and rows:  # the journal holds what no checkpoint does
-                        c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
-                        self.marked_clean = False
-                    c.execute("COMMIT")
-                except BaseException:
-                    if c.in_transaction:  # a busy BEGIN never began
-                        c.execute("ROLLBACK")
-                    raise
-        except sqlite3.Error as exc:
-            if is_full(exc):
-                raise full_error(self.path, exc) from None
-            raise
-        self.check_identity()
+        if not self.marked_clean and len(rows) <= _ROWS_PER_INSERT and not outbound:
+            with _full_said(self.path):  # one statement: its own transaction
+                self.conn.execute(_insert_rows(len(rows)), [v for row in rows for v in row])
+            self.check_identity()
+            return
+        with self._writing() as c:
+            for chunk in _chunks(rows):
+                c.execute(_insert_rows(len(chunk)), [v for row in chunk for v in row])
+            if outbound:
+                self._insert_outbound(outbound)
+            if self.marked_clean and rows:  # the journal holds what no checkpoint does
+                c.execute("UPDATE meta SET value = 0 WHERE key = 'clean_shutdown'")
+                self.marked_clean = False
 
     def _insert_outbound(self, outbound: OutboundRows) -> None:
         c = self.conn
@@ -668,13 +664,9 @@ class Store:
         ``outbound`` signals and drop what ``trim`` says of the outbound log; ``meta``
         keys (the world id, what was running) are written with it."""
         self.check_identity(by_path=True)
-        try:
+        with _full_said(self.path):
             generation = self._checkpoint(changes, last_id, runtime, ended_sessions, meta or {},
                                           clean, trim, outbound)
-        except sqlite3.Error as exc:
-            if is_full(exc):
-                raise full_error(self.path, exc) from None
-            raise
         self.check_identity(by_path=True)
         return generation
 
