@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import trio
+
 from host.actions import ActionError
 
 
@@ -69,3 +71,15 @@ class Channel(Protocol):
     async def close(self, code: int, reason: str) -> None:
         """Tell the peer why (as the protocol can) and close."""
         ...
+
+
+async def send_within(stream: trio.abc.SendStream, data: bytes, timeout_s: float) -> None:
+    """Write ``data`` within ``timeout_s``; ChannelClosed if the peer is gone or too
+    slow (then part of it may have gone out, and nothing can follow it)."""
+    with trio.move_on_after(timeout_s):
+        try:
+            await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ChannelClosed from None
+        return
+    raise ChannelClosed

@@ -19,7 +19,7 @@ from functools import partial
 import trio
 
 from host.actions import ActionError
-from host.channel import ChannelClosed, Refused, Unreadable
+from host.channel import ChannelClosed, Refused, Unreadable, send_within
 from host.config import Config
 from host.framing import encode_frame
 from host.messages import Signal
@@ -114,16 +114,11 @@ class LineChannel:
     async def send_many(self, frames: list[str | bytes]) -> None:
         data = b"".join((f.encode("utf-8", "surrogatepass") if isinstance(f, str) else f) + b"\n"
                         for f in frames)
-        with trio.move_on_after(self.send_timeout_s):
-            try:
-                await self.stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                self.closed = True
-                raise ChannelClosed from None
-            return
-        # part of the line may have gone out: nothing more can follow it
-        self.closed = True
-        raise ChannelClosed
+        try:
+            await send_within(self.stream, data, self.send_timeout_s)
+        except ChannelClosed:
+            self.closed = True
+            raise
 
     async def ping(self) -> None:
         raise NotImplementedError("a line channel does not ping")

@@ -18,7 +18,7 @@ import json
 
 import trio
 
-from host.channel import ChannelClosed
+from host.channel import ChannelClosed, send_within
 from host.messages import Signal
 from host.transport import Connection
 from state.codec import encode_json
@@ -73,15 +73,11 @@ class SseChannel:
                 raise ChannelClosed
             if self.head:
                 data, self.head = self.head + data, b""
-            with trio.move_on_after(self.send_timeout_s):
-                try:
-                    await self.stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    self.closed = True
-                    raise ChannelClosed from None
-                return
-            self.closed = True  # part of an event may have gone out: nothing can follow
-            raise ChannelClosed
+            try:
+                await send_within(self.stream, data, self.send_timeout_s)
+            except ChannelClosed:
+                self.closed = True
+                raise
 
     async def send(self, frame: str | bytes) -> None:
         await self.send_many([frame])
