@@ -22,21 +22,12 @@ from host.client import CallError, open_client, url_opener
 from host.testing import open_harness
 from host.topics import TopicForms, family, rate_of
 from plugins.simulation import position
+from test_deltas import drain, wait_open
 from worlds import logistics_state, step_strategies, take_step
 
 ADMIN = {"host": {"admin_token": "adm"}}
 VIEW = (0.0, 0.0, 500.0, 500.0)  # a quarter of a logistics_state map
 TICK_HZ = 20.0
-
-
-def drain(client: Any) -> list[dict[str, Any]]:
-    """The signals the client has received and not yet taken."""
-    out = []
-    while True:
-        try:
-            out.append(client._signals.receive_nowait())
-        except trio.WouldBlock:
-            return out
 
 
 def records_of(state: dict[str, Any]) -> dict[str, Any]:
@@ -138,12 +129,6 @@ class Watcher:
                     assert data["tick"] - last >= TICK_HZ / rate, (held.topic, last, data)
             else:
                 assert name in ("sync_state", "map.imported"), sig
-
-
-async def wait_open(client: Any) -> None:
-    with trio.fail_after(10):
-        while client.state != "open":
-            await trio.sleep(0.01)
 
 
 rates = st.sampled_from(["0.5", "1", "2", "3", "7", "20", "1000"])
