@@ -407,6 +407,7 @@ class OutboundLog:
         self.next_pos = next_pos
         self.members = members
         self.touched: dict[str, Session] = {}  # sessions logged since the last trim
+        self.waiting: dict[str, Session] = {}  # released unlogged signals to, since a write
 
     def reserve(self, count: int) -> int:
         first = self.next_pos
@@ -431,19 +432,26 @@ class OutboundLog:
     def restore(self, rows: OutboundRows) -> None:
         for session, unlogged in rows.taken:
             session.unlogged = unlogged + session.unlogged
+            self.waiting[session.id] = session
 
     def released(self, outputs: list[tuple[Any, Any]]) -> None:
         """Signals that went out without a commit: they wait on their sessions."""
         for session, sig in outputs:
             if sig.seq is not None:  # (None: never delivered)
                 session.unlogged.append(sig)
+                self.waiting[session.id] = session
                 if len(session.unlogged) > self.keep:
                     del session.unlogged[:-self.keep]
 
-    def pending(self) -> OutboundRows:
-        """For a checkpoint: what waits unlogged on the sessions this store speaks for."""
+    def pending(self, released_here: bool = False) -> OutboundRows:
+        """What waits unlogged: for a checkpoint, on the sessions this store speaks
+        for; with ``released_here``, on those it released signals to unlogged (the
+        saver's small write, which then costs them, not every session)."""
         rows = OutboundRows()
-        for session in self.members():
+        sessions = list(self.waiting.values()) if released_here else self.members()
+        if released_here:
+            self.waiting.clear()
+        for session in sessions:
             if session.unlogged:
                 rows.taken.append((session, session.unlogged))
                 self._encode(rows, [(session, sig) for sig in session.unlogged])

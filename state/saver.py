@@ -86,7 +86,7 @@ class OutboundLog(Protocol):
 
     def released(self, outputs: list[tuple[Any, Any]]) -> None: ...
 
-    def pending(self) -> OutboundRows: ...
+    def pending(self, released_here: bool = False) -> OutboundRows: ...
 
     def trim(self) -> LogTrim: ...
 
@@ -350,7 +350,7 @@ class Saver:
         self._unlogged_due = None
         if self.outbound is None:
             return
-        rows = self.outbound.pending()
+        rows = self.outbound.pending(released_here=True)
         if not rows:
             return
         try:
