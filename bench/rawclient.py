@@ -172,42 +172,34 @@ class Conn:
         return self.pending.pop(0)
 
 
+def call(conn: Conn, action: str, params: dict, answer: str) -> dict:
+    """Send one request and wait for its reply (skipping any other signal), which
+    must be ``answer``."""
+    conn.send(json.dumps({"id": "setup", "action": action, "params": params}).encode())
+    while True:
+        msg = json.loads(conn.receive())
+        if msg.get("re") == "setup":
+            if msg.get("signal") != answer:
+                raise RuntimeError(f"{action} {params}: {msg}")
+            return msg
+
+
 def open_session(conn: Conn, name: str) -> None:
     """server.info, session.open, session.opened and sync_state, as any client does."""
     conn.receive()  # server.info
-    conn.send(json.dumps({"id": 0, "action": "session.open", "params": {"name": name}}).encode())
-    while True:
-        msg = json.loads(conn.receive())
-        if msg.get("re") == 0:
-            if msg.get("signal") != "session.opened":
-                raise RuntimeError(f"session.open: {msg}")
-            break
+    call(conn, "session.open", {"name": name}, "session.opened")
     conn.receive()  # sync_state
 
 
 def join_world(conn: Conn, world_id: str) -> None:
     """``world.join``: its reply, then the world's ``sync_state`` (skipped later, like
     any signal that is not a reply)."""
-    conn.send(json.dumps({"id": "join", "action": "world.join",
-                          "params": {"world_id": world_id}}).encode())
-    while True:
-        msg = json.loads(conn.receive())
-        if msg.get("re") == "join":
-            if msg.get("signal") != "world.joined":
-                raise RuntimeError(f"world.join {world_id}: {msg}")
-            return
+    call(conn, "world.join", {"world_id": world_id}, "world.joined")
 
 
 def subscribe(conn: Conn, topics: list[str]) -> None:
     """``world.subscribe``, waiting for its reply."""
-    conn.send(json.dumps({"id": "sub", "action": "world.subscribe",
-                          "params": {"topics": topics}}).encode())
-    while True:
-        msg = json.loads(conn.receive())
-        if msg.get("re") == "sub":
-            if msg.get("signal") != "world.subscribed":
-                raise RuntimeError(f"world.subscribe {topics}: {msg}")
-            return
+    call(conn, "world.subscribe", {"topics": topics}, "world.subscribed")
 
 
 def planned(plan: list[dict]) -> Callable[[int, int], bytes]:
