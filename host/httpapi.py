@@ -207,16 +207,17 @@ def credential(request: h11.Request, cookie: bool = False) -> tuple[str, str] | 
     """(session id, resume token) from ``Authorization: Bearer ID.TOKEN`` (or, with
     ``cookie``, when there is no such header, from the stream's cookie); None
     without either; a 401 when it is there but not of that form."""
-    raw = header(request, b"authorization")
+    raw, where = header(request, b"authorization"), "Authorization"
     if raw is None and cookie:
-        raw = _cookie(request)
+        raw, where = _cookie(request), f"the {COOKIE} cookie"
     if raw is None:
         return None
     scheme, _, value = raw.decode("latin-1").strip().partition(" ")
     sid, dot, token = value.strip().partition(".")
     if scheme.lower() != "bearer" or not dot or not sid or not token:
-        return error(401, "unauthenticated", "Authorization must be "
-                     "'Bearer SESSION_ID.RESUME_TOKEN' (from session.opened)")
+        form = "'Bearer SESSION_ID.RESUME_TOKEN'" if where == "Authorization" else \
+            "SESSION_ID.RESUME_TOKEN"
+        return error(401, "unauthenticated", f"{where} must be {form} (from session.opened)")
     return sid, token
 
 

@@ -491,6 +491,22 @@ def test_arbitrary_headers_are_an_answer_or_a_close(server: ServerProcess, name:
     blocking_ping(server.port)
 
 
+@settings(max_examples=60, deadline=None)
+@given(value=st.binary(max_size=300).filter(lambda v: b"\r" not in v and b"\n" not in v))
+def test_an_arbitrary_stream_cookie_is_refused_clearly(server: ServerProcess,
+                                                       value: bytes) -> None:
+    """Whatever the cookie holds (but a live credential), the stream is a 401 that
+    names it, or a 400 for a header h11 cannot take; the host carries on."""
+    raw = (b"GET /v1/events HTTP/1.1\r\nHost: x\r\nCookie: a=b; worldhost_events=" + value +
+           b"\r\n\r\n")
+    status, body = blocking_exchange(server.port, raw)
+    assert status in (400, 401), (status, body)
+    if status == 401:
+        message = json.loads(body)["data"]["message"]
+        assert "worldhost_events" in message or "invalid or expired" in message, message
+    blocking_ping(server.port)
+
+
 _bearer: dict[int, str] = {}
 
 
