@@ -37,8 +37,10 @@ class Role(IntEnum):
 
     @classmethod
     def parse(cls, name: str) -> Role:
-        return cls[name]
+        return _ROLES[name]  # (KeyError for a name that is no role, as cls[name])
 
+
+_ROLES = {role.name: role for role in Role}  # looked up for every request: not Enum's []
 
 Handler = Callable[["Context", Any], "dict[str, Any] | None"]
 
@@ -115,7 +117,7 @@ class RateLimited(ActionError):
     code = "rate_limited"
 
 
-@dataclass
+@dataclass(slots=True)  # built for every action
 class Context:
     """What a handler sees: the world's slices, the action's time, a seeded random
     generator, the session that asked (None for internal actions) and emit."""

@@ -7,7 +7,8 @@ same way for every protocol: limits, decoding, the outbox, sessions.
 
 from __future__ import annotations
 
-from typing import Protocol
+import os
+from typing import Any, Protocol
 
 import trio
 
@@ -64,6 +65,22 @@ class Channel(Protocol):
         one each); raises ChannelClosed."""
         ...
 
+    @property
+    def writable_now(self) -> bool:
+        """Whether ``send_now`` may be called: no write is under way or waiting."""
+        ...
+
+    def send_now(self, frames: list[str | bytes]) -> None:
+        """``send_many`` here and now, without waiting or yielding (only when
+        ``writable_now``): what the socket does not take at once is kept, in order,
+        for the next ``send_many`` (``backlog``)."""
+        ...
+
+    @property
+    def backlog(self) -> bool:
+        """Bytes ``send_now`` kept wait for a ``send_many`` (of nothing, if need be)."""
+        ...
+
     async def ping(self) -> None:
         """Returns once the peer answered; raises ChannelClosed."""
         ...
@@ -83,3 +100,32 @@ async def send_within(stream: trio.abc.SendStream, data: bytes, timeout_s: float
             raise ChannelClosed from None
         return
     raise ChannelClosed
+
+
+def socket_of(stream: trio.abc.Stream) -> Any:
+    """The socket under ``stream`` if it is a plain TCP stream (what ``write_now``
+    writes to), else None (a TLS or in-memory stream: those wait for a task)."""
+    if isinstance(stream, trio.SocketStream):
+        return stream.socket
+    return None
+
+
+def write_now(sock: Any, data: bytes) -> int:
+    """Write to a non-blocking socket what its buffer takes now, without waiting or
+    yielding: the bytes written (0 if none, or if it is closed or broken: the
+    task that writes the rest finds out).
+
+    Every write through a trio stream yields to the scheduler once done (trio's
+    rule for each I/O call), so a reply written that way costs a pass of the
+    scheduler, and a signal released outside its connection's tasks (by a journal
+    commit, a broadcast) also wakes that connection's sender task. A small write
+    to a socket with room is taken by the kernel at once: written here, it costs
+    neither.
+    """
+    fd = sock.fileno()
+    if fd < 0:
+        return 0
+    try:
+        return os.write(fd, data)
+    except OSError:  # full (BlockingIOError), or the peer is gone
+        return 0

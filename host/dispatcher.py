@@ -44,11 +44,15 @@ log = logging.getLogger("worldhost.dispatcher")
 
 
 @functools.cache
-def _boxed(params: Any) -> Any:
-    """A struct of one field ``params`` of a params type that is not a struct itself
-    (``dict[str, Any]``): msgspec keeps what it learns of a struct type, so a
-    conversion through it costs a third of converting to the bare type."""
-    return msgspec.defstruct("Params", [("params", params)])
+def _boxed(params: Any) -> tuple[Any, bool]:
+    """How to convert to a params type: a struct of one field ``params`` of a type
+    that is not a struct itself, or None for a struct (msgspec keeps what it learns
+    of a struct type, so a conversion through it costs a third of converting to the
+    bare type); and whether the type is ``dict[str, Any]``, which a decoded object
+    with string keys already is (JSON's always are), as is."""
+    if isinstance(params, type) and issubclass(params, msgspec.Struct):
+        return None, False
+    return msgspec.defstruct("Params", [("params", params)]), params == dict[str, Any]
 
 
 def validation_details(exc: msgspec.ValidationError, boxed: bool = False) -> dict[str, str]:
@@ -176,7 +180,8 @@ class Dispatcher:
 
     # applying ----------------------------------------------------------------
     def handle(self, req: Request) -> None:
-        session = None if req.internal else self._session_of(req.conn)
+        conn = req.conn
+        session = None if req.internal or conn is None else conn.session
         try:
             if req.error is not None:
                 raise req.error
@@ -202,9 +207,6 @@ class Dispatcher:
             effects = self._error(req, session, exc)
         self.release(req, effects)
 
-    def _session_of(self, conn: Any) -> Session | None:
-        return None if conn is None else conn.session
-
     def check_params(self, action: Action, params: Any) -> Any:
         if action.params is None:
             if params:
@@ -212,13 +214,15 @@ class Dispatcher:
                               details={"path": "params", "message": "expected no params"})
             return None
         target = action.params
-        boxed = not (isinstance(target, type) and issubclass(target, msgspec.Struct))
+        box, any_dict = _boxed(target)
+        if any_dict and type(params) is dict and all(type(k) is str for k in params):
+            return params
         try:
-            if boxed:
-                return msgspec.convert({"params": params}, _boxed(target)).params
+            if box is not None:
+                return msgspec.convert({"params": params}, box).params
             return msgspec.convert(params, target)
         except msgspec.ValidationError as exc:
-            details = validation_details(exc, boxed)
+            details = validation_details(exc, box is not None)
             raise Invalid(f"invalid params for {action.name}: {details['message']} "
                           f"at {details['path']}", details=details) from None
 
@@ -265,7 +269,8 @@ class Dispatcher:
                 session.last_active = now
                 if action.changes_world:
                     self.last_request_at = now
-        self._route(ctx.emitted, outcome)
+        if ctx.emitted:
+            self._route(ctx.emitted, outcome)
         for session_id, reason in ctx.ended:
             self.gate.session_ended(session_id, reason, outcome)
         if changed and not self.replaying and self.on_changed is not None:
@@ -349,28 +354,23 @@ class Dispatcher:
         is durable (at once if it has none and nothing of its session waits). The
         requesting session counts them as held here until then, so that the router
         keeps its next request from overtaking them through another writer."""
-        done = req.done if req is not None else None
         saver = self.saver
+        to_sessions = [(t, sig) for t, sig in effects.outputs if isinstance(t, Session)]
+        if saver.record(effects.entry, to_sessions):  # nothing to wait for: out now
+            _deliver(req, effects)
+            saver.sent_unlogged(to_sessions)
+            return
         conn = req.conn if req is not None else None
         owner: Session | None = conn.session if conn is not None else None
         if owner is not None:
             owner.hold(saver)
 
         def release() -> None:
-            for target, sig in effects.outputs:
-                if target is not None:
-                    target.deliver(sig)
+            _deliver(req, effects)
             if owner is not None:
                 owner.unhold(saver)
-            for after in effects.after:
-                after()
-            if done is not None:
-                if req is not None and not req.internal:  # a requester that waits (HTTP)
-                    req.result = next((sig for _, sig in effects.outputs if sig.has_re), None)
-                done.set()
 
-        to_sessions = [(t, sig) for t, sig in effects.outputs if isinstance(t, Session)]
-        saver.record(effects.entry, release, [t.id for t, _ in to_sessions], to_sessions)
+        saver.then(release)
 
     # replay ----------------------------------------------------------------
     def replay(self, entry: JournalEntry) -> None:
@@ -391,3 +391,15 @@ class Dispatcher:
             self.sessions.sync(self.slices["sessions"].data())
         self.next_id = max(self.next_id, entry.id + 1)
 
+
+def _deliver(req: Request | None, effects: Effects) -> None:
+    """Send an action's outputs, then run what waited for them."""
+    for target, sig in effects.outputs:
+        if target is not None:
+            target.deliver(sig)
+    for after in effects.after:
+        after()
+    if req is not None and req.done is not None:
+        if not req.internal:  # a requester that waits (HTTP)
+            req.result = next((sig for _, sig in effects.outputs if sig.has_re), None)
+        req.done.set()

@@ -48,11 +48,19 @@ async def decode_frame(message: str | bytes, budget: tuple[int, str], *, threads
     """A frame decoded within ``budget``: JSON (text, or ``encoding`` "json" for the
     bytes of an HTTP body) or CBOR; a big one in a worker thread where threads are
     allowed. Raises DecodeError naming the limit."""
-    json = encoding == "json" if encoding is not None else isinstance(message, str)
     if len(message) <= THREAD_BYTES or not threads:
-        return _decode(message, json, plain, *budget)
+        return decode_now(message, budget, plain, encoding)
+    json = encoding == "json" if encoding is not None else isinstance(message, str)
     return await trio.to_thread.run_sync(_decode, message, json, plain, *budget,
                                          limiter=BIG_DECODES)
+
+
+def decode_now(message: str | bytes, budget: tuple[int, str], plain: bool = True,
+               encoding: str | None = None) -> Any:
+    """``decode_frame`` here and now, whatever the size: for a frame known to be small
+    (the hot path, which awaits nothing) or where threads are not allowed."""
+    json = encoding == "json" if encoding is not None else isinstance(message, str)
+    return _decode(message, json, plain, *budget)
 
 
 def _decode(message: str | bytes, json: bool, plain: bool, max_items: int, key: str) -> Any:
@@ -82,12 +90,20 @@ def encode_frame(sig: Signal, encoding: str) -> str | bytes:
     text: str | None = cache.get("json")
     if text is None:  # kept as text: a broadcast's data is decoded once, not per client
         text = cache["json"] = encode_json(sig.data).decode("utf-8")
-    head = '{"signal":' + encode_json(sig.signal).decode("utf-8")
+    head = _HEADS.get(sig.signal)
+    if head is None:
+        head = '{"signal":' + encode_json(sig.signal).decode("utf-8")
+        if len(_HEADS) < 10_000:  # names are the plugins': few
+            _HEADS[sig.signal] = head
     if sig.has_re:
-        head += ',"re":' + encode_json(sig.re).decode("utf-8")
+        re = sig.re
+        head += ',"re":' + (str(re) if type(re) is int else encode_json(re).decode("utf-8"))
     if sig.seq is not None:
-        head += ',"seq":%d' % sig.seq
+        head += ',"seq":' + str(sig.seq)
     return head + ',"data":' + text + "}"
+
+
+_HEADS: dict[str, str] = {}  # a signal's name -> the start of its JSON envelope
 
 
 def is_id(value: Any) -> bool:

@@ -562,9 +562,9 @@ class _Replay:
         conn = self.conn
         if sig is self.reply:
             self.started = True
+            conn.feed = self.feed  # it pulls the rest once the reply is out
             if not conn.deliver(sig):
                 return self.stop(False)
-            conn.feed = self.feed  # it pulls the rest once the reply is out
             return True
         if self.session is None or conn.close_code is not None:
             return False

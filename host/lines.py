@@ -19,7 +19,7 @@ from functools import partial
 import trio
 
 from host.actions import ActionError
-from host.channel import ChannelClosed, Refused, Unreadable, send_within
+from host.channel import ChannelClosed, Refused, Unreadable, send_within, socket_of, write_now
 from host.config import Config
 from host.framing import encode_frame
 from host.messages import Signal
@@ -29,6 +29,11 @@ log = logging.getLogger("worldhost.transport")
 
 CRASHED = 1006  # the host vanished (tests' crash()): nothing more is said
 _READ = 64 * 1024
+
+
+def _lines(frames: list[str | bytes]) -> bytes:
+    return b"".join((f.encode("utf-8", "surrogatepass") if isinstance(f, str) else f) + b"\n"
+                    for f in frames)
 
 
 class LineChannel:
@@ -52,8 +57,15 @@ class LineChannel:
         self._begun: float | None = None  # when the unfinished line's first byte came
         self.closed = False
         self.said_why = False  # the connection.closed line went out
+        self._socket = socket_of(stream)
+        self._rest = b""  # what send_now did not get written yet
+        self._writing = False  # a task is in send_many
+        self._read_since = True  # a read happened since the last line was returned
 
     async def receive(self) -> str:
+        if not self._read_since:  # lines read together: a turn for the others first
+            await trio.lowlevel.checkpoint()
+        self._read_since = False
         while True:
             end = self._buffer.find(b"\n", self._scanned)
             if end < 0:
@@ -103,6 +115,7 @@ class LineChannel:
                 self.closed = True
                 raise ChannelClosed
             self._buffer += data
+            self._read_since = True
             return
         self._buffer.clear()
         raise Refused(POLICY, f"line not finished within {self.line_timeout_s:g} s "
@@ -112,13 +125,28 @@ class LineChannel:
         await self.send_many([frame])
 
     async def send_many(self, frames: list[str | bytes]) -> None:
-        data = b"".join((f.encode("utf-8", "surrogatepass") if isinstance(f, str) else f) + b"\n"
-                        for f in frames)
+        data = self._rest + _lines(frames)
+        self._rest = b""
+        self._writing = True
         try:
             await send_within(self.stream, data, self.send_timeout_s)
         except ChannelClosed:
             self.closed = True
             raise
+        finally:
+            self._writing = False
+
+    @property
+    def writable_now(self) -> bool:
+        return not (self._writing or self._rest or self.closed) and self._socket is not None
+
+    def send_now(self, frames: list[str | bytes]) -> None:
+        data = _lines(frames)
+        self._rest = data[write_now(self._socket, data):]
+
+    @property
+    def backlog(self) -> bool:
+        return bool(self._rest)
 
     async def ping(self) -> None:
         raise NotImplementedError("a line channel does not ping")

@@ -38,7 +38,7 @@ class Signal:
         return out
 
 
-@dataclass
+@dataclass(slots=True)  # built for every request
 class Request:
     """One action to apply, from a connection or from inside the server."""
 
@@ -75,7 +75,7 @@ class Emit:
     participants: tuple[str, ...] = ()  # session ids a topic's broadcast reaches regardless
 
 
-@dataclass
+@dataclass(slots=True)  # built for every action
 class Effects:
     """What applying one action produced, held until its journal entry is durable."""
 
@@ -118,6 +118,12 @@ class Peer(Protocol):
         ...
 
 
+class Writer(Protocol):
+    """One world's (or the server's) dispatcher, as a transport hands it a request."""
+
+    async def put(self, item: Request | Disconnect) -> None: ...
+
+
 class Submitter(Protocol):
     """Where a transport hands what it read: the server's router."""
 
@@ -126,9 +132,10 @@ class Submitter(Protocol):
         """False once the server is shutting down: new connections are refused."""
         ...
 
-    def applies_now(self, item: Request | Disconnect) -> bool:
-        """Whether ``put`` would apply this at once, before it returns (so the
-        caller can send what it produced itself, with no hand-off to another task)."""
+    def ready(self, item: Request) -> Writer | None:
+        """The writer that would apply this request as soon as it is put, before
+        ``put`` returns (so the caller can send what it produced itself, with no
+        hand-off to another task); None if it would wait."""
         ...
 
     async def put(self, item: Request | Disconnect) -> None:

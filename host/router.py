@@ -44,37 +44,43 @@ class Router:
     def accepting(self) -> bool:
         return self._lobby.accepting
 
-    def _target(self, item: Request | Disconnect) -> Dispatcher:
-        """The writer of an item as things stand (no loading, no waiting)."""
-        if isinstance(item, Disconnect) or item.action in self.server_actions \
-                or item.error is not None:
-            return self._lobby
-        session = item.conn.session if item.conn is not None else None
-        world = self.worlds.loaded.get(session.world) \
-            if session is not None and session.world is not None else None
-        return world.dispatcher if world is not None else self._lobby
+    def _route(self, item: Request) -> Dispatcher | None:
+        """The writer of a request, if known without waiting: None when a world may
+        have to be loaded first."""
+        action = item.action
+        if item.error is None and action in self.server_actions:
+            return None if action in _LOADS_FIRST else self._lobby
+        conn = item.conn
+        session: Session | None = conn.session if conn is not None else None
+        if item.error is not None or session is None or action not in self.registry.actions:
+            return self._lobby  # the gate answers: unauthenticated, unknown, bad frame
+        world = self.worlds.loaded.get(session.world) if session.world is not None else None
+        return world.dispatcher if world is not None else None
 
-    def applies_now(self, item: Request | Disconnect) -> bool:
-        return self._target(item).applies_now
+    def ready(self, item: Request) -> Dispatcher | None:
+        """The writer that applies ``item`` as soon as it is put, before the put
+        returns; None if it would wait (a world to load, a queue, replies held)."""
+        target = self._route(item)
+        if target is None or not target.applies_now:
+            return None
+        session = item.conn.session if item.conn is not None else None
+        if session is not None and session.holds and session.held_elsewhere(target.saver):
+            return None
+        return target
 
     async def put(self, item: Request | Disconnect) -> None:
         if isinstance(item, Disconnect):
             await self._lobby.put(item)
             return
+        target = self._route(item)
         conn = item.conn
         session: Session | None = conn.session if conn is not None else None
-        action = item.action
-        if item.error is None and action in self.server_actions:
-            if action in _LOADS_FIRST:
+        if target is None:
+            if item.action in self.server_actions:
                 await self._before_server_action(item, session)
-            target = self._lobby
-        elif item.error is not None or session is None or action not in self.registry.actions:
-            target = self._lobby  # the gate answers: unauthenticated, unknown, bad frame
-        else:
-            world_id = session.world
-            world = self.worlds.loaded.get(world_id) if world_id is not None else None
-            target = world.dispatcher if world is not None else \
-                await self._world_of(item, session)
+                target = self._lobby
+            else:
+                target = await self._world_of(item, session)  # type: ignore[arg-type]
         if session is not None and session.holds and session.held_elsewhere(target.saver):
             while session.held_elsewhere(target.saver):
                 await session.wait_released()

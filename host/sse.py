@@ -46,6 +46,11 @@ class SseChannel:
     an HTTP error status)."""
 
     pings = True  # a keep-alive comment: proxies keep the stream, dead peers show
+    writable_now = False  # (its writes wait for a task: no ``send_now``)
+    backlog = False
+
+    def send_now(self, frames: list[str | bytes]) -> None:
+        raise AssertionError("not writable_now")
 
     def __init__(self, stream: trio.abc.Stream, head: bytes, *, send_timeout_s: float) -> None:
         self.stream = stream

@@ -33,6 +33,7 @@ from host.framing import (
     JSON_CHUNK,
     THREAD_BYTES,
     decode_frame,
+    decode_now,
     encode_frame,
     is_id,
     item_budget,
@@ -134,16 +135,32 @@ class Connection:
             return False
         if sig.has_re and self.in_flight:
             self.in_flight -= 1
-        if self.stalled():
-            return False
-        if len(self._outbox) >= self._outbox_size:
-            log.warning("disconnecting %s: outbox full (%d signals behind)",
-                        self.remote, self._outbox_size)
-            self.abort(POLICY, "too slow: outbox full")
-            self.transport.signals_dropped += 1
-            return False
+        outbox = self._outbox
+        if outbox or self._unsent is not None:  # (else nothing waits: neither can be true)
+            if self.stalled():
+                return False
+            if len(outbox) >= self._outbox_size:
+                log.warning("disconnecting %s: outbox full (%d signals behind)",
+                            self.remote, self._outbox_size)
+                self.abort(POLICY, "too slow: outbox full")
+                self.transport.signals_dropped += 1
+                return False
+        elif not (self._sending or self._dispatching) and self.feed is None and \
+                self.channel.writable_now:
+            self._send_now(self._frames(sig))  # nothing waits: out now, with no task woken
+            return True
         self._queue(sig, trio.current_time())
         return True
+
+    def _send_now(self, frames: list[str | bytes]) -> None:
+        """Hand frames to the channel's write here and now; what the socket did not
+        take is written by the sender task, and counts as waiting meanwhile."""
+        channel = self.channel
+        channel.send_now(frames)
+        self._room.set()
+        if channel.backlog and self._unsent is None:
+            self._unsent = trio.current_time()
+            self._wake.set()
 
     def stalled(self) -> bool:
         """Whether the oldest queued signal waited past max_lag_s, closing as too slow
@@ -202,6 +219,14 @@ class Connection:
     def frame(self, sig: Signal) -> str | bytes:
         """A signal as this connection's channel sends it."""
         return encode_frame(sig, sig.encoding or self.encoding)
+
+    def _frames(self, sig: Signal) -> list[str | bytes]:
+        """A signal's frame, or the pieces of a frame over ``max_frame``."""
+        frame = self.frame(sig)
+        if len(frame) <= self.max_frame:
+            return [frame]
+        self.transfers += 1
+        return chunks.split(frame, f"h{self.transfers}", piece=self.piece)
 
     async def run(self) -> None:
         self.greet()
@@ -281,13 +306,16 @@ class Connection:
                 log.warning("disconnecting %s: flooding past its rate limit", self.remote)
                 self.abort(POLICY, "flooding past the rate limit")
                 return
-            try:
-                joined = await self._chunk(message, allowed)
-            except ActionError as exc:
-                await self._refuse(exc)
-                continue
-            if joined is _PIECE_TAKEN:
-                continue
+            joined: Any = message
+            if ('"chunk"' in message[:64] and JSON_CHUNK.match(message, 0, 64)) \
+                    if isinstance(message, str) else message.startswith(CBOR_CHUNK):
+                try:
+                    joined = await self._chunk(message, allowed)
+                except ActionError as exc:
+                    await self._refuse(exc)
+                    continue
+                if joined is _PIECE_TAKEN:
+                    continue
             big = len(joined) > THREAD_BYTES
             req = await self._request(joined)
             if not allowed and req.error is None:
@@ -307,11 +335,15 @@ class Connection:
     async def _dispatch(self, req: Request) -> None:
         """Hand a request to the dispatcher, then send what it produced at once. (If it
         must wait its turn, signals meanwhile are sent by the sender task.)"""
-        self._dispatching = self.submit.applies_now(req)
-        try:
-            await self.submit.put(req)
-        finally:
-            self._dispatching = False
+        writer = self.submit.ready(req)
+        if writer is None:
+            await self.submit.put(req)  # it waits its turn: the sender task sends meanwhile
+        else:
+            self._dispatching = True
+            try:
+                await writer.put(req)
+            finally:
+                self._dispatching = False
         if self._outbox:
             await self._flush()
 
@@ -322,20 +354,17 @@ class Connection:
         else:
             _trim()
 
+    def _budget(self) -> tuple[int, str]:
+        session = self.session
+        return item_budget(self.config.host.limits, session.role if session else None)
+
     async def _decode(self, message: str | bytes, plain: bool = True) -> Any:
         """Decode one frame within the item budget of this connection's role."""
-        return await decode_frame(message, item_budget(self.config.host.limits,
-                                                       self.session.role if self.session else None),
-                                  threads=self.threads, plain=plain)
+        return await decode_frame(message, self._budget(), threads=self.threads, plain=plain)
 
     async def _chunk(self, message: str | bytes, allowed: bool) -> Any:
-        """A piece of a chunked request is taken aside; a whole frame passes through.
-        A piece over the rate limit drops its transfer."""
-        if isinstance(message, str):
-            if not JSON_CHUNK.match(message[:64]):
-                return message
-        elif not message.startswith(CBOR_CHUNK):
-            return message
+        """A piece of a chunked request (a frame that starts as one) is taken aside;
+        a whole frame passes through. A piece over the rate limit drops its transfer."""
         try:
             decoded = await self._decode(message, plain=False)
         except DecodeError as exc:  # refused here, not decoded a second time as a request
@@ -360,7 +389,10 @@ class Connection:
     async def _request(self, message: str | bytes) -> Request:
         self.encoding = "json" if isinstance(message, str) else "cbor"
         try:
-            decoded = await self._decode(message)
+            if len(message) <= THREAD_BYTES or not self.threads:  # no await: the hot path
+                decoded = decode_now(message, self._budget())
+            else:
+                decoded = await self._decode(message)
         except DecodeError as exc:
             return undecodable(message if isinstance(message, str) else None, exc, self,
                                self.encoding)
@@ -380,8 +412,11 @@ class Connection:
         if self._sending:
             return
         self._sending = True
-        outbox = self._outbox
+        outbox, channel = self._outbox, self.channel
         try:
+            if channel.backlog:  # what a write here and now left
+                await channel.send_many([])
+                self._unsent = None
             while outbox or (self.feed is not None and self.feed(self.budget)):
                 batch: list[str | bytes] = []
                 size = 0
@@ -392,17 +427,18 @@ class Connection:
                     outbox.popleft()
                     if self._unsent is None:
                         self._unsent = queued
-                    frame = self.frame(sig)
-                    if len(frame) <= self.max_frame:
-                        batch.append(frame)
-                    else:
-                        self.transfers += 1
-                        batch += chunks.split(frame, f"h{self.transfers}", piece=self.piece)
-                    size += len(frame)
+                    frames = self._frames(sig)
+                    batch += frames
+                    size += sum(map(len, frames)) if len(frames) > 1 else len(frames[0])
                 self._room.set()
                 if batch:
                     for group in _groups(batch):
-                        await self.channel.send_many(group)
+                        if channel.writable_now:  # no wait, no yield
+                            channel.send_now(group)
+                        else:
+                            await channel.send_many(group)
+                    if channel.backlog:
+                        await channel.send_many([])
                     self._unsent = None
                     continue
                 outbox.popleft()  # None: close once everything before it is out

@@ -28,6 +28,11 @@ class WebSocketChannel:
     """One accepted WebSocket. Text frames are JSON, binary frames CBOR."""
 
     pings = True
+    writable_now = False  # (its writes wait for a task: no ``send_now``)
+    backlog = False
+
+    def send_now(self, frames: list[str | bytes]) -> None:
+        raise AssertionError("not writable_now")
 
     def __init__(self, ws: WebSocketConnection, max_frame_bytes: int) -> None:
         self.ws = ws

@@ -25,7 +25,7 @@ from websockets.http11 import Request
 from websockets.protocol import CLOSED, OPEN
 from websockets.server import ServerProtocol
 
-from host.channel import ChannelClosed
+from host.channel import ChannelClosed, socket_of, write_now
 from host.config import Config
 from host.transport import Connection, Slot, Transport
 from host.websocket import origin_ok
@@ -67,12 +67,16 @@ class WebsocketsChannel:
         self._receiving = False
         self._done = trio.Event()  # closed (both close frames, or the stream ended)
         self._finished = False
+        self._socket = socket_of(stream)
+        self._rest = b""  # what send_now framed and the socket did not take yet
 
     @property
     def closed(self) -> bool:
         return self.proto.state is not OPEN
 
     async def receive(self) -> str | bytes:
+        if self._messages:  # read with an earlier one: a turn for the others first
+            await trio.lowlevel.checkpoint()
         while not self._messages:
             if self.proto.state is not OPEN:
                 raise ChannelClosed
@@ -146,6 +150,9 @@ class WebsocketsChannel:
             return
         self._writing = True
         try:
+            if self._rest:
+                rest, self._rest = self._rest, b""
+                await self.stream.send_all(rest)
             while data := self.proto.data_to_send():
                 payload = b"".join(data)
                 if payload:
@@ -163,15 +170,32 @@ class WebsocketsChannel:
         await self.send_many([frame])
 
     async def send_many(self, frames: list[str | bytes]) -> None:
-        proto = self.proto
-        if proto.state is not OPEN:
+        if self.proto.state is not OPEN:
             raise ChannelClosed
+        self._frame(frames)
+        await self._write()
+
+    def _frame(self, frames: list[str | bytes]) -> None:
+        proto = self.proto
         for frame in frames:
             if isinstance(frame, str):
                 proto.send_text(frame.encode())
             else:
                 proto.send_binary(frame)
-        await self._write()
+
+    @property
+    def writable_now(self) -> bool:
+        return not (self._writing or self._rest) and self._socket is not None and \
+            self.proto.state is OPEN
+
+    def send_now(self, frames: list[str | bytes]) -> None:
+        self._frame(frames)
+        payload = b"".join(self.proto.data_to_send())
+        self._rest = payload[write_now(self._socket, payload):]
+
+    @property
+    def backlog(self) -> bool:
+        return bool(self._rest)
 
     async def ping(self) -> None:
         if self.proto.state is not OPEN:

@@ -225,63 +225,71 @@ class Saver:
         batch.numbered = []
         batch.later = []
 
-    def _log_released(self, outputs: list[tuple[Any, Any]]) -> None:
-        """Signals released without a commit (numbered as they went): logged with the
-        next commit that signals their session, or a checkpoint."""
-        if self.outbound is not None and outputs:
-            self.outbound.released(outputs)
-            if self._unlogged_due is None:
-                self._unlogged_due = trio.current_time() + self.unlogged_s
-                self._wake.set()
-
     def close(self) -> None:
         """The host is done with the store: let its thread go."""
         self._writer.stop()
 
     # called synchronously by the dispatcher ------------------------------
-    def record(self, entry: JournalEntry | None, release: Release,
-               signalled: list[str] | None = None,
-               outputs: list[tuple[Any, Any]] | None = None) -> None:
-        """Queue one action's outputs (and its journal entry, if it changed the world);
-        ``signalled`` names the session of each signal among the outputs, and
-        ``outputs`` pairs them with their signals (for the outbound log)."""
+    def record(self, entry: JournalEntry | None, outputs: list[tuple[Any, Any]]) -> bool:
+        """Take one action's journal entry (if it changed the world) and its signals
+        to sessions. True: they may go out now (the caller sends them, then tells
+        ``sent_unlogged``); False: they wait for the commit in the batch, whose
+        release the caller hands to ``then``."""
         if entry is not None:
             self.last_id = entry.id
         journaled = entry is not None and self.journaling
         # Only replies to the requester's own reads may go out before the log holds
         # them: after a kill -9 such a reply is lost with the request it answers
         # (the client sends it again), but a broadcast would be lost to others.
-        broadcast = not journaled and self.outbound is not None and bool(outputs) and \
-            any(not sig.has_re for _, sig in outputs)  # type: ignore[union-attr]
-        if not journaled and not broadcast and not self._waiting(signalled):
-            release()
-            if outputs:
-                self._log_released(outputs)
-            return
+        broadcast = False
+        if not journaled and self.outbound is not None:
+            for _, sig in outputs:
+                if not sig.has_re:
+                    broadcast = True
+                    break
+        if not journaled and not broadcast and not self._waiting(outputs):
+            return True
+        current = self.current
         if broadcast:
-            self.current.must_log = True
-        if outputs and self.outbound is not None:
-            self.current.outputs.extend(outputs)
+            current.must_log = True
+        if outputs:
+            if self.outbound is not None:
+                current.outputs.extend(outputs)
+            counts = current.signal_counts
+            for session, _ in outputs:  # (Counter.update checks for a Mapping: slow)
+                counts[session.id] += 1
         if journaled and entry is not None:
-            self.current.entries.append(entry)
+            current.entries.append(entry)
             if entry.session is not None:
-                self.current.writers.add(entry.session)
+                current.writers.add(entry.session)
+        return False
+
+    def then(self, release: Release) -> None:
+        """Run ``release`` once what ``record`` last took is committed."""
         self.current.releases.append(release)
-        if signalled:
-            self.current.signal_counts.update(signalled)
         if not self.journal_in_loop:
             self._wake.set()
 
-    def _waiting(self, signalled: list[str] | None) -> bool:
+    def sent_unlogged(self, outputs: list[tuple[Any, Any]]) -> None:
+        """Signals ``record`` let go at once went out (numbered as they went): logged
+        with the next commit that signals their session, or the small write within
+        ``unlogged_s``."""
+        if self.outbound is not None and outputs:
+            self.outbound.released(outputs)
+            if self._unlogged_due is None:
+                self._unlogged_due = trio.current_time() + self.unlogged_s
+                self._wake.set()
+
+    def _waiting(self, outputs: list[tuple[Any, Any]]) -> bool:
         """Whether outputs that need no commit must wait: they go to a session whose own
         action waits for a commit (a client reads its own writes in order). With the
         journal off, everything waits behind a checkpoint as before."""
         if not self.journaling:
             return self.in_flight or bool(self.current)
-        if not signalled:
-            return False
         pending, flying = self.current.writers, self._in_flight_writers
-        return any(sid in pending or sid in flying for sid in signalled)
+        if not (pending or flying):
+            return False
+        return any(s.id in pending or s.id in flying for s, _ in outputs)
 
     def commit_now(self) -> None:
         """Commit what is queued and release what waited behind it, here and now,
@@ -441,7 +449,7 @@ class Saver:
             release()
         if not (batch.entries or batch.must_log):
             # waited behind a commit without one of its own: numbered now
-            self._log_released(batch.outputs)
+            self.sent_unlogged(batch.outputs)
 
     def _take(self) -> tuple[list[Taken], Callable[[], None]]:
         """What changed since the last checkpoint, as references to the committed
