@@ -67,3 +67,40 @@ async def test_a_reader_stalled_mid_frame_is_cut_off_without_a_broken_frame(
         assert not any(isinstance(e, TextMessage) and '"re":2' in e.data and e.message_finished
                        for e in events)
         assert await root.call("host.ping", n=1) == {"n": 1}  # the host carries on
+
+
+async def test_signals_written_at_once_keep_their_order_when_the_socket_fills(
+        worldhost: Any) -> None:
+    """A signal to an idle socket is written from the turn that made it (no task in
+    between); what the socket does not take waits and goes first with the next
+    write. A reader that pauses while its socket fills still gets every frame,
+    whole, in seq order."""
+    h = await worldhost.start(listen=True, config={"host": {"limits": {
+        "max_lag_s": 60.0, "socket_send_buffer": 4096, "outbox_size": 4096,
+        "rate_per_s": 100000, "rate_burst": 100000}}})
+    slow = await RawClient.connect(h.host.port)
+    await slow.send({"id": 1, "action": "session.open", "params": {"name": "pauses"}})
+    await slow.until(lambda e: isinstance(e, TextMessage) and '"re":1' in e.data)
+    texts = [f"{i:04d} " + "x" * 400 for i in range(300)]  # some 130 KB, past both buffers
+    async with h.client("talker") as talker:
+        for text in texts:
+            await talker.call("chat.say", text=text)
+    said: list[str] = []
+    seqs: list[int] = []
+    part = ""  # wsproto hands a message over as its bytes arrive
+    with trio.fail_after(20):
+        while len(said) < len(texts):
+            data = await slow.stream.receive_some(65536)
+            assert data, "connection closed"
+            slow.ws.receive_data(data)
+            for event in slow.ws.events():
+                if isinstance(event, TextMessage):
+                    part += event.data
+                    if not event.message_finished:
+                        continue
+                    signal, part = json.loads(part), ""  # a torn frame would not parse
+                    seqs.append(signal["seq"])
+                    if signal["signal"] == "chat.message":
+                        said.append(signal["data"]["text"])
+    assert said == texts
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))

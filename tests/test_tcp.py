@@ -324,6 +324,29 @@ async def test_a_tcp_client_that_never_reads_is_dropped_and_others_carry_on(
                 pass
 
 
+async def test_lines_written_at_once_keep_their_order_when_the_socket_fills(
+        worldhost: Any) -> None:
+    """A line to an idle socket is written from the turn that made it; what the
+    socket does not take goes first with the next write: a client that pauses
+    while its socket fills then reads every line, whole, in seq order."""
+    h = await worldhost.start(listen=True, config={**TCP, "host": {"limits": {
+        "max_lag_s": 60.0, "socket_send_buffer": 4096, "outbox_size": 4096,
+        "rate_per_s": 100_000, "rate_burst": 100_000}}})
+    paused, _ = await opened(h.tcp_port, "pauses")
+    texts = [f"{i:04d} " + "x" * 400 for i in range(300)]  # some 130 KB, past both buffers
+    async with h.client("talker") as talker:
+        for text in texts:
+            await talker.call("chat.say", text=text)
+    said, seqs = [], []
+    while len(said) < len(texts):
+        signal = await paused.recv()  # a torn line would not parse
+        seqs.append(signal["seq"])
+        if signal["signal"] == "chat.message":
+            said.append(signal["data"]["text"])
+    assert said == texts
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+
+
 async def test_a_clean_stop_says_so_and_a_tcp_client_resumes_after_a_crash(
         worldhost: Any) -> None:
     h = await worldhost.start(listen=True, config=TCP)
