@@ -5,6 +5,7 @@ both pay the same process hops and have a core to themselves.
 
     python bench/roundtrip.py [--seconds 3] [--quick] [--procs 1] [--client raw|trio]
                               [--transports trio-websocket,websockets,tcp] [--counts 1,10,100]
+                              [--rounds 3]
 
 For each transport: the host serving WebSocket with ``[host] websocket =
 "trio-websocket"`` against a bare trio-websocket echo; with ``"websockets"``
@@ -17,7 +18,9 @@ ratio of the echo server's figures measured in the same run. Targets at 10
 connections: ping >= 0.8 of echo, the durable action >= 0.6. ``cpu ratio`` is
 the echo server's CPU per round trip over the host's: what the ratio would be
 if each server had a core to itself and nothing else limited it, a steadier
-figure on a loaded machine.
+figure on a loaded machine. Host and echo are measured in turn ``--rounds``
+times (3): the row is the round with the median ratio, and ``ratios`` the
+lowest and highest (a machine this noisy moves one run's ratio by a quarter).
 
 The client is bench/rawclient.py (plain sockets, epoll, hand-rolled frames or
 lines) in ``--procs`` processes, cheap enough that the server is the
@@ -196,6 +199,9 @@ def main() -> None:
                              "websocket, each against an echo of the same library) and tcp "
                              "(the host's [transports.tcp] against a bare TCP line echo)")
     parser.add_argument("--actions", default="host.ping,bench.touch")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="host and echo measured in turn this many times; the round "
+                             "with the median ratio is shown, with the range of the ratios")
     parser.add_argument("--journal-commits", choices=("thread", "loop"), default=None,
                         help="the host's [store] journal_commits (default: the host's own)")
     args = parser.parse_args()
@@ -218,7 +224,7 @@ def main() -> None:
           "% of a core used, % of the time busy (running or waiting for a core)", flush=True)
     print(f"{'transport':<14} {'action':<11} {'conns':>5} {'host rt/s':>10} {'echo rt/s':>10} "
           f"{'ratio':>6} {'cpu ratio':>9} {'host p50':>9} {'host p99':>9} {'echo p50':>9} "
-          f"{'echo p99':>9}  {'host cost':<25} {'echo cost':<25}", flush=True)
+          f"{'echo p99':>9}  {'host cost':<25} {'echo cost':<25} {'ratios':<9}", flush=True)
     for transport in transports:
         line = transport == "tcp"
         port = free_port()
@@ -234,13 +240,19 @@ def main() -> None:
         try:
             for action in args.actions.split(","):
                 for count in counts:
-                    h = measure(host_url, server.proc.pid, count, action, True, line)
-                    e = measure(echo_url, echo.pid, count, action, False, line)
+                    rounds = sorted(
+                        ((measure(host_url, server.proc.pid, count, action, True, line),
+                          measure(echo_url, echo.pid, count, action, False, line))
+                         for _ in range(max(1, args.rounds))),
+                        key=lambda he: he[0].rate / he[1].rate)
+                    h, e = rounds[len(rounds) // 2]
+                    low, high = (r[0].rate / r[1].rate for r in (rounds[0], rounds[-1]))
                     print(f"{transport:<14} {action:<11} {count:>5} {h.rate:>10.0f} "
                           f"{e.rate:>10.0f} {h.rate / e.rate:>6.2f} "
                           f"{e.server_cpu / h.server_cpu:>9.2f} {h.p50 * 1000:>7.2f}ms "
                           f"{h.p99 * 1000:>7.2f}ms {e.p50 * 1000:>7.2f}ms "
-                          f"{e.p99 * 1000:>7.2f}ms  {cost(h):<25} {cost(e):<25}", flush=True)
+                          f"{e.p99 * 1000:>7.2f}ms  {cost(h):<25} {cost(e):<25} "
+                          f"{low:.2f}-{high:.2f}", flush=True)
         finally:
             server.stop()
             echo.kill()
