@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -192,6 +193,46 @@ def bounded(value: Any, path: str, limit: int = MAX_ID_LENGTH) -> Any:
 def encoded_size(value: Any) -> int:
     """Bytes of ``value`` as JSON: the measure of every size budget."""
     return len(msgspec.json.encode(value))
+
+
+def resized(old: Any, old_size: int, new: Any) -> int:
+    """``encoded_size(new)``, knowing ``old`` and its size, where ``new`` was made
+    from ``old`` the way records change (never in place: new containers around
+    the old values they keep, lists grown at the end): only what is not shared
+    is encoded, so a change costs what it adds, not what the record holds."""
+    return old_size + _size_change(old, new)
+
+
+def _size_change(old: Any, new: Any) -> int:
+    if old is new:
+        return 0
+    if type(old) is dict and type(new) is dict:
+        change = kept = 0
+        for key, value in new.items():
+            if key in old:
+                kept += 1
+                change += _size_change(old[key], value)
+            else:
+                change += _item_size(key, value)
+        if kept < len(old):
+            change -= sum(_item_size(key, value) for key, value in old.items() if key not in new)
+        return change + _commas(len(old), len(new))
+    if type(old) is list and type(new) is list and len(new) >= len(old) and \
+            all(map(operator.is_, old, new)):  # grown at the end
+        added = new[len(old):]
+        return sum(map(encoded_size, added)) + len(added) + _commas(len(old), len(new))
+    return encoded_size(new) - encoded_size(old)
+
+
+def _item_size(key: Any, value: Any) -> int:
+    """``"key":value`` and its comma, as the object holding it is encoded."""
+    return encoded_size({key: value}) - 1
+
+
+def _commas(before: int, after: int) -> int:
+    """What the separators between items change by, counting one per item added or
+    removed as the callers do: a container of n items has n - 1."""
+    return max(0, after - 1) - max(0, before - 1) - (after - before)
 
 
 class Usage:

@@ -19,7 +19,7 @@ import msgspec
 import trio
 
 from host.actions import (MAX_ID_LENGTH, Action, ActionError, Conflict, Context, Id, Invalid,
-                          NotFound, Role, encoded_size)
+                          NotFound, Role, encoded_size, resized)
 from host.api import AppliedAction, HostAPI
 from host.plugins import PluginError, hookimpl
 from host.topics import Topic
@@ -336,7 +336,7 @@ def turn(ctx: Context, p: TurnParams) -> dict[str, Any]:
     # place), not edit()'s deep copy: a turn then costs what it adds, not a copy of
     # every artifact collected so far.
     artifacts = process["collected_artifacts"]
-    process = {**process,
+    old, process = process, {**process,
                "stage_turn_counts": {**process["stage_turn_counts"], sid: stage_turns + 1},
                "agent_turn_counts": {**process["agent_turn_counts"], agent_key: agent_turns + 1},
                "collected_artifacts": {**artifacts, sid: [
@@ -351,14 +351,25 @@ def turn(ctx: Context, p: TurnParams) -> dict[str, Any]:
     _emit(ctx, "process.turn_taken", process, data, others=True)
     if _done(process, stage):
         data["advanced"] = _advance(ctx, process, "turns")
-    _within_budget(ctx, process)
+    _within_budget(ctx, process, old)
     return data
 
 
-def _within_budget(ctx: Context, process: dict[str, Any]) -> None:
+def _within_budget(ctx: Context, process: dict[str, Any],
+                   old: dict[str, Any] | None = None) -> None:
     """Refuse (``conflict``, naming the budget) a change that makes a process's record
-    larger than max_process_bytes; the action is rolled back."""
-    size = encoded_size(process)
+    larger than max_process_bytes; the action is rolled back. Given ``old``, the
+    record it was made from, a size kept for that record is adjusted rather than
+    measured again: a turn then costs what it adds, not the artifacts so far."""
+    sizes = ctx.host.runtime("process_controller").setdefault("sizes", {})
+    kept = sizes.get(process["process_id"])
+    if old is not None and kept is not None and kept[0] is old:
+        size = resized(old, kept[1], process)
+    else:
+        size = encoded_size(process)
+    if len(sizes) > 2 * len(ctx.keyed("process")) + 16:
+        sizes.clear()  # of processes long gone
+    sizes[process["process_id"]] = (process, size)  # (if it commits, the next one's old)
     if size > ctx.settings.max_process_bytes:
         raise Conflict(f"process {process['process_id']!r} would be {size} bytes; the budget "
                        f"max_process_bytes is {ctx.settings.max_process_bytes}",
@@ -578,9 +589,10 @@ def world_running(host: HostAPI) -> str | None:
 def server_info(host: HostAPI) -> dict[str, Any]:
     """The phase and a summary of each process. The host asks after every action
     that changed a process (to re-send ``sync_state`` when the summary changed), so
-    the summaries are kept, and only those of records that are new objects since
-    (records are never changed in place) are made again: a turn in one of 100
-    processes costs one summary and an identity check of the rest."""
+    the summaries are kept (and how many are active), and only those of records
+    that are new objects since (records are never changed in place) are made
+    again: a turn in one of 100 processes costs one summary and an identity check
+    of the rest."""
     known = _templates(host)
     records = host.read("process")
     keys, values = list(records), list(records.values())
@@ -588,14 +600,16 @@ def server_info(host: HostAPI) -> dict[str, Any]:
     kept = rt.get("summaries")
     if kept is None or kept[0] is not known or kept[1] != keys:
         summaries = [summary_of(p, known.get(p["template_id"])) for p in values]
+        active = sum(s["status"] in ACTIVE for s in summaries)
     else:
-        summaries = list(kept[3])
+        summaries, active = list(kept[3]), kept[4]
         same = list(map(operator.is_, values, kept[2]))
         i = -1
         while (i := _next_false(same, i + 1)) >= 0:
+            active -= summaries[i]["status"] in ACTIVE
             summaries[i] = summary_of(values[i], known.get(values[i]["template_id"]))
-    rt["summaries"] = (known, keys, values, summaries)
-    active = any(s["status"] in ACTIVE for s in summaries)
+            active += summaries[i]["status"] in ACTIVE
+    rt["summaries"] = (known, keys, values, summaries, active)
     return {"phase": "playing" if active else "onboarding", "processes": summaries}
 
 

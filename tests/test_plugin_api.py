@@ -16,8 +16,11 @@ from typing import Any
 import msgspec
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from host import Action, Context, Role, SliceSpec, hookimpl
+from host.actions import encoded_size, resized
 from host.client import CallError
 from host.testing import BackgroundTaskFailed, open_harness
 
@@ -306,3 +309,35 @@ async def test_changing_what_world_returns_changes_nothing(worldhost: Any) -> No
     h.world()["map"]["node:a"]["x"] = 99
     h.world()["map"].clear()
     assert h.encoded_world() == before
+
+
+_scalars = st.none() | st.booleans() | st.integers(-10**12, 10**12) | \
+    st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8)
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4)
+                       | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=20)
+
+
+@st.composite
+def _changed(draw: Any, old: Any) -> Any:
+    """A value made from ``old`` as records change: new containers around the old
+    values kept, lists grown at the end, items replaced, added or dropped."""
+    if type(old) is dict and old and draw(st.booleans()):
+        new = dict(old)
+        for key in draw(st.lists(st.sampled_from(sorted(old)), max_size=3)):
+            if draw(st.booleans()):
+                new[key] = draw(_changed(old[key]))
+            else:
+                new.pop(key, None)
+        for key, value in draw(st.dictionaries(st.text(max_size=6), _values, max_size=2)).items():
+            new[key] = value
+        return new
+    if type(old) is list and draw(st.booleans()):
+        return [*old, *draw(st.lists(_values, max_size=3))]
+    return draw(_values) if draw(st.booleans()) else old
+
+
+@given(st.data())
+def test_resized_is_the_encoded_size_of_a_changed_record(data: Any) -> None:
+    old = data.draw(_values)
+    new = data.draw(_changed(old))
+    assert resized(old, encoded_size(old), new) == encoded_size(new)
