@@ -367,7 +367,7 @@ def _within_budget(ctx: Context, process: dict[str, Any],
         size = resized(old, kept[1], process)
     else:
         size = encoded_size(process)
-    if len(sizes) > 2 * len(ctx.keyed("process")) + 16:
+    if kept is None and len(sizes) > 2 * len(ctx.keyed("process")) + 16:
         sizes.clear()  # of processes long gone
     sizes[process["process_id"]] = (process, size)  # (if it commits, the next one's old)
     if size > ctx.settings.max_process_bytes:
