@@ -145,7 +145,7 @@ class Connection:
                 self.abort(POLICY, "too slow: outbox full")
                 self.transport.signals_dropped += 1
                 return False
-        elif not (self._sending or self._dispatching) and self.feed is None and \
+        elif not (self._sending or self._dispatching or self.torn) and self.feed is None and \
                 self.channel.writable_now:
             self._send_now(self._frames(sig))  # nothing waits: out now, with no task woken
             return True
@@ -240,6 +240,7 @@ class Connection:
                     await self._reader()
                     nursery.cancel_scope.cancel()
         finally:
+            self._sending = True  # the tasks are gone: nothing is written from now on
             with trio.CancelScope(shield=True):
                 try:
                     await self.submit.put(Disconnect(self))

@@ -69,6 +69,7 @@ class WebsocketsChannel:
         self._finished = False
         self._socket = socket_of(stream)
         self._rest = b""  # what send_now framed and the socket did not take yet
+        self._torn = False  # a write was cut off mid-frame: no close frame may follow
 
     @property
     def closed(self) -> bool:
@@ -163,6 +164,9 @@ class WebsocketsChannel:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._gone()
             raise ChannelClosed from None
+        except trio.Cancelled:  # whichever task wrote (the sender, the pinger, the reader)
+            self._torn = True
+            raise
         finally:
             self._writing = False
 
@@ -210,9 +214,9 @@ class WebsocketsChannel:
             raise ChannelClosed
 
     async def close(self, code: int, reason: str) -> None:
-        """Say why in a close frame (1006, a vanished host, says nothing), then
-        :meth:`finish`."""
-        if not _sendable(code):
+        """Say why in a close frame (1006, a vanished host, says nothing; nor may a
+        stream a write was cut off in), then :meth:`finish`."""
+        if not _sendable(code) or self._torn:
             self._finished = True
             await trio.aclose_forcefully(self.stream)
             return
