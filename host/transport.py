@@ -147,8 +147,11 @@ class Connection:
                 return False
         elif not (self._sending or self._dispatching or self.torn) and self.feed is None and \
                 self.channel.writable_now:
-            self._send_now(self._frames(sig))  # nothing waits: out now, with no task woken
-            return True
+            frame = self.frame(sig)
+            if len(frame) <= _BATCH_BYTES and len(frame) <= self.max_frame:
+                self._send_now([frame])  # nothing waits: out now, with no task woken
+                return True
+            # (a big one goes a batch at a time, by the sender: never framed all at once)
         self._queue(sig, trio.current_time())
         return True
 
