@@ -241,12 +241,8 @@ class Saver:
         # Only replies to the requester's own reads may go out before the log holds
         # them: after a kill -9 such a reply is lost with the request it answers
         # (the client sends it again), but a broadcast would be lost to others.
-        broadcast = False
-        if not journaled and self.outbound is not None:
-            for _, sig in outputs:
-                if not sig.has_re:
-                    broadcast = True
-                    break
+        broadcast = not journaled and self.outbound is not None and \
+            any(not sig.has_re for _, sig in outputs)
         if not journaled and not broadcast and not self._waiting(outputs):
             return True
         current = self.current
