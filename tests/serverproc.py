@@ -64,6 +64,15 @@ class ServerProcess:
     def log(self) -> str:
         return self.stderr_path.read_text()
 
+    def memory_mib(self, field: str = "VmRSS") -> float:
+        """The host's memory from /proc: ``VmRSS`` held now, ``VmHWM`` the most it
+        has held at once (what a bomb would raise)."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(f"no {field}")
+
 
 def free_port() -> int:
     with socket.socket() as sock:

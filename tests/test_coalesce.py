@@ -22,7 +22,7 @@ from host.client import CallError, open_client, url_opener
 from host.testing import open_harness
 from host.topics import TopicForms, family, rate_of
 from plugins.simulation import position
-from test_deltas import drain, wait_open
+from test_deltas import apply_delta, drain, wait_open
 from worlds import logistics_state, step_strategies, take_step
 
 ADMIN = {"host": {"admin_token": "adm"}}
@@ -71,16 +71,7 @@ class Held:
 
     def apply(self, delta: dict[str, Any]) -> None:
         assert delta["topic"] == self.topic, delta
-        if delta.get("reset"):
-            self.records.clear()
-        for key in delta.get("del", []):
-            self.records.pop(key, None)
-        for key, record in delta.get("set", {}).items():
-            self.records[key] = record
-        for key, fields in delta.get("patch", {}).items():
-            self.records[key].update(fields)
-        if "graph" in delta:
-            self.graph = delta["graph"]
+        self.graph = apply_delta(self.records, delta, self.graph, held_only=True)
         self.ticks.append(delta["tick"])
         self.history.append(copy.deepcopy(self.records))
 

@@ -35,6 +35,25 @@ def drain(client: Any) -> list[dict[str, Any]]:
             return out
 
 
+
+def apply_delta(records: dict[str, Any], delta: dict[str, Any], graph: Any,
+                held_only: bool = False) -> Any:
+    """Apply one ``simulation.delta`` to the records a client holds; the graph after
+    it. ``held_only``: a deleted key the client does not hold is nothing to do (a
+    coalesced delta's, for a record that came and went); else it is an error."""
+    if delta.get("reset"):
+        records.clear()
+    for key in delta.get("del", []):
+        if held_only:
+            records.pop(key, None)
+        else:
+            del records[key]
+    for key, record in delta.get("set", {}).items():
+        records[key] = record
+    for key, fields in delta.get("patch", {}).items():
+        records[key].update(fields)
+    return delta.get("graph", graph)
+
 class Follower:
     """What a client holds: records by slice key (``meta``, ``agent:ID``,
     ``package:ID``) and the graph, from a snapshot kept up by deltas (and by the
@@ -83,16 +102,7 @@ class Follower:
 
     def apply(self, delta: dict[str, Any]) -> None:
         self.deltas += 1
-        if delta.get("reset"):
-            self.records.clear()
-        for key in delta.get("del", []):
-            del self.records[key]
-        for key, record in delta.get("set", {}).items():
-            self.records[key] = record
-        for key, fields in delta.get("patch", {}).items():
-            self.records[key].update(fields)
-        if "graph" in delta:
-            self.graph = delta["graph"]
+        self.graph = apply_delta(self.records, delta, self.graph)
 
     def export(self) -> dict[str, Any]:
         def of(prefix: str) -> list[Any]:

@@ -90,14 +90,6 @@ def client(proc: ServerProcess, name: str | None = None, token: str | None = Non
     return ws
 
 
-def rss_mib(proc: ServerProcess) -> float:
-    assert proc.proc is not None
-    for line in Path(f"/proc/{proc.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 def raw_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
     """One masked client frame, built by hand so it can be wrong."""
     head = bytes([0x80 | (0x40 if rsv1 else 0) | opcode])
@@ -141,7 +133,7 @@ def test_a_decode_bomb_is_refused_without_stalling_others_or_keeping_memory(
     bystander = client(server)
     attacker = client(server, "attacker")  # before a session a big frame just closes
     call(bystander, "host.ping", rid="warm")
-    baseline = rss_mib(server)
+    baseline = server.memory_mib()
     latencies: list[float] = []
     done = threading.Event()
 
@@ -164,7 +156,7 @@ def test_a_decode_bomb_is_refused_without_stalling_others_or_keeping_memory(
         done.set()
         pinger.join(60)
     assert latencies and max(latencies) < 1.5, f"bystander waited {max(latencies):.2f} s"
-    assert rss_mib(server) < baseline + 96, (baseline, rss_mib(server))
+    assert server.memory_mib() < baseline + 96, (baseline, server.memory_mib())
     assert reply["signal"] == "error" and reply["data"]["code"] == "bad_frame", reply
     assert "max_player_frame_items" in reply["data"]["message"]
     assert call(attacker, "host.ping", {"after": True})["data"] == {"after": True}
@@ -302,19 +294,19 @@ def test_what_unfinished_transfers_held_is_given_back_when_the_connection_goes(
     attacker who sends most of four transfers and leaves keeps no memory."""
     warm = client(server, "warm")
     call(warm, "host.ping", {"warm": True})
-    baseline = rss_mib(server)
+    baseline = server.memory_mib()
     ws = client(server, "holder")
     mib = "x" * (1 << 20)
     for transfer in range(4):
         for index in range(16):  # 16 of 32 pieces: 64 MiB held, under the 256 MiB budget
             ws.send(piece(f"t{transfer}", index, 32, mib))
     assert call(ws, "host.ping", {"held": True})["data"] == {"held": True}
-    assert rss_mib(server) > baseline + 48  # the pieces are held while it lives
+    assert server.memory_mib() > baseline + 48  # the pieces are held while it lives
     ws.close()
     deadline = time.monotonic() + 10
-    while rss_mib(server) > baseline + 24 and time.monotonic() < deadline:
+    while server.memory_mib() > baseline + 24 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert rss_mib(server) <= baseline + 24, (baseline, rss_mib(server))
+    assert server.memory_mib() <= baseline + 24, (baseline, server.memory_mib())
     warm.close()
 
 # numbers --------------------------------------------------------------------------
