@@ -8,7 +8,7 @@ same way for every protocol: limits, decoding, the outbox, sessions.
 from __future__ import annotations
 
 import os
-from typing import Any, Protocol
+from typing import Protocol
 
 import trio
 
@@ -102,30 +102,52 @@ async def send_within(stream: trio.abc.SendStream, data: bytes, timeout_s: float
     raise ChannelClosed
 
 
-def socket_of(stream: trio.abc.Stream) -> Any:
-    """The socket under ``stream`` if it is a plain TCP stream (what ``write_now``
-    writes to), else None (a TLS or in-memory stream: those wait for a task)."""
-    if isinstance(stream, trio.SocketStream):
-        return stream.socket
-    return None
-
-
-def write_now(sock: Any, data: bytes) -> int:
-    """Write to a non-blocking socket what its buffer takes now, without waiting or
-    yielding: the bytes written (0 if none, or if it is closed or broken: the
-    task that writes the rest finds out).
+class Outgoing:
+    """What a channel writes to a plain TCP socket from the turn that made it
+    (``write_now``), and what the socket did not take (``rest``), which goes first
+    with the channel's next write by a task.
 
     Every write through a trio stream yields to the scheduler once done (trio's
     rule for each I/O call), so a reply written that way costs a pass of the
     scheduler, and a signal released outside its connection's tasks (by a journal
     commit, a broadcast) also wakes that connection's sender task. A small write
     to a socket with room is taken by the kernel at once: written here, it costs
-    neither.
+    neither. A TLS or in-memory stream has no such socket: its writes wait for a
+    task (``ready`` is false).
     """
-    fd = sock.fileno()
-    if fd < 0:
-        return 0
-    try:
-        return os.write(fd, data)
-    except OSError:  # full (BlockingIOError), or the peer is gone
-        return 0
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self.rest = b""
+
+    @property
+    def ready(self) -> bool:
+        """A write now may start: a plain socket, and nothing kept from the last."""
+        return self._socket is not None and not self.rest
+
+    def write_now(self, data: bytes) -> None:
+        """Write what the socket's buffer takes now, without waiting or yielding; keep
+        the rest (all of it if the socket is closed or broken: the task that writes
+        it finds out)."""
+        assert self._socket is not None, "only when ready"
+        fd = self._socket.fileno()
+        try:
+            sent = os.write(fd, data) if fd >= 0 else 0
+        except OSError:  # full (BlockingIOError), or the peer is gone
+            sent = 0
+        self.rest = data[sent:]
+
+    def take_rest(self) -> bytes:
+        """What the socket did not take, for a task to write before anything else."""
+        rest, self.rest = self.rest, b""
+        return rest
+
+
+class TaskWrites:
+    """For a channel whose writes always wait for a task (no ``send_now``)."""
+
+    writable_now = False
+    backlog = False
+
+    def send_now(self, frames: list[str | bytes]) -> None:
+        raise AssertionError("not writable_now")

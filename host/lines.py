@@ -19,7 +19,7 @@ from functools import partial
 import trio
 
 from host.actions import ActionError
-from host.channel import ChannelClosed, Refused, Unreadable, send_within, socket_of, write_now
+from host.channel import ChannelClosed, Outgoing, Refused, Unreadable, send_within
 from host.config import Config
 from host.framing import encode_frame
 from host.messages import Signal
@@ -57,8 +57,7 @@ class LineChannel:
         self._begun: float | None = None  # when the unfinished line's first byte came
         self.closed = False
         self.said_why = False  # the connection.closed line went out
-        self._socket = socket_of(stream)
-        self._rest = b""  # what send_now did not get written yet
+        self._out = Outgoing(stream)
         self._writing = False  # a task is in send_many
         self._read_since = True  # a read happened since the last line was returned
 
@@ -125,8 +124,7 @@ class LineChannel:
         await self.send_many([frame])
 
     async def send_many(self, frames: list[str | bytes]) -> None:
-        data = self._rest + _lines(frames)
-        self._rest = b""
+        data = self._out.take_rest() + _lines(frames)
         self._writing = True
         try:
             await send_within(self.stream, data, self.send_timeout_s)
@@ -138,15 +136,14 @@ class LineChannel:
 
     @property
     def writable_now(self) -> bool:
-        return not (self._writing or self._rest or self.closed) and self._socket is not None
+        return not (self._writing or self.closed) and self._out.ready
 
     def send_now(self, frames: list[str | bytes]) -> None:
-        data = _lines(frames)
-        self._rest = data[write_now(self._socket, data):]
+        self._out.write_now(_lines(frames))
 
     @property
     def backlog(self) -> bool:
-        return bool(self._rest)
+        return bool(self._out.rest)
 
     async def ping(self) -> None:
         raise NotImplementedError("a line channel does not ping")

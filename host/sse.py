@@ -18,7 +18,7 @@ import json
 
 import trio
 
-from host.channel import ChannelClosed, send_within
+from host.channel import ChannelClosed, TaskWrites, send_within
 from host.messages import Signal
 from host.transport import Connection
 from state.codec import encode_json
@@ -40,18 +40,12 @@ def event(sig: Signal) -> str:
     return f"{head}event: {name}\ndata: {text}\n\n"
 
 
-class SseChannel:
+class SseChannel(TaskWrites):
     """The write side of one HTTP response, held open. The response's head goes out
     with the first event (after the session is attached, so a refusal can still be
     an HTTP error status)."""
 
     pings = True  # a keep-alive comment: proxies keep the stream, dead peers show
-    writable_now = False  # (its writes wait for a task: no ``send_now``)
-    backlog = False
-
-    def send_now(self, frames: list[str | bytes]) -> None:
-        raise AssertionError("not writable_now")
-
     def __init__(self, stream: trio.abc.Stream, head: bytes, *, send_timeout_s: float) -> None:
         self.stream = stream
         self.head = head

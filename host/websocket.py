@@ -16,7 +16,7 @@ from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection
 
 from host import chunks
-from host.channel import ChannelClosed, Refused
+from host.channel import ChannelClosed, Refused, TaskWrites
 
 log = logging.getLogger("worldhost.transport")
 
@@ -24,16 +24,10 @@ TOO_BIG = 1009
 _FAILED = (1002, 1007)  # wsproto could not parse a frame: a protocol violation, bad UTF-8
 
 
-class WebSocketChannel:
+class WebSocketChannel(TaskWrites):
     """One accepted WebSocket. Text frames are JSON, binary frames CBOR."""
 
     pings = True
-    writable_now = False  # (its writes wait for a task: no ``send_now``)
-    backlog = False
-
-    def send_now(self, frames: list[str | bytes]) -> None:
-        raise AssertionError("not writable_now")
-
     def __init__(self, ws: WebSocketConnection, max_frame_bytes: int) -> None:
         self.ws = ws
         self.max_frame_bytes = max_frame_bytes

@@ -25,7 +25,7 @@ from websockets.http11 import Request
 from websockets.protocol import CLOSED, OPEN
 from websockets.server import ServerProtocol
 
-from host.channel import ChannelClosed, socket_of, write_now
+from host.channel import ChannelClosed, Outgoing
 from host.config import Config
 from host.transport import Connection, Slot, Transport
 from host.websocket import origin_ok
@@ -67,8 +67,7 @@ class WebsocketsChannel:
         self._receiving = False
         self._done = trio.Event()  # closed (both close frames, or the stream ended)
         self._finished = False
-        self._socket = socket_of(stream)
-        self._rest = b""  # what send_now framed and the socket did not take yet
+        self._out = Outgoing(stream)
         self._torn = False  # a write was cut off mid-frame: no close frame may follow
 
     @property
@@ -151,9 +150,8 @@ class WebsocketsChannel:
             return
         self._writing = True
         try:
-            if self._rest:
-                rest, self._rest = self._rest, b""
-                await self.stream.send_all(rest)
+            if self._out.rest:
+                await self.stream.send_all(self._out.take_rest())
             while data := self.proto.data_to_send():
                 payload = b"".join(data)
                 if payload:
@@ -189,17 +187,15 @@ class WebsocketsChannel:
 
     @property
     def writable_now(self) -> bool:
-        return not (self._writing or self._rest) and self._socket is not None and \
-            self.proto.state is OPEN
+        return not self._writing and self._out.ready and self.proto.state is OPEN
 
     def send_now(self, frames: list[str | bytes]) -> None:
         self._frame(frames)
-        payload = b"".join(self.proto.data_to_send())
-        self._rest = payload[write_now(self._socket, payload):]
+        self._out.write_now(b"".join(self.proto.data_to_send()))
 
     @property
     def backlog(self) -> bool:
-        return bool(self._rest)
+        return bool(self._out.rest)
 
     async def ping(self) -> None:
         if self.proto.state is not OPEN:
