@@ -48,11 +48,16 @@ async def decode_frame(message: str | bytes, budget: tuple[int, str], *, threads
     """A frame decoded within ``budget``: JSON (text, or ``encoding`` "json" for the
     bytes of an HTTP body) or CBOR; a big one in a worker thread where threads are
     allowed. Raises DecodeError naming the limit."""
-    if len(message) <= THREAD_BYTES or not threads:
+    if not in_thread(message, threads):
         return decode_now(message, budget, plain, encoding)
     json = encoding == "json" if encoding is not None else isinstance(message, str)
     return await trio.to_thread.run_sync(_decode, message, json, plain, *budget,
                                          limiter=BIG_DECODES)
+
+
+def in_thread(message: str | bytes, threads: bool) -> bool:
+    """Whether ``decode_frame`` decodes this frame in a worker thread."""
+    return threads and len(message) > THREAD_BYTES
 
 
 def decode_now(message: str | bytes, budget: tuple[int, str], plain: bool = True,

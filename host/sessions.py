@@ -251,15 +251,13 @@ class Session:
         self.buffer.append(sig)
         self.sizes.append(size)
         self.buffer_bytes += size
-        if len(self.buffer) > self.buffer_size or self.buffer_bytes > self.buffer_bytes_limit:
-            self._trim_buffer()
+        self._trim_buffer()
         if sig.has_re and sig.re is not None:
             entry = self.replies.get(_id_key(sig.re))
             if entry is not None and entry[3] is None and entry[1] is sig.data:
                 entry[3] = size  # a remembered reply is measured as it goes out
                 self.replies_bytes += size
-                if self.replies_bytes > self.replies_bytes_limit:
-                    self._trim_replies()
+                self._trim_replies()
         if self.outbox is not None and not self.outbox.deliver(sig):
             self.outbox = None  # the connection dropped it; the session stays resumable
 
@@ -323,8 +321,7 @@ class Session:
         if old is not None and old[3] is not None:
             self.replies_bytes -= old[3]
         self.replies[key] = [signal, data, durable, None]
-        if len(self.replies) > self.replies_size or self.replies_bytes > self.replies_bytes_limit:
-            self._trim_replies()
+        self._trim_replies()
         self.version += 1
 
     def _trim_replies(self) -> None:
@@ -451,9 +448,11 @@ class OutboundLog:
         for; with ``released_here``, on those it released signals to unlogged (the
         saver's small write, which then costs them, not every session)."""
         rows = OutboundRows()
-        sessions = list(self.waiting.values()) if released_here else self.members()
+        sessions: Iterable[Session]
         if released_here:
-            self.waiting.clear()
+            sessions, self.waiting = list(self.waiting.values()), {}
+        else:
+            sessions = self.members()
         for session in sessions:
             if session.unlogged:
                 rows.taken.append((session, session.unlogged))

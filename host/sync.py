@@ -31,7 +31,6 @@ class ClientView:
         # world id -> plugin -> (slices its summary fields were computed from, those
         # fields): after an action only the plugins that read what it changed are asked
         self._parts: dict[str, dict[str, tuple[set[str], dict[str, Any]]]] = {}
-        self._readers: dict[str, dict[str, set[str]]] = {}  # ``_parts`` indexed by slice
 
     def _contributions(self, world: World | None) -> dict[str, Any]:
         """Every plugin's ``server_info``, merged: the server's plugins, then the
@@ -41,7 +40,6 @@ class ClientView:
             merged.update(extra)
         if world is not None:
             parts = self._parts[world.id] = {}
-            self._readers.pop(world.id, None)
             for name, extra, reads in self._ask(world, "world"):
                 parts[name] = (reads, _summary_fields(extra))
                 merged.update(extra)
@@ -121,19 +119,9 @@ class ClientView:
         if parts is None or changed is None:
             contributions = self._contributions(world)
             return {k: contributions.get(k) for k in SUMMARY_KEYS}
-        readers = self._readers.get(world.id)
-        if readers is None:  # slice -> the plugins whose summary fields read it
-            readers = self._readers[world.id] = {}
-            for name, (reads, _) in parts.items():
-                for read in reads:
-                    readers.setdefault(read, set()).add(name)
-        stale: set[str] = set()
-        for name in changed:
-            if name in readers:
-                stale |= readers[name]
+        stale = {name for name, (reads, _) in parts.items() if not reads.isdisjoint(changed)}
         if not stale:
             return None
-        self._readers.pop(world.id, None)  # what they read may change as they are asked
         for name, extra, reads in self._ask(world, "world", lambda n: n not in stale):
             parts[name] = (reads, _summary_fields(extra))
         merged: dict[str, Any] = {"phase": "onboarding"}

@@ -35,6 +35,7 @@ from host.framing import (
     decode_frame,
     decode_now,
     encode_frame,
+    in_thread,
     is_id,
     item_budget,
     request_of,
@@ -223,14 +224,6 @@ class Connection:
         """A signal as this connection's channel sends it."""
         return encode_frame(sig, sig.encoding or self.encoding)
 
-    def _frames(self, sig: Signal) -> list[str | bytes]:
-        """A signal's frame, or the pieces of a frame over ``max_frame``."""
-        frame = self.frame(sig)
-        if len(frame) <= self.max_frame:
-            return [frame]
-        self.transfers += 1
-        return chunks.split(frame, f"h{self.transfers}", piece=self.piece)
-
     async def run(self) -> None:
         self.greet()
         try:
@@ -393,10 +386,10 @@ class Connection:
     async def _request(self, message: str | bytes) -> Request:
         self.encoding = "json" if isinstance(message, str) else "cbor"
         try:
-            if len(message) <= THREAD_BYTES or not self.threads:  # no await: the hot path
-                decoded = decode_now(message, self._budget())
-            else:
+            if in_thread(message, self.threads):
                 decoded = await self._decode(message)
+            else:  # no await: the hot path
+                decoded = decode_now(message, self._budget())
         except DecodeError as exc:
             return undecodable(message if isinstance(message, str) else None, exc, self,
                                self.encoding)
@@ -431,9 +424,13 @@ class Connection:
                     outbox.popleft()
                     if self._unsent is None:
                         self._unsent = queued
-                    frames = self._frames(sig)
-                    batch += frames
-                    size += sum(map(len, frames)) if len(frames) > 1 else len(frames[0])
+                    frame = self.frame(sig)
+                    if len(frame) <= self.max_frame:
+                        batch.append(frame)
+                    else:
+                        self.transfers += 1
+                        batch += chunks.split(frame, f"h{self.transfers}", piece=self.piece)
+                    size += len(frame)
                 self._room.set()
                 if batch:
                     for group in _groups(batch):

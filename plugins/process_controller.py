@@ -589,10 +589,9 @@ def world_running(host: HostAPI) -> str | None:
 def server_info(host: HostAPI) -> dict[str, Any]:
     """The phase and a summary of each process. The host asks after every action
     that changed a process (to re-send ``sync_state`` when the summary changed), so
-    the summaries are kept (and how many are active), and only those of records
-    that are new objects since (records are never changed in place) are made
-    again: a turn in one of 100 processes costs one summary and an identity check
-    of the rest."""
+    the summaries are kept, and only those of records that are new objects since
+    (records are never changed in place) are made again: a turn in one of 100
+    processes costs one summary and an identity check of the rest."""
     known = _templates(host)
     records = host.read("process")
     keys, values = list(records), list(records.values())
@@ -600,16 +599,14 @@ def server_info(host: HostAPI) -> dict[str, Any]:
     kept = rt.get("summaries")
     if kept is None or kept[0] is not known or kept[1] != keys:
         summaries = [summary_of(p, known.get(p["template_id"])) for p in values]
-        active = sum(s["status"] in ACTIVE for s in summaries)
     else:
-        summaries, active = list(kept[3]), kept[4]
+        summaries = list(kept[3])
         same = list(map(operator.is_, values, kept[2]))
         i = -1
         while (i := _next_false(same, i + 1)) >= 0:
-            active -= summaries[i]["status"] in ACTIVE
             summaries[i] = summary_of(values[i], known.get(values[i]["template_id"]))
-            active += summaries[i]["status"] in ACTIVE
-    rt["summaries"] = (known, keys, values, summaries, active)
+    rt["summaries"] = (known, keys, values, summaries)
+    active = any(s["status"] in ACTIVE for s in summaries)
     return {"phase": "playing" if active else "onboarding", "processes": summaries}
 
 
