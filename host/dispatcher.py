@@ -120,7 +120,9 @@ class Dispatcher:
 
         An item applied at once whose outputs wait for a journal commit yields one
         turn first, so that the other connections' requests ready in this turn are
-        applied too and one commit covers them all."""
+        applied too and one commit covers them all. A commit the store's thread has
+        finished is released first."""
+        self.saver.poll()
         if self.applies_now:
             self.idle = False
             try:
@@ -128,7 +130,7 @@ class Dispatcher:
             finally:
                 self.idle = True
             saver = self.saver
-            if saver.due_in_loop:
+            if saver.due_now:
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 saver.commit_now()
             return
@@ -159,6 +161,7 @@ class Dispatcher:
     async def run(self) -> None:
         async with self.receive_channel:
             async for item in self.receive_channel:
+                self.saver.poll()
                 self.idle = False
                 try:
                     while True:  # and what queued up meanwhile, in order

@@ -144,6 +144,7 @@ class SessionGate:
     def release(self, effects: Effects) -> None:
         """Send effects applied outside a request (after their commit)."""
         self._lobby.dispatcher.release(None, effects)
+        self._lobby.saver.commit_now()
 
     def session_info(self, s: Session, resumed: bool = False) -> SessionInfo:
         return SessionInfo(s.id, s.name, s.role, resumed)

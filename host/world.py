@@ -246,6 +246,7 @@ class World:
                            world_id=None, last_id=dispatcher.next_id - 1, threaded=self.threads,
                            journal_in_loop=sc.journal_commits == "loop"
                            and sc.synchronous in ("OFF", "NORMAL"),
+                           commit_wait=sc.synchronous in ("OFF", "NORMAL"),
                            meta_source=self._meta, outbound=outbound,
                            unlogged_s=ss.outbound_log_delay_s)
         dispatcher.saver = self.saver

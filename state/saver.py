@@ -9,13 +9,16 @@ the journal they cover. All SQLite work happens one call at a time, on the
 store's single connection.
 
 Checkpoints, and WAL checkpoints, wait on the disk, so they run on the store's
-writer thread (see ``state.writer``). A journal commit in WAL mode with
-``synchronous`` NORMAL or OFF does not: it copies a page or two into the
-operating system's cache and returns, in less time than a hand-off to the
-thread and back takes. So such commits run in the loop, the moment the
-dispatcher has applied what is queued (``commit_now``), and a reply goes out
-in the same turn as its request. With ``synchronous`` FULL or EXTRA every
-commit waits for an fsync, and journal commits go to the thread too.
+writer thread (see ``state.writer``). So do journal commits, by default
+(``journal_commits = "thread"``): the moment the dispatcher has applied what is
+queued (``commit_now``), the batch goes to the thread, and the loop waits for it
+a moment (``COMMIT_WAIT_S``, with ``synchronous`` NORMAL or OFF). A commit in WAL
+mode then copies a page or two into the operating system's cache and is done
+within that, and a reply goes out in the same turn as its request. A commit
+that takes longer (a frozen or busy disk, an fsync) goes on without the loop,
+and holds only what waits for it. With ``journal_commits = "loop"`` (NORMAL or
+OFF only) commits run in the loop itself, which saves the hand-off but lets a
+write the kernel blocks hold every client.
 
 A commit in the loop never waits for the file: it fails at once if another
 process holds SQLite's write lock, and the writer thread retries it, waiting up
@@ -44,6 +47,7 @@ goes, as a journaled action's signals are.
 
 from __future__ import annotations
 
+import _thread
 import logging
 import math
 import time
@@ -52,6 +56,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import outcome
 import trio
 
 from state.codec import canonical
@@ -122,7 +127,7 @@ class Saver:
                  world_id: str | None = None, last_id: int = 0, threaded: bool = True,
                  meta_source: Callable[[], dict[str, Any]] | None = None,
                  journal_in_loop: bool = False, outbound: OutboundLog | None = None,
-                 unlogged_s: float = 0.05) -> None:
+                 unlogged_s: float = 0.05, commit_wait: bool = True) -> None:
         self.store = store
         self.world = world
         self.journaling = durability == "journal"
@@ -150,6 +155,17 @@ class Saver:
         self.journal_in_loop = journal_in_loop or not threaded
         self._writer = WriterThread()
         self._in_flight_writers: set[str] = set()  # writers of the batch being committed
+        # journal commits on the thread, started and finished by whoever runs in the loop
+        self._chained = threaded and not self.journal_in_loop
+        self.commit_wait_s = COMMIT_WAIT_S if commit_wait else 0.0
+        self._flying: Batch | None = None  # the chain's batch on the thread
+        self._flying_since = 0.0
+        self._landed: outcome.Outcome[Any] | None = None  # its outcome, set by the thread
+        self._quiet = trio.Event()  # set while nothing flies
+        self._quiet.set()
+        self._failure: BaseException | None = None  # a chained commit failed: the world stops
+        self._stopping = False
+        self._token: trio.lowlevel.TrioToken | None = None
         if threaded and self.journal_in_loop:
             store.patient(False)  # the loop's commits; the thread's calls are patient
         self._store_lock = trio.Lock()  # one store call at a time, on its one connection
@@ -263,8 +279,6 @@ class Saver:
     def then(self, release: Release) -> None:
         """Run ``release`` once what ``record`` last took is committed."""
         self.current.releases.append(release)
-        if not self.journal_in_loop:
-            self._wake.set()
 
     def sent_unlogged(self, outputs: list[tuple[Any, Any]]) -> None:
         """Signals ``record`` let go at once went out (numbered as they went): logged
@@ -288,12 +302,16 @@ class Saver:
         return any(s.id in pending or s.id in flying for s, _ in outputs)
 
     def commit_now(self) -> None:
-        """Commit what is queued and release what waited behind it, here and now,
-        when journal commits run in the loop and the store is free; otherwise the
-        writer task does it when it can. The dispatcher calls this once it has
-        applied what was queued, so one commit covers them all."""
-        if not self.due_in_loop:
-            return  # nothing queued, or commits run on the thread (``record`` woke it)
+        """Commit what is queued and release what waited behind it: here and now when
+        journal commits run in the loop and the store is free, else on the thread
+        (``_launch``); the writer task does it once a checkpoint lets the store go.
+        The dispatcher calls this once it has applied what was queued, so one commit
+        covers them all (and ``SessionGate.release`` after what it applied)."""
+        if self._chained:
+            self._launch()
+            return
+        if not self.current:
+            return
         if self._store_lock.locked():
             self._wake.set()  # a checkpoint holds the store: the writer task commits after it
             return
@@ -313,9 +331,120 @@ class Saver:
         self._release(batch)
 
     @property
-    def due_in_loop(self) -> bool:
+    def due_now(self) -> bool:
         """Outputs are queued that ``commit_now`` would commit and release."""
-        return self.journal_in_loop and bool(self.current)
+        return bool(self.current)
+
+    # journal commits on the writer thread ------------------------------------------
+    # A thread that needs Python's lock gets it only when the loop's thread lets go
+    # of it and does not take it straight back, which a busy loop, letting go for
+    # every system call, rarely allows: handed to the thread and awaited, a commit
+    # of a few hundred µs took 1 to 2 ms with ten busy connections. So the loop
+    # hands the batch over and then waits for it, briefly and without the lock
+    # (``COMMIT_WAIT_S``): a healthy commit is done within that, and its outputs go
+    # out at once, as in the loop. A commit that takes longer (a frozen or busy
+    # disk) goes on without the loop: whichever code in the loop first sees it done
+    # (``poll``, before each request, or ``run_sync_soon``) releases its outputs and
+    # starts the next. The writer task still does checkpoints and the small log
+    # writes: it takes the store lock (no commit starts then) and waits for the
+    # commit in flight.
+
+    def poll(self) -> None:
+        """Finish a commit the thread has done meanwhile, and start the next."""
+        if self._landed is not None and self._land():
+            self._launch()
+
+    def _launch(self) -> None:
+        """Commit what is queued on the thread, unless a commit flies or the store is
+        held; release at once what waits with nothing to commit."""
+        while self._flying is None and self._failure is None and not self._stopping:
+            if self._store_lock.locked():
+                self._wake.set()  # the writer task commits once it lets the store go
+                return
+            batch = self.current
+            if not (batch.entries or batch.must_log):
+                if batch:
+                    self.current = Batch()
+                    self._release(batch)
+                return
+            started = time.perf_counter()
+            self.current = Batch()
+            outbound = self._number(batch, everyone=False)
+            seqs = self._seqs(batch)
+            self._flying, self._flying_since = batch, started
+            self.in_flight = True
+            self._in_flight_writers = batch.writers
+            self._quiet = trio.Event()
+            # a broadcast of an action that journaled nothing has only its second commit
+            done = not batch.entries or self._submit(self.store.append, batch.entries, seqs,
+                                                     outbound or None)
+            self._stalled(started)
+            if not (done and self._land()):
+                return
+
+    def _land(self) -> bool:
+        """Finish the flying batch once its commit is done: a broadcast's audience is
+        numbered only now, and logged by a second, small commit before it goes. True
+        once released; False while that second commit flies, or if it failed."""
+        batch = self._flying
+        assert batch is not None
+        while True:
+            result, self._landed = self._landed, None
+            try:
+                if result is not None:
+                    result.unwrap()
+            except BaseException as exc:  # held outputs stay held: the world stops
+                self._failure = exc
+                self._settle()
+                self._wake.set()
+                return False
+            if not batch.later or self.outbound is None:
+                break
+            rows = self.outbound.rows(batch.later)
+            batch.later = []
+            if not self._submit(self.store.append, [], {}, rows):
+                return False
+        self._settle()
+        self.commits += 1
+        self.commit_seconds += time.perf_counter() - self._flying_since
+        self._release(batch)
+        return True
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Run ``fn(*args)`` on the thread; True if it was done within ``COMMIT_WAIT_S``
+        (its outcome in ``_landed``), else it lands by ``poll``."""
+        if self._token is None:
+            self._token = trio.lowlevel.current_trio_token()
+        token, waiter, late = self._token, _thread.allocate_lock(), [False]
+        waiter.acquire()
+
+        def done(result: outcome.Outcome[Any]) -> None:  # on the thread
+            self._landed = result
+            waiter.release()
+            if late[0]:
+                try:
+                    token.run_sync_soon(self.poll)
+                except trio.RunFinishedError:
+                    pass
+
+        self._writer.submit(done, self._patiently, fn, *args)
+        if self.commit_wait_s > 0 and waiter.acquire(timeout=self.commit_wait_s):
+            return True
+        late[0] = True
+        return self._landed is not None  # done between the wait and ``late``
+
+    def _settle(self) -> None:
+        self._flying = None
+        self.in_flight = False
+        self._in_flight_writers = set()
+        self._quiet.set()
+
+    async def _settled(self) -> None:
+        """With the store lock held: wait for the commit in flight, if any."""
+        while self._flying is not None:
+            await self._quiet.wait()
+        if self._failure is not None:
+            raise self._failure
 
     def changed(self) -> None:
         """The world changed: (re)arm the debounce."""
@@ -332,20 +461,35 @@ class Saver:
         return min(self.last_change + self.debounce_s, self.first_unsaved + self.max_delay_s)
 
     async def run(self) -> None:
-        while True:
-            unlogged = math.inf if self._unlogged_due is None else self._unlogged_due
-            with trio.move_on_at(min(self.checkpoint_due_at(), unlogged)):
-                await self._wake.wait()
-            self._wake = trio.Event()
-            now = trio.current_time()
-            if now >= self.checkpoint_due_at():
-                await self.checkpoint()
-            elif self.current:
-                async with self._store_lock:
-                    await self._drain()
-            elif self._unlogged_due is not None and now >= self._unlogged_due:
-                async with self._store_lock:
-                    await self._log_unlogged()
+        try:
+            while True:
+                unlogged = math.inf if self._unlogged_due is None else self._unlogged_due
+                with trio.move_on_at(min(self.checkpoint_due_at(), unlogged)):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                if self._failure is not None:
+                    raise self._failure
+                now = trio.current_time()
+                if now >= self.checkpoint_due_at():
+                    await self.checkpoint()
+                elif self.current and self._chained:
+                    if self._store_lock.locked():  # a checkpoint called from outside
+                        async with self._store_lock:
+                            pass
+                    self.poll()
+                    self._launch()
+                elif self.current:
+                    async with self._store_lock:
+                        await self._drain()
+                elif self._unlogged_due is not None and now >= self._unlogged_due:
+                    async with self._store_lock:
+                        await self._settled()
+                        await self._log_unlogged()
+        finally:
+            self._stopping = True  # the store closes after this: let the thread finish first
+            with trio.CancelScope(shield=True):
+                while self._flying is not None:
+                    await self._quiet.wait()
 
     async def _log_unlogged(self) -> None:
         """Log the replies sent without a commit (to reads and pings) that no commit
@@ -392,6 +536,7 @@ class Saver:
     async def checkpoint(self, clean: bool = False) -> int:
         """Write what changed since the last checkpoint; covers every applied action."""
         async with self._store_lock:
+            await self._settled()
             return await self._checkpoint(clean)
 
     async def _checkpoint(self, clean: bool) -> int:
@@ -431,6 +576,7 @@ class Saver:
         rows = OutboundRows([(moved[pos], *rest) for pos, *rest in rows.data],  # type: ignore[misc]
                             [(sid, seq, moved[pos], re) for sid, seq, pos, re in rows.seqs])
         async with self._store_lock:
+            await self._settled()
             await self._io(self.store.adopt_outbound, rows)
 
     async def flush(self) -> None:
@@ -505,6 +651,10 @@ class Saver:
 
 
 _GONE = object()
+# how long the loop waits for a journal commit on the thread before going on without
+# it: far more than a healthy commit in the page cache takes, far less than a client
+# would notice in the rest of the loop's work (see "journal commits on the writer thread")
+COMMIT_WAIT_S = 0.002
 ENCODE_SLICE_S = 0.002  # the longest the checkpoint's encoding holds the loop at once
 
 

@@ -30,17 +30,23 @@ class WriterThread:
         Not cancellable once queued, as ``trio.to_thread.run_sync``: the store's
         connection must not be closed under a call still running.
         """
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
-            self._thread.start()
         token = trio.lowlevel.current_trio_token()
         task = trio.lowlevel.current_task()
 
         def done(result: outcome.Outcome[Any]) -> None:
             token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
-        self._jobs.put((fn, args, done))
+        self.submit(done, fn, *args)
         return await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+
+    def submit(self, done: Callable[[outcome.Outcome[Any]], None], fn: Callable[..., Any],
+               *args: Any) -> None:
+        """Queue ``fn(*args)``; ``done`` gets its outcome, on the thread (it must hand
+        anything for the loop over itself, e.g. with ``run_sync_soon``)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put((fn, args, done))
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:

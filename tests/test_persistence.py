@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +97,16 @@ async def test_every_acknowledged_action_survives_a_crash(worldhost: Any, synchr
     assert nodes == {f"node:n{i}" for i in range(50)}
 
 
-async def test_requests_ready_together_share_one_journal_commit(worldhost: Any) -> None:
-    """With journal commits in the loop, a request applied at once yields a turn before
-    its commit, so the others ready with it share the commit. Eight clients' requests
-    reach the host's socket buffers before it runs (sent from blocking sockets, the
-    host in this very loop): each burst of eight is one commit, two at most."""
+@pytest.mark.parametrize("commits", ["loop", "thread"])
+async def test_requests_ready_together_share_one_journal_commit(worldhost: Any,
+                                                                commits: str) -> None:
+    """A request applied at once yields a turn before its commit, so the others ready
+    with it share the commit, whether it runs in the loop or on the store's thread.
+    Eight clients' requests reach the host's socket buffers before it runs (sent from
+    blocking sockets, the host in this very loop): each burst of eight is one commit,
+    two at most."""
     h = await worldhost.start(listen=True, config={"host": {"limits": {"rate_per_s": 0}},
-                                                   "store": {"journal_commits": "loop"}})
+                                                   "store": {"journal_commits": commits}})
     saver = h.host.world().saver
     url = f"ws://127.0.0.1:{h.host.port}/"
 
@@ -131,6 +135,58 @@ async def test_requests_ready_together_share_one_journal_commit(worldhost: Any) 
         conn.sock.close()
     assert max(per_burst) <= 2 and sum(per_burst) <= 12, per_burst
     assert {f"node:c{i}-{k}" for i in range(8) for k in range(10)} <= set(h.world()["map"])
+
+
+async def test_a_commit_the_loop_stops_waiting_for_is_released_once_done(worldhost: Any) -> None:
+    """Journal commits run on the store's thread, and the loop waits for one only
+    briefly (``COMMIT_WAIT_S``). A commit held far longer (a slow or frozen disk) goes
+    on without the loop: other clients are answered meanwhile, the writer's next
+    action waits its turn, and both replies and broadcasts follow once the commit is
+    done, in order; both actions survive a crash."""
+    h = await worldhost.start()
+    world = h.host.world()
+    saver, store = world.saver, world.store
+    assert not saver.journal_in_loop
+    real_append = store.append
+    entered, go = threading.Event(), threading.Event()
+
+    def held(entries: Any, seqs: Any, outbound: Any = None) -> None:  # on the store's thread
+        if any(e.action == "chat.say" for e in entries) and not go.is_set():
+            entered.set()
+            go.wait(10)
+        real_append(entries, seqs, outbound)
+
+    async with h.client("ada", reconnect=False) as ada, h.client("bob", reconnect=False) as bob:
+        store.append = held  # type: ignore[method-assign]
+        saver.longest_stall_s = 0.0
+        said: list[str] = []
+
+        async def say(text: str) -> None:
+            await ada.call("chat.say", text=text)
+            said.append(text)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(say, "held")
+            with trio.fail_after(5):
+                while not entered.is_set():
+                    await trio.sleep(0.005)
+            nursery.start_soon(say, "after")
+            with trio.fail_after(2):
+                await bob.call("host.ping")
+                await bob.call("chat.history", limit=10)
+            await trio.sleep(0.2)
+            assert said == [] and saver.in_flight
+            assert saver.longest_stall_s < 0.1  # the loop went on without the commit
+            go.set()
+        assert said == ["held", "after"]
+        heard = [(await bob.next_signal("chat.message", timeout=5))["data"]["text"]
+                 for _ in range(2)]
+        assert heard == ["held", "after"]
+        await h.crash()
+    await h.start()
+    async with h.client("cy", reconnect=False) as cy:
+        history = await cy.call("chat.history", limit=10)
+    assert [m["text"] for m in history["messages"]] == ["held", "after"]
 
 
 async def test_a_failed_journal_commit_is_retried_before_the_reply(worldhost: Any) -> None:
