@@ -350,37 +350,53 @@ class Saver:
     # commit in flight.
 
     def poll(self) -> None:
-        """Finish a commit the thread has done meanwhile, and start the next."""
-        if self._landed is not None and self._land():
-            self._launch()
+        """Finish a commit the thread has done meanwhile, and start the next. (Called
+        by the dispatcher and by ``run_sync_soon``: what fails here stops the world
+        from the writer task, as a failed commit does.)"""
+        if self._landed is not None:
+            try:
+                if self._land():
+                    self._launch()
+            except Exception as exc:
+                self._fail(exc)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Outputs held for a commit stay held; the writer task raises ``exc``."""
+        self._failure = exc
+        if self._flying is not None:
+            self._settle()
+        self._wake.set()
 
     def _launch(self) -> None:
         """Commit what is queued on the thread, unless a commit flies or the store is
         held; release at once what waits with nothing to commit."""
-        while self._flying is None and self._failure is None and not self._stopping:
-            if self._store_lock.locked():
-                self._wake.set()  # the writer task commits once it lets the store go
-                return
-            batch = self.current
-            if not (batch.entries or batch.must_log):
-                if batch:
-                    self.current = Batch()
-                    self._release(batch)
-                return
-            started = time.perf_counter()
-            self.current = Batch()
-            outbound = self._number(batch, everyone=False)
-            seqs = self._seqs(batch)
-            self._flying, self._flying_since = batch, started
-            self.in_flight = True
-            self._in_flight_writers = batch.writers
-            self._quiet = trio.Event()
-            # a broadcast of an action that journaled nothing has only its second commit
-            done = not batch.entries or self._submit(self.store.append, batch.entries, seqs,
-                                                     outbound or None)
-            self._stalled(started)
-            if not (done and self._land()):
-                return
+        try:
+            while self._flying is None and self._failure is None and not self._stopping:
+                if self._store_lock.locked():
+                    self._wake.set()  # the writer task commits once it lets the store go
+                    return
+                batch = self.current
+                if not (batch.entries or batch.must_log):
+                    if batch:
+                        self.current = Batch()
+                        self._release(batch)
+                    return
+                started = time.perf_counter()
+                self.current = Batch()
+                outbound = self._number(batch, everyone=False)
+                seqs = self._seqs(batch)
+                self._flying, self._flying_since = batch, started
+                self.in_flight = True
+                self._in_flight_writers = batch.writers
+                self._quiet = trio.Event()
+                # a broadcast of an action that journaled nothing has only its second commit
+                done = not batch.entries or self._submit(self.store.append, batch.entries,
+                                                         seqs, outbound or None)
+                self._stalled(started)
+                if not (done and self._land()):
+                    return
+        except Exception as exc:  # as a failed commit: the world stops, nothing half-sent
+            self._fail(exc)
 
     def _land(self) -> bool:
         """Finish the flying batch once its commit is done: a broadcast's audience is
@@ -394,9 +410,7 @@ class Saver:
                 if result is not None:
                     result.unwrap()
             except BaseException as exc:  # held outputs stay held: the world stops
-                self._failure = exc
-                self._settle()
-                self._wake.set()
+                self._fail(exc)
                 return False
             if not batch.later or self.outbound is None:
                 break
@@ -472,13 +486,12 @@ class Saver:
                 now = trio.current_time()
                 if now >= self.checkpoint_due_at():
                     await self.checkpoint()
-                elif self.current and self._chained:
+                elif self.current and self._chained and self._flying is None:
                     if self._store_lock.locked():  # a checkpoint called from outside
                         async with self._store_lock:
                             pass
-                    self.poll()
                     self._launch()
-                elif self.current:
+                elif self.current and not self._chained:
                     async with self._store_lock:
                         await self._drain()
                 elif self._unlogged_due is not None and now >= self._unlogged_due:

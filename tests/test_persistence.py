@@ -6,6 +6,7 @@ import copy
 import json
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,13 @@ async def test_a_commit_the_loop_stops_waiting_for_is_released_once_done(worldho
             await trio.sleep(0.2)
             assert said == [] and saver.in_flight
             assert saver.longest_stall_s < 0.1  # the loop went on without the commit
+            # a write waits and a reply to a read is due to be logged: the writer task
+            # waits for the commit in flight rather than spin
+            await bob.call("host.ping")
+            await trio.sleep(saver.unlogged_s)
+            cpu = time.process_time()
+            await trio.sleep(0.3)
+            assert time.process_time() - cpu < 0.15
             go.set()
         assert said == ["held", "after"]
         heard = [(await bob.next_signal("chat.message", timeout=5))["data"]["text"]
@@ -187,6 +195,42 @@ async def test_a_commit_the_loop_stops_waiting_for_is_released_once_done(worldho
     async with h.client("cy", reconnect=False) as cy:
         history = await cy.call("chat.history", limit=10)
     assert [m["text"] for m in history["messages"]] == ["held", "after"]
+
+
+async def test_a_failure_releasing_a_late_commit_stops_the_world(tmp_path: Path) -> None:
+    """What fails while a commit that finished after the loop stopped waiting is
+    released (here, injected into the release) stops the host with that error, as a
+    failed commit does, rather than break the event loop."""
+    from host.testing import HostHarness
+
+    cfg = config_mod.from_dict({"host": {"port": 0}}, "<test config>")
+    go = threading.Event()
+
+    async def call(h: HostHarness) -> None:
+        world = h.host.world()
+        real_append = world.store.append
+
+        def held(entries: Any, seqs: Any, outbound: Any = None) -> None:
+            go.wait(10)
+            real_append(entries, seqs, outbound)
+
+        def broken(batch: Any) -> None:
+            raise RuntimeError("the release broke")
+
+        async with h.client("ada", reconnect=False) as ada:
+            world.store.append = held  # type: ignore[method-assign]
+            world.saver._release = broken  # type: ignore[method-assign]
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ada.call, "map.add_node", {"id": "n", "x": 0, "y": 0})
+                await trio.sleep(0.1)
+                go.set()
+
+    with pytest.raises(BaseException) as info:
+        async with trio.open_nursery() as nursery:
+            h = await HostHarness(nursery, tmp_path / "w.db", cfg, [], False, False).start()
+            nursery.start_soon(call, h)
+    assert "the release broke" in _messages(info.value)
+    assert "TrioInternalError" not in repr(info.value)
 
 
 async def test_a_failed_journal_commit_is_retried_before_the_reply(worldhost: Any) -> None:
