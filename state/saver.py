@@ -158,6 +158,9 @@ class Saver:
         # journal commits on the thread, started and finished by whoever runs in the loop
         self._chained = threaded and not self.journal_in_loop
         self.commit_wait_s = COMMIT_WAIT_S if commit_wait else 0.0
+        self.commits_waited = 0  # commits the loop waited for and saw done
+        self.waited_s = 0.0  # the time the loop spent waiting for commits, in all
+        self.thread_commit_s = 0.0  # what the last commit on the thread took the thread
         self._flying: Batch | None = None  # the chain's batch on the thread
         self._flying_since = 0.0
         self._landed: outcome.Outcome[Any] | None = None  # its outcome, set by the thread
@@ -426,11 +429,20 @@ class Saver:
 
     def _submit(self, fn: Callable[..., Any], *args: Any) -> bool:
         """Run ``fn(*args)`` on the thread; True if it was done within ``COMMIT_WAIT_S``
-        (its outcome in ``_landed``), else it lands by ``poll``."""
+        (its outcome in ``_landed``), else it lands by ``poll``. The loop does not
+        wait at all while commits take the thread long (a slow disk): the last one
+        it timed took more than half the wait."""
         if self._token is None:
             self._token = trio.lowlevel.current_trio_token()
         token, waiter, late = self._token, _thread.allocate_lock(), [False]
         waiter.acquire()
+
+        def timed() -> Any:  # on the thread
+            started = time.perf_counter()
+            try:
+                return self._patiently(fn, *args)
+            finally:
+                self.thread_commit_s = time.perf_counter() - started
 
         def done(result: outcome.Outcome[Any]) -> None:  # on the thread
             self._landed = result
@@ -441,9 +453,15 @@ class Saver:
                 except trio.RunFinishedError:
                     pass
 
-        self._writer.submit(done, self._patiently, fn, *args)
-        if self.commit_wait_s > 0 and waiter.acquire(timeout=self.commit_wait_s):
-            return True
+        self._writer.submit(done, timed)
+        wait = self.commit_wait_s
+        if wait > 0 and 2 * self.thread_commit_s < wait:
+            started = time.perf_counter()
+            got = waiter.acquire(timeout=wait)
+            self.waited_s += time.perf_counter() - started
+            if got:
+                self.commits_waited += 1
+                return True
         late[0] = True
         return self._landed is not None  # done between the wait and ``late``
 

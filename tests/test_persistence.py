@@ -197,6 +197,37 @@ async def test_a_commit_the_loop_stops_waiting_for_is_released_once_done(worldho
     assert [m["text"] for m in history["messages"]] == ["held", "after"]
 
 
+async def test_a_disk_slower_than_the_wait_does_not_hold_the_loop_each_commit(
+        worldhost: Any) -> None:
+    """The loop waits for a journal commit only while commits are quick: once one
+    took the store's thread more than half of ``COMMIT_WAIT_S`` (here every commit
+    takes 10 ms), it hands the next over and goes on, and each lands when done."""
+    h = await worldhost.start()
+    saver, store = h.host.world().saver, h.host.world().store
+    real_append = store.append
+
+    def slow(entries: Any, seqs: Any, outbound: Any = None) -> None:
+        time.sleep(0.01)
+        real_append(entries, seqs, outbound)
+
+    async with h.client("ada", reconnect=False) as ada:
+        await ada.call("map.add_node", id="quick", x=0, y=0)
+        assert saver.commits_waited >= 1  # a healthy commit: the loop saw it done
+        store.append = slow  # type: ignore[method-assign]
+        waited, waited_s, commits = saver.commits_waited, saver.waited_s, saver.commits
+        for i in range(10):
+            await ada.call("map.add_node", id=f"slow{i}", x=i, y=1)
+        assert saver.commits - commits >= 10
+        assert saver.commits_waited == waited  # none done within the wait: each took 10 ms
+        # the loop waited (2 ms) for the first slow one only, not for each
+        assert saver.waited_s - waited_s < 3 * saver.commit_wait_s
+        store.append = real_append  # type: ignore[method-assign]
+        for i in range(3):
+            await ada.call("map.add_node", id=f"quick{i}", x=i, y=2)
+        assert saver.commits_waited > waited  # quick again: waited for again
+    assert {f"node:slow{i}" for i in range(10)} <= set(h.world()["map"])
+
+
 async def test_a_failure_releasing_a_late_commit_stops_the_world(tmp_path: Path) -> None:
     """What fails while a commit that finished after the loop stopped waiting is
     released (here, injected into the release) stops the host with that error, as a
