@@ -299,6 +299,9 @@ def metrics(host: Served) -> str:
     metric("journal_commits_total", "counter", "Journal commits.", [("", commits)])
     metric("journal_commit_seconds", "summary", "Time to commit to the journal.",
            [("_sum", sum(s.commit_seconds for s in savers)), ("_count", commits)])
+    metric("journal_commit_wait_seconds_total", "counter",
+           "Time the event loop waited for journal commits on the store's thread.",
+           [("", sum(s.waited_s for s in savers))])
     metric("checkpoint_seconds", "summary", "Time to write a checkpoint.",
            [("_sum", sum(s.checkpoint_seconds for s in savers)),
             ("_count", sum(s.checkpoints for s in savers))])

@@ -142,6 +142,8 @@ async def test_metrics_count_actions_errors_commits_and_connections(worldhost: A
     assert values['worldhost_errors_total{code="unknown_action"}'] == 1
     assert values["worldhost_journal_commits_total"] >= 1
     assert values["worldhost_journal_commit_seconds_count"] == values["worldhost_journal_commits_total"]
+    assert 0 < values["worldhost_journal_commit_wait_seconds_total"] \
+        <= values["worldhost_journal_commit_seconds_sum"]
     assert values["worldhost_checkpoint_seconds_count"] >= 1
     assert values["worldhost_session_signals_sent"] >= 3
     assert "worldhost_signals_dropped_total" in values and "worldhost_simulation_tick" in values
