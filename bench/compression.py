@@ -81,7 +81,7 @@ async def one_run(state: dict[str, Any], compression: bool, clients: int, second
                         frame = await ws.recv()
                         if counting.is_set() and '"simulation.ticked"' in frame[:40]:
                             ticks[0] += 1
-                            frame_bytes[0] += len(frame.encode())
+                            frame_bytes[0] += len(frame.encode() if isinstance(frame, str) else frame)
 
             for i in range(clients):
                 nursery.start_soon(listener, i)

@@ -174,7 +174,8 @@ async def _client(url: str, name: str, ledger: Ledger, stop_at: float,
                 await ws.send_message(json.dumps({
                     "id": f"{name}-resume-{ledger.counter}", "action": "session.resume",
                     "params": {**known, "last_seq": last_seq}}))
-                text = await ws.get_message()
+                message = await ws.get_message()
+                text = message if isinstance(message, str) else message.decode()
                 reply = json.loads(text)
                 if reply["signal"] != "session.resumed":
                     raise RuntimeError(f"{name} could not resume: {reply['data']}")

@@ -1,7 +1,7 @@
 """Several worlds on one host: throughput spread over worlds, and one world's latency
 while another imports a big map.
 
-    python bench/worlds.py [--seconds 3] [--worlds 20] [--clients 10] [--procs 2] [--nodes 100000]
+    python bench/multiworld.py [--seconds 3] [--worlds 20] [--clients 10] [--procs 2] [--nodes 100000]
 
 1. Throughput. ``--worlds`` x ``--clients`` connections (bench/rawclient.py, the cheap
    client of bench/roundtrip.py, in ``--procs`` processes), each joined to one of
