@@ -43,6 +43,7 @@ class MemoryChannel:
     writable_now = True
     backlog = False
     closed = False
+    pending = False  # one a turn: never read together
 
     def __init__(self, messages: list[str]) -> None:
         self.messages = messages

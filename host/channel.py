@@ -70,6 +70,12 @@ class Channel(Protocol):
         """Whether ``send_now`` may be called: no write is under way or waiting."""
         ...
 
+    @property
+    def pending(self) -> bool:
+        """Another message was read with the one ``receive`` last returned, and waits:
+        the client sent them back to back."""
+        ...
+
     def send_now(self, frames: list[str | bytes]) -> None:
         """``send_many`` here and now, without waiting or yielding (only when
         ``writable_now``): what the socket does not take at once is kept, in order,
@@ -148,6 +154,7 @@ class TaskWrites:
 
     writable_now = False
     backlog = False
+    pending = False  # (these channels hand over one message at a time)
 
     def send_now(self, frames: list[str | bytes]) -> None:
         raise AssertionError("not writable_now")

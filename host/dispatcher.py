@@ -120,7 +120,9 @@ class Dispatcher:
 
         An item applied at once whose outputs wait for a journal commit yields one
         turn first, so that the other connections' requests ready in this turn are
-        applied too and one commit covers them all. A commit the store's thread has
+        applied too and one commit covers them all; one its client sent with more
+        right behind it leaves the commit to the last of them (or, if that one
+        never comes here, to the writer task). A commit the store's thread has
         finished is released first."""
         self.saver.poll()
         if self.applies_now:
@@ -131,8 +133,11 @@ class Dispatcher:
                 self.idle = True
             saver = self.saver
             if saver.due_now:
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                saver.commit_now()
+                if isinstance(item, Request) and item.more:
+                    saver.commit_soon()
+                else:
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    saver.commit_now()
             return
         await self._enqueue(item)
 

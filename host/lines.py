@@ -138,6 +138,10 @@ class LineChannel:
     def writable_now(self) -> bool:
         return not (self._writing or self.closed) and self._out.ready
 
+    @property
+    def pending(self) -> bool:
+        return b"\n" in self._buffer
+
     def send_now(self, frames: list[str | bytes]) -> None:
         self._out.write_now(_lines(frames))
 

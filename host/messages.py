@@ -53,6 +53,7 @@ class Request:
     done: trio.Event | None = None  # set once released (its outputs delivered)
     result: Any = None  # internal: the handler's data; else, with ``done``: the reply Signal
     failure: Any = None  # the ActionError an internal action was refused with
+    more: bool = False  # the client's next request was read with it: they may share a commit
 
 
 @dataclass

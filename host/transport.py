@@ -318,6 +318,7 @@ class Connection:
             if not allowed and req.error is None:
                 req.error = RateLimited(
                     f"more than {bucket.rate:g} actions/s (burst {bucket.burst}); slow down")
+            req.more = self.channel.pending
             self.in_flight += 1
             await self._dispatch(req)
             if big:

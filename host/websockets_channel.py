@@ -189,6 +189,10 @@ class WebsocketsChannel:
     def writable_now(self) -> bool:
         return not self._writing and self._out.ready and self.proto.state is OPEN
 
+    @property
+    def pending(self) -> bool:
+        return bool(self._messages)
+
     def send_now(self, frames: list[str | bytes]) -> None:
         self._frame(frames)
         self._out.write_now(b"".join(self.proto.data_to_send()))

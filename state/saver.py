@@ -110,6 +110,8 @@ class Batch:
     # signals to others (a broadcast) of an action with no journal entry: the log
     # must hold them before they go, as it holds those of a journaled action
     must_log: bool = False
+    # its client sent more right behind it: committed by then, if nothing came sooner
+    soon: float | None = None
 
     def __bool__(self) -> bool:
         return bool(self.entries or self.releases)
@@ -333,6 +335,14 @@ class Saver:
         self.current = Batch()
         self._release(batch)
 
+    def commit_soon(self) -> None:
+        """What is queued may wait for the request the dispatcher applies next: the
+        writer task commits it within ``COMMIT_SOON_S``, unless a ``commit_now``
+        comes first (a burst's last request, another client's)."""
+        if self.current.soon is None:
+            self.current.soon = trio.current_time() + COMMIT_SOON_S
+            self._wake.set()  # to wait until then
+
     @property
     def due_now(self) -> bool:
         """Outputs are queued that ``commit_now`` would commit and release."""
@@ -496,14 +506,19 @@ class Saver:
         try:
             while True:
                 unlogged = math.inf if self._unlogged_due is None else self._unlogged_due
-                with trio.move_on_at(min(self.checkpoint_due_at(), unlogged)):
+                soon = self.current.soon
+                with trio.move_on_at(min(self.checkpoint_due_at(), unlogged,
+                                         math.inf if soon is None else soon)):
                     await self._wake.wait()
                 self._wake = trio.Event()
                 if self._failure is not None:
                     raise self._failure
                 now = trio.current_time()
+                soon = self.current.soon
                 if now >= self.checkpoint_due_at():
                     await self.checkpoint()
+                elif soon is not None and now < soon:
+                    continue  # the client's next request may come with the commit
                 elif self.current and self._chained and self._flying is None:
                     if self._store_lock.locked():  # a checkpoint called from outside
                         async with self._store_lock:
@@ -686,6 +701,9 @@ _GONE = object()
 # it: far more than a healthy commit in the page cache takes, far less than a client
 # would notice in the rest of the loop's work (see "journal commits on the writer thread")
 COMMIT_WAIT_S = 0.002
+# how long what a client sent back to back waits for the rest of the burst to come
+# with it, at most: a burst arrives in one read and is applied within a few passes
+COMMIT_SOON_S = 0.001
 ENCODE_SLICE_S = 0.002  # the longest the checkpoint's encoding holds the loop at once
 
 

@@ -138,6 +138,56 @@ async def test_requests_ready_together_share_one_journal_commit(worldhost: Any,
     assert {f"node:c{i}-{k}" for i in range(8) for k in range(10)} <= set(h.world()["map"])
 
 
+@pytest.mark.parametrize("transport", ["websocket", "tcp"])
+@pytest.mark.parametrize("commits", ["loop", "thread"])
+async def test_requests_a_client_sends_back_to_back_share_one_journal_commit(
+        worldhost: Any, commits: str, transport: str) -> None:
+    """A client that pipelines (twenty writes in one socket write) has them read
+    together, and each leaves the commit to the next: a few commits cover the burst
+    (the writer task commits what waited ``COMMIT_SOON_S``, and the socket may hand
+    the burst over in parts), not one a request. A burst whose last frame never
+    reaches the dispatcher (a piece of a chunked transfer, taken aside) is committed
+    by the writer task all the same."""
+    h = await worldhost.start(listen=True, config={
+        "host": {"limits": {"rate_per_s": 0}}, "store": {"journal_commits": commits},
+        "transports": {"tcp": {"enabled": True, "port": 0}}})
+    saver = h.host.world().saver
+    line = transport == "tcp"
+    port = h.tcp_port if line else h.host.port
+
+    def opened() -> Conn:
+        conn = Conn(f"ws://127.0.0.1:{port}/", line)
+        open_session(conn, "bulk")
+        return conn
+    conn = await trio.to_thread.run_sync(opened)
+
+    def burst(payloads: list[bytes]) -> None:
+        conn.sock.sendall(b"".join(p + b"\n" for p in payloads) if line
+                          else b"".join(conn.masker.frame(p) for p in payloads))
+
+    def replies(rids: list[int]) -> None:
+        seen: set[int] = set()
+        while not all(rid in seen for rid in rids):
+            for m in conn.messages():
+                seen |= {rid for rid in rids if b'"re":%d,' % rid in m}
+            if not all(rid in seen for rid in rids):
+                conn.buf += conn.sock.recv(65536)
+
+    commits_before = saver.commits
+    burst([b'{"id":%d,"action":"map.add_node","params":{"id":"b%d","x":%d,"y":0}}' % (i, i, i)
+           for i in range(20)])
+    await trio.to_thread.run_sync(replies, list(range(20)))
+    assert saver.commits - commits_before <= 5
+    piece = b'{"id":"t1","chunk":{"transfer":"t1","index":0,"total":2,"data":"e30="}}'
+    burst([b'{"id":%d,"action":"map.add_node","params":{"id":"c%d","x":%d,"y":1}}' % (i, i, i)
+           for i in range(100, 103)] + [piece])
+    with trio.fail_after(5):
+        await trio.to_thread.run_sync(replies, [100, 101, 102])
+    conn.sock.close()
+    assert {f"node:b{i}" for i in range(20)} | {f"node:c{i}" for i in range(100, 103)} \
+        <= set(h.world()["map"])
+
+
 async def test_a_commit_the_loop_stops_waiting_for_is_released_once_done(worldhost: Any) -> None:
     """Journal commits run on the store's thread, and the loop waits for one only
     briefly (``COMMIT_WAIT_S``). A commit held far longer (a slow or frozen disk) goes
