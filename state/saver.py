@@ -20,10 +20,14 @@ and holds only what waits for it. With ``journal_commits = "loop"`` (NORMAL or
 OFF only) commits run in the loop itself, which saves the hand-off but lets a
 write the kernel blocks hold every client.
 
+A request its client sent with more right behind it (read together from the
+socket) leaves the commit to the next (``commit_soon``): the writer task
+commits what waited within ``COMMIT_SOON_S`` if the rest never comes.
+
 A commit in the loop never waits for the file: it fails at once if another
 process holds SQLite's write lock, and the writer thread retries it, waiting up
 to ``busy_timeout_ms``. Meanwhile outputs that need no commit (replies to reads
-and pings) go out at once, unless they go to a session whose own action waits
+and pings) go out at once, unless they go to a session a reply to which waits
 for the commit: a client sees the replies to its requests in order.
 
 With the outbound log on, the signals a commit releases are logged before they
@@ -104,6 +108,7 @@ class Batch:
     releases: list[Release] = field(default_factory=list)
     signal_counts: Counter[str] = field(default_factory=Counter)
     writers: set[str] = field(default_factory=set)  # sessions whose own actions it holds
+    replies: set[str] = field(default_factory=set)  # sessions a reply to which it holds
     outputs: list[tuple[Any, Any]] = field(default_factory=list)  # (session, signal) to log
     numbered: list[tuple[Any, Any]] = field(default_factory=list)  # by the commit, before it
     later: list[tuple[Any, Any]] = field(default_factory=list)  # once it is done
@@ -156,7 +161,7 @@ class Saver:
         self.threaded = threaded
         self.journal_in_loop = journal_in_loop or not threaded
         self._writer = WriterThread()
-        self._in_flight_writers: set[str] = set()  # writers of the batch being committed
+        self._in_flight_replies: set[str] = set()  # ``replies`` of the batch being committed
         # journal commits on the thread, started and finished by whoever runs in the loop
         self._chained = threaded and not self.journal_in_loop
         self.commit_wait_s = COMMIT_WAIT_S if commit_wait else 0.0
@@ -272,9 +277,11 @@ class Saver:
         if outputs:
             if self.outbound is not None:
                 current.outputs.extend(outputs)
-            counts = current.signal_counts
-            for session, _ in outputs:  # (Counter.update checks for a Mapping: slow)
+            counts, replies = current.signal_counts, current.replies
+            for session, sig in outputs:  # (Counter.update checks for a Mapping: slow)
                 counts[session.id] += 1
+                if sig.has_re:
+                    replies.add(session.id)
         if journaled and entry is not None:
             current.entries.append(entry)
             if entry.session is not None:
@@ -296,12 +303,13 @@ class Saver:
                 self._wake.set()
 
     def _waiting(self, outputs: list[tuple[Any, Any]]) -> bool:
-        """Whether outputs that need no commit must wait: they go to a session whose own
-        action waits for a commit (a client reads its own writes in order). With the
-        journal off, everything waits behind a checkpoint as before."""
+        """Whether outputs that need no commit must wait: they go to a session a reply to
+        which waits for a commit (a client gets its replies in the order of its
+        requests). With the journal off, everything waits behind a checkpoint as
+        before."""
         if not self.journaling:
             return self.in_flight or bool(self.current)
-        pending, flying = self.current.writers, self._in_flight_writers
+        pending, flying = self.current.replies, self._in_flight_replies
         if not (pending or flying):
             return False
         return any(s.id in pending or s.id in flying for s, _ in outputs)
@@ -342,6 +350,11 @@ class Saver:
         if self.current.soon is None:
             self.current.soon = trio.current_time() + COMMIT_SOON_S
             self._wake.set()  # to wait until then
+
+    def _soon(self) -> float | None:
+        """When the writer task commits what ``commit_soon`` left queued; None while a
+        commit flies (its landing launches what is queued) or nothing waits."""
+        return None if self._flying is not None else self.current.soon
 
     @property
     def due_now(self) -> bool:
@@ -400,7 +413,7 @@ class Saver:
                 seqs = self._seqs(batch)
                 self._flying, self._flying_since = batch, started
                 self.in_flight = True
-                self._in_flight_writers = batch.writers
+                self._in_flight_replies = batch.replies
                 self._quiet = trio.Event()
                 # a broadcast of an action that journaled nothing has only its second commit
                 done = not batch.entries or self._submit(self.store.append, batch.entries,
@@ -478,7 +491,7 @@ class Saver:
     def _settle(self) -> None:
         self._flying = None
         self.in_flight = False
-        self._in_flight_writers = set()
+        self._in_flight_replies = set()
         self._quiet.set()
 
     async def _settled(self) -> None:
@@ -506,7 +519,7 @@ class Saver:
         try:
             while True:
                 unlogged = math.inf if self._unlogged_due is None else self._unlogged_due
-                soon = self.current.soon
+                soon = self._soon()
                 with trio.move_on_at(min(self.checkpoint_due_at(), unlogged,
                                          math.inf if soon is None else soon)):
                     await self._wake.wait()
@@ -514,7 +527,7 @@ class Saver:
                 if self._failure is not None:
                     raise self._failure
                 now = trio.current_time()
-                soon = self.current.soon
+                soon = self._soon()
                 if now >= self.checkpoint_due_at():
                     await self.checkpoint()
                 elif soon is not None and now < soon:
@@ -562,7 +575,7 @@ class Saver:
             seqs = self._seqs(batch)
             self._stalled(started)
             self.in_flight = True
-            self._in_flight_writers = batch.writers
+            self._in_flight_replies = batch.replies
             try:
                 if batch.entries:
                     await self._append(batch.entries, seqs, outbound or None)
@@ -571,7 +584,7 @@ class Saver:
                     await self._append([], {}, self.outbound.rows(batch.later))
             finally:
                 self.in_flight = False
-                self._in_flight_writers = set()
+                self._in_flight_replies = set()
             self.commits += 1
             self.commit_seconds += time.perf_counter() - started
             self._release(batch)

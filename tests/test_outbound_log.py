@@ -16,6 +16,7 @@ import pytest
 import trio
 from trio_websocket import open_websocket_url
 
+from rawclient import Conn, open_session
 from serverproc import ServerProcess
 from state.codec import load_stored
 
@@ -284,6 +285,41 @@ def test_a_broadcast_of_an_action_that_journals_nothing_is_logged_before_it_goes
         heard = [json.loads(t)["data"]["text"] for t in replayed
                  if json.loads(t)["signal"] == "shout.heard"]
         assert heard == [f"heard {i}" for i in range(3)]
+    finally:
+        server.stop()
+
+
+def test_a_client_gets_its_replies_in_order_behind_a_broadcast_that_journals_nothing(
+        tmp_path: Path) -> None:
+    """ada sends ``shout.say`` and ``chat.history`` back to back (one socket write),
+    both to the world's writer: the shout's reply waits for the broadcast to be
+    logged, and the read's reply waits behind it, although a read needs no commit:
+    replies come in the order of the requests, seqs rising."""
+    config = _config(tmp_path, '[plugins.shout]\nmodule = "shout_plugin"\n')
+    server = ServerProcess(tmp_path / "w.db", config=config,
+                           env={"PYTHONPATH": str(Path(__file__).parent)}).start()
+    try:
+        bob = Conn(server.url, False)
+        open_session(bob, "bob")  # an audience for the shout
+        ada = Conn(server.url, False)
+        open_session(ada, "ada")
+        for round_ in range(5):
+            ada.sock.sendall(ada.masker.frame(
+                b'{"id":%d,"action":"shout.say","params":{"text":"hi"}}' % (2 * round_))
+                + ada.masker.frame(b'{"id":%d,"action":"chat.history","params":{"limit":1}}'
+                                   % (2 * round_ + 1)))
+            replies: list[dict[str, Any]] = []
+            while len(replies) < 2:
+                for m in ada.messages():
+                    msg = json.loads(m)
+                    if msg.get("re") in (2 * round_, 2 * round_ + 1):
+                        replies.append(msg)
+                if len(replies) < 2:
+                    ada.buf += ada.sock.recv(65536)
+            assert [r["re"] for r in replies] == [2 * round_, 2 * round_ + 1], replies
+            assert replies[0]["seq"] < replies[1]["seq"]
+        ada.sock.close()
+        bob.sock.close()
     finally:
         server.stop()
 

@@ -7,6 +7,7 @@ import json
 import sqlite3
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,58 @@ async def test_a_commit_the_loop_stops_waiting_for_is_released_once_done(worldho
     assert [m["text"] for m in history["messages"]] == ["held", "after"]
 
 
+async def test_a_burst_behind_a_late_commit_waits_for_it_without_spinning(
+        worldhost: Any) -> None:
+    """A client sends two writes back to back while a commit is held on the store's
+    thread: the first leaves its commit to the second, whose commit waits for the
+    one in flight; the writer task waits too (past the burst's ``COMMIT_SOON_S``)
+    rather than spin, and both are answered once the held commit is done."""
+    h = await worldhost.start(listen=True)
+    world = h.host.world()
+    store = world.store
+    real_append = store.append
+    entered, go = threading.Event(), threading.Event()
+
+    def held(entries: Any, seqs: Any, outbound: Any = None) -> None:  # on the store's thread
+        if any(e.action == "chat.say" for e in entries) and not go.is_set():
+            entered.set()
+            go.wait(10)
+        real_append(entries, seqs, outbound)
+
+    def opened() -> Conn:
+        conn = Conn(f"ws://127.0.0.1:{h.host.port}/", False)
+        open_session(conn, "burst")
+        return conn
+    burst = await trio.to_thread.run_sync(opened)
+
+    def replies(rids: list[int]) -> None:
+        seen: set[int] = set()
+        while len(seen) < len(rids):
+            for m in burst.messages():
+                seen |= {rid for rid in rids if b'"re":%d,' % rid in m}
+            if len(seen) < len(rids):
+                burst.buf += burst.sock.recv(65536)
+
+    async with h.client("ada", reconnect=False) as ada, trio.open_nursery() as nursery:
+        store.append = held  # type: ignore[method-assign]
+        nursery.start_soon(partial(ada.call, "chat.say", text="held"))
+        with trio.fail_after(5):
+            while not entered.is_set():
+                await trio.sleep(0.005)
+        burst.sock.sendall(b"".join(burst.masker.frame(
+            b'{"id":%d,"action":"map.add_node","params":{"id":"p%d","x":0,"y":0}}' % (i, i))
+            for i in range(2)))
+        await trio.sleep(0.05)
+        cpu = time.process_time()
+        await trio.sleep(0.3)
+        assert time.process_time() - cpu < 0.15
+        go.set()
+        with trio.fail_after(5):
+            await trio.to_thread.run_sync(replies, [0, 1])
+    burst.sock.close()
+    assert {"node:p0", "node:p1"} <= set(h.world()["map"])
+
+
 async def test_a_disk_slower_than_the_wait_does_not_hold_the_loop_each_commit(
         worldhost: Any) -> None:
     """The loop waits for a journal commit only while commits are quick: once one
@@ -261,8 +314,9 @@ async def test_a_disk_slower_than_the_wait_does_not_hold_the_loop_each_commit(
         real_append(entries, seqs, outbound)
 
     async with h.client("ada", reconnect=False) as ada:
-        await ada.call("map.add_node", id="quick", x=0, y=0)
-        assert saver.commits_waited >= 1  # a healthy commit: the loop saw it done
+        for i in range(10):
+            await ada.call("map.add_node", id=f"quick{i}", x=i, y=0)
+        assert saver.commits_waited >= 1  # healthy commits: the loop saw them done
         store.append = slow  # type: ignore[method-assign]
         waited, waited_s, commits = saver.commits_waited, saver.waited_s, saver.commits
         for i in range(10):
@@ -272,8 +326,8 @@ async def test_a_disk_slower_than_the_wait_does_not_hold_the_loop_each_commit(
         # the loop waited (2 ms) for the first slow one only, not for each
         assert saver.waited_s - waited_s < 3 * saver.commit_wait_s
         store.append = real_append  # type: ignore[method-assign]
-        for i in range(3):
-            await ada.call("map.add_node", id=f"quick{i}", x=i, y=2)
+        for i in range(10):
+            await ada.call("map.add_node", id=f"again{i}", x=i, y=2)
         assert saver.commits_waited > waited  # quick again: waited for again
     assert {f"node:slow{i}" for i in range(10)} <= set(h.world()["map"])
 
