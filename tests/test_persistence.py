@@ -99,6 +99,37 @@ async def test_every_acknowledged_action_survives_a_crash(worldhost: Any, synchr
     assert nodes == {f"node:n{i}" for i in range(50)}
 
 
+def _replies(conn: Conn, rids: list[int]) -> None:
+    """Read (blocking: call it in a thread) until ``conn`` has the replies to ``rids``."""
+    seen: set[int] = set()
+    while len(seen) < len(rids):
+        for m in conn.messages():
+            seen |= {rid for rid in rids if b'"re":%d,' % rid in m}
+        if len(seen) < len(rids):
+            conn.buf += conn.sock.recv(65536)
+
+
+class _HeldChat:
+    """Holds on the store's thread every commit that carries a ``chat.say``, until
+    ``go`` is set: a slow or frozen disk, under one commit."""
+
+    def __init__(self, store: Store) -> None:
+        self.entered, self.go = threading.Event(), threading.Event()
+        self._append = store.append
+        store.append = self.append  # type: ignore[method-assign]
+
+    def append(self, entries: Any, seqs: Any, outbound: Any = None) -> None:
+        if any(e.action == "chat.say" for e in entries) and not self.go.is_set():
+            self.entered.set()
+            self.go.wait(10)
+        self._append(entries, seqs, outbound)
+
+    async def holding(self) -> None:
+        with trio.fail_after(5):
+            while not self.entered.is_set():
+                await trio.sleep(0.005)
+
+
 @pytest.mark.parametrize("commits", ["loop", "thread"])
 async def test_requests_ready_together_share_one_journal_commit(worldhost: Any,
                                                                 commits: str) -> None:
@@ -120,10 +151,6 @@ async def test_requests_ready_together_share_one_journal_commit(worldhost: Any,
     for i in range(8):  # in a thread: the host answers in this loop
         conns.append(await trio.to_thread.run_sync(opened, i))
 
-    def replies(conn: Conn, rid: int) -> None:
-        while not any(b'"re":%d,' % rid in m for m in conn.messages()):
-            conn.buf += conn.sock.recv(65536)
-
     per_burst = []
     for burst in range(10):
         commits = saver.commits
@@ -131,7 +158,7 @@ async def test_requests_ready_together_share_one_journal_commit(worldhost: Any,
             conn.send(b'{"id":%d,"action":"map.add_node","params":{"id":"c%d-%d","x":%d,"y":%d}}'
                       % (burst, i, burst, burst, i))
         for conn in conns:
-            await trio.to_thread.run_sync(replies, conn, burst)
+            await trio.to_thread.run_sync(_replies, conn, [burst])
         per_burst.append(saver.commits - commits)
     for conn in conns:
         conn.sock.close()
@@ -166,24 +193,16 @@ async def test_requests_a_client_sends_back_to_back_share_one_journal_commit(
         conn.sock.sendall(b"".join(p + b"\n" for p in payloads) if line
                           else b"".join(conn.masker.frame(p) for p in payloads))
 
-    def replies(rids: list[int]) -> None:
-        seen: set[int] = set()
-        while not all(rid in seen for rid in rids):
-            for m in conn.messages():
-                seen |= {rid for rid in rids if b'"re":%d,' % rid in m}
-            if not all(rid in seen for rid in rids):
-                conn.buf += conn.sock.recv(65536)
-
     commits_before = saver.commits
     burst([b'{"id":%d,"action":"map.add_node","params":{"id":"b%d","x":%d,"y":0}}' % (i, i, i)
            for i in range(20)])
-    await trio.to_thread.run_sync(replies, list(range(20)))
+    await trio.to_thread.run_sync(_replies, conn, list(range(20)))
     assert saver.commits - commits_before <= 5
     piece = b'{"id":"t1","chunk":{"transfer":"t1","index":0,"total":2,"data":"e30="}}'
     burst([b'{"id":%d,"action":"map.add_node","params":{"id":"c%d","x":%d,"y":1}}' % (i, i, i)
            for i in range(100, 103)] + [piece])
     with trio.fail_after(5):
-        await trio.to_thread.run_sync(replies, [100, 101, 102])
+        await trio.to_thread.run_sync(_replies, conn, [100, 101, 102])
     conn.sock.close()
     assert {f"node:b{i}" for i in range(20)} | {f"node:c{i}" for i in range(100, 103)} \
         <= set(h.world()["map"])
@@ -199,17 +218,8 @@ async def test_a_commit_the_loop_stops_waiting_for_is_released_once_done(worldho
     world = h.host.world()
     saver, store = world.saver, world.store
     assert not saver.journal_in_loop
-    real_append = store.append
-    entered, go = threading.Event(), threading.Event()
-
-    def held(entries: Any, seqs: Any, outbound: Any = None) -> None:  # on the store's thread
-        if any(e.action == "chat.say" for e in entries) and not go.is_set():
-            entered.set()
-            go.wait(10)
-        real_append(entries, seqs, outbound)
-
     async with h.client("ada", reconnect=False) as ada, h.client("bob", reconnect=False) as bob:
-        store.append = held  # type: ignore[method-assign]
+        held = _HeldChat(store)
         saver.longest_stall_s = 0.0
         said: list[str] = []
 
@@ -219,9 +229,7 @@ async def test_a_commit_the_loop_stops_waiting_for_is_released_once_done(worldho
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(say, "held")
-            with trio.fail_after(5):
-                while not entered.is_set():
-                    await trio.sleep(0.005)
+            await held.holding()
             nursery.start_soon(say, "after")
             with trio.fail_after(2):
                 await bob.call("host.ping")
@@ -236,7 +244,7 @@ async def test_a_commit_the_loop_stops_waiting_for_is_released_once_done(worldho
             cpu = time.process_time()
             await trio.sleep(0.3)
             assert time.process_time() - cpu < 0.15
-            go.set()
+            held.go.set()
         assert said == ["held", "after"]
         heard = [(await bob.next_signal("chat.message", timeout=5))["data"]["text"]
                  for _ in range(2)]
@@ -255,37 +263,16 @@ async def test_a_burst_behind_a_late_commit_waits_for_it_without_spinning(
     one in flight; the writer task waits too (past the burst's ``COMMIT_SOON_S``)
     rather than spin, and both are answered once the held commit is done."""
     h = await worldhost.start(listen=True)
-    world = h.host.world()
-    store = world.store
-    real_append = store.append
-    entered, go = threading.Event(), threading.Event()
-
-    def held(entries: Any, seqs: Any, outbound: Any = None) -> None:  # on the store's thread
-        if any(e.action == "chat.say" for e in entries) and not go.is_set():
-            entered.set()
-            go.wait(10)
-        real_append(entries, seqs, outbound)
-
     def opened() -> Conn:
         conn = Conn(f"ws://127.0.0.1:{h.host.port}/", False)
         open_session(conn, "burst")
         return conn
     burst = await trio.to_thread.run_sync(opened)
 
-    def replies(rids: list[int]) -> None:
-        seen: set[int] = set()
-        while len(seen) < len(rids):
-            for m in burst.messages():
-                seen |= {rid for rid in rids if b'"re":%d,' % rid in m}
-            if len(seen) < len(rids):
-                burst.buf += burst.sock.recv(65536)
-
     async with h.client("ada", reconnect=False) as ada, trio.open_nursery() as nursery:
-        store.append = held  # type: ignore[method-assign]
+        held = _HeldChat(h.host.world().store)
         nursery.start_soon(partial(ada.call, "chat.say", text="held"))
-        with trio.fail_after(5):
-            while not entered.is_set():
-                await trio.sleep(0.005)
+        await held.holding()
         burst.sock.sendall(b"".join(burst.masker.frame(
             b'{"id":%d,"action":"map.add_node","params":{"id":"p%d","x":0,"y":0}}' % (i, i))
             for i in range(2)))
@@ -293,9 +280,9 @@ async def test_a_burst_behind_a_late_commit_waits_for_it_without_spinning(
         cpu = time.process_time()
         await trio.sleep(0.3)
         assert time.process_time() - cpu < 0.15
-        go.set()
+        held.go.set()
         with trio.fail_after(5):
-            await trio.to_thread.run_sync(replies, [0, 1])
+            await trio.to_thread.run_sync(_replies, burst, [0, 1])
     burst.sock.close()
     assert {"node:p0", "node:p1"} <= set(h.world()["map"])
 
