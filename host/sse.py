@@ -46,6 +46,7 @@ class SseChannel(TaskWrites):
     an HTTP error status)."""
 
     pings = True  # a keep-alive comment: proxies keep the stream, dead peers show
+
     def __init__(self, stream: trio.abc.Stream, head: bytes, *, send_timeout_s: float) -> None:
         self.stream = stream
         self.head = head

@@ -28,6 +28,7 @@ class WebSocketChannel(TaskWrites):
     """One accepted WebSocket. Text frames are JSON, binary frames CBOR."""
 
     pings = True
+
     def __init__(self, ws: WebSocketConnection, max_frame_bytes: int) -> None:
         self.ws = ws
         self.max_frame_bytes = max_frame_bytes

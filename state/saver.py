@@ -234,6 +234,16 @@ class Saver:
         batch.numbered = now
         return self.outbound.rows(now)
 
+    def _take_batch(self) -> tuple[Batch, OutboundRows, dict[str, int]]:
+        """Take what is queued for a commit on the thread (``_launch``, ``_drain``):
+        number what the commit itself logs, and count its replies as in flight."""
+        batch, self.current = self.current, Batch()
+        outbound = self._number(batch, everyone=False)
+        seqs = self._seqs(batch)
+        self.in_flight = True
+        self._in_flight_replies = batch.replies
+        return batch, outbound, seqs
+
     def _seqs(self, batch: Batch) -> dict[str, int]:
         """The next seq of each session the batch signals, journaled with it: without
         the log, counted ahead (a floor after a crash); with it, the log says it."""
@@ -408,12 +418,8 @@ class Saver:
                         self._release(batch)
                     return
                 started = time.perf_counter()
-                self.current = Batch()
-                outbound = self._number(batch, everyone=False)
-                seqs = self._seqs(batch)
+                batch, outbound, seqs = self._take_batch()
                 self._flying, self._flying_since = batch, started
-                self.in_flight = True
-                self._in_flight_replies = batch.replies
                 self._quiet = trio.Event()
                 # a broadcast of an action that journaled nothing has only its second commit
                 done = not batch.entries or self._submit(self.store.append, batch.entries,
@@ -570,12 +576,8 @@ class Saver:
         """Commit what is queued, then release what waited behind it (store lock held)."""
         while self.current.entries or self.current.must_log:
             started = time.perf_counter()
-            batch, self.current = self.current, Batch()
-            outbound = self._number(batch, everyone=False)
-            seqs = self._seqs(batch)
+            batch, outbound, seqs = self._take_batch()
             self._stalled(started)
-            self.in_flight = True
-            self._in_flight_replies = batch.replies
             try:
                 if batch.entries:
                     await self._append(batch.entries, seqs, outbound or None)
