@@ -114,6 +114,8 @@ def test_admin_token_makes_an_admin(server: ServerProcess) -> None:
     ('{"id": 1, "action": 5}', "bad_request"),
     ('{"id": 1, "action": "host.ping", "params": [1]}', "bad_request"),
     ('{"id": 1, "action": "host.ping", "extra": true}', "bad_request"),
+    # the host's own mark of a pipelined request is no envelope field
+    ('{"id": 1, "action": "host.ping", "more": true}', "bad_request"),
     ('{"id": [1], "action": "host.ping"}', "bad_request"),
     ('{"id": 1, "action": "no.such_action"}', "unknown_action"),
     ('{"id": 1, "action": "simulation.tick"}', "unknown_action"),
