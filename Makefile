@@ -31,6 +31,7 @@ lint: $(TEST_VENV)/.installed
 
 bench: $(TEST_VENV)/.installed
 	$(TEST_VENV)/bin/python bench/roundtrip.py
+	$(TEST_VENV)/bin/python bench/floor.py
 	$(TEST_VENV)/bin/python bench/hostcost.py
 	$(TEST_VENV)/bin/python bench/persistence.py
 	$(TEST_VENV)/bin/python bench/simulation.py

@@ -1,0 +1,149 @@
+"""The cheapest durable server: the floor under a durable round trip.
+
+A bare echo on the ``websockets`` library's trio server, as bench/echo.py's,
+except that each message is first appended to a journal in SQLite (WAL,
+``synchronous = NORMAL``, as the host's store) and answered only once the
+transaction holding it has committed. Messages read in the same turn of the
+scheduler, or while a commit is under way, share one (group commit), as the
+host's requests do.
+Nothing else: no envelope, no session, no world, no outbound log, no
+checkpoint. What it costs over the plain echo is what durability itself costs
+in Python on this machine, so no durable action of any Python server here can
+come closer to the echo than it does.
+
+    python bench/durable_echo.py [loop|thread|thread-wait] [DB]
+
+``loop`` commits in the event loop; ``thread`` on a writer thread of its own,
+the loop going on meanwhile and learning of the commit's end by
+``run_sync_soon``; ``thread-wait`` the same, but the loop first waits for the
+commit up to 2 ms without Python's lock, as the host's default
+(``[store] journal_commits = "thread"``) does. Prints its port on the first
+line of stdout; run by bench/floor.py. The journal goes to ``DB`` (default: a
+new temporary folder).
+"""
+
+from __future__ import annotations
+
+import _thread
+import queue
+import sqlite3
+import sys
+import tempfile
+import threading
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+WAIT_S = 0.002  # as the host's COMMIT_WAIT_S, for thread-wait
+
+
+class Journal:
+    """Group commit: ``append`` returns once a commit holds what it was given."""
+
+    def __init__(self, path: Path, threaded: bool, wait_s: float) -> None:
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        self.conn.execute("PRAGMA synchronous = NORMAL")
+        self.conn.execute("CREATE TABLE journal (id INTEGER PRIMARY KEY, data BLOB)")
+        self.threaded = threaded
+        self.wait_s = wait_s
+        self.queued: list[bytes] = []
+        self.done = trio.Event()  # set by the commit that holds what is queued now
+        self.flying = False
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._state_lock = threading.Lock()
+        self._wake = trio.Event()
+
+    def _commit(self, rows: list[bytes]) -> None:
+        self.conn.execute("INSERT INTO journal (data) VALUES "
+                          + ", ".join(["(?)"] * len(rows)), rows)
+
+    async def append(self, data: bytes) -> None:
+        self.queued.append(data)
+        done = self.done
+        self._wake.set()
+        await done.wait()
+
+    async def run(self) -> None:
+        """The committer: woken by ``append``, it runs once the handlers that were ready
+        with it have run, so what they queued shares its commit."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            self._launch()
+
+    def _launch(self) -> None:
+        """Commit what is queued: here and now, or on the thread (waiting for it up to
+        ``wait_s``; a later finish is picked up by ``run_sync_soon``)."""
+        while self.queued and not self.flying:
+            rows, self.queued = self.queued, []
+            done, self.done = self.done, trio.Event()
+            if not self.threaded:
+                self._commit(rows)
+                done.set()
+                continue
+            if self._token is None:
+                self._token = trio.lowlevel.current_trio_token()
+                threading.Thread(target=self._work, daemon=True).start()
+            self.flying = True
+            waiter, state = _thread.allocate_lock(), {"finished": False, "late": False}
+            waiter.acquire()
+            self._jobs.put((rows, done, waiter, state))
+            if not (self.wait_s and waiter.acquire(timeout=self.wait_s)):
+                with self._state_lock:
+                    state["late"] = not state["finished"]
+                if state["late"]:
+                    return
+            self.flying = False
+            done.set()
+
+    def _work(self) -> None:
+        """The writer thread: commit each batch, and wake the loop if it stopped waiting."""
+        token = self._token
+        assert token is not None
+        while True:
+            rows, done, waiter, state = self._jobs.get()
+            self._commit(rows)
+            with self._state_lock:
+                state["finished"] = True
+                late = state["late"]
+            waiter.release()
+            if late:
+                token.run_sync_soon(self._landed, done)
+
+    def _landed(self, done: trio.Event) -> None:
+        self.flying = False
+        done.set()
+        self._launch()
+
+
+async def main(mode: str, db: Path) -> None:
+    from websockets.exceptions import ConnectionClosed
+    from websockets.trio.server import serve
+
+    journal = Journal(db, mode != "loop", WAIT_S if mode == "thread-wait" else 0.0)
+
+    async def handler(ws: Any) -> None:
+        try:
+            while True:
+                message = await ws.recv()
+                await journal.append(message.encode() if isinstance(message, str) else message)
+                await ws.send(message)
+        except ConnectionClosed:  # a client went away
+            pass
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(journal.run)
+        await nursery.start(partial(serve, handler, listeners=listeners, compression=None,
+                                    ping_interval=None, max_size=64 << 20, max_queue=8))
+        print(listeners[0].socket.getsockname()[1], flush=True)
+
+
+if __name__ == "__main__":
+    trio.run(main, sys.argv[1] if len(sys.argv) > 1 else "loop",
+             Path(sys.argv[2]) if len(sys.argv) > 2
+             else Path(tempfile.mkdtemp(prefix="worldhost-bench-")) / "echo.db")
