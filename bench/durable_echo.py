@@ -5,11 +5,10 @@ except that each message is first appended to a journal in SQLite (WAL,
 ``synchronous = NORMAL``, as the host's store) and answered only once the
 transaction holding it has committed. Messages read in the same turn of the
 scheduler, or while a commit is under way, share one (group commit), as the
-host's requests do.
-Nothing else: no envelope, no session, no world, no outbound log, no
-checkpoint. What it costs over the plain echo is what durability itself costs
-in Python on this machine, so no durable action of any Python server here can
-come closer to the echo than it does.
+host's requests do. Nothing else: no envelope, no session, no world, no
+outbound log, no checkpoint. What it costs over the plain echo is what
+durability itself costs in Python on this machine: a server that does more
+per durable action than append it and answer it stays below it.
 
     python bench/durable_echo.py [loop|thread|thread-wait] [DB]
 
