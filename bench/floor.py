@@ -55,6 +55,12 @@ def spawn(*cmd: str) -> tuple[subprocess.Popen[str], int]:
     return proc, int(proc.stdout.readline())
 
 
+def spread(rounds: list[dict[str, Result]], name: str, base: str) -> str:
+    """The median of the rounds' ratios of ``name`` to ``base``, lowest-highest."""
+    ratios = sorted(r[name].rate / r[base].rate for r in rounds)
+    return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0)
@@ -95,14 +101,11 @@ def main() -> None:
                           key=lambda s: statistics.median(r[names[s]].rate for r in rounds))
             for name, _action, _server, floor in ROWS:
                 floor = cheaper if floor == "durable-thread" else floor
-                def spread(base: str, name: str = name,
-                           rounds: list[dict[str, Result]] = rounds) -> str:
-                    ratios = sorted(r[name].rate / r[base].rate for r in rounds)
-                    return f"{statistics.median(ratios):.2f} ({ratios[0]:.2f}-{ratios[-1]:.2f})"
                 rate = statistics.median(r[name].rate for r in rounds)
                 cpu = statistics.median(r[name].server_cpu for r in rounds) * 1e6
-                print(f"{name:<27} {count:>5} {rate:>7.0f} {spread('echo'):>16} "
-                      f"{spread(names[floor]):>17} {names[floor]:<26} {cpu:>5.0f}", flush=True)
+                print(f"{name:<27} {count:>5} {rate:>7.0f} {spread(rounds, name, 'echo'):>16} "
+                      f"{spread(rounds, name, names[floor]):>17} {names[floor]:<26} "
+                      f"{cpu:>5.0f}", flush=True)
     finally:
         host.stop()
         host_loop.stop()
