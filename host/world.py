@@ -29,7 +29,7 @@ from host.dispatcher import Dispatcher, Gate
 from host.messages import Effects
 from host.plugins import Registry
 from host.sessions import SEQ_LIMIT, OutboundLog, Session, SessionTable
-from state.codec import canonical, load_stored
+from state.codec import encode_cbor, load_stored
 from state.saver import Saver
 from state.slices import Slices
 from state.store import (
@@ -382,7 +382,7 @@ class World:
         for s in candidates:
             if saved.get(s.id) != s.version:
                 runtime = s.runtime()
-                rows[s.id] = (runtime["next_seq"], canonical(runtime))
+                rows[s.id] = (runtime["next_seq"], encode_cbor(runtime))
                 saved[s.id] = s.version
         ended = [sid for sid in saved if sid not in self.sessions.by_id]
         for sid in ended:
