@@ -10,23 +10,30 @@ outbound log, no checkpoint. What it costs over the plain echo is what
 durability itself costs in Python on this machine: a server that does more
 per durable action than append it and answer it stays below it.
 
-    python bench/durable_echo.py [loop|thread|thread-wait] [DB]
+    python bench/durable_echo.py [loop|thread|thread-wait|none] [DB] [--fanout]
 
 ``loop`` commits in the event loop; ``thread`` on a writer thread of its own,
 the loop going on meanwhile and learning of the commit's end by
 ``run_sync_soon``; ``thread-wait`` the same, but the loop first waits for the
 commit up to 2 ms without Python's lock, as the host's default
-(``[store] journal_commits = "thread"``) does. Prints its port on the first
-line of stdout; run by bench/floor.py. The journal goes to ``DB`` (default: a
-new temporary folder).
+(``[store] journal_commits = "thread"``) does; ``none`` journals nothing (with
+``--fanout``: what the fan-out costs alone). Prints its port on the first
+line of stdout; run by bench/floor.py and bench/process.py. The journal goes to
+``DB`` (default: a new temporary folder).
+
+A ``host.ping`` is answered at once, as the host answers a read. With
+``--fanout`` a message naming a ``process_id`` (bench/process.py's
+``process.turn``) also goes, once committed, to every other connection that
+has sent one naming the same process: the floor under a durable turn that
+five agents see.
 """
 
 from __future__ import annotations
 
 import _thread
+import argparse
 import queue
 import sqlite3
-import sys
 import tempfile
 import threading
 from functools import partial
@@ -119,20 +126,51 @@ class Journal:
         self._launch()
 
 
-async def main(mode: str, db: Path) -> None:
+PING = b'"action":"host.ping"'
+PROCESS = b'"process_id":"'
+
+
+def _process_of(data: bytes) -> bytes | None:
+    at = data.find(PROCESS)
+    if at < 0:
+        return None
+    at += len(PROCESS)
+    return data[at:data.index(b'"', at)]
+
+
+async def main(mode: str, db: Path, fanout: bool) -> None:
     from websockets.exceptions import ConnectionClosed
     from websockets.trio.server import serve
 
     journal = Journal(db, mode != "loop", WAIT_S if mode == "thread-wait" else 0.0)
+    groups: dict[bytes, list[Any]] = {}  # process id -> the connections that named it
+    nojournal = mode == "none"
 
     async def handler(ws: Any) -> None:
+        joined: set[bytes] = set()
         try:
             while True:
                 message = await ws.recv()
-                await journal.append(message.encode() if isinstance(message, str) else message)
+                data = message.encode() if isinstance(message, str) else message
+                if PING in data:  # a read: answered at once, as the host answers it
+                    await ws.send(message)
+                    continue
+                if not nojournal:
+                    await journal.append(data)
                 await ws.send(message)
+                if fanout and (process := _process_of(data)) is not None:
+                    group = groups.setdefault(process, [])
+                    if process not in joined:
+                        joined.add(process)
+                        group.append(ws)
+                    for other in group:
+                        if other is not ws:
+                            await other.send(message)
         except ConnectionClosed:  # a client went away
             pass
+        finally:
+            for process in joined:
+                groups[process].remove(ws)
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     async with trio.open_nursery() as nursery:
@@ -143,6 +181,14 @@ async def main(mode: str, db: Path) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1] if len(sys.argv) > 1 else "loop",
-             Path(sys.argv[2]) if len(sys.argv) > 2
-             else Path(tempfile.mkdtemp(prefix="worldhost-bench-")) / "echo.db")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("commits", nargs="?", choices=("loop", "thread", "thread-wait", "none"),
+                        default="loop")
+    parser.add_argument("db", nargs="?", type=Path, help="the journal (default: a new "
+                        "temporary folder's)")
+    parser.add_argument("--fanout", action="store_true", help="a message naming a "
+                        "process_id also goes to every other connection that named it")
+    args = parser.parse_args()
+    trio.run(main, args.commits,
+             args.db or Path(tempfile.mkdtemp(prefix="worldhost-bench-")) / "echo.db",
+             args.fanout)

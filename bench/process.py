@@ -12,6 +12,15 @@ least 0.5 of pings/s). Each agent subscribes to its own process's topic
 to the one that took it, ``process.turn_taken`` to the other four) rather than
 to all 500 sessions.
 
+The same clients then do the same against two floors, bench/durable_echo.py
+``--fanout`` on the ``websockets`` library's server: it answers a ping at
+once, and sends each turn to the other four connections of its process as it
+answers it, and does nothing else. The ``fan-out echo`` journals nothing;
+the ``durable fan-out echo`` first commits the turn to SQLite on a thread.
+Their turns/pings ratios are what the fan-out alone, and with durability,
+leave of the ping rate in Python on this machine; the host's ratio is also
+shown as a share of each.
+
 The clients are bench/rawclient.py in ``--procs`` processes (plain sockets,
 epoll; a reply is found by a byte search, the other agents' signals are skipped
 unread), so the host, not the load generator, sets the pace: each row shows the
@@ -25,15 +34,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import trio
 
 from common import host_process, open_conns, run, workdir
-from roundtrip import RawClients
+from roundtrip import RawClients, Result
 
 PROCESSES = 100
 AGENTS = 5
+FLOORS = {  # bench/durable_echo.py --fanout, by where it commits
+    "none": "fan-out echo",  # no journal: what sending each turn to five costs alone
+    "thread": "durable fan-out echo",
+}
 
 
 def start_processes(url: str) -> list[str]:
@@ -70,6 +85,22 @@ def write_plan(folder: Path, pids: list[str]) -> Path:
     return path
 
 
+def measure(url: str, pid: int, plan: Path, args: argparse.Namespace,
+            session: bool) -> tuple[dict[str, Result], float, float]:
+    """Pings and turns from the same 500 connections, ``--rounds`` times: the round
+    with the median ratio, and the lowest and highest ratio."""
+    rounds = max(1, args.rounds)
+    clients = RawClients(url, PROCESSES * AGENTS, args.procs, [
+        *["--session"] * session, "--action", ",".join(["host.ping,plan"] * rounds),
+        "--plan", str(plan), "--seconds", str(args.seconds), "--grace", "60"])
+    measured = sorted(({phase: clients.phase(pid) for phase in ("host.ping", "process.turn")}
+                       for _ in range(rounds)),
+                      key=lambda r: r["process.turn"].rate / r["host.ping"].rate)
+    clients.wait()
+    low, high = (r["process.turn"].rate / r["host.ping"].rate for r in (measured[0], measured[-1]))
+    return measured[len(measured) // 2], low, high
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -86,34 +117,46 @@ def main() -> None:
     server = host_process(folder, host=host).start()
     try:
         assert server.proc is not None
-        pid = server.proc.pid
         plan = write_plan(folder, start_processes(server.url))
-        rounds = max(1, args.rounds)
-        clients = RawClients(server.url, PROCESSES * AGENTS, args.procs, [
-            "--session", "--action", ",".join(["host.ping,plan"] * rounds), "--plan", str(plan),
-            "--seconds", str(args.seconds), "--grace", "60"])
-        measured = sorted(({phase: clients.phase(pid) for phase in ("host.ping", "process.turn")}
-                           for _ in range(rounds)),
-                          key=lambda r: r["process.turn"].rate / r["host.ping"].rate)
-        clients.wait()
+        results, low, high = measure(server.url, server.proc.pid, plan, args, True)
     finally:
         server.stop()
+    floors = {mode: measure_floor(mode, plan, args) for mode in FLOORS}
     print(f"{PROCESSES} processes x {AGENTS} agents ({PROCESSES * AGENTS} connections), "
           f"raw client in {args.procs} process(es); cost = µs of CPU per acknowledged request, "
           f"server/client; busy = share of the time running or waiting for a core")
-    results = measured[len(measured) // 2]
-    low, high = (r["process.turn"].rate / r["host.ping"].rate for r in (measured[0], measured[-1]))
-    for phase, label in (("process.turn", "acknowledged turns/s"), ("host.ping", "round trips/s")):
-        r = results[phase]
-        print(f"{phase:<13} {r.rate:8.0f} {label:<21} p50 {r.p50 * 1000:6.1f} ms"
-              f"  p99 {r.p99 * 1000:6.1f} ms  cost {r.server_cpu * 1e6:5.0f}/"
-              f"{r.client_cpu * 1e6:<5.0f} busy {r.server_busy * 100:3.0f}%/"
-              f"{r.client_busy * 100:.0f}%")
+    for name, measured in (("host", results),
+                           *((FLOORS[mode], floor[0]) for mode, floor in floors.items())):
+        for phase, label in (("process.turn", "acknowledged turns/s"),
+                             ("host.ping", "round trips/s")):
+            r = measured[phase]
+            print(f"{name + ' ' + phase:<36} {r.rate:8.0f} {label:<21} "
+                  f"p50 {r.p50 * 1000:6.1f} ms  p99 {r.p99 * 1000:6.1f} ms  "
+                  f"cost {r.server_cpu * 1e6:5.0f}/{r.client_cpu * 1e6:<5.0f} "
+                  f"busy {r.server_busy * 100:3.0f}%/{r.client_busy * 100:.0f}%")
     turns, pings = results["process.turn"], results["host.ping"]
-    print(f"durable turn vs bare round trip: throughput ratio {turns.rate / pings.rate:.2f}, "
+    ratio = turns.rate / pings.rate
+    print(f"durable turn vs bare round trip: throughput ratio {ratio:.2f}, "
           f"p99 ratio {turns.p99 / pings.p99:.2f}, "
           f"server CPU ratio {pings.server_cpu / turns.server_cpu:.2f} "
-          f"(the median of {len(measured)} rounds; ratios {low:.2f}-{high:.2f})")
+          f"(the median of {args.rounds} rounds; ratios {low:.2f}-{high:.2f})")
+    for mode, (floor, floor_low, floor_high) in floors.items():
+        floor_ratio = floor["process.turn"].rate / floor["host.ping"].rate
+        print(f"the same, {FLOORS[mode]}: {floor_ratio:.2f} "
+              f"({floor_low:.2f}-{floor_high:.2f}); the host's is {ratio / floor_ratio:.2f} of it")
+
+
+def measure_floor(mode: str, plan: Path, args: argparse.Namespace
+                  ) -> tuple[dict[str, Result], float, float]:
+    echo = subprocess.Popen([sys.executable, str(Path(__file__).parent / "durable_echo.py"),
+                             mode, "--fanout"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout is not None
+        return measure(f"ws://127.0.0.1:{int(echo.stdout.readline())}/", echo.pid, plan, args,
+                       False)
+    finally:
+        echo.kill()
+        echo.wait()
 
 
 if __name__ == "__main__":
