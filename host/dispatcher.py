@@ -285,12 +285,12 @@ class Dispatcher:
             self.on_changed(outcome, changed)
         plain = msgspec.to_builtins(params) if changed and params is not None else {}
         if action.changes_world and changed:
-            entry_id = entry_id if entry_id is not None else self._take_id()
-            outcome.entry = JournalEntry(
-                entry_id, action.name, encode_cbor(plain), now,
-                session.id if session is not None else None,
-                encode_cbor(req.id) if req is not None and req.has_id else None,
-                encode_cbor(ctx.memo) if ctx.memo else None)
+            if not self.replaying:  # (a replayed action's entry is in the journal already)
+                outcome.entry = JournalEntry(
+                    entry_id if entry_id is not None else self._take_id(), action.name,
+                    encode_cbor(plain), now, session.id if session is not None else None,
+                    encode_cbor(req.id) if req is not None and req.has_id else None,
+                    encode_cbor(ctx.memo) if ctx.memo else None)
             self.saver.changed()
         elif action.changes_world and entry_id is None:
             self._take_id()

@@ -270,24 +270,37 @@ class Session:
     def restore_log(self, logged: list[LoggedSignal]) -> None:
         """Take back signals a store logged for this session (ordered by seq), beside
         those already held (another store's), keeping each seq once; the replay
-        buffer's bounds apply as to signals sent."""
-        held: dict[int, Signal] = {s.seq: s for s in self.buffer if s.seq is not None}
-        for _, seq, _, name, data, re in logged:
-            if seq not in held:
+        buffer's bounds apply as to signals sent. Taken newest first, and only as many
+        as the bounds keep: a log holds more than a buffer (``outbound_log_size``
+        against ``replay_buffer``), and each is decoded and measured to be kept."""
+        held: dict[int, Signal | LoggedSignal] = {
+            s.seq: s for s in self.buffer if s.seq is not None}
+        for row in logged:
+            held.setdefault(row[1], row)
+        kept: list[tuple[Signal, int]] = []
+        total = 0
+        for seq in sorted(held, reverse=True):
+            if len(kept) == self.buffer_size:
+                break
+            sig = held[seq]
+            if not isinstance(sig, Signal):
+                _, _, _, name, data, re = sig
                 reply = load_stored(re) if re is not None else None
-                held[seq] = Signal(name, load_stored(data), reply[0] if reply else None,
-                                   reply is not None, seq, encoded={"cbor": data})
+                sig = Signal(name, load_stored(data), reply[0] if reply else None,
+                             reply is not None, seq, encoded={"cbor": data})
+            size = signal_size(sig, "json")
+            if total + size > self.buffer_bytes_limit:
+                break
+            kept.append((sig, size))
+            total += size
         self.buffer.clear()
         self.sizes.clear()
-        self.buffer_bytes = 0
-        for seq in sorted(held):
-            size = signal_size(held[seq], "json")
-            self.buffer.append(held[seq])
+        for sig, size in reversed(kept):
+            self.buffer.append(sig)
             self.sizes.append(size)
-            self.buffer_bytes += size
-        self._trim_buffer()
-        if self.buffer:
-            self.skip_to(self.buffer[-1].seq + 1)  # type: ignore[operator]
+        self.buffer_bytes = total
+        if held:
+            self.skip_to(max(held) + 1)
 
     def overview(self) -> dict[str, Any]:
         """Its journaled record (the one source of truth for its state) with live figures."""

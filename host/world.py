@@ -217,7 +217,16 @@ class World:
                       damage.committed_frames, damage.readable_frames,
                       damage.committed_frames - damage.readable_frames, damage.copy)
             self.recovered = {**(self.recovered or {}), **damage.report()}
-        self._load(self.store.load())
+        # Loading builds a world's records by the ten thousand, all of them kept: the
+        # cyclic collector would walk the growing heap again and again meanwhile, for
+        # nothing (``settle_heap`` takes them out of its sight once the world is up).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            self._load(self.store.load())
+        finally:
+            if collecting:
+                gc.enable()
 
     def _load(self, loaded: Loaded) -> None:
         assert self.store is not None
