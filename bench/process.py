@@ -34,13 +34,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import trio
 
 from common import host_process, open_conns, run, workdir
+from floor import spawn
 from roundtrip import RawClients, Result
 
 PROCESSES = 100
@@ -148,12 +147,10 @@ def main() -> None:
 
 def measure_floor(mode: str, plan: Path, args: argparse.Namespace
                   ) -> tuple[dict[str, Result], float, float]:
-    echo = subprocess.Popen([sys.executable, str(Path(__file__).parent / "durable_echo.py"),
-                             mode, "--fanout"], stdout=subprocess.PIPE, text=True)
+    """``measure`` against bench/durable_echo.py ``--fanout``, committing as ``mode`` says."""
+    echo, port = spawn(str(Path(__file__).parent / "durable_echo.py"), mode, "--fanout")
     try:
-        assert echo.stdout is not None
-        return measure(f"ws://127.0.0.1:{int(echo.stdout.readline())}/", echo.pid, plan, args,
-                       False)
+        return measure(f"ws://127.0.0.1:{port}/", echo.pid, plan, args, False)
     finally:
         echo.kill()
         echo.wait()
