@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -41,6 +42,15 @@ def config_file(folder: Path, extra: str = "", rate: float = 1e6, host: str = ""
                     f'[plugins.session_cleanup]\nmax_sessions = 100000\n'
                     f'[plugins.bench]\nmodule = "bench_plugin"\n{extra}')
     return path
+
+
+def spawn_server(script: str, *args: str) -> tuple[subprocess.Popen[str], int]:
+    """A server of bench/ (``script``) in a process of its own, and the port it
+    prints on its first line once it listens."""
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).parent / script), *args],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, int(proc.stdout.readline())
 
 
 def host_process(folder: Path, extra_config: str = "", rate: float = 1e6,

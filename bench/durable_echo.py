@@ -42,7 +42,7 @@ from typing import Any
 
 import trio
 
-WAIT_S = 0.002  # as the host's COMMIT_WAIT_S, for thread-wait
+from state.saver import COMMIT_WAIT_S
 
 
 class Journal:
@@ -142,7 +142,7 @@ async def main(mode: str, db: Path, fanout: bool) -> None:
     from websockets.exceptions import ConnectionClosed
     from websockets.trio.server import serve
 
-    journal = Journal(db, mode != "loop", WAIT_S if mode == "thread-wait" else 0.0)
+    journal = Journal(db, mode != "loop", COMMIT_WAIT_S if mode == "thread-wait" else 0.0)
     groups: dict[bytes, list[Any]] = {}  # process id -> the connections that named it
     nojournal = mode == "none"
 

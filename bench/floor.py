@@ -28,14 +28,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import subprocess
-import sys
-from pathlib import Path
 
-from common import host_process, workdir
+from common import host_process, spawn_server, workdir
 from roundtrip import Result, measure_raw
-
-HERE = Path(__file__).parent
 
 # name, action, the server it is measured on, and the server its floor is measured on
 ROWS = [
@@ -47,12 +42,6 @@ ROWS = [
     ("host bench.touch (thread)", "bench.touch", "host", "durable-thread"),
     ("host bench.touch (loop)", "bench.touch", "host-loop", "durable-loop"),
 ]
-
-
-def spawn(*cmd: str) -> tuple[subprocess.Popen[str], int]:
-    proc = subprocess.Popen([sys.executable, *cmd], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    return proc, int(proc.stdout.readline())
 
 
 def spread(rounds: list[dict[str, Result]], name: str, base: str) -> str:
@@ -70,17 +59,14 @@ def main() -> None:
     host = host_process(workdir(), host='websocket = "websockets"\n').start()
     host_loop = host_process(workdir(), '[store]\njournal_commits = "loop"\n',
                              host='websocket = "websockets"\n').start()
-    echo = spawn(str(HERE / "echo.py"), "--websockets")
-    durable_loop = spawn(str(HERE / "durable_echo.py"), "loop")
-    durable_thread = spawn(str(HERE / "durable_echo.py"), "thread")
-    durable_wait = spawn(str(HERE / "durable_echo.py"), "thread-wait")
+    echoes = {"echo": spawn_server("echo.py", "--websockets"),
+              **{f"durable-{mode}": spawn_server("durable_echo.py", mode)
+                 for mode in ("loop", "thread", "thread-wait")}}
     servers = {  # name -> (url, pid, whether the client opens a session)
         "host": (host.url, host.proc.pid, True),  # type: ignore[union-attr]
         "host-loop": (host_loop.url, host_loop.proc.pid, True),  # type: ignore[union-attr]
-        "echo": (f"ws://127.0.0.1:{echo[1]}/", echo[0].pid, False),
-        "durable-loop": (f"ws://127.0.0.1:{durable_loop[1]}/", durable_loop[0].pid, False),
-        "durable-thread": (f"ws://127.0.0.1:{durable_thread[1]}/", durable_thread[0].pid, False),
-        "durable-thread-wait": (f"ws://127.0.0.1:{durable_wait[1]}/", durable_wait[0].pid, False),
+        **{name: (f"ws://127.0.0.1:{port}/", proc.pid, False)
+           for name, (proc, port) in echoes.items()},
     }
     print(f"raw client, 1 process; {args.seconds:g} s a measurement, {args.rounds} rounds; "
           f"ratios: the median of the rounds' (lowest-highest); cpu: the server's µs a round trip")
@@ -109,7 +95,7 @@ def main() -> None:
     finally:
         host.stop()
         host_loop.stop()
-        for proc, _ in (echo, durable_loop, durable_thread, durable_wait):
+        for proc, _ in echoes.values():
             proc.kill()
             proc.wait()
 

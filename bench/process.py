@@ -38,8 +38,7 @@ from pathlib import Path
 
 import trio
 
-from common import host_process, open_conns, run, workdir
-from floor import spawn
+from common import host_process, open_conns, run, spawn_server, workdir
 from roundtrip import RawClients, Result
 
 PROCESSES = 100
@@ -148,7 +147,7 @@ def main() -> None:
 def measure_floor(mode: str, plan: Path, args: argparse.Namespace
                   ) -> tuple[dict[str, Result], float, float]:
     """``measure`` against bench/durable_echo.py ``--fanout``, committing as ``mode`` says."""
-    echo, port = spawn(str(Path(__file__).parent / "durable_echo.py"), mode, "--fanout")
+    echo, port = spawn_server("durable_echo.py", mode, "--fanout")
     try:
         return measure(f"ws://127.0.0.1:{port}/", echo.pid, plan, args, False)
     finally:

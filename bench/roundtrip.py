@@ -47,7 +47,7 @@ from pathlib import Path
 
 import trio
 
-from common import drive, host_process, open_conns, percentile, run, workdir
+from common import drive, host_process, open_conns, percentile, run, spawn_server, workdir
 from rawclient import cpu_seconds, run_wait_seconds
 from serverproc import free_port
 
@@ -170,13 +170,6 @@ def measure_trio(url: str, server_pid: int, count: int, seconds: float, action: 
                   server_busy / wall, client_busy / wall)
 
 
-def spawn_echo(*flags: str) -> tuple[subprocess.Popen[str], int]:
-    echo = subprocess.Popen([sys.executable, str(HERE / "echo.py"), *flags],
-                            stdout=subprocess.PIPE, text=True)
-    assert echo.stdout is not None
-    return echo, int(echo.stdout.readline())
-
-
 def cost(r: Result) -> str:
     """Server/client: µs of CPU per round trip, % of a core used, % of the time busy."""
     return (f"{r.server_cpu * 1e6:>4.0f}/{r.client_cpu * 1e6:<4.0f}"
@@ -232,7 +225,7 @@ def main() -> None:
         tcp = f"[transports.tcp]\nenabled = true\nport = {port}\n" if line else ""
         server = host_process(workdir(), extra + tcp, host=host).start()
         assert server.proc is not None
-        echo, echo_port = spawn_echo(*ECHO_FLAGS[transport])
+        echo, echo_port = spawn_server("echo.py", *ECHO_FLAGS[transport])
         if line:
             host_url, echo_url = f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{echo_port}"
         else:
