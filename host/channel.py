@@ -149,6 +149,41 @@ class Outgoing:
         return rest
 
 
+class Incoming:
+    """Reads a plain TCP socket as trio's ``SocketStream.receive_some`` does (one
+    pass of the scheduler a read, none more when the read had to wait), without
+    the stream's and socket's wrapper layers: on a small message they cost as much
+    as the read itself. A TLS or in-memory stream is read through the stream."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+
+    async def receive(self, max_bytes: int) -> bytes | bytearray:
+        """What the peer sent next (b"" once it is done); raises BrokenResourceError
+        and ClosedResourceError as the stream does."""
+        sock = self._socket
+        if sock is None:
+            return await self._stream.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        waited = False
+        while True:
+            fd = sock.fileno()
+            if fd < 0:
+                raise trio.ClosedResourceError("the socket was closed")
+            try:
+                data = os.read(fd, max_bytes)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)  # (a checkpoint)
+                waited = True
+                continue
+            except OSError as exc:  # reset by the peer
+                raise trio.BrokenResourceError(str(exc)) from exc
+            if not waited:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            return data
+
+
 class TaskWrites:
     """For a channel whose writes always wait for a task (no ``send_now``)."""
 

@@ -11,7 +11,6 @@ WebSocket close codes. JSON only: CBOR is binary, and binary has no lines.
 from __future__ import annotations
 
 import logging
-import math
 import socket
 from collections.abc import Callable
 from functools import partial
@@ -19,7 +18,7 @@ from functools import partial
 import trio
 
 from host.actions import ActionError
-from host.channel import ChannelClosed, Outgoing, Refused, Unreadable, send_within
+from host.channel import ChannelClosed, Incoming, Outgoing, Refused, Unreadable, send_within
 from host.config import Config
 from host.framing import encode_frame
 from host.messages import Signal
@@ -58,6 +57,7 @@ class LineChannel:
         self.closed = False
         self.said_why = False  # the connection.closed line went out
         self._out = Outgoing(stream)
+        self._incoming = Incoming(stream)
         self._writing = False  # a task is in send_many
         self._read_since = True  # a read happened since the last line was returned
 
@@ -103,22 +103,27 @@ class LineChannel:
     async def _read(self) -> None:
         if self._begun is None and self._buffer:
             self._begun = trio.current_time()
-        deadline = math.inf if self._begun is None else self._begun + self.line_timeout_s
-        data: bytes | bytearray = b""
-        with trio.move_on_at(deadline):
-            try:
-                data = await self.stream.receive_some(_READ)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
-            if not data:
-                self.closed = True
-                raise ChannelClosed
-            self._buffer += data
-            self._read_since = True
-            return
-        self._buffer.clear()
-        raise Refused(POLICY, f"line not finished within {self.line_timeout_s:g} s "
-                              f"(transports.tcp.line_timeout_s)")
+        if self._begun is None:  # no line begun: nothing to time (the hot path)
+            data = await self._receive()
+        else:
+            with trio.move_on_at(self._begun + self.line_timeout_s) as timer:
+                data = await self._receive()
+            if timer.cancelled_caught:
+                self._buffer.clear()
+                raise Refused(POLICY, f"line not finished within {self.line_timeout_s:g} s "
+                                      f"(transports.tcp.line_timeout_s)")
+        if not data:
+            self.closed = True
+            raise ChannelClosed
+        self._buffer += data
+        self._read_since = True
+
+    async def _receive(self) -> bytes | bytearray:
+        """The next bytes read; b"" once the peer is gone."""
+        try:
+            return await self._incoming.receive(_READ)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
 
     async def send(self, frame: str | bytes) -> None:
         await self.send_many([frame])

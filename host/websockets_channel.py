@@ -25,7 +25,12 @@ from websockets.http11 import Request
 from websockets.protocol import CLOSED, OPEN
 from websockets.server import ServerProtocol
 
-from host.channel import ChannelClosed, Outgoing
+try:  # the library's own unmasking, in C where it was built with its speedups
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover
+    from websockets.utils import apply_mask
+
+from host.channel import ChannelClosed, Incoming, Outgoing
 from host.config import Config
 from host.transport import Connection, Slot, Transport
 from host.websocket import origin_ok
@@ -37,6 +42,9 @@ _library_log.setLevel(logging.WARNING)
 CLOSE_TIMEOUT_S = 1.0  # for the client's answer to our close frame, as trio-websocket waits
 _RECEIVE_BYTES = 65536
 _MAX_REASON = 123  # bytes: a close frame's payload is at most 125, two of them the code
+# the first byte of a whole text or binary message in one frame (FIN, no RSV bit)
+_TEXT, _BINARY = 0x81, 0x82
+_OPCODES = frozenset(int(opcode) for opcode in Opcode)
 
 
 class WebsocketsChannel:
@@ -50,14 +58,21 @@ class WebsocketsChannel:
     hand-off per message, about a third of the CPU an echo costs on it
     (bench/roundtrip.py). The protocol still does all of WebSocket: parsing and
     unmasking, the size bound (after inflating), pongs, the close handshake and
-    its codes.
+    its codes, except for the two commonest frames, which the channel takes and
+    makes itself (:meth:`_feed`, :meth:`_frame`).
     """
 
     pings = True
 
-    def __init__(self, stream: trio.abc.Stream, proto: ServerProtocol) -> None:
+    def __init__(self, stream: trio.abc.Stream, proto: ServerProtocol,
+                 rest: bytes = b"") -> None:
         self.stream = stream
         self.proto = proto
+        self._incoming = Incoming(stream)
+        self._unread = bytearray(rest)  # read, and not yet a whole frame
+        self._owed = 0  # bytes of a frame the protocol has begun that go to it as read
+        self._direct = False  # everything read goes to the protocol as it comes
+        self._writes: list[bytes] = []  # to send, in order: the protocol's and our frames
         self._messages: deque[str | bytes] = deque()
         self._parts: list[bytes | bytearray | memoryview] = []  # of a fragmented message
         self._text = False  # the message being received is text
@@ -82,7 +97,7 @@ class WebsocketsChannel:
                 raise ChannelClosed
             self._receiving = True
             try:
-                data = await self.stream.receive_some(_RECEIVE_BYTES)
+                data = await self._incoming.receive(_RECEIVE_BYTES)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._gone()
                 raise ChannelClosed from None
@@ -97,9 +112,85 @@ class WebsocketsChannel:
         self._feed(b"", more=True)
 
     def _feed(self, data: bytes | bytearray, more: bool = False) -> None:
-        """Hand what was read to the protocol; queue the messages it completes."""
+        """Take the messages in what was read (b"", unless ``more``: the end).
+
+        A whole unfragmented text or binary frame, masked, within the size bound,
+        on an open connection without compression, is unmasked here: on a small
+        message the protocol's parser costs as much as the rest of a ping. Every
+        other frame goes to the protocol as it comes (a bad header is refused at
+        once), and so does everything once the connection is compressed or
+        closing: the protocol
+        sees exactly the bytes the peer sent, in order, and each frame as soon as
+        it is whole, as if it were read a byte at a time."""
         proto = self.proto
         if proto.reader.eof:  # type: ignore[attr-defined]  # done reading: nothing is taken
+            return
+        if not (data or more) or self._direct or proto.extensions or \
+                proto.state is not OPEN:
+            self._direct = True
+            if self._unread:
+                unread, self._unread = bytes(self._unread), bytearray()
+                self._protocol(unread, True)
+            self._protocol(data, more)
+            return
+        if self._owed:  # the rest of a frame the protocol has begun
+            part = data[:self._owed]
+            self._owed -= len(part)
+            self._protocol(part, True)
+            data = data[len(part):]
+            if self._owed or not data:
+                return
+        buf = self._unread
+        buf += data
+        pos, end = 0, len(buf)
+        messages = self._messages
+        while end - pos >= 2 and proto.state is OPEN:
+            first, second = buf[pos], buf[pos + 1]
+            if first & 0x0F not in _OPCODES or not second & 0x80:
+                # refused from its first two bytes (a bad opcode, no mask): at once
+                self._protocol(bytes(buf[pos:]), True)
+                pos = end
+                break
+            length, head = second & 0x7F, 6  # (with the mask)
+            if length >= 126:
+                head += 2 if length == 126 else 8
+                if end - pos < head - 4:
+                    break  # the rest of its length is on its way
+                length = int.from_bytes(buf[pos + 2:pos + head - 4], "big")
+            stop = pos + head + length
+            if (first != _TEXT and first != _BINARY) or proto.current_size is not None or \
+                    length > proto.max_message_size:
+                # the protocol's to take (or to refuse) as it comes
+                self._owed = max(0, stop - end)
+                self._protocol(bytes(buf[pos:min(stop, end)]), True)
+                pos = min(stop, end)
+                continue
+            if stop > end:
+                break  # the rest of the frame is on its way
+            payload = apply_mask(buf[pos + head:stop], buf[pos + head - 4:pos + head])
+            pos = stop
+            if first == _BINARY:
+                messages.append(payload)
+                continue
+            try:
+                messages.append(payload.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                proto.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
+                self._writes += proto.data_to_send()
+                pos = end  # (the protocol would discard it now)
+        if pos < end and proto.state is not OPEN:
+            self._direct = True
+            rest = bytes(buf[pos:])
+            buf.clear()
+            self._protocol(rest, True)
+        else:
+            del buf[:pos]
+
+    def _protocol(self, data: bytes | bytearray, more: bool) -> None:
+        """Hand bytes to the protocol (b"" and not ``more``: the end); queue the
+        messages it completes and what it has to send."""
+        proto = self.proto
+        if proto.reader.eof:  # type: ignore[attr-defined]
             return
         if data or more:
             proto.receive_data(data)
@@ -131,6 +222,7 @@ class WebsocketsChannel:
             except UnicodeDecodeError as exc:
                 proto.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
                 break
+        self._writes += proto.data_to_send()
         if proto.state is CLOSED or proto.close_rcvd is not None or \
                 proto.reader.eof:  # type: ignore[attr-defined]
             self._gone()
@@ -142,17 +234,23 @@ class WebsocketsChannel:
             answered.set()
         self._pongs.clear()
 
+    def _take_writes(self) -> list[bytes]:
+        """What there is to send, in order (b"" last: then the end of the stream)."""
+        writes, self._writes = self._writes, []
+        writes += self.proto.data_to_send()
+        return writes
+
     async def _write(self) -> None:
-        """Write what the protocol has to send, in one write; then perhaps the end.
-        One task writes at a time: one that finds another writing leaves what it
-        framed to it (the writer takes what the protocol holds until it is empty)."""
+        """Write what there is to send, in one write; then perhaps the end. One task
+        writes at a time: one that finds another writing leaves what it framed to it
+        (the writer takes what there is until nothing is left)."""
         if self._writing:
             return
         self._writing = True
         try:
             if self._out.rest:
                 await self.stream.send_all(self._out.take_rest())
-            while data := self.proto.data_to_send():
+            while data := self._take_writes():
                 payload = b"".join(data)
                 if payload:
                     await self.stream.send_all(payload)
@@ -178,12 +276,34 @@ class WebsocketsChannel:
         await self._write()
 
     def _frame(self, frames: list[str | bytes]) -> None:
+        """Frame messages to send, each whole in one frame: made here, unless
+        compressed (a server's frames are not masked, so a frame is its length and
+        its bytes)."""
         proto = self.proto
+        if proto.extensions:
+            for frame in frames:
+                if isinstance(frame, str):
+                    proto.send_text(frame.encode())
+                else:
+                    proto.send_binary(frame)
+            self._writes += proto.data_to_send()
+            return
+        writes = self._writes
+        writes += proto.data_to_send()  # (a pong it owes goes first)
         for frame in frames:
             if isinstance(frame, str):
-                proto.send_text(frame.encode())
+                data, first = frame.encode(), _TEXT
             else:
-                proto.send_binary(frame)
+                data, first = frame, _BINARY
+            length = len(data)
+            if length < 126:
+                writes.append(bytes((first, length)))
+            elif length < 65536:
+                writes.append(bytes((first, 126)) + length.to_bytes(2, "big"))
+            else:
+                writes.append(bytes((first, 127)) + length.to_bytes(8, "big"))
+            if length:  # (b"" would say the end of the stream)
+                writes.append(data)
 
     @property
     def writable_now(self) -> bool:
@@ -195,7 +315,7 @@ class WebsocketsChannel:
 
     def send_now(self, frames: list[str | bytes]) -> None:
         self._frame(frames)
-        self._out.write_now(b"".join(self.proto.data_to_send()))
+        self._out.write_now(b"".join(self._take_writes()))
 
     @property
     def backlog(self) -> bool:
@@ -208,6 +328,7 @@ class WebsocketsChannel:
         data = self._pinged.to_bytes(4, "big")
         answered = self._pongs[data] = trio.Event()
         self.proto.send_ping(data)
+        self._writes += self.proto.data_to_send()
         await self._write()
         await answered.wait()
         if self.proto.state is not OPEN:  # woken by the end, not by a pong
@@ -222,6 +343,7 @@ class WebsocketsChannel:
             return
         if self.proto.state is OPEN:
             self.proto.send_close(code, _truncate(reason))
+            self._writes += self.proto.data_to_send()
             try:
                 await self._write()
             except ChannelClosed:
@@ -242,7 +364,7 @@ class WebsocketsChannel:
             else:
                 while not self._done.is_set():
                     try:
-                        self._feed(await self.stream.receive_some(_RECEIVE_BYTES))
+                        self._feed(await self._incoming.receive(_RECEIVE_BYTES))
                         await self._write()
                     except (trio.BrokenResourceError, trio.ClosedResourceError,
                             ChannelClosed):
@@ -351,12 +473,16 @@ async def handshake(transport: Transport, stream: trio.abc.Stream,
 
 async def serve(transport: Transport, stream: trio.abc.Stream, head: bytes, remote: str,
                 slot: Slot | None, handshake_deadline: float) -> None:
-    """One WebSocket connection whose request head is ``head``, to its end."""
+    """One WebSocket connection whose request head is ``head``, to its end. What
+    the client sent right behind its request is the channel's to read, not the
+    protocol's: so the protocol is left between two frames."""
+    end = head.find(b"\r\n\r\n") + 4
+    request, rest = (head[:end], head[end:]) if end >= 4 else (head, b"")
     with trio.move_on_at(handshake_deadline):
-        proto = await handshake(transport, stream, head)
+        proto = await handshake(transport, stream, request)
     if proto is None:
         return
-    channel = WebsocketsChannel(stream, proto)
+    channel = WebsocketsChannel(stream, proto, rest)
     conn = transport.connection(channel, remote, slot)
     proto.conn = conn  # from now on the frame bound follows its session
     try:
