@@ -64,7 +64,7 @@ class WebsocketsChannel:
 
     pings = True
 
-    def __init__(self, stream: trio.abc.Stream, proto: ServerProtocol,
+    def __init__(self, stream: trio.abc.Stream, proto: HostProtocol,
                  rest: bytes = b"") -> None:
         self.stream = stream
         self.proto = proto
