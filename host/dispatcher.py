@@ -32,7 +32,7 @@ from host.config import error_path
 from host.messages import Disconnect, Effects, Request, Signal
 from host.sessions import Session, SessionTable
 from host.topics import Interest
-from state.codec import encode_cbor, load_stored
+from state.codec import encode_cbor, encode_scalar, load_stored
 from state.slices import Slices
 from state.store import JournalEntry
 
@@ -289,7 +289,7 @@ class Dispatcher:
                 outcome.entry = JournalEntry(
                     entry_id if entry_id is not None else self._take_id(), action.name,
                     encode_cbor(plain), now, session.id if session is not None else None,
-                    encode_cbor(req.id) if req is not None and req.has_id else None,
+                    encode_scalar(req.id) if req is not None and req.has_id else None,
                     encode_cbor(ctx.memo) if ctx.memo else None)
             self.saver.changed()
         elif action.changes_world and entry_id is None:

@@ -20,6 +20,7 @@ from state.codec import (
     decode_json,
     encode_cbor,
     encode_json,
+    encode_scalar,
     lenient_json,
 )
 
@@ -85,11 +86,11 @@ def encode_frame(sig: Signal, encoding: str) -> str | bytes:
         data: bytes | None = cache.get("cbor")
         if data is None:
             data = cache["cbor"] = encode_cbor(sig.data)
-        parts = [b"\x66signal", encode_cbor(sig.signal)]
+        parts = [b"\x66signal", encode_scalar(sig.signal)]
         if sig.has_re:
-            parts += [b"\x62re", encode_cbor(sig.re)]
+            parts += [b"\x62re", encode_scalar(sig.re)]
         if sig.seq is not None:
-            parts += [b"\x63seq", encode_cbor(sig.seq)]
+            parts += [b"\x63seq", encode_scalar(sig.seq)]
         parts += [b"\x64data", data]
         return bytes([0xA0 + len(parts) // 2]) + b"".join(parts)
     text: str | None = cache.get("json")

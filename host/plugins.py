@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -75,7 +76,8 @@ class Registry:
 
 
 class ScopedHooks:
-    """``pm.hook`` restricted to some plugins, through pluggy's own call machinery."""
+    """``pm.hook`` restricted to some plugins. Every plugin is registered before the
+    first call (``load``), so each hook's implementations are known from then on."""
 
     def __init__(self, pm: pluggy.PluginManager, removed: list[Any]) -> None:
         self._pm = pm
@@ -85,10 +87,36 @@ class ScopedHooks:
     def __getattr__(self, name: str) -> Any:
         caller = self._callers.get(name)
         if caller is None:
-            caller = self._callers[name] = (
-                self._pm.subset_hook_caller(name, self._removed) if self._removed
-                else getattr(self._pm.hook, name))
+            hook = self._pm.subset_hook_caller(name, self._removed) if self._removed \
+                else getattr(self._pm.hook, name)
+            caller = self._callers[name] = _plain_call(hook) or hook
         return caller
+
+
+def _plain_call(hook: Any) -> Callable[..., list[Any]] | None:
+    """A hook's implementations called in a plain loop, in pluggy's order (the last
+    registered first), their results that are not None in a list: what pluggy's
+    call machinery does for a hook that has no wrapper and is neither
+    ``firstresult`` nor historic, without checking the arguments and setting up
+    the wrapper protocol on every call (6 µs a call with three implementations,
+    against 0.4: ``action_applied`` runs once per world-changing action). None for
+    any other hook, which pluggy calls."""
+    spec = hook.spec
+    impls = hook.get_hookimpls()
+    if spec is None or spec.opts.get("firstresult") or spec.opts.get("historic") or \
+            any(impl.hookwrapper or impl.wrapper for impl in impls):
+        return None
+    calls = [(impl.function, tuple(impl.argnames)) for impl in reversed(impls)]
+
+    def call(**kwargs: Any) -> list[Any]:
+        results = []
+        for function, names in calls:
+            result = function(*[kwargs[n] for n in names])
+            if result is not None:
+                results.append(result)
+        return results
+
+    return call
 
 
 def _import(module: str, owner: str) -> ModuleType:

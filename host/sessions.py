@@ -25,7 +25,7 @@ import trio
 
 from host.messages import Signal as Signal
 from host.topics import Interest
-from state.codec import encode_cbor, encode_json, load_stored
+from state.codec import encode_cbor, encode_json, encode_scalar, load_stored
 from state.store import LoggedSignal, LogTrim, OutboundRows
 
 # The highest ``last_seq`` a client may present: the largest integer every JSON
@@ -489,7 +489,7 @@ class OutboundLog:
                     data = cache["cbor"] = encode_cbor(sig.data)
                 pos = positions[key] = self.reserve(1)
                 rows.data.append((pos, at, sig.signal, data))
-            re = encode_cbor([sig.re]) if sig.has_re else None
+            re = b"\x81" + encode_scalar(sig.re) if sig.has_re else None  # [re]
             rows.seqs.append((session.id, sig.seq, pos, re))
 
     def trim(self) -> LogTrim:

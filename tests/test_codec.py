@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from state.codec import DecodeError, canonical, check_plain, clone, decode_cbor, decode_json
+from state.codec import (
+    DecodeError,
+    canonical,
+    check_plain,
+    clone,
+    decode_cbor,
+    decode_json,
+    encode_scalar,
+)
 
 plain = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1)
@@ -63,3 +71,15 @@ def test_depth_is_bounded() -> None:
     with pytest.raises(DecodeError):
         decode_cbor(cbor2.dumps(deep))
     assert not math.isnan(decode_cbor(cbor2.dumps(1.5)))
+
+
+scalars = (st.none() | st.text() | st.integers(-(2**64), 2**64 - 1)
+           | st.sampled_from([0, 23, 24, 255, 256, 65535, 65536, 2**32 - 1, 2**32, 2**64 - 1,
+                              -1, -24, -25, -256, -257, -(2**64), 2**64, -(2**64) - 1])
+           | st.text(min_size=20, max_size=70000).filter(lambda t: len(t.encode()) > 23))
+
+
+@given(scalars | st.booleans() | st.floats(allow_nan=False) | st.binary(max_size=30))
+@settings(max_examples=1000)
+def test_a_scalar_is_encoded_as_cbor2_encodes_it(value: object) -> None:
+    assert encode_scalar(value) == cbor2.dumps(value)
