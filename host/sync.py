@@ -31,6 +31,7 @@ class ClientView:
         # world id -> plugin -> (slices its summary fields were computed from, those
         # fields): after an action only the plugins that read what it changed are asked
         self._parts: dict[str, dict[str, tuple[set[str], dict[str, Any]]]] = {}
+        self._reads: dict[str, frozenset[str]] = {}  # world id -> every slice its parts read
 
     def _contributions(self, world: World | None) -> dict[str, Any]:
         """Every plugin's ``server_info``, merged: the server's plugins, then the
@@ -43,6 +44,7 @@ class ClientView:
             for name, extra, reads in self._ask(world, "world"):
                 parts[name] = (reads, _summary_fields(extra))
                 merged.update(extra)
+            self._reads[world.id] = _all_reads(parts)
         return merged
 
     def _ask(self, world: World, scope: str,
@@ -124,6 +126,7 @@ class ClientView:
             return None
         for name, extra, reads in self._ask(world, "world", lambda n: n not in stale):
             parts[name] = (reads, _summary_fields(extra))
+        self._reads[world.id] = _all_reads(parts)
         merged: dict[str, Any] = {"phase": "onboarding"}
         for _, extra, _ in self._ask(self.worlds.lobby, "server"):
             merged.update(_summary_fields(extra))
@@ -137,12 +140,19 @@ class ClientView:
     def after_change(self, world: World, effects: Effects, changed: list[str]) -> None:
         """Send ``sync_state`` again to a world's sessions when its phase or process
         summary changed (the parts of it that actions change)."""
+        reads = self._reads.get(world.id)
+        if reads is not None and reads.isdisjoint(changed):
+            return  # (most actions: nothing the summary was computed from)
         summary = self._summary(world, changed)
         if summary is None or summary == self._last_summary.get(world.id):
             return
         self._last_summary[world.id] = summary
         for session in list(world.audience.values()):
             effects.outputs.append((session, Signal("sync_state", self.sync_state(session))))
+
+
+def _all_reads(parts: dict[str, tuple[set[str], dict[str, Any]]]) -> frozenset[str]:
+    return frozenset().union(*(reads for reads, _ in parts.values()))
 
 
 def _summary_fields(extra: dict[str, Any]) -> dict[str, Any]:

@@ -146,14 +146,21 @@ class Connection:
                 self.abort(POLICY, "too slow: outbox full")
                 self.transport.signals_dropped += 1
                 return False
-        elif not (self._sending or self._dispatching or self.torn) and self.feed is None and \
-                self.channel.writable_now:
-            frame = self.frame(sig)
-            if len(frame) <= _BATCH_BYTES and len(frame) <= self.max_frame:
-                self._send_now([frame])  # nothing waits: out now, with no task woken
-                return True
-            # (a big one goes a batch at a time, by the sender: never framed all at once)
+        elif not (self._sending or self._dispatching) and self._sent_now(sig):
+            return True  # nothing waits: out now, with no task woken
         self._queue(sig, trio.current_time())
+        return True
+
+    def _sent_now(self, sig: Signal) -> bool:
+        """Write one signal here and now if nothing else is being written, nothing
+        waits and it is small (a big one goes a batch at a time, by the sender: never
+        framed all at once); whether it was."""
+        if self.torn or self.feed is not None or not self.channel.writable_now:
+            return False
+        frame = self.frame(sig)
+        if len(frame) > _BATCH_BYTES or len(frame) > self.max_frame:
+            return False
+        self._send_now([frame])
         return True
 
     def _send_now(self, frames: list[str | bytes]) -> None:
@@ -342,7 +349,11 @@ class Connection:
                 await writer.put(req)
             finally:
                 self._dispatching = False
-        if self._outbox:
+        outbox = self._outbox
+        if len(outbox) == 1 and not self._sending and outbox[0][0] is not None and \
+                self._unsent is None and self._sent_now(outbox[0][0]):
+            outbox.popleft()  # its reply, released while it waited: out now
+        elif outbox:
             await self._flush()
 
     async def _trim(self) -> None:
