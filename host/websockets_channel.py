@@ -72,7 +72,9 @@ class WebsocketsChannel:
         self._unread = bytearray(rest)  # read, and not yet a whole frame
         self._owed = 0  # bytes of a frame the protocol has begun that go to it as read
         self._direct = False  # everything read goes to the protocol as it comes
-        self._writes: list[bytes] = []  # to send, in order: the protocol's and our frames
+        # to send, in order: what the protocol had to send when a frame was made here,
+        # and that frame; what it has to send now comes after all of it
+        self._writes: list[bytes] = []
         self._messages: deque[str | bytes] = deque()
         self._parts: list[bytes | bytearray | memoryview] = []  # of a fragmented message
         self._text = False  # the message being received is text
@@ -119,9 +121,8 @@ class WebsocketsChannel:
         message the protocol's parser costs as much as the rest of a ping. Every
         other frame goes to the protocol as it comes (a bad header is refused at
         once), and so does everything once the connection is compressed or
-        closing: the protocol
-        sees exactly the bytes the peer sent, in order, and each frame as soon as
-        it is whole, as if it were read a byte at a time."""
+        closing: the protocol sees exactly the bytes the peer sent, in order, and
+        each frame as soon as it is whole, as if it were read a byte at a time."""
         proto = self.proto
         if proto.reader.eof:  # type: ignore[attr-defined]  # done reading: nothing is taken
             return
@@ -176,7 +177,6 @@ class WebsocketsChannel:
                 messages.append(payload.decode("utf-8"))
             except UnicodeDecodeError as exc:
                 proto.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
-                self._writes += proto.data_to_send()
                 pos = end  # (the protocol would discard it now)
         if pos < end and proto.state is not OPEN:
             self._direct = True
@@ -222,7 +222,6 @@ class WebsocketsChannel:
             except UnicodeDecodeError as exc:
                 proto.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
                 break
-        self._writes += proto.data_to_send()
         if proto.state is CLOSED or proto.close_rcvd is not None or \
                 proto.reader.eof:  # type: ignore[attr-defined]
             self._gone()
@@ -286,10 +285,9 @@ class WebsocketsChannel:
                     proto.send_text(frame.encode())
                 else:
                     proto.send_binary(frame)
-            self._writes += proto.data_to_send()
             return
         writes = self._writes
-        writes += proto.data_to_send()  # (a pong it owes goes first)
+        writes += proto.data_to_send()  # (a pong it owes, say, goes first)
         for frame in frames:
             if isinstance(frame, str):
                 data, first = frame.encode(), _TEXT
@@ -328,7 +326,6 @@ class WebsocketsChannel:
         data = self._pinged.to_bytes(4, "big")
         answered = self._pongs[data] = trio.Event()
         self.proto.send_ping(data)
-        self._writes += self.proto.data_to_send()
         await self._write()
         await answered.wait()
         if self.proto.state is not OPEN:  # woken by the end, not by a pong
@@ -343,7 +340,6 @@ class WebsocketsChannel:
             return
         if self.proto.state is OPEN:
             self.proto.send_close(code, _truncate(reason))
-            self._writes += self.proto.data_to_send()
             try:
                 await self._write()
             except ChannelClosed:
