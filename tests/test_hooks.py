@@ -250,3 +250,43 @@ def test_disabled_builtin_is_not_loaded() -> None:
     host = Host(cfg, entry_points=False, db=":memory:")
     assert "chat" not in host.registry.plugin_names
     assert "chat.say" not in host.registry.actions
+
+
+def test_a_hook_without_wrappers_is_called_as_pluggy_calls_it() -> None:
+    """``ScopedHooks`` calls such a hook in a plain loop: the same implementations,
+    in the same order (tryfirst, trylast, registration), the same results; one
+    with a wrapper still goes through pluggy."""
+    import pluggy
+
+    from host.plugins import ScopedHooks
+
+    calls: list[str] = []
+
+    def plugin(name: str, **opts: Any) -> Any:
+        class P:
+            @hookimpl(**opts)
+            def action_applied(self, applied: Any) -> Any:  # a subset of the arguments
+                calls.append(name)
+                return name if name != "quiet" else None
+        P.__name__ = name
+        return P()
+
+    pm = pluggy.PluginManager("worldhost")
+    pm.add_hookspecs(hookspecs)
+    for name, opts in [("first", {"tryfirst": True}), ("a", {}), ("quiet", {}),
+                       ("last", {"trylast": True}), ("b", {})]:
+        pm.register(plugin(name, **opts), name=name)
+    by_pluggy = pm.hook.action_applied(host=None, applied=None)
+    order, calls[:] = list(calls), []
+    plain = ScopedHooks(pm, []).action_applied
+    assert plain is not pm.hook.action_applied
+    assert plain(host=None, applied=None) == by_pluggy == ["first", "b", "a", "last"]
+    assert calls == order == ["first", "b", "quiet", "a", "last"]
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def action_applied(self) -> Any:
+            return (yield)
+
+    pm.register(Wrapper(), name="wrapper")
+    assert ScopedHooks(pm, []).action_applied is pm.hook.action_applied

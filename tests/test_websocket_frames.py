@@ -10,6 +10,9 @@ its frames must be the library's, byte for byte.
 
 from __future__ import annotations
 
+import json
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,12 +20,16 @@ import trio
 import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from websockets.client import ClientProtocol
 from websockets.frames import Close, Frame, Opcode
+from websockets.http11 import Response
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
+from websockets.uri import parse_uri
 
 from host import config as config_mod
 from host.websockets_channel import HostProtocol, WebsocketsChannel
+from serverproc import ServerProcess
 
 BOUND = 300  # bytes a frame may hold before a session, here
 CONFIG = config_mod.from_dict(
@@ -158,3 +165,38 @@ def test_the_frames_sent_are_the_librarys_byte_for_byte(messages: list[str | byt
     ch = channel()
     ch._frame(messages)
     assert b"".join(ch._take_writes()) == b"".join(library.data_to_send())
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    proc = ServerProcess(tmp_path_factory.mktemp("frames") / "world.db",
+                         env={"WORLDHOST_WEBSOCKET": "websockets"}).start()
+    yield proc
+    assert proc.stop() == 0
+
+
+def test_frames_sent_with_the_handshake_in_one_write_are_answered(server: ServerProcess) -> None:
+    """A real server, a real socket: the upgrade request and two pings (one of them
+    cut in two by the write) arrive together; the pings are answered after
+    ``server.info``, in order, in frames a client's protocol reads."""
+    client = ClientProtocol(parse_uri(server.url))
+    client.send_request(client.connect())
+    pings = [Frame(Opcode.TEXT, json.dumps(
+        {"id": n, "action": "host.ping", "params": {"n": n}}).encode()).serialize(mask=True)
+        for n in (1, 2)]
+    head = b"".join(client.data_to_send())
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head + pings[0] + pings[1][:3])
+        sock.sendall(pings[1][3:])
+        messages: list[dict[str, Any]] = []
+        while len(messages) < 3:
+            data = sock.recv(65536)
+            assert data, "the server hung up"
+            client.receive_data(data)
+            for event in client.events_received():
+                if isinstance(event, Response):
+                    assert event.status_code == 101
+                elif isinstance(event, Frame) and event.opcode is Opcode.TEXT:
+                    messages.append(json.loads(event.data))
+    assert [m["signal"] for m in messages] == ["server.info", "host.pong", "host.pong"]
+    assert [(m["re"], m["data"]) for m in messages[1:]] == [(1, {"n": 1}), (2, {"n": 2})]
