@@ -71,7 +71,6 @@ class WebsocketsChannel:
         self._incoming = Incoming(stream)
         self._unread = bytearray(rest)  # read, and not yet a whole frame
         self._owed = 0  # bytes of a frame the protocol has begun that go to it as read
-        self._direct = False  # everything read goes to the protocol as it comes
         # to send, in order: what the protocol had to send when a frame was made here,
         # and that frame; what it has to send now comes after all of it
         self._writes: list[bytes] = []
@@ -126,10 +125,8 @@ class WebsocketsChannel:
         proto = self.proto
         if proto.reader.eof:  # type: ignore[attr-defined]  # done reading: nothing is taken
             return
-        if not (data or more) or self._direct or proto.extensions or \
-                proto.state is not OPEN:
-            self._direct = True
-            if self._unread:
+        if not (data or more) or proto.extensions or proto.state is not OPEN:
+            if self._unread:  # (the end, or a close): what was held goes first
                 unread, self._unread = bytes(self._unread), bytearray()
                 self._protocol(unread, True)
             self._protocol(data, more)
@@ -179,7 +176,6 @@ class WebsocketsChannel:
                 proto.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
                 pos = end  # (the protocol would discard it now)
         if pos < end and proto.state is not OPEN:
-            self._direct = True
             rest = bytes(buf[pos:])
             buf.clear()
             self._protocol(rest, True)

@@ -335,7 +335,7 @@ def encode_scalar(value: Any) -> bytes:
             return _head(0x20, -1 - value)
     elif value is None:
         return b"\xf6"
-    return cbor2.dumps(value)
+    return encode_cbor(value)
 
 
 def _head(major: int, n: int) -> bytes:
