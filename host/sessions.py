@@ -25,7 +25,7 @@ import trio
 
 from host.messages import Signal as Signal
 from host.topics import Interest
-from state.codec import encode_cbor, encode_json, encode_scalar, load_stored
+from state.codec import encode_array, encode_cbor, encode_json, encode_scalar, load_stored
 from state.store import LoggedSignal, LogTrim, OutboundRows
 
 # The highest ``last_seq`` a client may present: the largest integer every JSON
@@ -143,7 +143,8 @@ class Session:
     buffer_bytes_limit: int = 4 * 1024 * 1024
     buffer_bytes: int = 0
     sizes: deque[int] = field(default_factory=deque)  # of each signal in the buffer
-    # id key -> [signal, data, durable, size in bytes (None until measured)]
+    # id key -> [signal, data, durable, size in bytes (None until measured), its item
+    # of the saved runtime (None until a checkpoint first writes it)]
     replies: OrderedDict[Any, list[Any]] = field(default_factory=OrderedDict)
     replies_size: int = 1000
     replies_bytes_limit: int = 1024 * 1024
@@ -333,7 +334,7 @@ class Session:
         old = self.replies.pop(key, None)
         if old is not None and old[3] is not None:
             self.replies_bytes -= old[3]
-        self.replies[key] = [signal, data, durable, None]
+        self.replies[key] = [signal, data, durable, None, None]
         self._trim_replies()
         self.version += 1
 
@@ -373,13 +374,25 @@ class Session:
 
     def runtime(self) -> dict[str, Any]:
         """What the saver keeps of this session beside the world."""
-        return {
-            "next_seq": self.next_seq,
-            "last_active": self.last_active,
-            "actions_applied": self.actions_applied,
-            "signals_sent": self.signals_sent,
-            "replies": [[k[0], k[1], e[0], e[1]] for k, e in self.replies.items() if e[2]],
-        }
+        return {**self._counters(),
+                "replies": [[k[0], k[1], e[0], e[1]] for k, e in self.replies.items() if e[2]]}
+
+    def _counters(self) -> dict[str, Any]:
+        return {"next_seq": self.next_seq, "last_active": self.last_active,
+                "actions_applied": self.actions_applied, "signals_sent": self.signals_sent}
+
+    def runtime_blob(self) -> bytes:
+        """``encode_cbor(self.runtime())``, byte for byte, with each remembered reply
+        encoded once: a checkpoint saves every session that acted, and its replies
+        (a thousand, by default) are mostly those it saved the time before."""
+        items = []
+        for (kind, key), entry in self.replies.items():
+            if entry[2]:
+                if entry[4] is None:
+                    entry[4] = encode_cbor([kind, key, entry[0], entry[1]])
+                items.append(entry[4])
+        head = encode_cbor({**self._counters(), "replies": []})
+        return head[:-1] + encode_array(items)  # the empty list is its last byte
 
     def restore_runtime(self, saved: dict[str, Any]) -> None:
         """Take back what a store saved, merged with what the session already holds
@@ -394,7 +407,7 @@ class Session:
         self.actions_applied = max(self.actions_applied, int(saved.get("actions_applied", 0)))
         self.signals_sent = max(self.signals_sent, int(saved.get("signals_sent", 0)))
         for kind, key, sig, data in saved.get("replies", []):
-            self.replies.setdefault((kind, key), [sig, data, True, None])
+            self.replies.setdefault((kind, key), [sig, data, True, None, None])
         self.measure_replies()
 
 

@@ -29,7 +29,7 @@ from host.dispatcher import Dispatcher, Gate
 from host.messages import Effects
 from host.plugins import Registry
 from host.sessions import SEQ_LIMIT, OutboundLog, Session, SessionTable
-from state.codec import encode_cbor, load_stored
+from state.codec import load_stored
 from state.saver import Saver
 from state.slices import Slices
 from state.store import (
@@ -390,8 +390,7 @@ class World:
             [s for sid in set(self.audience) | set(saved) if (s := self.sessions.get(sid))]
         for s in candidates:
             if saved.get(s.id) != s.version:
-                runtime = s.runtime()
-                rows[s.id] = (runtime["next_seq"], encode_cbor(runtime))
+                rows[s.id] = (s.next_seq, s.runtime_blob())
                 saved[s.id] = s.version
         ended = [sid for sid in saved if sid not in self.sessions.by_id]
         for sid in ended:

@@ -338,6 +338,12 @@ def encode_scalar(value: Any) -> bytes:
     return encode_cbor(value)
 
 
+def encode_array(items: list[bytes]) -> bytes:
+    """``encode_cbor`` of a list, byte for byte, from its items' own encodings: a
+    list kept long and grown a little at a time is encoded an item at a time."""
+    return _head(0x80, len(items)) + b"".join(items)
+
+
 def _head(major: int, n: int) -> bytes:
     """A CBOR item's head: its major type and ``n``, in the fewest bytes."""
     if n < 24:

@@ -677,8 +677,10 @@ class Store:
         c = self.conn
         c.execute("BEGIN IMMEDIATE")
         try:
-            for rode in self._journaled_outbound(last_id):  # the journal it covers goes
-                self._insert_outbound(rode)
+            rode = self._journaled_outbound(last_id)  # the journal it covers goes
+            if rode:  # as one set of rows: full statements, not two per commit
+                self._insert_outbound(OutboundRows([d for r in rode for d in r.data],
+                                                   [s for r in rode for s in r.seqs]))
             for name, ch in changes.items():
                 c.execute(
                     "INSERT INTO slices (name, version, keyed, value) VALUES (?, ?, ?, ?) "

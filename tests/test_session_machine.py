@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from host.sessions import (
     Session,
@@ -16,6 +18,7 @@ from host.sessions import (
     new_token,
     token_hash,
 )
+from state.codec import encode_cbor, load_stored
 
 ALLOWED = {
     (State.NONE, State.OPEN),
@@ -85,6 +88,38 @@ def test_remembered_replies_are_bounded_and_typed() -> None:
     assert s.recall(1) == ("a", {}) and s.recall("1") == ("b", {})
     s.remember(2, "c", {})
     assert s.recall(1) is None
+
+
+_ids = st.one_of(st.integers(-(1 << 70), 1 << 70), st.text(max_size=8))
+_data = st.dictionaries(st.text(max_size=4), st.one_of(st.integers(), st.text(), st.none(),
+                                                       st.floats(allow_nan=False)), max_size=3)
+_steps = st.lists(st.one_of(
+    st.tuples(st.just("remember"), _ids, st.text(max_size=6), _data, st.booleans()),
+    st.tuples(st.just("deliver"), st.integers(0, 3)),
+), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_steps, st.integers(1, 6))
+def test_the_saved_runtime_is_its_encoding_however_the_replies_change(
+        steps: list[tuple], size: int) -> None:
+    """A checkpoint writes ``runtime_blob()``, which encodes each remembered reply once
+    and keeps it: after any mix of remembering (new, repeated, trimmed by the bound)
+    and sending, each save is still ``runtime()`` encoded, byte for byte, and reads
+    back as it."""
+    s = Session("s1", "ada", "player", replies_size=size)
+    s.outbox = Sink(1000)
+    for step in steps:
+        if step[0] == "remember":
+            s.remember(step[1], step[2], step[3], durable=step[4])
+        elif step[0] == "deliver":
+            for _ in range(step[1]):
+                s.deliver(Signal("x", {}))
+        assert s.runtime_blob() == encode_cbor(s.runtime())
+    restored = Session("s2", "ada", "player", replies_size=size)
+    restored.restore_runtime(load_stored(s.runtime_blob()))
+    assert restored.runtime_blob() == encode_cbor(restored.runtime())
+    assert restored.runtime()["replies"] == s.runtime()["replies"]
 
 
 def test_tokens_are_hashed_and_compared_safely() -> None:
