@@ -15,8 +15,8 @@ per durable action than append it and answer it stays below it.
 ``loop`` commits in the event loop; ``thread`` on a writer thread of its own,
 the loop going on meanwhile and learning of the commit's end by
 ``run_sync_soon``; ``thread-wait`` the same, but the loop first waits for the
-commit up to 2 ms without Python's lock, as the host's default
-(``[store] journal_commits = "thread"``) does; ``none`` journals nothing (with
+commit up to 2 ms without Python's lock, on the loop's CPU, as the host's
+default (``[store] journal_commits = "thread"``) does; ``none`` journals nothing (with
 ``--fanout``: what the fan-out costs alone). Prints its port on the first
 line of stdout; run by bench/floor.py and bench/process.py. The journal goes to
 ``DB`` (default: a new temporary folder).
@@ -43,6 +43,7 @@ from typing import Any
 import trio
 
 from state.saver import COMMIT_WAIT_S
+from state.writer import Follower
 
 
 class Journal:
@@ -59,6 +60,7 @@ class Journal:
         self.done = trio.Event()  # set by the commit that holds what is queued now
         self.flying = False
         self._token: trio.lowlevel.TrioToken | None = None
+        self._follower: Follower
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._state_lock = threading.Lock()
         self._wake = trio.Event()
@@ -93,10 +95,15 @@ class Journal:
                 continue
             if self._token is None:
                 self._token = trio.lowlevel.current_trio_token()
-                threading.Thread(target=self._work, daemon=True).start()
+                thread = threading.Thread(target=self._work, daemon=True)
+                thread.start()
+                assert thread.native_id is not None
+                self._follower = Follower(thread.native_id)
             self.flying = True
             waiter, state = _thread.allocate_lock(), {"finished": False, "late": False}
             waiter.acquire()
+            if self.wait_s:  # on the loop's CPU, as the host's store thread for a waited commit
+                self._follower.follow()
             self._jobs.put((rows, done, waiter, state))
             if not (self.wait_s and waiter.acquire(timeout=self.wait_s)):
                 with self._state_lock:

@@ -482,9 +482,10 @@ class Saver:
                 except trio.RunFinishedError:
                     pass
 
-        self._writer.submit(done, timed)
         wait = self.commit_wait_s
-        if wait > 0 and 2 * self.thread_commit_s < wait:
+        waits = wait > 0 and 2 * self.thread_commit_s < wait
+        self._writer.submit(done, timed, beside=waits)
+        if waits:
             started = time.perf_counter()
             got = waiter.acquire(timeout=wait)
             self.waited_s += time.perf_counter() - started

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -22,6 +23,7 @@ from host.server import Host
 from host.testing import raw_connection
 from state.slices import SliceSpec
 from state.store import FORMAT_VERSION, WAL_SIZE_LIMIT, JournalEntry, Store, StoreTooNew
+from state.writer import Follower
 
 
 async def test_restart_restores_world_and_sessions(worldhost: Any) -> None:
@@ -317,6 +319,55 @@ async def test_a_disk_slower_than_the_wait_does_not_hold_the_loop_each_commit(
             await ada.call("map.add_node", id=f"again{i}", x=i, y=2)
         assert saver.commits_waited > waited  # quick again: waited for again
     assert {f"node:slow{i}" for i in range(10)} <= set(h.world()["map"])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no thread affinity here")
+async def test_a_commit_the_loop_waits_for_runs_on_the_loops_cpu(worldhost: Any) -> None:
+    """The loop waits for a quick journal commit, so the store's thread runs it on
+    the loop's CPU (state/writer.py); a commit it does not wait for (the last took
+    long) and a checkpoint may run on any CPU the process may use."""
+    h = await worldhost.start()
+    saver, store = h.host.world().saver, h.host.world().store
+    anywhere = os.sched_getaffinity(0)
+    seen: list[tuple[str, set[int], int | None]] = []  # (what, its CPUs, the loop's then)
+    real_append, real_checkpoint = store.append, store.checkpoint
+
+    def ran(what: str) -> None:
+        follower = saver._writer._follower
+        assert follower is not None
+        seen.append((what, os.sched_getaffinity(0), follower.cpu))
+
+    def append(*args: Any) -> None:
+        ran("commit")
+        real_append(*args)
+
+    def checkpoint(*args: Any) -> int:
+        ran("checkpoint")
+        return real_checkpoint(*args)
+
+    store.append, store.checkpoint = append, checkpoint  # type: ignore[method-assign]
+    waited = saver.commits_waited
+    async with h.client("ada", reconnect=False) as ada:
+        for i in range(8):
+            await ada.call("map.add_node", id=f"n{i}", x=i, y=0)
+        await saver.checkpoint()
+        for i in range(3):
+            await ada.call("map.add_node", id=f"after{i}", x=i, y=1)
+    for what, cpus, loop_cpu in seen:
+        assert cpus == (anywhere if loop_cpu is None else {loop_cpu}), (what, cpus, loop_cpu)
+    assert [loop_cpu for what, _, loop_cpu in seen if what == "checkpoint"] == [None]
+    pinned = [loop_cpu for what, _, loop_cpu in seen if what == "commit" and loop_cpu is not None]
+    assert len(pinned) >= saver.commits_waited - waited >= 5  # each it waited for, at least
+
+
+def test_a_thread_that_cannot_be_pinned_runs_anywhere() -> None:
+    """Pinning that fails (a thread gone, a cpuset changed, a sandbox) stops the
+    following, rather than fail the commit."""
+    follower = Follower(native_id=2**22 + 12345)  # no such thread
+    follower.follow()
+    follower.follow()
+    assert follower.cpu is None and not follower.enabled
+    follower.release()
 
 
 async def test_a_failure_releasing_a_late_commit_stops_the_world(tmp_path: Path) -> None:
