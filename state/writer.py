@@ -7,9 +7,9 @@ the cost of a small commit, so it is kept to a queue put and one wake-up.
 A call the loop waits for (a journal commit, see ``state.saver``) runs on the
 CPU the loop runs on: the loop lets go of that CPU to wait, so the thread takes
 it at once, and the loop comes back to caches the commit warmed rather than
-ones another thread cooled. Measured with ``bench/floor.py`` on two cores, a
-durable round trip costs the loop a tenth less and the host answers about 8%
-more of them. Any other call (a checkpoint, which the loop does not wait for)
+ones another thread cooled. Measured on two cores (docs/performance.md), the
+loop's CPU a durable round trip fell by up to a tenth, and the host answered
+about 8% more of them. Any other call (a checkpoint, which the loop does not wait for)
 may run anywhere, in parallel with the loop.
 """
 
@@ -54,12 +54,16 @@ class Follower:
     def __init__(self, native_id: int) -> None:
         self.native_id = native_id
         self.cpu: int | None = None  # the one it is kept on; None: any of ``allowed``
-        self.allowed = os.sched_getaffinity(0) if _current_cpu is not None else set()
-        self.enabled = _current_cpu is not None
+        self._cpu_now = _current_cpu  # None: pinning is not possible here (or failed)
+        self.allowed = os.sched_getaffinity(0) if self._cpu_now is not None else set()
+
+    @property
+    def enabled(self) -> bool:
+        return self._cpu_now is not None
 
     def follow(self) -> None:
-        if self.enabled:
-            cpu = _current_cpu()  # type: ignore[misc]
+        if self._cpu_now is not None:
+            cpu = self._cpu_now()
             if cpu != self.cpu and cpu >= 0:
                 self._pin({cpu}, cpu)
 
@@ -72,7 +76,7 @@ class Follower:
             os.sched_setaffinity(self.native_id, cpus)
         except OSError as exc:  # a cpuset changed under us, a sandbox: run anywhere
             log.info("not keeping the store's thread beside the loop: %s", exc)
-            self.enabled = False
+            self._cpu_now = None
             self.cpu = None
         else:
             self.cpu = cpu
