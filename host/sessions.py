@@ -372,33 +372,28 @@ class Session:
         found = self.replies.get(_id_key(request_id))
         return None if found is None else (found[0], found[1])
 
-    def runtime(self) -> dict[str, Any]:
-        """What the saver keeps of this session beside the world."""
-        return {**self._counters(),
-                "replies": [[k[0], k[1], e[0], e[1]] for k, e in self.replies.items() if e[2]]}
-
-    def _counters(self) -> dict[str, Any]:
-        return {"next_seq": self.next_seq, "last_active": self.last_active,
-                "actions_applied": self.actions_applied, "signals_sent": self.signals_sent}
-
     def runtime_blob(self) -> bytes:
-        """``encode_cbor(self.runtime())``, byte for byte, with each remembered reply
-        encoded once: a checkpoint saves every session that acted, and its replies
-        (a thousand, by default) are mostly those it saved the time before."""
+        """What the saver keeps of this session beside the world, as CBOR: its
+        counters and its remembered replies to world-changing actions, each
+        ``[id kind, id, signal, data]``. Each reply is encoded once: a checkpoint
+        saves every session that acted, and its replies (a thousand, by default)
+        are mostly those it saved the time before."""
         items = []
         for (kind, key), entry in self.replies.items():
             if entry[2]:
                 if entry[4] is None:
                     entry[4] = encode_cbor([kind, key, entry[0], entry[1]])
                 items.append(entry[4])
-        head = encode_cbor({**self._counters(), "replies": []})
+        head = encode_cbor({"next_seq": self.next_seq, "last_active": self.last_active,
+                            "actions_applied": self.actions_applied,
+                            "signals_sent": self.signals_sent, "replies": []})
         return head[:-1] + encode_array(items)  # the empty list is its last byte
 
     def restore_runtime(self, saved: dict[str, Any]) -> None:
         """Take back what a store saved, merged with what the session already holds
         (the server's store and each world's keep a copy, of different ages): the
         larger of each figure, the replies it lacks. Raises ValueError if it is not
-        what runtime() writes (the caller repairs the session rather than failing)."""
+        what runtime_blob() writes (the caller repairs the session rather than failing)."""
         next_seq = saved.get("next_seq", 1)
         if type(next_seq) is not int or not 1 <= next_seq <= SEQ_LIMIT:
             raise ValueError(f"next_seq {next_seq!r} is out of range")

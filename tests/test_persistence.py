@@ -321,7 +321,6 @@ async def test_a_disk_slower_than_the_wait_does_not_hold_the_loop_each_commit(
     assert {f"node:slow{i}" for i in range(10)} <= set(h.world()["map"])
 
 
-@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no thread affinity here")
 async def test_a_commit_the_loop_waits_for_runs_on_the_loops_cpu(worldhost: Any) -> None:
     """The loop waits for a quick journal commit, so the store's thread runs it on
     the loop's CPU (state/writer.py); a commit it does not wait for (the last took
