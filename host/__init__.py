@@ -22,6 +22,7 @@ from host.api import AppliedAction as AppliedAction
 from host.api import HostAPI as HostAPI
 from host.api import SessionInfo as SessionInfo
 from host.hookspecs import hookimpl as hookimpl
+from host.hookspecs import hookspec as hookspec
 from state.slices import KeyedSlice as KeyedSlice
 from state.slices import SliceSpec as SliceSpec
 from state.slices import ValueSlice as ValueSlice
@@ -31,5 +32,5 @@ __version__ = "0.1.0"
 __all__ = [
     "Action", "ActionError", "AppliedAction", "BadRequest", "Conflict", "Context", "Forbidden",
     "HostAPI", "Invalid", "KeyedSlice", "NotFound", "RateLimited", "Role", "SessionInfo",
-    "SliceSpec", "ValueSlice", "hookimpl",
+    "SliceSpec", "ValueSlice", "hookimpl", "hookspec",
 ]

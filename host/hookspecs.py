@@ -13,6 +13,11 @@ same marker). Registration hooks are plain
 functions returning lists; lifecycle hooks may return an awaitable, which the
 host awaits (pluggy itself never awaits). Every hook is documented with an
 example in ``docs/plugins.md``.
+
+A plugin adds hooks of its own through ``add_hookspecs``, as pytest's plugins
+do through ``pytest_addhooks``: the simulation's ``register_agent_kinds`` is in
+``plugins/simulation/hookspecs.py``, the process controller's in
+``plugins/process_controller/hookspecs.py``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,19 @@ if TYPE_CHECKING:
 
 hookspec = pluggy.HookspecMarker("worldhost")
 hookimpl = pluggy.HookimplMarker("worldhost")
+
+
+@hookspec(historic=True)
+def add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    """Add the hooks this plugin offers other plugins: ``pluginmanager.add_hookspecs``
+    with a module (or class) of functions marked ``host.hookspec``.
+
+    Called as each plugin is registered, before the world starts; a plugin
+    registered earlier that implements one of the new hooks is checked against
+    it then, and a mismatch stops startup naming the plugin.
+
+    :param pluginmanager: the pluggy plugin manager of this host's plugins.
+    """
 
 
 @hookspec
@@ -55,6 +73,8 @@ def startup(host: HostAPI) -> Awaitable[None] | None:
     clients are served.
 
     May return an awaitable. A plugin that raises here stops startup.
+
+    :param host: the world loaded (the server's, for a server plugin).
     """
 
 
@@ -63,6 +83,8 @@ def shutdown(host: HostAPI) -> Awaitable[None] | None:
     """Called after the last action was applied and before the final save.
 
     May return an awaitable; it gets a short deadline.
+
+    :param host: the world unloading or stopping.
     """
 
 
@@ -73,6 +95,8 @@ def background_tasks(host: HostAPI) -> list[Callable[[], Awaitable[None]]]:
     They change the world only through ``host.submit``. A task that raises is
     logged and restarted after ``host.restart_delay_s`` (under the test harness
     it also fails the test). ``host.settings()`` gives the plugin its settings.
+
+    :param host: the world the tasks run for: their only way to read and change it.
     """
 
 
@@ -82,6 +106,9 @@ def session_opened(host: HostAPI, session: SessionInfo) -> None:
 
     Server plugins hear of every session; a world's plugins of the sessions that
     open or resume into that world (``host`` is that world's).
+
+    :param host: the server's, or the world the session opened into.
+    :param session: the session: its id, role, world and live figures.
     """
 
 
@@ -89,7 +116,12 @@ def session_opened(host: HostAPI, session: SessionInfo) -> None:
 def session_closed(host: HostAPI, session: SessionInfo, reason: str) -> None:
     """A session ended for good: ``closed``, ``expired``, ``kicked``, ``timeout``,
     ``evicted``, ``revoked`` or ``repaired``; to the server plugins and to the
-    plugins of the world it was in."""
+    plugins of the world it was in.
+
+    :param host: the server's, or the world the session was in.
+    :param session: the session as it ended.
+    :param reason: why it ended, one of the words above.
+    """
 
 
 @hookspec
@@ -98,6 +130,10 @@ def action_applied(host: HostAPI, applied: AppliedAction) -> None:
 
     Runs outside the action's transaction: to change the world in response,
     ``host.submit`` another action.
+
+    :param host: the world the action changed.
+    :param applied: the action, its params, requester, reply, time and the slices
+        it changed (``applied.slices``); ``applied.replayed`` during a restart.
     """
 
 
@@ -108,6 +144,9 @@ def server_info(host: HostAPI) -> dict[str, Any] | None:
     Compute them from the world, read through ``host.read``: the host notes which
     slices the ``phase`` and ``processes`` fields were computed from, and asks
     again only after an action changes one of those.
+
+    :param host: the world asked about (the server's, for a server plugin).
+    :return: fields to merge, or None.
     """
 
 
@@ -116,6 +155,9 @@ def session_limit(host: HostAPI) -> ActionError | None:
     """Return an error to refuse a new ``session.open`` (say, the server is full).
 
     Resuming an existing session is never refused by this hook.
+
+    :param host: the server's, or the default world's.
+    :return: the error the ``session.open`` is refused with, or None to allow it.
     """
 
 
@@ -129,36 +171,15 @@ def register_topics() -> list[Any]:
 
 
 @hookspec
-def register_agent_kinds() -> list[Any]:
-    """Return simulation agent kinds (``plugins.simulation.AgentKind``).
-
-    A kind validates an agent's plain data, and ``step(ctx, agent, dt)`` moves it.
-    Names are unique across plugins.
-    """
-
-
-@hookspec
-def register_process_templates() -> list[dict[str, Any]]:
-    """Return process templates: ``{"id", "name", "stages": [...]}``.
-
-    Templates are validated at startup; a bad one stops startup naming the plugin.
-    """
-
-
-@hookspec
 def agent_removed(ctx: Context, agent_id: str) -> None:
     """An agent left the world (a simulation agent removed, a process agent gone).
 
     Runs inside the removing action's transaction, so a plugin forgets what it
-    kept about the agent atomically with the removal (and again on replay).
-    """
+    kept about the agent atomically with the removal (and again on replay). A
+    world-level event: two plugins fire it and a third listens, so it is the host's.
 
-
-@hookspec
-def process_resumed(host: HostAPI, process: dict[str, Any]) -> None:
-    """A running or paused process was found at startup, after a restart or crash.
-
-    Re-create whatever the plugin had attached to it (timers, spawned runners).
+    :param ctx: the removing action's context: change the world through it.
+    :param agent_id: the agent that left.
     """
 
 

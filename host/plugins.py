@@ -147,6 +147,7 @@ def load(config: Config, extra: list[Any] | None = None, entry_points: bool = Tr
     """Load the core, the configured plugins, entry-point plugins and ``extra`` objects."""
     pm = pluggy.PluginManager("worldhost")
     pm.add_hookspecs(hookspecs)
+    pm.hook.add_hookspecs.call_historic(kwargs={"pluginmanager": pm})  # each plugin's own
     registry = Registry(pm)
     entries = config.plugin_entries()
     wanted: dict[str, str] = {"core": CORE, "lobby": LOBBY}
@@ -166,20 +167,30 @@ def load(config: Config, extra: list[Any] | None = None, entry_points: bool = Tr
         module = _import(module_name, name)
         table = entries.get(name, (None, {}))[1]
         registry.settings[name] = _settings(name, module, table, config.source)
-        pm.register(module, name=name)
+        _register(pm, module, name)
         registry.plugin_names.append(name)
         registry.scope[name] = _scope(name, module)
     for obj in extra or []:
         if pm.is_registered(obj):
             continue
         name = getattr(obj, "__name__", None) or type(obj).__name__
-        pm.register(obj, name=name)
+        _register(pm, obj, name)
         registry.plugin_names.append(name)
         registry.scope[name] = _scope(name, obj)
         if isinstance(obj, ModuleType) and getattr(obj, "Settings", None) is not None:
             registry.settings[name] = _settings(name, obj, {}, config.source)
     _merge(registry)
     return registry
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str) -> None:
+    """Register a plugin; an implementation that does not match its hook's spec
+    (now, or once a plugin registered later adds the spec) stops startup with
+    pluggy's own account of it, which names the plugin and the arguments."""
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(str(exc)) from None
 
 
 def _scope(name: str, plugin: Any) -> str:

@@ -10,35 +10,132 @@ from typing import Any
 import pytest
 import trio
 
-from host import hookspecs
+from host import hookspec, hookspecs
 from host.actions import Action, Conflict, Context, Role
 from host.client import CallError
 from host.plugins import hookimpl
 from host.server import Host, StartupError
 from host import config as config_mod
+from plugins.process_controller import hookspecs as process_hookspecs
+from plugins.simulation import hookspecs as simulation_hookspecs
 from state.slices import SliceSpec
 
 DOCS = Path(__file__).parents[1] / "docs" / "plugins.md"
-HOOKS = [name for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
-         if hasattr(fn, "worldhost_spec")]
+# the host's hooks, and those the built-in plugins add (``add_hookspecs``)
+SPECS = [(name, fn) for module in (hookspecs, simulation_hookspecs, process_hookspecs)
+         for name, fn in inspect.getmembers(module, inspect.isfunction)
+         if hasattr(fn, "worldhost_spec") and fn.__module__ == module.__name__]
+HOOKS = [name for name, _ in SPECS]
 
 
 def test_there_are_hooks() -> None:
     assert {"register_actions", "register_slices", "startup", "shutdown", "background_tasks",
-            "session_opened", "session_closed", "action_applied"} <= set(HOOKS)
+            "session_opened", "session_closed", "action_applied", "add_hookspecs",
+            "register_agent_kinds", "register_process_templates", "process_resumed"} <= set(HOOKS)
 
 
-@pytest.mark.parametrize("hook", HOOKS)
-def test_every_hook_is_documented_with_signature_and_example(hook: str) -> None:
+@pytest.mark.parametrize("hook, spec", SPECS, ids=HOOKS)
+def test_every_hook_is_documented_with_signature_and_example(hook: str, spec: Any) -> None:
     text = DOCS.read_text()
     heading = re.search(rf"^### `{hook}\((.*?)\)", text, re.M)
     assert heading, f"docs/plugins.md has no heading for {hook}"
-    params = list(inspect.signature(getattr(hookspecs, hook)).parameters)
+    params = list(inspect.signature(spec).parameters)
     for name in params:
         assert name in heading.group(1), f"{hook}: parameter {name} missing from the docs"
     section = text[heading.end():].split("\n### ", 1)[0]
     assert "```python" in section and f"def {hook}(" in section, f"{hook}: no example"
-    assert getattr(hookspecs, hook).__doc__, f"{hook} has no docstring"
+    assert spec.__doc__, f"{hook} has no docstring"
+
+
+@pytest.mark.parametrize("hook, spec", SPECS, ids=HOOKS)
+def test_every_hookspec_is_typed_and_says_what_each_parameter_is(hook: str, spec: Any) -> None:
+    """As pytest's hookspecs: annotations on every parameter and the return, and a
+    ``:param name:`` line in the docstring for each parameter."""
+    signature = inspect.signature(spec)
+    assert signature.return_annotation is not inspect.Signature.empty, f"{hook}: no return type"
+    for name, param in signature.parameters.items():
+        assert param.annotation is not inspect.Parameter.empty, f"{hook}: {name} is not typed"
+        assert f":param {name}:" in spec.__doc__, f"{hook}: no ':param {name}:' in its docstring"
+
+
+class DroneSpecs:
+    """What a third-party plugin offers other plugins: one hook of its own."""
+
+    @staticmethod
+    @hookspec
+    def register_drone_routes() -> list[dict[str, Any]]:
+        """Return routes for drones.
+
+        :return: the routes.
+        """
+
+
+class Drones:
+    """Adds ``register_drone_routes`` and serves what the other plugins answer."""
+
+    __name__ = "drones"
+
+    @hookimpl
+    def add_hookspecs(self, pluginmanager: Any) -> None:
+        pluginmanager.add_hookspecs(DroneSpecs)
+
+    @hookimpl
+    def register_actions(self) -> list[Action]:
+        def routes(ctx: Context, p: Any) -> dict[str, Any]:
+            found = ctx.host.collect("register_drone_routes")
+            return {"routes": sorted(r["id"] for _, answer in found for r in answer)}
+        return [Action("drones.routes", routes, None, Role.viewer, changes_world=False)]
+
+
+class EarlyRoutes:
+    __name__ = "early_routes"
+
+    @hookimpl
+    def register_drone_routes(self) -> list[dict[str, Any]]:
+        return [{"id": "early"}]
+
+
+class LateRoutes:
+    __name__ = "late_routes"
+
+    @hookimpl
+    def register_drone_routes(self) -> list[dict[str, Any]]:
+        return [{"id": "late"}]
+
+
+async def test_a_plugin_adds_a_hook_that_plugins_before_and_after_it_implement(
+        worldhost: Any) -> None:
+    h = await worldhost.start(EarlyRoutes(), Drones(), LateRoutes())
+    async with h.client("ada") as ada:
+        assert (await ada.call("drones.routes"))["routes"] == ["early", "late"]
+
+
+class WrongRoutes:
+    __name__ = "wrong_routes"
+
+    @hookimpl
+    def register_drone_routes(self, speed: int) -> list[dict[str, Any]]:
+        return []
+
+
+@pytest.mark.parametrize("plugins", [[WrongRoutes(), Drones()], [Drones(), WrongRoutes()]],
+                         ids=["implemented before the spec", "after it"])
+def test_an_implementation_that_does_not_match_a_plugins_hook_stops_startup(
+        plugins: list[Any]) -> None:
+    with pytest.raises(StartupError) as err:
+        Host(config_mod.Config(), plugins, entry_points=False, db=":memory:")
+    assert "wrong_routes" in str(err.value) and "speed" in str(err.value)
+
+
+@pytest.mark.parametrize("loaded", [True, False])
+def test_a_plugins_hook_is_there_only_where_the_plugin_is_loaded(loaded: bool) -> None:
+    """The simulation offers ``register_agent_kinds``; without it a plugin that
+    implements the hook still loads, and nothing calls it."""
+    cfg = config_mod.from_dict({"plugins": {"simulation": {"enabled": loaded}}})
+    host = Host(cfg, [Recorder()], entry_points=False, db=":memory:")
+    assert ("simulation" in host.registry.plugin_names) is loaded
+    spec = host.registry.pm.hook.register_agent_kinds.spec
+    assert (spec is not None and spec.namespace is simulation_hookspecs) is loaded
 
 
 class Recorder:

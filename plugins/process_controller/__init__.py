@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
+import pluggy
 import trio
 
 from host.actions import (MAX_ID_LENGTH, Action, ActionError, Conflict, Context, Id, Invalid,
@@ -23,6 +24,7 @@ from host.actions import (MAX_ID_LENGTH, Action, ActionError, Conflict, Context,
 from host.api import AppliedAction, HostAPI
 from host.plugins import PluginError, hookimpl
 from host.topics import Topic
+from plugins.process_controller import hookspecs
 from state.codec import encode_json
 from state.slices import SliceSpec
 
@@ -487,6 +489,11 @@ async def stage_timer(host: HostAPI) -> None:
             await host.submit("process.clock")
         except ActionError:
             pass
+
+
+@hookimpl
+def add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 @hookimpl

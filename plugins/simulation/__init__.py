@@ -21,12 +21,14 @@ from dataclasses import dataclass, field as dataclass_field
 from typing import Annotated, Any
 
 import msgspec
+import pluggy
 import trio
 
 from host.actions import (MAX_ID_LENGTH, Action, ActionError, Conflict, Context, Id, Invalid,
                           NotFound, Role, bounded, encoded_size)
 from host.api import AppliedAction, HostAPI
 from host.plugins import hookimpl
+from plugins.simulation import hookspecs
 from host.topics import UNSUBSCRIBED, Topic, argument, family, rate_of, split_rate
 from plugins import map as map_plugin
 from plugins.routing import Router
@@ -988,6 +990,11 @@ async def tick_loop(host: HostAPI) -> None:
 
 
 # --- hooks -----------------------------------------------------------------------------
+
+@hookimpl
+def add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
+
 
 @hookimpl
 def register_actions() -> list[Action]:
