@@ -16,13 +16,15 @@ from host.client import CallError
 from host.plugins import hookimpl
 from host.server import Host, StartupError
 from host import config as config_mod
+from plugins.map import hookspecs as map_hookspecs
 from plugins.process_controller import hookspecs as process_hookspecs
 from plugins.simulation import hookspecs as simulation_hookspecs
 from state.slices import SliceSpec
 
 DOCS = Path(__file__).parents[1] / "docs" / "plugins.md"
 # the host's hooks, and those the built-in plugins add (``add_hookspecs``)
-SPECS = [(name, fn) for module in (hookspecs, simulation_hookspecs, process_hookspecs)
+SPECS = [(name, fn) for module in (hookspecs, map_hookspecs, simulation_hookspecs,
+                                    process_hookspecs)
          for name, fn in inspect.getmembers(module, inspect.isfunction)
          if hasattr(fn, "worldhost_spec") and fn.__module__ == module.__name__]
 HOOKS = [name for name, _ in SPECS]
@@ -31,7 +33,8 @@ HOOKS = [name for name, _ in SPECS]
 def test_there_are_hooks() -> None:
     assert {"register_actions", "register_slices", "startup", "shutdown", "background_tasks",
             "session_opened", "session_closed", "action_applied", "add_hookspecs",
-            "register_agent_kinds", "register_process_templates", "process_resumed"} <= set(HOOKS)
+            "register_agent_kinds", "register_process_templates", "process_resumed",
+            "map_change_blocked"} <= set(HOOKS)
 
 
 @pytest.mark.parametrize("hook, spec", SPECS, ids=HOOKS)

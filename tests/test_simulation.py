@@ -577,3 +577,55 @@ def test_a_ticks_writes_memo_replays_to_exactly_what_it_wrote(
     _replay_writes(replayed["simulation"], writes)
     replayed.commit()
     assert canonical(replayed["simulation"].data()) == canonical(live["simulation"].data())
+
+
+async def test_the_map_does_not_lose_what_agents_and_packages_stand_on(worldhost: Any) -> None:
+    """The map asks before it loses nodes or edges (``map_change_blocked``) and the
+    simulation answers for its agents and packages; a refused change leaves the map
+    as it was."""
+    h = await worldhost.start(config=ADMIN)
+    async with h.client("root", token="adm") as root:
+        await root.call("map.import", map_data=LINE)
+        await root.call("simulation.add_agent", id="t1", kind="truck", node="d")
+        await root.call("simulation.add_package", id="p", origin="a", destination="b")
+
+        async def refused(action: str, **params: Any) -> str:
+            with pytest.raises(CallError) as err:
+                await root.call(action, **params)
+            assert err.value.code == "conflict"
+            return err.value.message
+
+        for _ in range(5):  # the truck sets off for the package, along d -> c
+            await root.call("simulation.step", ticks=1)
+            if h.world()["simulation"]["agent:t1"]["edge"] is not None:
+                break
+        assert h.world()["simulation"]["agent:t1"]["edge"] == "dc"
+        graph = dict(h.world()["map"])
+        assert await refused("map.remove_node", id="d") == \
+            "cannot remove node 'd': agent 't1' stands on it"
+        assert await refused("map.remove_node", id="a") == \
+            "cannot remove node 'a': package 'p' starts or ends there"
+        assert await refused("map.remove_edge", id="dc") == \
+            "cannot remove edge 'dc': agent 't1' is driving on it"
+        assert await refused("map.remove_node", id="c") == \
+            "cannot remove edge 'dc': agent 't1' is driving on it"  # one of c's edges
+        without_b = {"nodes": [n for n in LINE["nodes"] if n["id"] != "b"],
+                     "edges": [e for e in LINE["edges"] if "b" not in (e["from"], e["to"])]}
+        assert await refused("map.import", map_data=without_b) == \
+            "package:p refers to node 'b', which the new map lacks; remove it or import a " \
+            "full state instead"
+        await root.call("simulation.start", tick_hz=1)
+        assert await refused("map.import", map_data=LINE) == \
+            "the simulation is running; stop it before importing a map"
+        await root.call("simulation.stop")
+        assert dict(h.world()["map"]) == graph
+        assert (await root.call("map.remove_edge", id="ab")) == {"id": "ab"}  # nobody on it
+
+
+async def test_without_the_simulation_the_map_answers_to_nobody(worldhost: Any) -> None:
+    h = await worldhost.start(config={**ADMIN, "plugins": {"simulation": {"enabled": False}}})
+    async with h.client("root", token="adm") as root:
+        await root.call("map.import", map_data=LINE)
+        assert (await root.call("map.remove_node", id="b"))["removed_edges"] == \
+            ["ab", "ba", "bc", "cb"]
+        await root.call("map.import", map_data=LINE)

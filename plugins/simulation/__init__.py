@@ -1038,6 +1038,39 @@ def register_slices() -> list[SliceSpec]:
 
 
 @hookimpl
+def map_change_blocked(ctx: Context, nodes: list[str], edges: list[str],
+                       replace: bool) -> str | None:
+    """The map may not lose a node an agent stands on or a package starts or ends
+    at, nor an edge an agent drives on; nor be replaced while the simulation runs."""
+    sim = ctx.world.slices.get("simulation")
+    if sim is None:
+        return None
+    if replace:
+        if (sim.get("meta") or {}).get("running"):
+            return "the simulation is running; stop it before importing a map"
+        gone = set(nodes)
+        for key, rec in sim.items():
+            for field in ("node", "origin", "destination"):
+                ref = rec.get(field) if isinstance(rec, dict) else None
+                if ref is not None and ref in gone:
+                    return (f"{key} refers to node {ref!r}, which the new map lacks; "
+                            f"remove it or import a full state instead")
+        return None
+    for node_id in nodes:
+        for key, rec in sim.items():
+            if key.startswith(AGENT) and rec.get("node") == node_id:
+                return f"cannot remove node {node_id!r}: agent {rec['id']!r} stands on it"
+            if key.startswith(PACKAGE) and node_id in (rec.get("origin"), rec.get("destination")):
+                return (f"cannot remove node {node_id!r}: package {rec['id']!r} starts or "
+                        f"ends there")
+    for edge_id in edges:
+        for key, rec in sim.items():
+            if key.startswith(AGENT) and rec.get("edge") == edge_id:
+                return f"cannot remove edge {edge_id!r}: agent {rec['id']!r} is driving on it"
+    return None
+
+
+@hookimpl
 def register_agent_kinds() -> list[AgentKind]:
     from plugins.trucks import TRUCK
     return [TRUCK]

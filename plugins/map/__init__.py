@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import msgspec
+import pluggy
 
 from host.actions import (Action, Conflict, Context, Id, Invalid, NotFound, Role, Usage,
                           encoded_size)
@@ -18,6 +19,7 @@ from host.api import AppliedAction, HostAPI
 from host.config import error_path
 from host.plugins import hookimpl
 from host.topics import Topic
+from plugins.map import hookspecs
 from state.slices import KeyedSlice, SliceSpec
 
 NODE = "node:"
@@ -197,10 +199,14 @@ def export_graph(records: Any) -> dict[str, Any]:
     return {"nodes": nodes, "edges": edges}
 
 
-def simulation_running(ctx: Context) -> bool:
-    sim = ctx.world.slices.get("simulation")
-    meta = sim.get("meta") if sim is not None else None
-    return bool(meta and meta.get("running"))
+def _refuse_if_blocked(ctx: Context, nodes: list[str], edges: list[str],
+                      replace: bool = False) -> None:
+    """Whatever stands on the map (agents, packages) is another plugin's: ask them."""
+    if nodes or edges or replace:
+        why = ctx.host.hook.map_change_blocked(ctx=ctx, nodes=nodes, edges=edges,
+                                               replace=replace)
+        if why is not None:
+            raise Conflict(why)
 
 
 def _map(ctx: Context) -> KeyedSlice:
@@ -212,18 +218,14 @@ def export(ctx: Context, params: None) -> dict[str, Any]:
 
 
 def import_(ctx: Context, params: ImportParams) -> dict[str, Any]:
-    if simulation_running(ctx):
-        raise Conflict("the simulation is running; stop it before importing a map")
+    _refuse_if_blocked(ctx, [], [], replace=True)  # (before the work of building it)
     records = build_graph(params.map_data, ctx.settings)
-    sim = ctx.world.slices.get("simulation")
-    if sim is not None:
-        for key, rec in sim.items():
-            for field in ("node", "origin", "destination"):
-                ref = rec.get(field) if isinstance(rec, dict) else None
-                if ref is not None and NODE + ref not in records:
-                    raise Conflict(f"{key} refers to node {ref!r}, which the new map lacks; "
-                                   f"remove it or import a full state instead")
-    _map(ctx).replace_all(records)
+    m = _map(ctx)
+    _refuse_if_blocked(ctx, [k[len(NODE):] for k in m.keys() if k.startswith(NODE)
+                             and k not in records],
+                       [k[len(EDGE):] for k in m.keys() if k.startswith(EDGE)
+                        and k not in records], replace=True)
+    m.replace_all(records)
     usage = count(records)
     reply = {"nodes": usage["nodes"], "edges": usage["edges"]}
     _usage(ctx).propose(reply, usage)
@@ -259,29 +261,13 @@ def update_node(ctx: Context, update: NodeUpdate) -> dict[str, Any]:
     return reply
 
 
-def _users_of(ctx: Context, node_id: str) -> str | None:
-    sim = ctx.world.slices.get("simulation")
-    if sim is None:
-        return None
-    for key, rec in sim.items():
-        if key.startswith("agent:") and rec.get("node") == node_id:
-            return f"agent {rec['id']!r} stands on it"
-        if key.startswith("package:") and node_id in (rec.get("origin"), rec.get("destination")):
-            return f"package {rec['id']!r} starts or ends there"
-    return None
-
-
 def remove_node(ctx: Context, params: IdParams) -> dict[str, Any]:
     m = _map(ctx)
     if NODE + params.id not in m:
         raise NotFound(f"no node {params.id!r}")
-    user = _users_of(ctx, params.id)
-    if user is not None:
-        raise Conflict(f"cannot remove node {params.id!r}: {user}")
     edges = [k for k, e in m.items() if k.startswith(EDGE)
              and params.id in (e["from"], e["to"])]
-    for key in edges:
-        _check_edge_free(ctx, key[len(EDGE):])
+    _refuse_if_blocked(ctx, [params.id], [k[len(EDGE):] for k in edges])
     data = {"id": params.id, "removed_edges": sorted(k[len(EDGE):] for k in edges)}
     _within_budget(ctx, data, nodes=-1, edges=-len(edges),
                    size=-sum(encoded_size(m[k]) for k in [*edges, NODE + params.id]))
@@ -304,25 +290,21 @@ def add_edge(ctx: Context, edge: Edge) -> dict[str, Any]:
     return reply
 
 
-def _check_edge_free(ctx: Context, edge_id: str) -> None:
-    sim = ctx.world.slices.get("simulation")
-    if sim is None:
-        return
-    for key, rec in sim.items():
-        if key.startswith("agent:") and rec.get("edge") == edge_id:
-            raise Conflict(f"cannot remove edge {edge_id!r}: agent {rec['id']!r} is driving on it")
-
-
 def remove_edge(ctx: Context, params: IdParams) -> dict[str, Any]:
     m = _map(ctx)
     if EDGE + params.id not in m:
         raise NotFound(f"no edge {params.id!r}")
-    _check_edge_free(ctx, params.id)
+    _refuse_if_blocked(ctx, [], [params.id])
     reply = {"id": params.id}
     _within_budget(ctx, reply, edges=-1, size=-encoded_size(m[EDGE + params.id]))
     m.delete(EDGE + params.id)
     ctx.broadcast("map.edge_removed", {"id": params.id}, others=True, topic="map")
     return reply
+
+
+@hookimpl
+def add_hookspecs(pluginmanager: pluggy.PluginManager) -> None:
+    pluginmanager.add_hookspecs(hookspecs)
 
 
 @hookimpl
