@@ -20,6 +20,7 @@ from host.actions import RateLimited as RateLimited
 from host.actions import Role as Role
 from host.api import AppliedAction as AppliedAction
 from host.api import HostAPI as HostAPI
+from host.api import ImportStep as ImportStep
 from host.api import SessionInfo as SessionInfo
 from host.hookspecs import hookimpl as hookimpl
 from host.hookspecs import hookspec as hookspec
@@ -31,6 +32,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Action", "ActionError", "AppliedAction", "BadRequest", "Conflict", "Context", "Forbidden",
-    "HostAPI", "Invalid", "KeyedSlice", "NotFound", "RateLimited", "Role", "SessionInfo",
+    "HostAPI", "ImportStep", "Invalid", "KeyedSlice", "NotFound", "RateLimited", "Role", "SessionInfo",
     "SliceSpec", "ValueSlice", "hookimpl", "hookspec",
 ]

@@ -39,6 +39,17 @@ class AppliedAction(msgspec.Struct, frozen=True):
 
 
 @dataclass(frozen=True)
+class ImportStep:
+    """How some slices of a worldhost export go into a world: one of the plugin's
+    own import actions (checked and applied all or nothing, as a client's would
+    be), with the slices it takes care of (``world_import``)."""
+
+    action: str
+    params: dict[str, Any]
+    covers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class TaskFailure:
     """A plugin's background task raised (the host logs it and restarts the task)."""
 

@@ -29,7 +29,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from host.actions import Action, ActionError, Context
-    from host.api import AppliedAction, HostAPI, SessionInfo
+    from host.api import AppliedAction, HostAPI, ImportStep, SessionInfo
     from state.slices import SliceSpec
 
 hookspec = pluggy.HookspecMarker("worldhost")
@@ -180,6 +180,22 @@ def agent_removed(ctx: Context, agent_id: str) -> None:
 
     :param ctx: the removing action's context: change the world through it.
     :param agent_id: the agent that left.
+    """
+
+
+@hookspec(firstresult=True)
+def world_import(slices: dict[str, Any]) -> ImportStep | None:
+    """Say how slices of a worldhost export (``worldhost import``) go into a world
+    through your own import action, or None.
+
+    The host asks again with what is left until nobody answers; the slices no
+    plugin took are written as they are (``world.replace_slices``). A plugin whose
+    import covers more slices than another's answers first (``tryfirst``): the
+    simulation's ``simulation.import_state`` takes the map with it.
+
+    :param slices: the export's slices not imported yet, by name, each
+        ``{"version", "data"}`` as ``worldhost export`` wrote it.
+    :return: the action, its params and the slices it covers; or None.
     """
 
 

@@ -31,7 +31,6 @@ from state.codec import decode_cbor, decode_json, encode_cbor, encode_json
 from state.store import FORMAT_VERSION, Store, StoreError
 
 FORMAT = "worldhost-world"
-ACTION_IMPORTED = ("map", "simulation")  # replaced through their import actions
 HOST_OWNED = ("host", "sessions")
 
 
@@ -233,12 +232,14 @@ async def apply_document(host: Server, document: Any,
         if not isinstance(slices, dict):
             raise OfflineError("the export has no slices")
         result: dict[str, Any] = {}
-        state = _state_data(slices)
-        if state is not None:
-            result["simulation"] = await submit("simulation.import_state", {"state_data": state})
-        elif "map" in slices:
-            result["map"] = await submit("map.import", {"map_data": _map_data(slices["map"])})
-        rest = {n: v for n, v in slices.items() if n not in ACTION_IMPORTED}
+        rest = dict(slices)
+        hooks = host.world(world_id).hooks
+        while (step := hooks.world_import(slices=rest)) is not None:
+            if not set(step.covers) & set(rest):
+                raise OfflineError(f"the import step {step.action} covers none of the slices "
+                                   f"left ({', '.join(sorted(rest))})")
+            result[step.action.partition(".")[0]] = await submit(step.action, step.params)
+            rest = {n: v for n, v in rest.items() if n not in step.covers}
         if rest:
             result["slices"] = await submit("world.replace_slices", {"slices": rest})
         return result
@@ -255,18 +256,4 @@ async def apply_document(host: Server, document: Any,
         "a state_data ({graph, agents, packages, metadata}, bare or as {\"state_data\": ...}), "
         "a map_data ({nodes, edges}, bare or as {\"map_data\": ...})")
 
-
-def _map_data(entry: Any) -> Any:
-    from plugins.map import export_graph
-    return export_graph(entry["data"])
-
-
-def _state_data(slices: dict[str, Any]) -> dict[str, Any] | None:
-    if "simulation" not in slices or "map" not in slices:
-        return None
-    records = slices["simulation"]["data"]
-    agents = [r for k, r in sorted(records.items()) if k.startswith("agent:")]
-    packages = [r for k, r in sorted(records.items()) if k.startswith("package:")]
-    return {"graph": _map_data(slices["map"]), "agents": agents, "packages": packages,
-            "metadata": records.get("meta", {})}
 

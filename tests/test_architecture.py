@@ -99,6 +99,19 @@ def test_no_private_names_imported_across_modules() -> None:
     assert not offenders, "private names imported from another module:\n" + "\n".join(offenders)
 
 
+@pytest.mark.parametrize("package, below", [("host", "plugins"), ("state", "host"),
+                                            ("state", "plugins")])
+def test_the_layers_import_downward_only(package: str, below: str) -> None:
+    """``state`` is the leaf, ``host`` serves every plugin and knows none: what a
+    plugin adds reaches the host through hooks (``world_import``,
+    ``map_change_blocked``), never by the host importing it."""
+    offenders = [f"{path.relative_to(ROOT)}:{line}: {module}"
+                 for name, path in _modules(package).items()
+                 for module, _, line in _imports(name, path)
+                 if module.split(".")[0] == below]
+    assert not offenders, f"{package}/ imports {below}/:\n" + "\n".join(offenders)
+
+
 def test_only_the_composition_roots_import_the_server() -> None:
     """``host.server`` wires the parts together; the parts never reach back to it."""
     allowed = {"host.server", "host.cli", "host.testing", "host.offline"}

@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import trio
 
-from host import hookspec, hookspecs
-from host.actions import Action, Conflict, Context, Role
+from host import ImportStep, hookspec, hookspecs
+from host.actions import Action, ActionError, Conflict, Context, Invalid, Role
 from host.client import CallError
+from host.offline import apply_document, world_document
 from host.plugins import hookimpl
 from host.server import Host, StartupError
 from host import config as config_mod
@@ -20,6 +21,7 @@ from plugins.map import hookspecs as map_hookspecs
 from plugins.process_controller import hookspecs as process_hookspecs
 from plugins.simulation import hookspecs as simulation_hookspecs
 from state.slices import SliceSpec
+from worlds import grid_map
 
 DOCS = Path(__file__).parents[1] / "docs" / "plugins.md"
 # the host's hooks, and those the built-in plugins add (``add_hookspecs``)
@@ -390,3 +392,56 @@ def test_a_hook_without_wrappers_is_called_as_pluggy_calls_it() -> None:
 
     pm.register(Wrapper(), name="wrapper")
     assert ScopedHooks(pm, []).action_applied is pm.hook.action_applied
+
+
+class Tally:
+    """A third-party slice that goes back into a world through its own action."""
+
+    __name__ = "tally"
+
+    @hookimpl
+    def register_slices(self) -> list[SliceSpec]:
+        return [SliceSpec("tally", lambda: {"total": 0})]
+
+    @hookimpl
+    def register_actions(self) -> list[Action]:
+        def set_total(ctx: Context, p: dict[str, Any]) -> dict[str, Any]:
+            if not isinstance(p.get("total"), int) or p["total"] < 0:
+                raise Invalid("total must be a whole number, not negative",
+                              details={"path": "params.total", "message": "not negative"})
+            ctx.value("tally").set({"total": p["total"]})
+            return {"total": p["total"]}
+        return [Action("tally.set", set_total, dict[str, Any], Role.admin)]
+
+    @hookimpl
+    def world_import(self, slices: dict[str, Any]) -> ImportStep | None:
+        if "tally" not in slices:
+            return None
+        return ImportStep("tally.set", {"total": slices["tally"]["data"]["total"]}, ("tally",))
+
+
+async def test_an_export_goes_back_through_each_plugins_import_action(worldhost: Any) -> None:
+    """``world_import``: the simulation's import takes the map with it (it answers
+    first), a third-party slice goes through its own action (checked as a client's
+    would be), and what no plugin takes is written whole."""
+    admin = {"host": {"admin_token": "adm"}}
+    source = await worldhost.start(Tally(), config=admin)
+    async with source.client("root", token="adm") as root:
+        await root.call("map.import", map_data=grid_map(2, 1))
+        await root.call("simulation.add_agent", id="t1", kind="truck", node="n0_0")
+        await root.call("tally.set", total=7)
+        await root.call("chat.say", text="hello")
+    document = world_document(source.host.world(None))
+    target = await worldhost.start(Tally(), config=admin)
+    result = await apply_document(target.host, document)
+    assert set(result) == {"simulation", "tally", "slices"}  # no map.import of its own
+    world = target.world()
+    assert world["tally"] == {"total": 7} and "agent:t1" in world["simulation"]
+    assert world["map"] == source.world()["map"] and world["chat"] == source.world()["chat"]
+    document["slices"]["tally"]["data"]["total"] = -1
+    with pytest.raises(ActionError) as err:
+        await apply_document(target.host, document)
+    assert err.value.code == "validation_error" and "not negative" in err.value.message
+    del document["slices"]["simulation"]
+    assert "map" in await apply_document(target.host, {**document, "slices": {
+        "map": document["slices"]["map"]}})  # the map alone goes through map.import

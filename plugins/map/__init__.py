@@ -15,7 +15,7 @@ import pluggy
 
 from host.actions import (Action, Conflict, Context, Id, Invalid, NotFound, Role, Usage,
                           encoded_size)
-from host.api import AppliedAction, HostAPI
+from host.api import AppliedAction, HostAPI, ImportStep
 from host.config import error_path
 from host.plugins import hookimpl
 from host.topics import Topic
@@ -300,6 +300,13 @@ def remove_edge(ctx: Context, params: IdParams) -> dict[str, Any]:
     m.delete(EDGE + params.id)
     ctx.broadcast("map.edge_removed", {"id": params.id}, others=True, topic="map")
     return reply
+
+
+@hookimpl
+def world_import(slices: dict[str, Any]) -> ImportStep | None:
+    if "map" not in slices:
+        return None
+    return ImportStep("map.import", {"map_data": export_graph(slices["map"]["data"])}, ("map",))
 
 
 @hookimpl

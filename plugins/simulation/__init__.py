@@ -26,7 +26,7 @@ import trio
 
 from host.actions import (MAX_ID_LENGTH, Action, ActionError, Conflict, Context, Id, Invalid,
                           NotFound, Role, bounded, encoded_size)
-from host.api import AppliedAction, HostAPI
+from host.api import AppliedAction, HostAPI, ImportStep
 from host.plugins import hookimpl
 from plugins.simulation import hookspecs
 from host.topics import UNSUBSCRIBED, Topic, argument, family, rate_of, split_rate
@@ -1068,6 +1068,18 @@ def map_change_blocked(ctx: Context, nodes: list[str], edges: list[str],
             if key.startswith(AGENT) and rec.get("edge") == edge_id:
                 return f"cannot remove edge {edge_id!r}: agent {rec['id']!r} is driving on it"
     return None
+
+
+@hookimpl(tryfirst=True)  # before the map's: this import takes the map with it
+def world_import(slices: dict[str, Any]) -> ImportStep | None:
+    if "simulation" not in slices or "map" not in slices:
+        return None
+    records = slices["simulation"]["data"]
+    state = {"graph": map_plugin.export_graph(slices["map"]["data"]),
+             "agents": [r for k, r in sorted(records.items()) if k.startswith(AGENT)],
+             "packages": [r for k, r in sorted(records.items()) if k.startswith(PACKAGE)],
+             "metadata": records.get("meta", {})}
+    return ImportStep("simulation.import_state", {"state_data": state}, ("map", "simulation"))
 
 
 @hookimpl
