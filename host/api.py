@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -79,6 +80,14 @@ class HostAPI:
         """Apply an action through this world's dispatcher (journaled like any other)
         and return its reply data once durable; raises ActionError if refused."""
         return await self._world.dispatcher.submit(action, params or {})
+
+    async def wait_changed(self, slices: Iterable[str], deadline: float = math.inf) -> bool:
+        """Wait until an action changes one of ``slices`` (True), or until
+        ``deadline`` on trio's clock (``trio.current_time()``, virtual under a mock
+        clock) passes (False): a background task's one way to sleep until its
+        world needs it. Only changes applied while it waits count: read the world
+        again after it returns."""
+        return bool(await self._world.dispatcher.wait_changed(slices, deadline))
 
     def read(self, slice_name: str) -> Any:
         """The committed value of a slice (a dict of records for keyed slices)."""

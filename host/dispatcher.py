@@ -10,6 +10,7 @@ is exactly as it was).
 from __future__ import annotations
 
 import functools
+import math
 import logging
 import traceback
 from collections import Counter
@@ -110,6 +111,7 @@ class Dispatcher:
         self.queued = 0  # items in the channel, not yet taken by the dispatcher task
         self.last_request_at = 0.0  # when a session's action last applied here
         self._interest: Interest | None = None
+        self._watchers: list[tuple[frozenset[str], trio.Event]] = []  # wait_changed
 
     # submission -----------------------------------------------------------
     async def put(self, item: Request | Disconnect) -> None:
@@ -302,7 +304,23 @@ class Dispatcher:
                                     session.id if session is not None else None, data, now,
                                     replayed=self.replaying, slices=tuple(changed))
             self.hooks.action_applied(host=self.api, applied=applied)
+            for watched, event in self._watchers:
+                if not watched.isdisjoint(changed):
+                    event.set()
         return outcome
+
+    async def wait_changed(self, slices: Iterable[str], deadline: float = math.inf) -> bool:
+        """Wait until an action applied from now on changes one of ``slices`` (True),
+        or until trio's clock reaches ``deadline`` (False)."""
+        watcher = (frozenset(slices), trio.Event())
+        self._watchers.append(watcher)
+        try:
+            with trio.move_on_at(deadline):
+                await watcher[1].wait()
+                return True
+            return False
+        finally:
+            self._watchers.remove(watcher)
 
     def apply_internal(self, name: str, params: dict[str, Any]) -> Effects:
         """Apply an internal action here and now, from code already applying one

@@ -445,3 +445,49 @@ async def test_an_export_goes_back_through_each_plugins_import_action(worldhost:
     del document["slices"]["simulation"]
     assert "map" in await apply_document(target.host, {**document, "slices": {
         "map": document["slices"]["map"]}})  # the map alone goes through map.import
+
+
+class Waiter:
+    """A background task that sleeps until its slice changes, or ten seconds pass."""
+
+    __name__ = "waiter"
+
+    def __init__(self) -> None:
+        self.woke: list[tuple[bool, float]] = []
+
+    @hookimpl
+    def register_slices(self) -> list[SliceSpec]:
+        return [SliceSpec("watched", lambda: {"n": 0}), SliceSpec("other", lambda: {"n": 0})]
+
+    @hookimpl
+    def register_actions(self) -> list[Action]:
+        def bump(name: str) -> Action:
+            def handler(ctx: Context, p: Any) -> dict[str, Any]:
+                ctx.value(name).set({"n": ctx.value(name).value["n"] + 1})
+                return {}
+            return Action(f"{name}.bump", handler, None, Role.player)
+        return [bump("watched"), bump("other")]
+
+    @hookimpl
+    def background_tasks(self, host: Any) -> list[Any]:
+        async def task() -> None:
+            while True:
+                started = trio.current_time()
+                changed = await host.wait_changed({"watched"}, deadline=started + 10)
+                self.woke.append((changed, round(trio.current_time() - started, 3)))
+        return [task]
+
+
+async def test_wait_changed_wakes_on_its_slices_or_at_the_deadline(
+        worldhost: Any, autojump_clock: Any) -> None:
+    waiter = Waiter()
+    h = await worldhost.start(waiter)
+    async with h.client("ada") as ada:
+        await trio.sleep(1)
+        await ada.call("other.bump")  # another slice: it sleeps on
+        await trio.sleep(1)
+        await ada.call("watched.bump")
+        await trio.sleep(0.1)
+        assert waiter.woke and waiter.woke[0][0] is True and 2 <= waiter.woke[0][1] < 3
+        await trio.sleep(15)
+    assert waiter.woke[1] == (False, 10.0)

@@ -21,7 +21,7 @@ import trio
 
 from host.actions import (MAX_ID_LENGTH, Action, ActionError, Conflict, Context, Id, Invalid,
                           NotFound, Role, encoded_size, resized)
-from host.api import AppliedAction, HostAPI
+from host.api import HostAPI
 from host.plugins import PluginError, hookimpl
 from host.topics import Topic
 from plugins.process_controller import hookspecs
@@ -128,7 +128,6 @@ def _templates(host: HostAPI) -> dict[str, dict[str, Any]]:
                 templates[template["id"]] = template
                 owners[template["id"]] = plugin
         rt["templates"] = templates
-        rt["wake"] = trio.Event()
     return rt["templates"]
 
 
@@ -474,17 +473,14 @@ def next_deadline(host: HostAPI) -> float | None:
 
 async def stage_timer(host: HostAPI) -> None:
     """While a timed stage runs, submit ``process.clock`` every second and at deadlines."""
-    rt = host.runtime("process_controller")
     while True:
         left = next_deadline(host)
         if left is None:
-            await rt["wake"].wait()
-            rt["wake"] = trio.Event()
+            await host.wait_changed({"process"})  # a timed stage starts
             continue
-        with trio.move_on_after(max(0.0, min(CLOCK_PERIOD_S, left))):
-            await rt["wake"].wait()
-            rt["wake"] = trio.Event()
-            continue
+        if await host.wait_changed({"process"},
+                                   deadline=trio.current_time() + min(CLOCK_PERIOD_S, left)):
+            continue  # a turn, a pause, an advance: the deadline may have moved
         try:
             await host.submit("process.clock")
         except ActionError:
@@ -576,14 +572,6 @@ async def shutdown(host: HostAPI) -> None:
 @hookimpl
 def background_tasks(host: HostAPI) -> list[Callable[[], Any]]:
     return [lambda: stage_timer(host)]
-
-
-@hookimpl
-def action_applied(host: HostAPI, applied: AppliedAction) -> None:
-    if applied.name.startswith("process."):
-        rt = host.runtime("process_controller")
-        if "wake" in rt:
-            rt["wake"].set()
 
 
 @hookimpl

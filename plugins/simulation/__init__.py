@@ -560,7 +560,6 @@ def _runtime(host: HostAPI) -> dict[str, Any]:
                 owners[kind.name] = plugin
         rt["kinds"] = kinds
         rt["router"] = Router()
-        rt["wake"] = trio.Event()
     return rt
 
 
@@ -959,24 +958,20 @@ async def tick_loop(host: HostAPI) -> None:
     If the host falls behind it does not queue ticks up: it skips to the present
     and reports the ticks it dropped in the next tick.
     """
-    rt = _runtime(host)
     next_at: float | None = None
     refused = ""
     while True:
         meta = host.read("simulation").get("meta") or default_meta()
         if not meta["running"]:
             next_at = None
-            await rt["wake"].wait()
-            rt["wake"] = trio.Event()
+            await host.wait_changed({"simulation"})  # a start, an import
             continue
         period = 1.0 / meta["tick_hz"]
         now = trio.current_time()
         if next_at is None:
             next_at = now + period
         if now < next_at:
-            with trio.move_on_at(next_at):
-                await rt["wake"].wait()
-                rt["wake"] = trio.Event()
+            await host.wait_changed({"simulation"}, deadline=next_at)  # or a stop, a new rate
             continue
         dropped = int((now - next_at) // period)
         next_at += (dropped + 1) * period
@@ -1122,6 +1117,3 @@ def action_applied(host: HostAPI, applied: AppliedAction) -> None:
         rt["index"] = pending
     if "map" in applied.slices:
         rt["router"].map_changed(applied.name, applied.reply)
-    if applied.name in ("simulation.start", "simulation.stop", "simulation.set",
-                        "simulation.import_state"):
-        rt["wake"].set()
