@@ -356,7 +356,7 @@ async def test_a_crash_mid_run_replays_to_the_uninterrupted_world(worldhost: Any
     crashed = h.world()["simulation"]
     ticks = crashed["meta"]["tick"]
     assert ticks > 40
-    assert h.host.world().api.runtime("simulation")["router"].computed == 0  # routes from the memos
+    assert h.host.world().api.runtime("simulation")["state"].router.computed == 0  # from memos
     clean = await worldhost.start(config=ADMIN)
     async with clean.client("root", token="adm") as root:
         await root.call("simulation.import_state", state_data=state)
@@ -412,7 +412,7 @@ async def test_random_simulations_keep_their_invariants(tmp_path: Path, steps: l
 
 def check_index(h: Any) -> None:
     """The index the simulation keeps between actions equals one built afresh."""
-    index = h.host.world().api.runtime("simulation").get("index")
+    index = h.host.world().api.runtime("simulation")["state"].index
     sim = h.world()["simulation"]
     if index is None or index.tick != sim["meta"]["tick"]:
         return  # none kept (the next tick builds one)
@@ -440,9 +440,9 @@ async def test_replay_without_memos_searches_and_gives_the_same_world(worldhost:
     conn.commit()
     conn.close()
     await h.start()
-    assert h.host.world().api.runtime("simulation")["router"].computed == 0
+    assert h.host.world().api.runtime("simulation")["state"].router.computed == 0
     without = await worldhost.start(config=ADMIN, db=copy)
-    assert without.host.world().api.runtime("simulation")["router"].computed > 0
+    assert without.host.world().api.runtime("simulation")["state"].router.computed > 0
     assert canonical(without.world()["simulation"]) == canonical(h.world()["simulation"])
 
 

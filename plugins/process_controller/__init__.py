@@ -13,6 +13,7 @@ import datetime as dt
 import math
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import msgspec
@@ -114,9 +115,21 @@ def validate_template(template: Any, plugin: str) -> dict[str, Any]:
     return template
 
 
-def _templates(host: HostAPI) -> dict[str, dict[str, Any]]:
+@dataclass
+class ControllerRuntime:
+    """What the controller keeps for a world while it is loaded; never saved."""
+
+    templates: dict[str, dict[str, Any]]  # every plugin's, by id, validated
+    # a record's encoded size, by process id, kept with the record it measured
+    sizes: dict[str, tuple[dict[str, Any], int]] = field(default_factory=dict)
+    # the summaries server_info last made: (templates, ids, records, summaries)
+    summaries: tuple[Any, list[str], list[Any], list[dict[str, Any]]] | None = None
+
+
+def _runtime(host: HostAPI) -> ControllerRuntime:
     rt = host.runtime("process_controller")
-    if "templates" not in rt:
+    found: ControllerRuntime | None = rt.get("state")
+    if found is None:
         templates: dict[str, dict[str, Any]] = {}
         owners: dict[str, str] = {}
         for plugin, registered in host.collect("register_process_templates"):
@@ -127,8 +140,12 @@ def _templates(host: HostAPI) -> dict[str, dict[str, Any]]:
                                       f"both plugin {owners[template['id']]!r} and {plugin!r}")
                 templates[template["id"]] = template
                 owners[template["id"]] = plugin
-        rt["templates"] = templates
-    return rt["templates"]
+        found = rt["state"] = ControllerRuntime(templates)
+    return found
+
+
+def _templates(host: HostAPI) -> dict[str, dict[str, Any]]:
+    return _runtime(host).templates
 
 
 def iso(at: float) -> str:
@@ -362,7 +379,7 @@ def _within_budget(ctx: Context, process: dict[str, Any],
     larger than max_process_bytes; the action is rolled back. Given ``old``, the
     record it was made from, a size kept for that record is adjusted rather than
     measured again: a turn then costs what it adds, not the artifacts so far."""
-    sizes = ctx.host.runtime("process_controller").setdefault("sizes", {})
+    sizes = _runtime(ctx.host).sizes
     kept = sizes.get(process["process_id"])
     if old is not None and kept is not None and kept[0] is old:
         size = resized(old, kept[1], process)
@@ -590,8 +607,8 @@ def server_info(host: HostAPI) -> dict[str, Any]:
     known = _templates(host)
     records = host.read("process")
     keys, values = list(records), list(records.values())
-    rt = host.runtime("process_controller")
-    kept = rt.get("summaries")
+    rt = _runtime(host)
+    kept = rt.summaries
     if kept is None or kept[0] is not known or kept[1] != keys:
         summaries = [summary_of(p, known.get(p["template_id"])) for p in values]
     else:
@@ -600,7 +617,7 @@ def server_info(host: HostAPI) -> dict[str, Any]:
         i = -1
         while (i := _next_false(same, i + 1)) >= 0:
             summaries[i] = summary_of(values[i], known.get(values[i]["template_id"]))
-    rt["summaries"] = (known, keys, values, summaries)
+    rt.summaries = (known, keys, values, summaries)
     active = any(s["status"] in ACTIVE for s in summaries)
     return {"phase": "playing" if active else "onboarding", "processes": summaries}
 

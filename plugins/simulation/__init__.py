@@ -147,13 +147,13 @@ def _age(package: dict[str, Any]) -> tuple[int, str]:
 class Sim:
     """One action's view of the simulation: records, graph, routing and events."""
 
-    def __init__(self, ctx: Context, rt: dict[str, Any]) -> None:
+    def __init__(self, ctx: Context, rt: SimRuntime) -> None:
         self.ctx = ctx
         self.rt = rt
         self.slice: KeyedSlice = ctx.keyed("simulation")
         self.map: KeyedSlice = ctx.keyed("map")
-        self.kinds: dict[str, AgentKind] = rt["kinds"]
-        self.router: Router = rt["router"]
+        self.kinds = rt.kinds
+        self.router = rt.router
         self.settings: Settings = ctx.settings
         meta = self.slice.get("meta")
         self.meta = dict(meta) if meta is not None else default_meta()
@@ -163,7 +163,7 @@ class Sim:
         self._agent_keys: list[str] | None = None
         self._waiting: list[dict[str, Any]] | None = None
         self._targeted: Counter[str] | None = None
-        index: Index | None = rt.get("index")
+        index = rt.index
         if index is not None and index.tick == self.meta["tick"]:
             self._agent_keys, self._waiting = index.agent_keys, index.waiting
             self._targeted = Counter(index.targeted)  # this action's own copy to change
@@ -268,8 +268,8 @@ class Sim:
 
     def keep_index(self) -> None:
         """Offer this action's index to the next one; promoted only if this one commits."""
-        self.rt["pending_index"] = Index(self.meta["tick"], self.agent_keys(), self.waiting(),
-                                         self.targeted())
+        self.rt.pending_index = Index(self.meta["tick"], self.agent_keys(), self.waiting(),
+                                      self.targeted())
 
     def changes(self) -> dict[str, Any]:
         return {"tick": self.meta["tick"], "current_day": self.meta["current_day"],
@@ -433,19 +433,19 @@ def publish(ctx: Context) -> None:
     ticks, agents, views = (interest.subscribed(TICKS), interest.subscribed(AGENT_TOPIC),
                             interest.subscribed(VIEW_TOPIC))
     if not (ticks or agents or views) or ctx.host.replaying:
-        rt.pop("coalesce", None)  # nobody to gather for: a later subscriber starts afresh
+        rt.coalesce = {}  # nobody to gather for: a later subscriber starts afresh
         return
     records = ctx.keyed("simulation")
     graph = ctx.keyed("map")
-    kinds = rt["kinds"]
+    kinds = rt.kinds
     reset = records.replacing
     meta = records.get("meta") or default_meta()
     tick_now = meta["tick"]
-    gathered: dict[str, Pending] = rt.get("coalesce", {})
+    gathered = rt.coalesce
     staged: dict[str, Pending] = {}
 
     def plain(key: str, record: dict[str, Any]) -> dict[str, Any]:
-        kind = kinds.get(record.get("kind")) if key.startswith(AGENT) else None
+        kind = kinds.get(record.get("kind", "")) if key.startswith(AGENT) else None
         return kind.to_plain(record) if kind is not None else record
 
     changes = []  # (key, old plain or None, new plain or None)
@@ -541,14 +541,27 @@ def publish(ctx: Context) -> None:
                 return [(key, "set", rec) for key, rec in agents_now
                         if _inside(view, _where(graph, rec))]
             send(topic, items, inside_now)
-    rt["coalesce"] = staged
+    rt.coalesce = staged
 
 
-# --- per-host runtime: agent kinds, router, the tick loop's wake-up -----------------
+# --- per-world runtime: agent kinds, router, the index, what coalesces ---------------
 
-def _runtime(host: HostAPI) -> dict[str, Any]:
+@dataclass
+class SimRuntime:
+    """What the simulation keeps for a world while it is loaded; never saved (all of
+    it is rebuilt from the world, or only saves work)."""
+
+    kinds: dict[str, AgentKind]  # every plugin's, by name
+    router: Router  # routes, cached until the map changes
+    index: Index | None = None  # agents and waiting packages as of the last commit
+    pending_index: Index | None = None  # the action under way's: kept if it commits
+    coalesce: dict[str, Pending] = dataclass_field(default_factory=dict)  # by topic
+
+
+def _runtime(host: HostAPI) -> SimRuntime:
     rt = host.runtime("simulation")
-    if "kinds" not in rt:
+    found: SimRuntime | None = rt.get("state")
+    if found is None:
         kinds: dict[str, AgentKind] = {}
         owners: dict[str, str] = {}
         for plugin, registered in host.collect("register_agent_kinds"):
@@ -558,9 +571,8 @@ def _runtime(host: HostAPI) -> dict[str, Any]:
                                        f"{owners[kind.name]!r} and plugin {plugin!r}")
                 kinds[kind.name] = kind
                 owners[kind.name] = plugin
-        rt["kinds"] = kinds
-        rt["router"] = Router()
-    return rt
+        found = rt["state"] = SimRuntime(kinds, Router())
+    return found
 
 
 def _sim(ctx: Context) -> Sim:
@@ -1112,8 +1124,8 @@ def world_running(host: HostAPI) -> str | None:
 @hookimpl
 def action_applied(host: HostAPI, applied: AppliedAction) -> None:
     rt = _runtime(host)
-    pending = rt.pop("pending_index", None)
+    pending, rt.pending_index = rt.pending_index, None
     if "simulation" in applied.slices:
-        rt["index"] = pending
+        rt.index = pending
     if "map" in applied.slices:
-        rt["router"].map_changed(applied.name, applied.reply)
+        rt.router.map_changed(applied.name, applied.reply)
