@@ -70,7 +70,7 @@ def validation_details(exc: msgspec.ValidationError, boxed: bool = False) -> dic
 class Gate(Protocol):
     """What the dispatcher asks of the session gate (host/gate.py)."""
 
-    def check(self, req: Request, action: Action, session: Session | None) -> None: ...
+    def check(self, req: Request, action: Action | None, session: Session | None) -> None: ...
 
     def disconnected(self, conn: Any) -> None: ...
 
@@ -198,10 +198,13 @@ class Dispatcher:
             if not self.accepting and not req.internal:  # plugins' shutdown hooks still submit
                 raise ActionError("the host is shutting down", code="conflict")
             action = self.registry.actions.get(req.action)
-            if action is None or (action.internal and not req.internal):
+            if action is not None and action.internal and not req.internal:
+                action = None
+            if not req.internal:
+                self.gate.check(req, action, session)  # before a session: unauthenticated
+            if action is None:
                 raise UnknownAction(f"no plugin handles the action {req.action!r}")
             if not req.internal:
-                self.gate.check(req, action, session)
                 if session is not None and req.has_id and req.id is not None:
                     remembered = session.recall(req.id)
                     if remembered is not None:
@@ -367,10 +370,13 @@ class Dispatcher:
             data["details"] = exc.details
         sig = Signal("error", data, req.id, True, encoding=req.encoding)
         target = session if session is not None else req.conn
-        if session is not None and req.has_id and exc.code not in ("rate_limited", "internal_error"):
+        if session is not None and req.has_id:  # a repeated id gets this again, whatever it was
             session.remember(req.id, "error", data)
         outcome = Effects([(target, sig)])
         conn = req.conn
+        if conn is not None and req.action in ("session.open", "session.resume") \
+                and conn.session is None:
+            conn.failed_opens += 1  # any refusal counts: a bad name, a bad token, a flood
         if conn is not None and conn.failed_opens >= self.gate.max_failed_opens():
             outcome.after.append(lambda: conn.close_soon(1008, "too many failed session attempts"))
         return outcome

@@ -55,7 +55,7 @@ def credential_of(token_sha256: str) -> str:
 
 
 # what a connection without a session may send
-OPEN_ACTIONS = frozenset({"session.open", "session.resume", "host.ping", "world.list"})
+OPEN_ACTIONS = frozenset({"session.open", "session.resume", "host.ping"})  # PROTOCOL.md
 
 
 class SessionGate:
@@ -79,18 +79,18 @@ class SessionGate:
         return self.config.sessions.max_failed_opens
 
     # the gate ---------------------------------------------------------------
-    def check(self, req: Request, action: Action, session: Session | None) -> None:
+    def check(self, req: Request, action: Action | None, session: Session | None) -> None:
         rid, limit = req.id, self.config.host.limits.max_id_bytes
         if rid is not None and len(rid.encode("utf-8", "surrogatepass") if isinstance(rid, str)
                                    else str(rid)) > limit:
             # an id is kept with its reply for repeats and replays: keep it small
             raise BadRequest(f"id is longer than max_id_bytes ({limit} bytes)")
         if session is None:
-            if action.name not in OPEN_ACTIONS:
-                raise Unauthenticated(f"{action.name} needs an open session: "
+            if action is None or action.name not in OPEN_ACTIONS:  # an unknown one too
+                raise Unauthenticated(f"{req.action} needs an open session: "
                                       f"send session.open or session.resume first")
             return
-        if Role.parse(session.role) < action.role:
+        if action is not None and Role.parse(session.role) < action.role:
             raise Forbidden(f"{action.name} needs role {action.role.name}; "
                             f"this session is {session.role}")
 
@@ -174,11 +174,7 @@ class SessionGate:
             raise ActionError("name must be 1 to 64 printable characters",
                               details={"path": "params.name", "message": "bad name"},
                               code="validation_error")
-        try:
-            role, credential = self._role_for(params.token)
-        except Unauthenticated:
-            conn.failed_opens += 1
-            raise
+        role, credential = self._role_for(params.token)  # a refusal counts (Dispatcher._error)
         address = str(conn.remote)
         world = self.worlds.default_id()
         self._make_room(role, credential, address, world)
@@ -364,8 +360,10 @@ class SessionGate:
             effects.outputs.append((other, Signal("session.ended", {
                 "session_id": session.id, "reason": "closed"})))
             effects.after.append(lambda: other.close_soon(1000, "session closed"))
-        effects.outputs.append((conn, Signal("session.closed", {"session_id": session.id},
-                                             req.id, True, encoding=req.encoding)))
+        reply = Signal("session.closed", {"session_id": session.id}, req.id, True,
+                       encoding=req.encoding)
+        session.number(reply)  # its last signal: counted, as every reply to a session is
+        effects.outputs.append((conn, reply))
         return effects
 
     def end(self, session_id: str, reason: str) -> Effects:

@@ -113,14 +113,21 @@ async def test_a_connection_without_a_session_is_closed_in_time(worldhost: Any,
         assert 9.9 <= trio.current_time() - start <= 10.5
 
 
-async def test_three_failed_opens_close_the_connection(worldhost: Any) -> None:
+@pytest.mark.parametrize("refusals", [
+    ["unauthenticated"] * 3,
+    ["validation_error"] * 3,  # a bad name fails session.open as a bad token does
+    ["validation_error", "unauthenticated", "validation_error"],
+])
+async def test_three_failed_opens_close_the_connection(worldhost: Any,
+                                                       refusals: list[str]) -> None:
     h = await worldhost.start(config=TOKEN_CONFIG)
     async with raw_connection(h) as ws:
         await ws.get_message()
-        for i in range(3):
-            reply = await send(ws, {"id": i, "action": "session.open",
-                                    "params": {"name": "eve", "token": f"guess{i}"}})
-            assert reply["data"]["code"] == "unauthenticated"
+        for i, code in enumerate(refusals):
+            params = {"name": "eve", "token": f"guess{i}"} if code == "unauthenticated" \
+                else {"name": ""}
+            reply = await send(ws, {"id": i, "action": "session.open", "params": params})
+            assert reply["data"]["code"] == code
         with pytest.raises(ConnectionClosed) as closed:
             await ws.get_message()
         assert closed.value.reason.code == 1008

@@ -71,6 +71,10 @@ def test_ping_before_a_session_and_unauthenticated_otherwise(server: ServerProce
             "signal": "host.pong", "re": 7, "data": {"a": [1, 2]}}
         reply = call(ws, "world.snapshot", rid="x")
         assert reply["signal"] == "error" and reply["data"]["code"] == "unauthenticated"
+        unknown = call(ws, "foo.bar", rid="y")  # every action but the three, known or not
+        assert unknown["data"]["code"] == "unauthenticated" and "foo.bar" in \
+            unknown["data"]["message"]
+        assert call(ws, "host.ping", rid=8)["signal"] == "host.pong"  # and it stays open
 
 
 def test_session_open_snapshot_and_seq_without_gaps(server: ServerProcess) -> None:
@@ -213,6 +217,28 @@ def test_repeated_request_id_is_answered_not_executed_again(server: ServerProces
     ws.close()
 
 
+def test_a_repeated_id_gets_its_first_reply_whatever_the_error(tmp_path: Path) -> None:
+    """A request refused by the rate limit is answered so again if its id comes back:
+    an id is used once, and the host answers it with the reply it gave first."""
+    config = tmp_path / "limits.toml"
+    config.write_text("[host.limits]\nrate_per_s = 1.0\nrate_burst = 3\n")
+    proc = ServerProcess(tmp_path / "world.db", config=config).start()
+    try:
+        ws, _ = opened(proc, "eager")  # the open took one token
+        replies = [call(ws, "host.ping", rid=f"p{i}") for i in range(4)]
+        limited = next(r for r in replies if r["signal"] == "error")
+        assert limited["data"]["code"] == "rate_limited"
+        time.sleep(2.5)  # tokens again
+        again = call(ws, "chat.say", {"text": "later"}, rid=limited["re"])
+        assert again["signal"] == "error" and again["data"] == limited["data"]
+        assert again["seq"] > limited["seq"]
+        said = call(ws, "chat.history", {"limit": 10}, rid="h")["data"]["messages"]
+        assert not any(m["text"] == "later" for m in said)
+        ws.close()
+    finally:
+        assert proc.stop() == 0
+
+
 def test_frame_over_the_limit_closes_with_1009(tmp_path: Path) -> None:
     config = tmp_path / "small.toml"
     config.write_text("[host.limits]\nmax_frame_bytes = 4096\n")
@@ -300,8 +326,12 @@ def test_resume_replays_missed_signals_in_order(server: ServerProcess) -> None:
 
 def test_session_close_ends_the_session_for_good(server: ServerProcess) -> None:
     ws, data = opened(server, "leaver")
+    said = call(ws, "chat.say", {"text": "bye"})
+    while (last := recv(ws))["signal"] != "chat.message":  # its broadcast follows the reply
+        pass
     closed = call(ws, "session.close")
     assert closed["signal"] == "session.closed"
+    assert closed["seq"] == last["seq"] + 1 and said["seq"] < last["seq"]  # counted, too
     assert call(ws, "world.snapshot", rid="after")["data"]["code"] == "unauthenticated"
     with connect(server.url) as ws2:
         recv(ws2)

@@ -87,26 +87,28 @@ async def refused(code: str, c: Client, action: str, **params: Any) -> CallError
 
 # -- the actions ------------------------------------------------------------------------
 
-async def test_a_fresh_server_lists_main_to_anyone_and_a_session_is_in_it(worldhost: Any) -> None:
+async def test_a_fresh_server_shows_main_to_anyone_and_a_session_is_in_it(
+        worldhost: Any) -> None:
     h = await worldhost.start(config=CONFIG, listen=True)
     async with h.client("nobody", open_session=False) as nobody:
         info = nobody.server_info
         assert info["world_id"] == "main" and info["phase"] == "onboarding"
         assert [w["world_id"] for w in info["worlds"]] == ["main"]
         assert set(info["worlds"][0]) >= {"world_id", "name", "phase", "sessions"}
-        data = await listed(nobody)  # before any session
-        assert data["default"] == "main" and data["joined"] is None
-        main = data["by_id"]["main"]
-        assert set(main) >= {"world_id", "name", "phase", "sessions", "loaded", "created_at",
-                             "last_active"}
-        assert main["loaded"] is True
+        with pytest.raises(CallError) as err:  # PROTOCOL.md: only three actions before
+            await nobody.call("world.list")
+        assert err.value.code == "unauthenticated"
     async with h.client("ada") as ada:
         sync = await ada.next_signal("sync_state")
         assert sync["data"]["world_id"] == "main"
         assert [w["world_id"] for w in sync["data"]["worlds"]] == ["main"]
+        data = await listed(ada)  # before joining any
+        assert data["default"] == "main" and data["joined"] == "main"
+        main = data["by_id"]["main"]
+        assert set(main) >= {"world_id", "name", "phase", "sessions", "loaded", "created_at",
+                             "last_active"}
+        assert main["loaded"] is True and main["sessions"] == 1
         await ada.call("map.add_node", id="n1", x=1, y=2)  # never joined: works as ever
-        assert (await listed(ada))["joined"] == "main"
-        assert (await listed(ada))["by_id"]["main"]["sessions"] == 1
 
 
 async def test_create_join_leave_and_their_errors(worldhost: Any) -> None:
@@ -483,11 +485,31 @@ def write_config(folder: Path, extra: str = "") -> Path:
 
 
 async def world_list(url: str) -> dict[str, Any]:
-    """``world.list`` on a connection without a session (it opens none, joins nothing)."""
+    """``world.list`` by a session of its own that joins nothing (it is in the default
+    world); ``loaded_before`` is how many worlds were loaded before it opened."""
+    before = await loaded_worlds(url)
     async with raw(url) as r:
+        opened = await r.call("session.open", name="lookout")
+        assert opened["signal"] == "session.opened", opened
         reply = await r.call("world.list")
         assert reply["signal"] == "world.list", reply
-        return {**reply["data"], "by_id": {w["world_id"]: w for w in reply["data"]["worlds"]}}
+        await r.call("session.close")
+        worlds = reply["data"]["worlds"]
+        return {**reply["data"], "by_id": {w["world_id"]: w for w in worlds},
+                "loaded_before": before, "loaded_by_itself": before == sum(
+                    1 for w in worlds if w["loaded"])}
+
+
+async def loaded_worlds(url: str) -> int:
+    """How many worlds the server has loaded (``/healthz``), asked without a session."""
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := await stream.receive_some():
+            data += chunk
+    return int(json.loads(data.split(b"\r\n\r\n", 1)[1])["worlds"])
 
 
 def tick(snapshot: dict[str, Any]) -> int:
@@ -531,7 +553,8 @@ async def test_the_last_active_world_and_a_running_simulation_come_back(
             server.start()
 
             with trio.fail_after(10):  # loading may finish after the port opens
-                while not (before := await world_list(server.url))["by_id"]["sim"]["loaded"]:
+                while not ((before := await world_list(server.url))["by_id"]["sim"]["loaded"]
+                           and before["loaded_by_itself"]):  # the lookout loaded nothing
                     await trio.sleep(0.05)
             assert {"main", "sim", "play"} <= set(before["by_id"]), before
             assert before["default"] == "play", before
@@ -588,7 +611,9 @@ async def test_the_readme_scenario_two_worlds_two_clients_kill_and_restart(
             await bob.call("map.add_node", id="bob-was-here", x=0, y=0)
             server.kill9()
             server.start()
-            after = await world_list(server.url)
+            with trio.fail_after(10):
+                while not (after := await world_list(server.url))["loaded_by_itself"]:
+                    await trio.sleep(0.05)
             assert after["by_id"]["north"]["name"] == "The North"
             assert after["by_id"]["south"]["name"] == "The South"
             assert after["default"] == "south" and after["by_id"]["south"]["loaded"] is True

@@ -215,7 +215,9 @@ def _advance(ctx: Context, process: dict[str, Any], reason: str) -> dict[str, An
         process["status"] = "completed"
         process["stage_clock_at"] = None
         _history(process, ctx.now, "completed", reason=reason)
-        data = {"process_id": process["process_id"], "from": old["id"], "reason": reason,
+        # the shape of a stage_advanced (process.advance answers with it), to no stage
+        data = {"process_id": process["process_id"], "from": old["id"], "to": None,
+                "stage_index": process["current_stage_index"], "reason": reason, "agents": [],
                 "collected_artifacts": process["collected_artifacts"]}
         _emit(ctx, "process.completed", process, data)
         _agents_gone(ctx, process)
