@@ -8,8 +8,11 @@ turns the bytes the connection's own tasks read and write into frames and back
 (:class:`WebsocketsChannel`), with permessage-deflate if ``websocket_compression``
 is on. The protocol sizes a frame in bytes (after inflating it) and closes with
 1009, and answers a frame it cannot parse with a close frame (1002), which
-host/websocket.py has to add to trio-websocket by hand; text that is not UTF-8
-is closed with 1007.
+host/websocket.py has to add to trio-websocket by hand. A text message that is
+not UTF-8 is a ``bad_frame`` and the connection stays open, as PROTOCOL.md asks
+of everything wrong with a frame but its size (RFC 6455 would close with 1007,
+as trio-websocket does): the channel decodes text itself, the protocol only
+frames it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ try:  # the library's own unmasking, in C where it was built with its speedups
 except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
-from host.channel import ChannelClosed, Incoming, Outgoing
+from host.actions import ActionError
+from host.channel import ChannelClosed, Incoming, Outgoing, Unreadable
 from host.config import Config
 from host.transport import Connection, Slot, Transport
 from host.websocket import origin_ok
@@ -74,7 +78,7 @@ class WebsocketsChannel:
         # to send, in order: what the protocol had to send when a frame was made here,
         # and that frame; what it has to send now comes after all of it
         self._writes: list[bytes] = []
-        self._messages: deque[str | bytes] = deque()
+        self._messages: deque[str | bytes | Unreadable] = deque()
         self._parts: list[bytes | bytearray | memoryview] = []  # of a fragmented message
         self._text = False  # the message being received is text
         self._writing = False  # a task is in _write
@@ -106,7 +110,10 @@ class WebsocketsChannel:
                 self._receiving = False
             self._feed(data)
             await self._write()  # pongs, and the answer to a close
-        return self._messages.popleft()
+        message = self._messages.popleft()
+        if isinstance(message, Unreadable):
+            raise message
+        return message
 
     def start(self) -> None:
         """Take what came right behind the handshake (a client need not wait for it)."""
@@ -173,8 +180,7 @@ class WebsocketsChannel:
             try:
                 messages.append(payload.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                proto.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
-                pos = end  # (the protocol would discard it now)
+                messages.append(_not_utf8(exc))
         if pos < end and proto.state is not OPEN:
             rest = bytes(buf[pos:])
             buf.clear()
@@ -216,8 +222,7 @@ class WebsocketsChannel:
             try:
                 self._messages.append(message.decode("utf-8"))
             except UnicodeDecodeError as exc:
-                proto.fail(CloseCode.INVALID_DATA, f"{exc.reason} at position {exc.start}")
-                break
+                self._messages.append(_not_utf8(exc))
         if proto.state is CLOSED or proto.close_rcvd is not None or \
                 proto.reader.eof:  # type: ignore[attr-defined]
             self._gone()
@@ -488,3 +493,8 @@ async def serve(transport: Transport, stream: trio.abc.Stream, head: bytes, remo
 def _first(request: Request, name: str) -> str | None:
     values = request.headers.get_all(name)
     return values[0] if values else None
+
+
+def _not_utf8(exc: UnicodeDecodeError) -> Unreadable:
+    return Unreadable(ActionError(f"a text frame must be UTF-8: {exc.reason} at byte "
+                                  f"{exc.start}", code="bad_frame"))

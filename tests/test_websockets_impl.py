@@ -38,7 +38,7 @@ from test_hostile_frames import (  # noqa: F401 - fixtures and tests, run again 
     test_a_flood_of_pieces_is_rate_limited_and_disconnected,
     test_a_protocol_violation_closes_with_1002,
     test_a_text_frame_is_limited_in_bytes_not_characters,
-    test_invalid_utf8_closes_with_1007,
+    test_a_text_frame_that_is_not_utf8_is_a_bad_frame,
     test_json_with_a_duplicate_key_is_refused,
     tight,
 )
