@@ -411,6 +411,12 @@ def _id_key(request_id: Any) -> tuple[str, Any]:
     return (type(request_id).__name__, request_id)
 
 
+# replies that hand a client its resume token: a store (or its backup) must not be
+# enough to take over a session, so the log keeps them without it (a replay after
+# a restart, of a reply the client already had, then carries none)
+_CARRY_TOKENS = frozenset({"session.opened", "session.resumed"})
+
+
 class OutboundLog:
     """The outbound log of one store's writer: numbers the signals of a commit and
     encodes them as the rows that ride it; a payload sent to many sessions (a
@@ -489,12 +495,16 @@ class OutboundLog:
             key = (id(sig.data), sig.signal)
             pos = positions.get(key)
             if pos is None:
-                cache = sig.encoded
-                if cache is None:
-                    cache = sig.encoded = {}
-                data = cache.get("cbor")
-                if data is None:  # encoded once, for the log and for CBOR connections
-                    data = cache["cbor"] = encode_cbor(sig.data)
+                if sig.signal in _CARRY_TOKENS:  # logged without it: the store keeps none
+                    data = encode_cbor({k: v for k, v in sig.data.items()
+                                        if k != "resume_token"})
+                else:
+                    cache = sig.encoded
+                    if cache is None:
+                        cache = sig.encoded = {}
+                    data = cache.get("cbor")
+                    if data is None:  # encoded once, for the log and for CBOR connections
+                        data = cache["cbor"] = encode_cbor(sig.data)
                 pos = positions[key] = self.reserve(1)
                 rows.data.append((pos, at, sig.signal, data))
             re = b"\x81" + encode_scalar(sig.re) if sig.has_re else None  # [re]

@@ -345,3 +345,42 @@ def test_replies_to_reads_are_logged_within_the_delay(tmp_path: Path) -> None:
         assert reply["seq"] == max(ada.seen) + 1  # nothing she saw is numbered again
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
+def test_the_store_never_holds_a_resume_token(tmp_path: Path, how: str) -> None:
+    """The replies that hand out resume tokens are logged without them: whoever reads
+    the store files (or a backup) cannot take a session over. The session still
+    resumes with its token after the restart, and a replay of those replies says
+    everything but the token."""
+    server = ServerProcess(tmp_path / "w.db", config=_config(tmp_path)).start()
+    tokens: list[str] = []
+    try:
+        async def work(ada: Raw) -> None:
+            tokens.append(ada.session["resume_token"])
+            await ada.call("chat.say", text="hello")
+
+        ada = trio.run(_session, server.url, "ada", work)
+        trio.run(_resume, server.url, ada.session, max(ada.seen))
+        tokens.append(ada.session["resume_token"])
+        _restart(server, how)
+        if how == "kill -9":  # what the journal and the WAL held at the crash
+            server.kill9()
+        else:
+            assert server.stop() == 0  # checkpointed into the log's tables
+        files = [p for p in tmp_path.rglob("*") if p.is_file() and ".db" in p.name]
+        assert any(p.name.endswith("-wal") for p in files) or how == "SIGTERM"
+        for path in files:
+            content = path.read_bytes()
+            for token in tokens:
+                assert token.encode() not in content, f"{path.name} holds a resume token"
+        server.start()
+        reply, replayed = trio.run(_resume, server.url, ada.session, 0)
+        assert reply["data"]["complete"] is True
+        handed = [json.loads(t) for t in replayed
+                  if json.loads(t)["signal"] in ("session.opened", "session.resumed")]
+        assert [m["signal"] for m in handed] == ["session.opened", "session.resumed"]
+        assert all("resume_token" not in m["data"] and m["data"]["session_id"] ==
+                   ada.session["session_id"] for m in handed)
+    finally:
+        server.stop()
