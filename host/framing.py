@@ -14,6 +14,8 @@ import trio
 from host.actions import ActionError, BadRequest
 from host.messages import Request, Signal
 from state.codec import (
+    INT_MAX,
+    INT_MIN,
     DecodeError,
     TooManyItems,
     decode_cbor,
@@ -159,11 +161,23 @@ def request_of(decoded: Any, conn: Any, encoding: str) -> Request:
     return Request(action, params, rid, has_id, conn, encoding)
 
 
-def undecodable(text: str | bytes | None, exc: Exception, conn: Any, encoding: str) -> Request:
+def undecodable(text: str | bytes | None, exc: Exception, conn: Any, encoding: str,
+                max_id_bytes: int) -> Request:
     """The request of a frame that would not decode: a ``bad_frame`` error. A JSON
     frame a lenient parser reads (NaN, Infinity, a duplicate key) has its id
-    answered, so a client matching replies by id is not left waiting. It is not
-    remembered as that id's reply: the id may be sent again, fixed."""
+    answered, so a client matching replies by id is not left waiting, if it is an
+    id the host would take (else ``re`` is null). It is not remembered as that
+    id's reply: the id may be sent again, fixed."""
     rid = parse_envelope(lenient_json(text))[0] if text is not None else None
+    if rid is not None and not echoable(rid, max_id_bytes):
+        rid = None
     return Request("", None, rid, rid is None, conn, encoding,
                    error=ActionError(str(exc), code="bad_frame"))
+
+
+def echoable(rid: Any, max_id_bytes: int) -> bool:
+    """Whether an id is one a reply may carry as ``re``: a string of at most
+    ``max_id_bytes`` bytes, or a signed 64-bit integer (every client decodes one)."""
+    if type(rid) is int:
+        return INT_MIN <= rid <= INT_MAX
+    return type(rid) is str and len(rid.encode("utf-8", "surrogatepass")) <= max_id_bytes

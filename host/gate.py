@@ -29,6 +29,7 @@ from host.actions import (
 )
 from host.api import SessionInfo
 from host.config import Config
+from host.framing import echoable
 from host.lobby import check_world_id
 from host.messages import Effects, Request, Signal
 from host.plugins import Registry
@@ -81,9 +82,10 @@ class SessionGate:
     # the gate ---------------------------------------------------------------
     def check(self, req: Request, action: Action | None, session: Session | None) -> None:
         rid, limit = req.id, self.config.host.limits.max_id_bytes
-        if rid is not None and len(rid.encode("utf-8", "surrogatepass") if isinstance(rid, str)
-                                   else str(rid)) > limit:
-            # an id is kept with its reply for repeats and replays: keep it small
+        if rid is not None and not echoable(rid, limit):
+            # an id is kept with its reply for repeats and replays: keep it small; and
+            # not echoed either (its reply's re is null)
+            req.id, req.has_id = None, False
             raise BadRequest(f"id is longer than max_id_bytes ({limit} bytes)")
         if session is None:
             if action is None or action.name not in OPEN_ACTIONS:  # an unknown one too

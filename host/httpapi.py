@@ -400,7 +400,7 @@ async def _request(host: Server, body: bytes, session: Session | None) -> Reques
     try:
         decoded = await decode_frame(body, budget, threads=host.threads, encoding="json")
     except DecodeError as exc:
-        return undecodable(body, exc, None, "json")
+        return undecodable(body, exc, None, "json", host.config.host.limits.max_id_bytes)
     return request_of(decoded, None, "json")
 
 

@@ -404,7 +404,7 @@ class Connection:
                 decoded = decode_now(message, self._budget())
         except DecodeError as exc:
             return undecodable(message if isinstance(message, str) else None, exc, self,
-                               self.encoding)
+                               self.encoding, self.config.host.limits.max_id_bytes)
         return request_of(decoded, self, self.encoding)
 
     async def _sender(self) -> None:

@@ -490,3 +490,25 @@ def test_any_text_decodes_to_bounded_plain_data_or_a_decode_error(
     except DecodeError:
         return
     assert values_in(value) <= max_items
+
+
+@pytest.mark.parametrize("frame, code", [
+    ('{"id": ' + "9" * 4000 + ', "action": "host.ping"}', "bad_frame"),  # past 64 bits
+    ('{"id": "' + "x" * 60_000 + '", "action": "host.ping", "params": {"a": NaN}}',
+     "bad_frame"),
+    ('{"id": "' + "x" * 200 + '", "action": "host.ping"}', "bad_request"),  # > max_id_bytes
+], ids=["a 4000-digit id", "a long id in a bad frame", "a long id"])
+def test_an_id_past_the_bounds_is_not_echoed(server: ServerProcess, frame: str,
+                                             code: str) -> None:
+    """A reply's ``re`` is an id the host would take: at most max_id_bytes, or a
+    64-bit integer; else it is null, whatever the client sent (before a session too)."""
+    for name in (None, "echo"):
+        ws = client(server, name)
+        ws.send(frame)
+        reply = recv(ws)
+        assert reply["signal"] == "error" and reply["data"]["code"] == code
+        assert reply["re"] is None
+        ok = '{"id": "' + "y" * 100 + '", "action": "host.ping", "params": {"a": NaN}}'
+        ws.send(ok)  # one within the bounds is still answered with its id
+        assert recv(ws)["re"] == "y" * 100
+        ws.close()
