@@ -46,8 +46,9 @@ class Reassembler:
     """
 
     def __init__(self, max_bytes: int, max_transfers: int = 4, max_open_bytes: int | None = None,
-                 timeout_s: float | None = None) -> None:
+                 timeout_s: float | None = None, max_id_bytes: int = 128) -> None:
         self.max_bytes = max_bytes
+        self.max_id_bytes = max_id_bytes  # a transfer id is held, and named in errors
         self.max_transfers = max_transfers
         self.max_open_bytes = max_open_bytes
         self.timeout_s = timeout_s
@@ -85,6 +86,10 @@ class Reassembler:
                                            chunk["payload"])
         if not isinstance(transfer, (str, int)) or isinstance(transfer, bool):
             raise BadRequest("chunk transfer must be a string or an integer")
+        if isinstance(transfer, str) and \
+                len(transfer.encode("utf-8", "surrogatepass")) > self.max_id_bytes:
+            raise BadRequest(f"chunk transfer is longer than max_id_bytes "
+                             f"({self.max_id_bytes} bytes)")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (index, count)) \
                 or count < 1 or not 0 <= index < count:
             raise BadRequest("chunk index and count must be whole numbers, 0 <= index < count")

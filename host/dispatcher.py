@@ -67,6 +67,17 @@ def validation_details(exc: msgspec.ValidationError, boxed: bool = False) -> dic
     return {"path": path, "message": message}
 
 
+ERROR_TEXT_CHARS = 1024  # of an error's message, and of each text in its details
+
+
+def _bounded(text: str) -> str:
+    """An error's text, cut short: a message may name what the client sent (an
+    unknown field's name, a transfer id), and one reply must not echo megabytes."""
+    if len(text) <= ERROR_TEXT_CHARS:
+        return text
+    return f"{text[:ERROR_TEXT_CHARS]}… ({len(text)} characters in all)"
+
+
 class Gate(Protocol):
     """What the dispatcher asks of the session gate (host/gate.py)."""
 
@@ -365,9 +376,12 @@ class Dispatcher:
             req.failure = exc
             return Effects()
         self.errors[exc.code] += 1
-        data: dict[str, Any] = {"code": exc.code, "message": exc.message, "action": req.action}
+        data: dict[str, Any] = {"code": exc.code, "message": _bounded(exc.message),
+                                "action": req.action}
         if exc.details is not None:
-            data["details"] = exc.details
+            data["details"] = {k: _bounded(v) if isinstance(v, str) else v
+                               for k, v in exc.details.items()} \
+                if isinstance(exc.details, dict) else exc.details
         sig = Signal("error", data, req.id, True, encoding=req.encoding)
         target = session if session is not None else req.conn
         if session is not None and req.has_id:  # a repeated id gets this again, whatever it was

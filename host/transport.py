@@ -109,7 +109,8 @@ class Connection:
         self.cancel_scope = trio.CancelScope()
         self.reassembler = chunks.Reassembler(limits.max_transfer_bytes,
                                               max_open_bytes=limits.max_open_transfer_bytes,
-                                              timeout_s=limits.transfer_timeout_s)
+                                              timeout_s=limits.transfer_timeout_s,
+                                              max_id_bytes=limits.max_id_bytes)
         # Requests read but not yet answered, plus signals not yet sent, stay under
         # half the outbox: a client that sends faster than it reads is slowed down
         # (TCP backpressure), not disconnected. Only broadcasts can overflow it.

@@ -512,3 +512,21 @@ def test_an_id_past_the_bounds_is_not_echoed(server: ServerProcess, frame: str,
         ws.send(ok)  # one within the bounds is still answered with its id
         assert recv(ws)["re"] == "y" * 100
         ws.close()
+
+
+def test_an_error_does_not_echo_megabytes_of_what_was_sent(server: ServerProcess) -> None:
+    """An unknown field's name, a transfer id: an error names what the client sent,
+    cut short, so a reply costs the host no more than the request did."""
+    ws = client(server, "amp")
+    field = "K" * (1 << 20)
+    ws.send(json.dumps({"id": "a", "action": "chat.say", "params": {"text": "x", field: 1}}))
+    reply = recv(ws)
+    assert reply["data"]["code"] == "validation_error" and "KKKK" in reply["data"]["message"]
+    assert len(json.dumps(reply)) < 8192
+    piece = {"chunk": {"transfer": "Z" * 1000, "index": 0, "count": 2, "payload": "x"}}
+    ws.send(json.dumps(piece))
+    refused = recv(ws)
+    assert refused["data"]["code"] == "bad_request" and "max_id_bytes" in \
+        refused["data"]["message"]
+    assert call(ws, "host.ping")["signal"] == "host.pong"
+    ws.close()
