@@ -34,6 +34,17 @@ class Refused(Exception):
         self.answer = answer
 
 
+class _Skipped(str):
+    """A frame that asks nothing: a blank line, a piece of a fragmented message, a
+    ping or pong. A channel hands one up for each so that a flood of them counts
+    toward the flood rule (read on, they cost the host as much as requests)."""
+
+    __slots__ = ()
+
+
+SKIPPED = _Skipped()
+
+
 class Unreadable(Exception):
     """One message could not be read (not UTF-8, say); it is answered with
     ``error`` and the connection carries on."""

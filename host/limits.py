@@ -21,7 +21,10 @@ class TokenBucket:
         self.window_count = 0
         self.flooding = False
 
-    def take(self, now: float) -> bool:
+    def take(self, now: float, token: bool = True) -> bool:
+        """Count one message toward the flood rule and, with ``token``, take a token
+        for it; whether one was there. A frame that asks nothing (a blank line, a
+        piece of a fragmented message, a pong) counts toward the flood only."""
         if self.rate <= 0:  # rate_per_s = 0: no limit
             return True
         if self.stamp is None:
@@ -36,6 +39,8 @@ class TokenBucket:
         self.window_count += 1
         if self.window_count > self.flood_limit + self.burst:
             self.flooding = True
+        if not token:
+            return True
         if self.tokens >= 1.0:
             self.tokens -= 1.0
             return True

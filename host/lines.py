@@ -18,7 +18,15 @@ from functools import partial
 import trio
 
 from host.actions import ActionError
-from host.channel import ChannelClosed, Incoming, Outgoing, Refused, Unreadable, send_within
+from host.channel import (
+    SKIPPED,
+    ChannelClosed,
+    Incoming,
+    Outgoing,
+    Refused,
+    Unreadable,
+    send_within,
+)
 from host.config import Config
 from host.framing import encode_frame
 from host.messages import Signal
@@ -80,7 +88,7 @@ class LineChannel:
             if line.endswith(b"\r"):
                 line = line[:-1]
             if not line.strip():
-                continue  # an empty line (Enter pressed in nc) asks nothing
+                return SKIPPED  # an empty line (Enter pressed in nc) asks nothing
             try:
                 return line.decode("utf-8")
             except UnicodeDecodeError as exc:

@@ -25,7 +25,7 @@ from trio_websocket import WebSocketRequest
 
 from host import chunks
 from host.actions import ActionError, BadRequest, RateLimited, Unauthenticated
-from host.channel import Channel, ChannelClosed, Refused, Unreadable
+from host.channel import SKIPPED, Channel, ChannelClosed, Refused, Unreadable
 from host.config import Config
 from host.framing import (
     BIG_DECODES,
@@ -306,11 +306,15 @@ class Connection:
                                     f"bytes before a session")
                 return
             bucket = self.bucket
-            allowed = bucket.take(trio.current_time())  # every frame counts: bad ones, pieces
+            skipped = message is SKIPPED
+            # every frame counts: bad ones, pieces, and (toward the flood only) empty ones
+            allowed = bucket.take(trio.current_time(), not skipped)
             if bucket.flooding:
                 log.warning("disconnecting %s: flooding past its rate limit", self.remote)
                 self.abort(POLICY, "flooding past the rate limit")
                 return
+            if skipped:
+                continue
             joined: Any = message
             if ('"chunk"' in message[:64] and JSON_CHUNK.match(message, 0, 64)) \
                     if isinstance(message, str) else message.startswith(CBOR_CHUNK):

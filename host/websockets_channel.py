@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover
     from websockets.utils import apply_mask
 
 from host.actions import ActionError
-from host.channel import ChannelClosed, Incoming, Outgoing, Unreadable
+from host.channel import SKIPPED, ChannelClosed, Incoming, Outgoing, Unreadable
 from host.config import Config
 from host.transport import Connection, Slot, Transport
 from host.websocket import origin_ok
@@ -78,6 +78,8 @@ class WebsocketsChannel:
         # to send, in order: what the protocol had to send when a frame was made here,
         # and that frame; what it has to send now comes after all of it
         self._writes: list[bytes] = []
+        # what was read, for the connection: messages, the text ones that were not
+        # UTF-8, and SKIPPED for each frame that completed none (charged as a frame)
         self._messages: deque[str | bytes | Unreadable] = deque()
         self._parts: list[bytes | bytearray | memoryview] = []  # of a fragmented message
         self._text = False  # the message being received is text
@@ -212,8 +214,11 @@ class WebsocketsChannel:
                     answered = self._pongs.pop(bytes(frame.data), None)
                     if answered is not None:
                         answered.set()
-                continue  # a ping the protocol answered, a close it echoed
+                if opcode is not Opcode.CLOSE:
+                    self._messages.append(SKIPPED)  # a ping the protocol answered, a pong
+                continue
             if not frame.fin:
+                self._messages.append(SKIPPED)
                 continue
             message, self._parts = b"".join(self._parts), []
             if not self._text:
@@ -310,7 +315,7 @@ class WebsocketsChannel:
 
     @property
     def pending(self) -> bool:
-        return bool(self._messages)
+        return bool(self._messages) and self._messages[0] is not SKIPPED
 
     def send_now(self, frames: list[str | bytes]) -> None:
         self._frame(frames)

@@ -91,9 +91,9 @@ def client(proc: ServerProcess, name: str | None = None, token: str | None = Non
     return ws
 
 
-def raw_frame(opcode: int, payload: bytes, rsv1: bool = False) -> bytes:
+def raw_frame(opcode: int, payload: bytes, rsv1: bool = False, fin: bool = True) -> bytes:
     """One masked client frame, built by hand so it can be wrong."""
-    head = bytes([0x80 | (0x40 if rsv1 else 0) | opcode])
+    head = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
     size = len(payload)
     if size < 126:
         head += bytes([0x80 | size])
@@ -530,3 +530,26 @@ def test_an_error_does_not_echo_megabytes_of_what_was_sent(server: ServerProcess
         refused["data"]["message"]
     assert call(ws, "host.ping")["signal"] == "host.pong"
     ws.close()
+
+
+@pytest.mark.parametrize("name", [None, "empties"])
+@pytest.mark.parametrize("first, each", [
+    (raw_frame(0x1, b'{"id": "z", "action": "host.ping"', fin=False),
+     raw_frame(0x0, b"", fin=False)),
+    (b"", raw_frame(0xA, b"")),
+], ids=["empty continuation frames", "unasked pongs"])
+def test_a_flood_of_frames_that_ask_nothing_is_a_flood(
+        tight: ServerProcess, name: str | None, first: bytes, each: bytes) -> None:
+    """Pieces of a message that never ends, pongs nobody asked for: each frame counts
+    toward the flood rule, before a session and in one, and the flooder is closed."""
+    ws = client(tight, name)
+    ws.socket.sendall(first)
+    try:
+        for _ in range(50):
+            ws.socket.sendall(each * 2000)
+    except OSError:
+        pass
+    code, reason = close_frame(ws)
+    assert code == 1008 and "flooding" in reason
+    with client(tight) as other:
+        assert call(other, "host.ping")["signal"] == "host.pong"

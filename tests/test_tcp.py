@@ -450,3 +450,28 @@ def _session(port: int) -> SyncLines:
         while conn.recv().get("re") != "open":
             pass
     return conn
+
+
+async def test_a_flood_of_blank_lines_is_a_flood(worldhost: Any) -> None:
+    """A blank line asks nothing, but reading one costs the host as a request does:
+    each counts toward the flood rule (not the rate), and a client that sends them
+    by the million is disconnected as any flooder is, session or not."""
+    h = await worldhost.start(listen=True, config={
+        **tcp(), "host": {"limits": {"rate_per_s": 20, "rate_burst": 40}}})
+    other, _ = await opened(h.tcp_port, "other")
+    for with_session in (False, True):
+        if with_session:
+            bot, _ = await opened(h.tcp_port)
+        else:
+            bot = await Lines.connect(h.tcp_port)
+            assert (await bot.recv())["signal"] == "server.info"
+        await bot.send(b"\n\r\n  \n" * 20)  # a few: Enter in nc, nothing to say
+        assert (await bot.call(7, "host.ping", n=7))["data"] == {"n": 7}
+        try:
+            for _ in range(200):
+                await bot.send(b"\n" * 65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        closed = await bot.closed()
+        assert closed["code"] == 1008 and "flooding" in closed["reason"]
+        assert (await other.call(1, "host.ping", n=1))["data"] == {"n": 1}
