@@ -9,6 +9,7 @@ See docs/protocol.md ("Chunked transfer").
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from host.actions import BadRequest
@@ -37,6 +38,16 @@ def size_of(payload: str | bytes) -> int:
     return len(payload.encode("utf-8", "surrogatepass"))
 
 
+@dataclass
+class Held:
+    """The bytes every connection's unfinished transfers hold together, against the
+    host's bound (``max_all_transfer_bytes``): one bound per connection would let a
+    hundred sessions hold a hundred times it."""
+
+    limit: int | None = None
+    bytes: int = 0
+
+
 class Reassembler:
     """Joins the pieces of transfers on one connection, within a size budget.
 
@@ -46,8 +57,10 @@ class Reassembler:
     """
 
     def __init__(self, max_bytes: int, max_transfers: int = 4, max_open_bytes: int | None = None,
-                 timeout_s: float | None = None, max_id_bytes: int = 128) -> None:
+                 timeout_s: float | None = None, max_id_bytes: int = 128,
+                 held: Held | None = None) -> None:
         self.max_bytes = max_bytes
+        self.held = held if held is not None else Held()  # shared with the other connections
         self.max_id_bytes = max_id_bytes  # a transfer id is held, and named in errors
         self.max_transfers = max_transfers
         self.max_open_bytes = max_open_bytes
@@ -60,10 +73,12 @@ class Reassembler:
         entry = self.transfers.pop(transfer, None)
         if entry is not None:
             self.open_bytes -= entry[2]
+            self.held.bytes -= entry[2]
 
     def clear(self) -> int:
         """Drop every unfinished transfer (the connection is gone); the bytes they held."""
         held, self.open_bytes = self.open_bytes, 0
+        self.held.bytes -= held
         self.transfers.clear()
         return held
 
@@ -117,10 +132,17 @@ class Reassembler:
             raise BadRequest(f"transfer {transfer!r} dropped: unfinished transfers would hold "
                              f"over {self.max_open_bytes} bytes "
                              f"(host.limits.max_open_transfer_bytes)")
+        limit = self.held.limit
+        if limit is not None and self.held.bytes + added > limit:
+            self.drop(transfer)
+            raise BadRequest(f"transfer {transfer!r} dropped: the host's unfinished transfers "
+                             f"would hold over {limit} bytes "
+                             f"(host.limits.max_all_transfer_bytes); try again later")
         pieces.append(payload)
         self.open_bytes += added
+        self.held.bytes += added
+        self.transfers[transfer] = (count, pieces, size + added, deadline)
         if len(pieces) < count:
-            self.transfers[transfer] = (count, pieces, size + added, deadline)
             return None
         self.drop(transfer)
         return ("" if text else b"").join(pieces)

@@ -24,6 +24,7 @@ class Limits(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_frame_bytes: int = 16 * 1024 * 1024
     max_transfer_bytes: int = 256 * 1024 * 1024  # a chunked request, joined
     max_open_transfer_bytes: int = 256 * 1024 * 1024  # a connection's unfinished transfers
+    max_all_transfer_bytes: int = 512 * 1024 * 1024  # every connection's, together
     transfer_timeout_s: float = 60.0  # a chunked request unfinished this long is dropped
     max_frame_items: int = 4_000_000  # values one frame (or joined transfer) of an admin may hold
     max_player_frame_items: int = 100_000  # the same, from anyone else (or before a session)

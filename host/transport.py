@@ -110,7 +110,8 @@ class Connection:
         self.reassembler = chunks.Reassembler(limits.max_transfer_bytes,
                                               max_open_bytes=limits.max_open_transfer_bytes,
                                               timeout_s=limits.transfer_timeout_s,
-                                              max_id_bytes=limits.max_id_bytes)
+                                              max_id_bytes=limits.max_id_bytes,
+                                              held=transport.transfers_held)
         # Requests read but not yet answered, plus signals not yet sent, stay under
         # half the outbox: a client that sends faster than it reads is slowed down
         # (TCP backpressure), not disconnected. Only broadcasts can overflow it.
@@ -577,6 +578,7 @@ class Transport:
         self.max_connections = config.host.limits.max_connections or \
             connection_budget(files)
         self.signals_dropped = 0  # not delivered: the connection was closing or too slow
+        self.transfers_held = chunks.Held(config.host.limits.max_all_transfer_bytes)
 
     def admit(self, address: str) -> Slot | None:
         """A slot for a new socket, closing older unauthenticated ones to make room;
