@@ -94,6 +94,12 @@ def header(request: h11.Request, name: bytes) -> bytes | None:
     return None
 
 
+def _twice(request: h11.Request, name: bytes) -> bool:
+    """A header that says one thing, sent more than once: which one counts is a
+    guess a proxy in front may make differently (it is refused)."""
+    return sum(1 for key, _ in request.headers if key == name) > 1
+
+
 class HttpPeer:
     """The requester of one ``POST /v1/actions``, as the gate and dispatcher see a
     connection. Its reply is read from the request (``Request.result``), not
@@ -207,6 +213,8 @@ def credential(request: h11.Request, cookie: bool = False) -> tuple[str, str] | 
     """(session id, resume token) from ``Authorization: Bearer ID.TOKEN`` (or, with
     ``cookie``, when there is no such header, from the stream's cookie); None
     without either; a 401 when it is there but not of that form."""
+    if _twice(request, b"authorization"):
+        return error(400, "bad_request", "send one Authorization header, not several")
     raw, where = header(request, b"authorization"), "Authorization"
     if raw is None and cookie:
         raw, where = _cookie(request), f"the {COOKIE} cookie"
@@ -412,6 +420,8 @@ SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\
 
 
 def last_event_id(request: h11.Request) -> int | Response:
+    if _twice(request, b"last-event-id"):
+        return error(400, "bad_request", "send one Last-Event-ID header, not several")
     raw = header(request, b"last-event-id")
     if raw is None or not raw.strip():
         return 0  # a first stream: everything the session still holds, as last_seq 0

@@ -604,3 +604,29 @@ async def test_the_stream_cookie_stands_for_the_header_on_the_stream_only(worldh
         json.dumps({"action": "chat.say", "params": {"text": "x"}}).encode(),
         extra=f"Cookie: worldhost_events={bearer}\r\n"))
     assert status == 401 and json.loads(body)["data"]["code"] == "unauthenticated"
+
+
+@pytest.mark.parametrize("name, good_first", [("Authorization", True),
+                                              ("Authorization", False),
+                                              ("Last-Event-ID", True)])
+async def test_a_header_that_says_one_thing_twice_is_refused(worldhost: Any, name: str,
+                                                             good_first: bool) -> None:
+    """Two Authorization (or Last-Event-ID) headers: which counts is a guess a proxy
+    in front may make differently, so neither does (400), in either order."""
+    h = await worldhost.start(listen=True)
+    port = h.host.port
+    bearer, _ = await open_session(port)
+    good, bad = f"{name}: Bearer {bearer}", f"{name}: Bearer s-x.y"
+    if name == "Last-Event-ID":
+        good, bad = f"Authorization: Bearer {bearer}\r\n{name}: 1", f"{name}: 999"
+        target = b"GET /v1/events HTTP/1.1\r\nHost: x\r\n"
+    else:
+        target = (b"POST /v1/actions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 24\r\n")
+    first, second = (good, bad) if good_first else (bad, good)
+    request = target + f"{first}\r\n{second}\r\n\r\n".encode()
+    if name != "Last-Event-ID":
+        request += b'{"action": "host.ping"}\n'
+    with trio.fail_after(5):
+        status, _, body = await exchange(port, request)
+    assert status == 400 and name.encode() in body
