@@ -75,7 +75,9 @@ requests: Counter[int] = Counter()  # responses by status, for /metrics (this pr
 
 async def read_head(stream: trio.abc.Stream, max_bytes: int) -> bytes:
     """Bytes up to the end of the first request's headers (perhaps more), or what came
-    before the peer closed or the head grew past ``max_bytes``."""
+    before the peer closed or the head grew past ``max_bytes``, or as soon as it
+    cannot be a request head (not a method first, a TLS hello; lines ended by a bare
+    newline): answered 400 at once rather than after the header timeout."""
     buf = bytearray()
     while b"\r\n\r\n" not in buf and len(buf) <= max_bytes:
         try:
@@ -85,6 +87,8 @@ async def read_head(stream: trio.abc.Stream, max_bytes: int) -> bytes:
         if not data:
             break
         buf += data
+        if not buf[:1].isalpha() or b"\n\n" in buf:
+            break
     return bytes(buf)
 
 
@@ -162,7 +166,12 @@ async def _serve(host: Served, stream: trio.abc.Stream, head: bytes,
     try:
         event = conn.next_event()
     except h11.RemoteProtocolError as exc:
-        await _send(stream, conn, Response(400, f"bad request: {exc}\n".encode()),
+        await _send(stream, conn, Response(400, f"bad request: {api.plain(exc)}\n".encode()),
+                    method=b"GET", force=True)
+        return
+    if event is h11.NEED_DATA and head and (not head[:1].isalpha() or b"\n\n" in head):
+        await _send(stream, conn, Response(400, b"bad request: not an HTTP/1.1 request head "
+                                                b"(lines end with CRLF; no TLS here)\n"),
                     method=b"GET", force=True)
         return
     if not isinstance(event, h11.Request):  # the peer closed before the end of its headers

@@ -19,6 +19,7 @@ in place of the header.
 from __future__ import annotations
 
 import json
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -85,6 +86,13 @@ class Response:
     content_type: str = "text/plain; charset=utf-8"
     headers: list[tuple[bytes, bytes]] | None = None
     cache: str = "no-store"
+
+
+def plain(exc: Exception) -> str:
+    """h11's account of a malformed request, without Python's reprs of bytes, short."""
+    text = re.sub(r"bytearray\((b['\"].*?['\"])\)", r"\1", str(exc))
+    text = re.sub(r"\bb(['\"])", r"\1", text)
+    return text if len(text) <= 200 else text[:200] + "…"
 
 
 def header(request: h11.Request, name: bytes) -> bytes | None:
@@ -381,7 +389,7 @@ async def read_body(stream: trio.abc.Stream, conn: h11.Connection, request: h11.
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                return error(400, "bad_request", f"bad request body: {exc}")
+                return error(400, "bad_request", f"bad request body: {plain(exc)}")
             if event is h11.NEED_DATA:
                 try:
                     data = await stream.receive_some(65536)

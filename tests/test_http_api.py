@@ -630,3 +630,27 @@ async def test_a_header_that_says_one_thing_twice_is_refused(worldhost: Any, nam
     with trio.fail_after(5):
         status, _, body = await exchange(port, request)
     assert status == 400 and name.encode() in body
+
+
+@pytest.mark.parametrize("raw, answer", [
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(32), 400),  # a TLS hello
+    (b"GET /healthz HTTP/1.1\nHost: x\n\n", 200),  # bare newlines: h11 reads them
+], ids=["TLS", "bare newlines"])
+async def test_a_head_is_answered_as_soon_as_it_ends_or_cannot_be_one(
+        worldhost: Any, raw: bytes, answer: int) -> None:
+    """Not after the header timeout (10 s): a TLS hello is no request (400), and a
+    head whose lines end with a bare newline ends at its blank line."""
+    h = await worldhost.start(listen=True)
+    with trio.fail_after(2):
+        status, _, body = await exchange(h.host.port, raw)
+    assert status == answer
+    if answer == 400:
+        assert body.startswith(b"bad request")
+
+
+async def test_a_bad_chunk_is_told_without_pythons_reprs(worldhost: Any) -> None:
+    h = await worldhost.start(listen=True)
+    bad = (b"POST /v1/actions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+           b"Transfer-Encoding: chunked\r\n\r\nfffffffffffffffffffffff\r\n")
+    status, _, body = await exchange(h.host.port, bad)
+    assert status == 400 and b"bytearray" not in body and b"b'" not in body
