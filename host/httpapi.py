@@ -276,6 +276,12 @@ async def serve(host: Server, stream: trio.abc.Stream, conn: h11.Connection,
         return error(503, "conflict", "the host is shutting down")
     session = authenticate(host, request, cookie=path == b"/v1/events")
     if isinstance(session, Response):
+        # a refused credential costs its address a token, as a request without one
+        # does: guesses come no faster than the rate limit
+        if session.status == 401 and not buckets(host).take(
+                "@" + stream_address(stream), trio.current_time()):
+            return error(429, "rate_limited", "too many requests without a valid "
+                         "credential from this address; slow down")
         return session
     if path == b"/v1/cookie":
         return set_cookie(host, request, session)

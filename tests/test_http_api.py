@@ -654,3 +654,16 @@ async def test_a_bad_chunk_is_told_without_pythons_reprs(worldhost: Any) -> None
            b"Transfer-Encoding: chunked\r\n\r\nfffffffffffffffffffffff\r\n")
     status, _, body = await exchange(h.host.port, bad)
     assert status == 400 and b"bytearray" not in body and b"b'" not in body
+
+
+async def test_guessed_credentials_come_no_faster_than_the_rate_limit(worldhost: Any) -> None:
+    """A wrong bearer is a 401, and costs its address a token as a request without a
+    credential does: past the burst, guesses get 429 (a right one still works)."""
+    h = await worldhost.start(listen=True, config={"host": {"limits": {
+        "rate_per_s": 1, "rate_burst": 5}}})
+    port = h.host.port
+    bearer, _ = await open_session(port)
+    statuses = [(await post(port, {"action": "host.ping"}, bearer="s-nobody.guess"))[0]
+                for _ in range(8)]
+    assert statuses[0] == 401 and statuses[-1] == 429 and set(statuses) == {401, 429}
+    assert (await post(port, {"action": "host.ping"}, bearer=bearer))[0] == 200
