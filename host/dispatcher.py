@@ -10,8 +10,8 @@ is exactly as it was).
 from __future__ import annotations
 
 import functools
-import math
 import logging
+import math
 import traceback
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
