@@ -112,13 +112,27 @@ async def _check_replay(ws, name: str, last_seq: int, reply: dict,  # type: igno
         problems.append(f"{name}: resume from {last_seq} incomplete")
     if seqs != list(range(last_seq + 1, last_seq + 1 + len(seqs))):
         problems.append(f"{name}: replayed seqs {seqs[:3]}..{seqs[-3:]} after {last_seq}")
-    changed = [s for s, text in zip(seqs, replayed) if s in seen and seen[s] != text]
+    changed = [s for s, text in zip(seqs, replayed)
+               if s in seen and _as_logged(seen[s]) != _as_logged(text)]
     if changed:
         problems.append(f"{name}: seqs {changed[:5]} replayed differently")
     for s, text in zip(seqs, replayed):
         seen[s] = text
     totals.replay_failures += len(problems)
     totals.problems += problems
+
+
+TOKEN_REPLIES = ("session.opened", "session.resumed")  # logged without their resume_token
+
+
+def _as_logged(text: str) -> str:
+    """A signal as read, as the outbound log keeps it: byte for byte, but for the
+    replies that hand out a resume token, which the store never holds."""
+    msg = json.loads(text)
+    if msg.get("signal") not in TOKEN_REPLIES:
+        return text
+    msg["data"] = {k: v for k, v in msg["data"].items() if k != "resume_token"}
+    return json.dumps(msg, sort_keys=True)
 
 
 def check_logs(workdir: Path, ledger: Ledger, totals: Totals, worlds: int = 1) -> None:
@@ -141,7 +155,7 @@ def check_logs(workdir: Path, ledger: Ledger, totals: Totals, worlds: int = 1) -
             text = ledger.seen.get(sessions.get(sid, ""), {}).get(seq)
             if text is None:
                 continue  # logged, never read: sent after the client's last read
-            msg = json.loads(text)
+            msg = json.loads(_as_logged(text))
             if msg["signal"] != signal or msg["data"] != json.loads(
                     json.dumps(load_stored(data))):
                 totals.replay_failures += 1
