@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from host.actions import BadRequest
+from host.framing import echoable
 from state.codec import encode_cbor, encode_json
 
 PIECE = 1 << 20  # characters of JSON text or bytes of CBOR per piece
@@ -61,7 +62,7 @@ class Reassembler:
                  held: Held | None = None) -> None:
         self.max_bytes = max_bytes
         self.held = held if held is not None else Held()  # shared with the other connections
-        self.max_id_bytes = max_id_bytes  # a transfer id is held, and named in errors
+        self.max_id_bytes = max_id_bytes  # of a transfer id, as of a request id
         self.max_transfers = max_transfers
         self.max_open_bytes = max_open_bytes
         self.timeout_s = timeout_s
@@ -101,8 +102,7 @@ class Reassembler:
                                            chunk["payload"])
         if not isinstance(transfer, (str, int)) or isinstance(transfer, bool):
             raise BadRequest("chunk transfer must be a string or an integer")
-        if isinstance(transfer, str) and \
-                len(transfer.encode("utf-8", "surrogatepass")) > self.max_id_bytes:
+        if not echoable(transfer, self.max_id_bytes):  # held, and named in errors
             raise BadRequest(f"chunk transfer is longer than max_id_bytes "
                              f"({self.max_id_bytes} bytes)")
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (index, count)) \

@@ -87,9 +87,15 @@ async def read_head(stream: trio.abc.Stream, max_bytes: int) -> bytes:
         if not data:
             break
         buf += data
-        if not buf[:1].isalpha() or b"\n\n" in buf:
+        if not_a_head(buf):
             break
     return bytes(buf)
+
+
+def not_a_head(head: bytes | bytearray) -> bool:
+    """What came cannot be (the start of) a request head: no method first (a TLS
+    hello), or it already ended at a bare blank line."""
+    return not head[:1].isalpha() or b"\n\n" in head
 
 
 def too_large(head: bytes, max_bytes: int) -> bool:
@@ -169,7 +175,7 @@ async def _serve(host: Served, stream: trio.abc.Stream, head: bytes,
         await _send(stream, conn, Response(400, f"bad request: {api.plain(exc)}\n".encode()),
                     method=b"GET", force=True)
         return
-    if event is h11.NEED_DATA and head and (not head[:1].isalpha() or b"\n\n" in head):
+    if event is h11.NEED_DATA and head and not_a_head(head):
         await _send(stream, conn, Response(400, b"bad request: not an HTTP/1.1 request head "
                                                 b"(lines end with CRLF; no TLS here)\n"),
                     method=b"GET", force=True)
